@@ -1,0 +1,27 @@
+"""RegionMed-CLIP model package. The files beside this one travel to the Hub as remote code."""
+
+from .attention_regionmed_clip import XFORMERS_AVAILABLE
+from .configuration_regionmed_clip import (
+    PRESETS,
+    RegionMedCLIPConfig,
+    RegionMedCLIPTextConfig,
+    RegionMedCLIPVisionConfig,
+)
+from .loss_regionmed_clip import clip_contrastive_loss
+from .modeling_regionmed_clip import RegionMedCLIPModel, RegionMedCLIPOutput, RegionMedCLIPPreTrainedModel
+
+# save_pretrained then writes `auto_map` and copies the flat module files next to the weights.
+RegionMedCLIPConfig.register_for_auto_class()
+RegionMedCLIPModel.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "PRESETS",
+    "XFORMERS_AVAILABLE",
+    "RegionMedCLIPConfig",
+    "RegionMedCLIPModel",
+    "RegionMedCLIPOutput",
+    "RegionMedCLIPPreTrainedModel",
+    "RegionMedCLIPTextConfig",
+    "RegionMedCLIPVisionConfig",
+    "clip_contrastive_loss",
+]

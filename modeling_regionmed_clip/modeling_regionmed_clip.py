@@ -1,0 +1,745 @@
+"""RegionMed-CLIP: a region-aware contrastive vision-language model.
+
+One ViT encodes the global view and, packed across the batch, every valid ROI crop. The ROI
+processor turns each crop's CLS feature, an embedding of its box and RoIAlign context pooled
+from the global patch grid into a region token, lets it cross-attend to the global patch
+tokens through gated residuals, and attention-pools the regions back into the image
+embedding through a second gate. A BERT-style text tower pooled at CLS embeds captions.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .attention_regionmed_clip import additive_padding_mask, eager_attention_forward
+from .configuration_regionmed_clip import (
+    RegionMedCLIPConfig,
+    RegionMedCLIPTextConfig,
+    RegionMedCLIPVisionConfig,
+)
+from .loss_regionmed_clip import clamped_logit_scale, clip_contrastive_loss
+
+__all__ = [
+    "RegionMedCLIPModel",
+    "RegionMedCLIPOutput",
+    "RegionMedCLIPPreTrainedModel",
+    "RegionMedCLIPROIProcessor",
+    "RegionMedCLIPTextTransformer",
+    "RegionMedCLIPVisionTransformer",
+    "roi_align",
+]
+
+
+@dataclass
+class RegionMedCLIPOutput(ModelOutput):
+    """Output of `RegionMedCLIPModel.forward`. Embeddings are L2-normalised.
+
+    loss: symmetric InfoNCE of `logits_per_image` (when `return_loss`).
+    logits_per_image: `(B, T)` scaled cosine similarities; `logits_per_text` is its transpose.
+    image_embeds: `(B, D)` global embedding plus the gated pool of the regions.
+    text_embeds: `(T, D)`.
+    region_embeds: `(B, K, D)`, zeros where `roi_mask` is False; None without ROI inputs.
+    roi_mask: `(B, K)` bool, which ROIs are real.
+    global_image_embeds: `(B, D)` the global view alone (before region pooling).
+    """
+
+    loss: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_text: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    region_embeds: torch.Tensor | None = None
+    roi_mask: torch.Tensor | None = None
+    global_image_embeds: torch.Tensor | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(
+            self[k].to_tuple() if k in ("vision_model_output", "text_model_output") else self[k] for k in self.keys()
+        )
+
+
+class RegionMedCLIPAttention(nn.Module):
+    """Multi-head attention; self-attention, or cross-attention when `key_value_states` is given.
+
+    `config` is the one whose `_attn_implementation` picks the backend.
+    """
+
+    def __init__(self, config: Any, hidden_size: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = dropout
+        self.is_causal = False
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        key_value_states: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states `(B, Sq, C)`, key_value_states `(B, Sk, C)`, additive mask `(B, 1, 1, Sk)`."""
+        batch, q_len, _ = hidden_states.shape
+        source = hidden_states if key_value_states is None else key_value_states
+        query = self.q_proj(hidden_states).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        key = self.k_proj(source).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        value = self.v_proj(source).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.dropout if self.training else 0.0,
+        )
+        attn_output = attn_output.reshape(batch, q_len, -1).contiguous()
+        return self.out_proj(attn_output), attn_weights
+
+
+class RegionMedCLIPMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.activation_fn = ACT2FN[hidden_act]
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class RegionMedCLIPEncoderLayer(GradientCheckpointingLayer):
+    """Transformer block; pre-LayerNorm (ViT/CLIP) when `norm_first`, else post-LayerNorm (BERT)."""
+
+    def __init__(self, config: RegionMedCLIPVisionConfig | RegionMedCLIPTextConfig, norm_first: bool):
+        super().__init__()
+        self.norm_first = norm_first
+        self.self_attn = RegionMedCLIPAttention(
+            config, config.hidden_size, config.num_attention_heads, config.attention_dropout
+        )
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = RegionMedCLIPMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.norm_first:
+            attn_output, _ = self.self_attn(self.layer_norm1(hidden_states), attention_mask)
+            hidden_states = hidden_states + self.dropout(attn_output)
+            return hidden_states + self.dropout(self.mlp(self.layer_norm2(hidden_states)))
+        attn_output, _ = self.self_attn(hidden_states, attention_mask)
+        hidden_states = self.layer_norm1(hidden_states + self.dropout(attn_output))
+        return self.layer_norm2(hidden_states + self.dropout(self.mlp(hidden_states)))
+
+
+class RegionMedCLIPEncoder(nn.Module):
+    def __init__(self, config: RegionMedCLIPVisionConfig | RegionMedCLIPTextConfig, norm_first: bool):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [RegionMedCLIPEncoderLayer(config, norm_first) for _ in range(config.num_hidden_layers)]
+        )
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask)
+        return hidden_states
+
+
+class RegionMedCLIPVisionEmbeddings(nn.Module):
+    """Patch + CLS + learned positions; positions are bicubically resized for other input sizes."""
+
+    def __init__(self, config: RegionMedCLIPVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.patch_size = config.patch_size
+        self.class_embedding = nn.Parameter(torch.zeros(self.embed_dim))
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, self.embed_dim, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.grid_size = config.image_size // config.patch_size
+        self.num_positions = self.grid_size**2 + 1
+        self.position_embedding = nn.Embedding(self.num_positions, self.embed_dim)
+        self.register_buffer("position_ids", torch.arange(self.num_positions).expand((1, -1)), persistent=False)
+
+    def position_embeddings_for(self, grid_height: int, grid_width: int) -> torch.Tensor:
+        """`(1, 1 + gh * gw, C)` position embeddings for a `gh x gw` patch grid."""
+        positions = self.position_embedding(self.position_ids)
+        if (grid_height, grid_width) == (self.grid_size, self.grid_size):
+            return positions
+        class_position, patch_positions = positions[:, :1], positions[:, 1:]
+        patch_positions = patch_positions.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
+        patch_positions = nn.functional.interpolate(
+            patch_positions, size=(grid_height, grid_width), mode="bicubic", align_corners=False
+        )
+        patch_positions = patch_positions.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, -1)
+        return torch.cat([class_position, patch_positions], dim=1)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """pixel_values `(N, 3, H, W)` with H, W multiples of the patch size -> `(N, 1 + P, C)` and the grid."""
+        height, width = pixel_values.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"pixel_values spatial size {height}x{width} must be a multiple of patch_size {self.patch_size}"
+            )
+        dtype = self.patch_embedding.weight.dtype
+        patches = self.patch_embedding(pixel_values.to(dtype)).flatten(2).transpose(1, 2)
+        class_tokens = self.class_embedding.expand(patches.shape[0], 1, -1)
+        grid = (height // self.patch_size, width // self.patch_size)
+        embeddings = torch.cat([class_tokens, patches], dim=1) + self.position_embeddings_for(*grid)
+        return embeddings, grid
+
+
+class RegionMedCLIPVisionTransformer(nn.Module):
+    """ViT. Returns post-LayerNorm tokens `(N, 1 + P, C)` and the CLS token `(N, C)` as pooler output."""
+
+    def __init__(self, config: RegionMedCLIPVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = RegionMedCLIPVisionEmbeddings(config)
+        self.pre_layrnorm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layernorm else nn.Identity()
+        )
+        self.encoder = RegionMedCLIPEncoder(config, norm_first=True)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
+        embeddings, _ = self.embeddings(pixel_values)
+        hidden_states = self.encoder(self.pre_layrnorm(embeddings))
+        # Normalise every token, not only CLS: the ROI processor reads the patch tokens as context.
+        hidden_states = self.post_layernorm(hidden_states)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0])
+
+
+class RegionMedCLIPTextEmbeddings(nn.Module):
+    def __init__(self, config: RegionMedCLIPTextConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.register_buffer(
+            "position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False
+        )
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        max_len = self.position_ids.shape[1]
+        if seq_len > max_len:
+            raise ValueError(
+                f"input_ids has {seq_len} tokens but text_config.max_position_embeddings is {max_len}; "
+                "truncate the captions (the processor does by default)"
+            )
+        # Single-segment captions: token type 0 everywhere, as BERT sees a lone sentence.
+        embeddings = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(self.position_ids[:, :seq_len])
+            + self.token_type_embeddings.weight[0]
+        )
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class RegionMedCLIPTextTransformer(nn.Module):
+    """BERT-style encoder pooled at the first ([CLS]) token."""
+
+    def __init__(self, config: RegionMedCLIPTextConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = RegionMedCLIPTextEmbeddings(config)
+        self.encoder = RegionMedCLIPEncoder(config, norm_first=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
+        """input_ids `(T, L)`, attention_mask `(T, L)` 1 = token, 0 = padding."""
+        hidden_states = self.embeddings(input_ids)
+        additive_mask = None
+        if attention_mask is not None:
+            additive_mask = additive_padding_mask(attention_mask, hidden_states.dtype)
+        hidden_states = self.encoder(hidden_states, additive_mask)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0])
+
+
+def roi_align(feature_grid: torch.Tensor, boxes: torch.Tensor, output_size: int, sampling_ratio: int = 2) -> torch.Tensor:
+    """RoIAlign (average of bilinear samples per bin) in plain torch.
+
+    feature_grid `(B, C, H, W)`; boxes `(B, K, 4)` normalised `xyxy` in `[0, 1]` of the image the
+    grid covers -> `(B, K, G, G, C)` with `G = output_size`, sampling_ratio^2 samples per bin.
+    """
+    batch, num_boxes = boxes.shape[:2]
+    samples_per_side = output_size * sampling_ratio
+    # Sample positions at the centres of the sub-bins, as a fraction of the box side.
+    steps = (torch.arange(samples_per_side, device=boxes.device, dtype=boxes.dtype) + 0.5) / samples_per_side
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    xs = x0[..., None] + (x1 - x0)[..., None] * steps  # (B, K, S)
+    ys = y0[..., None] + (y1 - y0)[..., None] * steps
+    grid = torch.stack(
+        [xs[:, :, None, :].expand(-1, -1, samples_per_side, -1), ys[:, :, :, None].expand(-1, -1, -1, samples_per_side)],
+        dim=-1,
+    )  # (B, K, S, S, 2) as (x, y)
+    # align_corners=False: -1 and 1 are the outer edges of the border pixels, i.e. normalised image coords.
+    grid = (grid * 2 - 1).reshape(batch, num_boxes * samples_per_side, samples_per_side, 2)
+    sampled = nn.functional.grid_sample(
+        feature_grid, grid.to(feature_grid.dtype), mode="bilinear", padding_mode="border", align_corners=False
+    )  # (B, C, K * S, S)
+    channels = feature_grid.shape[1]
+    sampled = sampled.reshape(batch, channels, num_boxes, output_size, sampling_ratio, output_size, sampling_ratio)
+    return sampled.mean(dim=(4, 6)).permute(0, 2, 3, 4, 1)
+
+
+def box_geometry(boxes: torch.Tensor) -> torch.Tensor:
+    """`(..., 4)` normalised xyxy -> `(..., 8)`: corners, centre, width, height."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([x0, y0, x1, y1, (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+class RegionMedCLIPFusionLayer(GradientCheckpointingLayer):
+    """Region tokens cross-attend to the global patch tokens; both residuals are tanh-gated (Flamingo)."""
+
+    def __init__(self, config: RegionMedCLIPConfig):
+        super().__init__()
+        vision = config.vision_config
+        self.query_norm = nn.LayerNorm(vision.hidden_size, eps=vision.layer_norm_eps)
+        self.context_norm = nn.LayerNorm(vision.hidden_size, eps=vision.layer_norm_eps)
+        self.cross_attn = RegionMedCLIPAttention(
+            config, vision.hidden_size, config.roi_fusion_heads, vision.attention_dropout
+        )
+        self.attn_gate = nn.Parameter(torch.full((), float(config.roi_gate_init)))
+        self.mlp_norm = nn.LayerNorm(vision.hidden_size, eps=vision.layer_norm_eps)
+        self.mlp = RegionMedCLIPMLP(vision.hidden_size, vision.intermediate_size, vision.hidden_act)
+        self.mlp_gate = nn.Parameter(torch.full((), float(config.roi_gate_init)))
+
+    def forward(self, region_states: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """region_states `(B, K, C)`, patch_tokens `(B, P, C)` -> `(B, K, C)`.
+
+        Each region query attends only to its image's patches, never to other regions, so
+        padded ROI slots cannot influence real ones.
+        """
+        attended, _ = self.cross_attn(self.query_norm(region_states), key_value_states=self.context_norm(patch_tokens))
+        region_states = region_states + torch.tanh(self.attn_gate) * attended
+        return region_states + torch.tanh(self.mlp_gate) * self.mlp(self.mlp_norm(region_states))
+
+
+class RegionMedCLIPROIProcessor(nn.Module):
+    """Fuses each ROI with global context and pools the regions into the image feature."""
+
+    def __init__(self, config: RegionMedCLIPConfig):
+        super().__init__()
+        hidden = config.vision_config.hidden_size
+        eps = config.vision_config.layer_norm_eps
+        self.context_grid = config.roi_context_grid
+        self.box_embedding = nn.Sequential(nn.Linear(8, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.context_projection = nn.Linear(config.roi_context_grid**2 * hidden, hidden)
+        self.fusion_layers = nn.ModuleList([RegionMedCLIPFusionLayer(config) for _ in range(config.roi_fusion_layers)])
+        self.region_layernorm = nn.LayerNorm(hidden, eps=eps)
+        self.pool_query = nn.Linear(hidden, hidden)
+        self.pool_key = nn.Linear(hidden, hidden)
+        self.pool_output = nn.Linear(hidden, hidden)
+        self.pool_gate = nn.Parameter(torch.full((), float(config.region_pool_gate_init)))
+
+    def forward(
+        self,
+        crop_features: torch.Tensor,
+        roi_boxes: torch.Tensor,
+        roi_mask: torch.Tensor,
+        global_tokens: torch.Tensor,
+        patch_grid: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region features `(B, K, C)` (zeros where `roi_mask` is False) and the region pool `(B, C)`.
+
+        crop_features `(B, K, C)` crop CLS features; roi_boxes `(B, K, 4)` normalised xyxy;
+        roi_mask `(B, K)` bool; global_tokens `(B, 1 + P, C)`; patch_grid `(gh, gw)`.
+        """
+        batch, _, hidden = crop_features.shape
+        patch_tokens = global_tokens[:, 1:]
+        feature_grid = patch_tokens.transpose(1, 2).reshape(batch, hidden, *patch_grid)
+        context = roi_align(feature_grid, roi_boxes, self.context_grid).flatten(2)  # (B, K, G*G*C)
+        region_states = crop_features + self.box_embedding(box_geometry(roi_boxes)) + self.context_projection(context)
+        for layer in self.fusion_layers:
+            region_states = layer(region_states, patch_tokens)
+        valid = roi_mask[..., None].to(region_states.dtype)
+        region_features = self.region_layernorm(region_states) * valid
+
+        # Attention pooling queried by the global CLS; finfo.min rather than -inf keeps an image
+        # with no ROI finite (uniform weights, then zeroed by the mask).
+        query = self.pool_query(global_tokens[:, 0])[:, None, :]  # (B, 1, C)
+        scores = (query * self.pool_key(region_features)).sum(-1) / math.sqrt(hidden)  # (B, K)
+        scores = scores.masked_fill(~roi_mask, torch.finfo(scores.dtype).min)
+        weights = scores.softmax(dim=-1) * roi_mask.to(scores.dtype)
+        pooled = self.pool_output((weights[..., None] * region_features).sum(1))
+        return region_features, torch.tanh(self.pool_gate) * pooled
+
+
+class RegionMedCLIPPreTrainedModel(PreTrainedModel):
+    config_class = RegionMedCLIPConfig
+    config: RegionMedCLIPConfig
+    base_model_prefix = "regionmed_clip"
+    input_modalities = ("image", "text")
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _no_split_modules = ["RegionMedCLIPEncoderLayer", "RegionMedCLIPFusionLayer", "RegionMedCLIPVisionEmbeddings"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        if isinstance(module, RegionMedCLIPVisionEmbeddings):
+            init.normal_(module.class_embedding, mean=0.0, std=module.embed_dim**-0.5)
+            init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
+        elif isinstance(module, RegionMedCLIPTextEmbeddings):
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[1]).expand((1, -1)))
+        elif isinstance(module, RegionMedCLIPFusionLayer):
+            init.constant_(module.attn_gate, self.config.roi_gate_init)
+            init.constant_(module.mlp_gate, self.config.roi_gate_init)
+        elif isinstance(module, RegionMedCLIPROIProcessor):
+            init.constant_(module.pool_gate, self.config.region_pool_gate_init)
+        elif isinstance(module, RegionMedCLIPModel):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+
+def _check_roi_inputs(
+    pixel_values: torch.Tensor,
+    roi_pixel_values: torch.Tensor | None,
+    roi_boxes: torch.Tensor | None,
+    roi_mask: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Validate ROI inputs against `pixel_values (B, 3, H, W)`; returns the bool `(B, K)` mask or None."""
+    if roi_pixel_values is None and roi_boxes is None:
+        if roi_mask is not None:
+            raise ValueError("roi_mask was given without roi_pixel_values and roi_boxes")
+        return None
+    if roi_pixel_values is None or roi_boxes is None:
+        missing = "roi_pixel_values" if roi_pixel_values is None else "roi_boxes"
+        raise ValueError(f"{missing} is required when the other ROI input is given")
+    batch = pixel_values.shape[0]
+    if roi_pixel_values.ndim != 5 or roi_pixel_values.shape[0] != batch:
+        raise ValueError(
+            f"roi_pixel_values must be (B={batch}, K, C, h, w), got {tuple(roi_pixel_values.shape)}"
+        )
+    num_rois = roi_pixel_values.shape[1]
+    if tuple(roi_boxes.shape) != (batch, num_rois, 4):
+        raise ValueError(f"roi_boxes must be (B={batch}, K={num_rois}, 4), got {tuple(roi_boxes.shape)}")
+    if roi_mask is None:
+        roi_mask = torch.ones(batch, num_rois, dtype=torch.bool, device=roi_boxes.device)
+    elif tuple(roi_mask.shape) != (batch, num_rois):
+        raise ValueError(f"roi_mask must be (B={batch}, K={num_rois}), got {tuple(roi_mask.shape)}")
+    roi_mask = roi_mask.to(torch.bool)
+    valid_boxes = roi_boxes[roi_mask]
+    if not torch.isfinite(valid_boxes).all():
+        raise ValueError("roi_boxes holds NaN or inf in a valid ROI")
+    return roi_mask
+
+
+class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
+    """RegionMed-CLIP. Without ROI inputs it is a plain global CLIP."""
+
+    def __init__(self, config: RegionMedCLIPConfig):
+        super().__init__(config)
+        # PreTrainedModel resolves the attention backend on the root config only; the setter
+        # copies it down to the tower configs that the towers' attention layers read.
+        config._attn_implementation = config._attn_implementation
+        self.vision_model = RegionMedCLIPVisionTransformer(config.vision_config)
+        self.text_model = RegionMedCLIPTextTransformer(config.text_config)
+        self.roi_processor = RegionMedCLIPROIProcessor(config)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        self.post_init()
+
+    # -- features -------------------------------------------------------------------------
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected (unnormalised) caption embeddings `(T, D)`."""
+        return self.text_projection(self.text_model(input_ids, attention_mask).pooler_output)
+
+    def _encode_regions(
+        self,
+        vision_output: BaseModelOutputWithPooling,
+        roi_pixel_values: torch.Tensor,
+        roi_boxes: torch.Tensor,
+        roi_mask: torch.Tensor,
+        patch_grid: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region features `(B, K, C)` and gated region pool `(B, C)` in the vision hidden space."""
+        global_tokens = vision_output.last_hidden_state
+        batch, num_rois = roi_mask.shape
+        hidden = global_tokens.shape[-1]
+        if num_rois == 0:  # a batch in which no image has a region
+            return global_tokens.new_zeros(batch, 0, hidden), global_tokens.new_zeros(batch, hidden)
+        # Encode only the valid crops, packed across the batch: padding costs no tower compute.
+        crop_features = global_tokens.new_zeros(batch, num_rois, hidden)
+        if roi_mask.any():
+            packed = self.vision_model(roi_pixel_values[roi_mask]).pooler_output
+            crop_features = crop_features.masked_scatter(roi_mask[..., None], packed)
+        # Padding slots may hold anything; give them a harmless box so they stay finite.
+        safe_boxes = torch.where(roi_mask[..., None], roi_boxes, torch.zeros_like(roi_boxes)).to(global_tokens.dtype)
+        return self.roi_processor(crop_features, safe_boxes, roi_mask, global_tokens, patch_grid)
+
+    def _vision_forward(
+        self,
+        pixel_values: torch.Tensor,
+        roi_pixel_values: torch.Tensor | None,
+        roi_boxes: torch.Tensor | None,
+        roi_mask: torch.Tensor | None,
+    ) -> dict[str, Any]:
+        roi_mask = _check_roi_inputs(pixel_values, roi_pixel_values, roi_boxes, roi_mask)
+        vision_output = self.vision_model(pixel_values)
+        global_features = vision_output.pooler_output
+        image_features = global_features
+        region_embeds = None
+        if roi_mask is not None:
+            patch = self.config.vision_config.patch_size
+            patch_grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+            region_features, region_pool = self._encode_regions(
+                vision_output, roi_pixel_values, roi_boxes, roi_mask, patch_grid
+            )
+            image_features = global_features + region_pool
+            region_embeds = self.visual_projection(region_features)
+        return {
+            "vision_output": vision_output,
+            "global_embeds": self.visual_projection(global_features),
+            "image_embeds": self.visual_projection(image_features),
+            "region_embeds": region_embeds,
+            "roi_mask": roi_mask,
+        }
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        roi_pixel_values: torch.Tensor | None = None,
+        roi_boxes: torch.Tensor | None = None,
+        roi_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Projected (unnormalised) image embeddings `(B, D)`, region-pooled when ROIs are given."""
+        return self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask)["image_embeds"]
+
+    def get_region_features(
+        self,
+        pixel_values: torch.Tensor,
+        roi_pixel_values: torch.Tensor,
+        roi_boxes: torch.Tensor,
+        roi_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Projected (unnormalised) region embeddings `(B, K, D)`, zeros at masked-out ROIs."""
+        return self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask)["region_embeds"]
+
+    # -- forward --------------------------------------------------------------------------
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        roi_pixel_values: torch.Tensor | None = None,
+        roi_boxes: torch.Tensor | None = None,
+        roi_mask: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> RegionMedCLIPOutput | tuple:
+        """pixel_values `(B, 3, H, W)`; input_ids / attention_mask `(T, L)`;
+        roi_pixel_values `(B, K, 3, h, w)`; roi_boxes `(B, K, 4)` normalised xyxy on the global
+        view; roi_mask `(B, K)` (default: all valid). `return_loss` needs `T == B` matched pairs.
+        """
+        if pixel_values is None and input_ids is None:
+            raise ValueError("forward needs pixel_values, input_ids, or both")
+        fields: dict[str, Any] = {}
+        if pixel_values is not None:
+            vision = self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask)
+            fields["vision_model_output"] = vision["vision_output"]
+            fields["image_embeds"] = nn.functional.normalize(vision["image_embeds"], dim=-1)
+            fields["global_image_embeds"] = nn.functional.normalize(vision["global_embeds"], dim=-1)
+            fields["roi_mask"] = vision["roi_mask"]
+            if vision["region_embeds"] is not None:
+                valid = vision["roi_mask"][..., None].to(vision["region_embeds"].dtype)
+                fields["region_embeds"] = nn.functional.normalize(vision["region_embeds"], dim=-1) * valid
+        elif roi_pixel_values is not None or roi_boxes is not None:
+            raise ValueError("ROI inputs need pixel_values: regions are fused with the global view")
+        if input_ids is not None:
+            text_output = self.text_model(input_ids, attention_mask)
+            fields["text_model_output"] = text_output
+            fields["text_embeds"] = nn.functional.normalize(self.text_projection(text_output.pooler_output), dim=-1)
+        if pixel_values is not None and input_ids is not None:
+            logits_per_text = clamped_logit_scale(self.logit_scale) * fields["text_embeds"] @ fields["image_embeds"].t()
+            fields["logits_per_text"] = logits_per_text
+            fields["logits_per_image"] = logits_per_text.t()
+            if return_loss:
+                fields["loss"] = clip_contrastive_loss(fields["logits_per_image"])
+        elif return_loss:
+            raise ValueError("return_loss needs both pixel_values and input_ids")
+        output = RegionMedCLIPOutput(**fields)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
+    # -- starting from pretrained towers ---------------------------------------------------
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls, vision_path: str | Path, text_path: str | Path, **roi_kwargs: Any
+    ) -> "RegionMedCLIPModel":
+        """Build a model whose towers are copied from local checkpoints.
+
+        vision_path: a transformers ViT (`vit`), CLIP vision (`clip_vision_model`) or full CLIP
+        (`clip`) folder; text_path: a BERT folder (e.g. PubMedBERT). `roi_kwargs` set the other
+        top-level `RegionMedCLIPConfig` fields (projection_dim, max_rois, roi_* ...); the ROI
+        processor, projections and temperature start fresh.
+        """
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        allowed = set(RegionMedCLIPConfig.__init__.__code__.co_varnames) - {"self", "kwargs", "vision_config", "text_config"}
+        unknown = sorted(set(roi_kwargs) - allowed)
+        if unknown:
+            raise ValueError(f"from_vision_text_pretrained got unknown config fields {unknown}; allowed: {sorted(allowed)}")
+
+        vision_source = AutoModel.from_pretrained(vision_path)
+        vision_hf_config = vision_source.config
+        if vision_hf_config.model_type == "clip":
+            vision_source, vision_hf_config = vision_source.vision_model, vision_hf_config.vision_config
+        vision_config, vision_state = _vision_tower_from_transformers(vision_hf_config, vision_source.state_dict())
+
+        text_model_type = AutoConfig.from_pretrained(text_path).model_type
+        if text_model_type != "bert":
+            raise ValueError(f"text_path must hold a BERT checkpoint, got model_type {text_model_type!r}")
+        text_source = AutoModel.from_pretrained(text_path, add_pooling_layer=False)
+        cls_token_id = RegionMedCLIPTextConfig().cls_token_id
+        if any((Path(text_path) / name).exists() for name in ("vocab.txt", "tokenizer.json")):
+            cls_token_id = AutoTokenizer.from_pretrained(text_path).cls_token_id
+        text_config, text_state = _text_tower_from_bert(text_source.config, text_source.state_dict(), cls_token_id)
+
+        config = RegionMedCLIPConfig(vision_config=vision_config, text_config=text_config, **roi_kwargs)
+        model = cls(config)
+        model.vision_model.load_state_dict(vision_state, strict=True)
+        model.text_model.load_state_dict(text_state, strict=True)
+        return model
+
+
+def _rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]], skip: str) -> dict[str, torch.Tensor]:
+    """Apply the first matching regex rule to each key; keys matching `skip` are dropped."""
+    renamed = {}
+    for key, tensor in state.items():
+        if re.search(skip, key):
+            continue
+        for pattern, replacement in rules:
+            if re.fullmatch(pattern, key):
+                renamed[re.sub(pattern, replacement, key)] = tensor
+                break
+        else:
+            raise ValueError(f"no rule maps checkpoint weight {key!r} onto the RegionMed-CLIP tower")
+    return renamed
+
+
+# transformers' ViT changed its parameter names in v5.2x; each rule accepts the old and the new layout.
+_VIT_LAYER = r"(?:encoder\.layer|layers)\.(\d+)\."
+_VIT_RULES = [
+    (r"embeddings\.cls_token", "embeddings.class_embedding"),
+    (r"embeddings\.position_embeddings", "embeddings.position_embedding.weight"),
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"embeddings.patch_embedding.\1"),
+    (_VIT_LAYER + r"attention\.(?:attention\.query|q_proj)\.(weight|bias)", r"encoder.layers.\1.self_attn.q_proj.\2"),
+    (_VIT_LAYER + r"attention\.(?:attention\.key|k_proj)\.(weight|bias)", r"encoder.layers.\1.self_attn.k_proj.\2"),
+    (_VIT_LAYER + r"attention\.(?:attention\.value|v_proj)\.(weight|bias)", r"encoder.layers.\1.self_attn.v_proj.\2"),
+    (_VIT_LAYER + r"attention\.(?:output\.dense|o_proj)\.(weight|bias)", r"encoder.layers.\1.self_attn.out_proj.\2"),
+    (_VIT_LAYER + r"layernorm_before\.(weight|bias)", r"encoder.layers.\1.layer_norm1.\2"),
+    (_VIT_LAYER + r"layernorm_after\.(weight|bias)", r"encoder.layers.\1.layer_norm2.\2"),
+    (_VIT_LAYER + r"(?:intermediate\.dense|mlp\.fc1)\.(weight|bias)", r"encoder.layers.\1.mlp.fc1.\2"),
+    (_VIT_LAYER + r"(?:output\.dense|mlp\.fc2)\.(weight|bias)", r"encoder.layers.\1.mlp.fc2.\2"),
+    (r"layernorm\.(weight|bias)", r"post_layernorm.\1"),
+]
+
+# Our vision tower uses CLIP's own parameter names; only a `vision_model.` prefix may need to go.
+_CLIP_VISION_RULES = [(r"(?:vision_model\.)?(.*)", r"\1")]
+
+_BERT_RULES = [
+    (r"embeddings\.(word_embeddings|position_embeddings|token_type_embeddings|LayerNorm)\.(weight|bias)", r"embeddings.\1.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.query\.(weight|bias)", r"encoder.layers.\1.self_attn.q_proj.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.key\.(weight|bias)", r"encoder.layers.\1.self_attn.k_proj.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.value\.(weight|bias)", r"encoder.layers.\1.self_attn.v_proj.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"encoder.layers.\1.self_attn.out_proj.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(weight|bias)", r"encoder.layers.\1.layer_norm1.\2"),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"encoder.layers.\1.mlp.fc1.\2"),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"encoder.layers.\1.mlp.fc2.\2"),
+    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.(weight|bias)", r"encoder.layers.\1.layer_norm2.\2"),
+]
+
+
+def _vision_tower_from_transformers(hf_config: Any, state: dict[str, torch.Tensor]) -> tuple[RegionMedCLIPVisionConfig, dict]:
+    """Map a transformers ViT or CLIP-vision config and state dict onto our vision tower."""
+    common = {
+        "image_size": hf_config.image_size,
+        "patch_size": hf_config.patch_size,
+        "num_channels": hf_config.num_channels,
+        "hidden_size": hf_config.hidden_size,
+        "num_hidden_layers": hf_config.num_hidden_layers,
+        "num_attention_heads": hf_config.num_attention_heads,
+        "intermediate_size": hf_config.intermediate_size,
+        "hidden_act": hf_config.hidden_act,
+        "layer_norm_eps": hf_config.layer_norm_eps,
+    }
+    if hf_config.model_type == "vit":
+        if not getattr(hf_config, "qkv_bias", True):
+            raise ValueError("ViT checkpoints with qkv_bias=False are not supported: our attention has biases")
+        config = RegionMedCLIPVisionConfig(**common, pre_layernorm=False)
+        mapped = _rename(state, _VIT_RULES, skip=r"^pooler\.|mask_token")
+        mapped["embeddings.position_embedding.weight"] = mapped["embeddings.position_embedding.weight"][0]
+        mapped["embeddings.class_embedding"] = mapped["embeddings.class_embedding"].reshape(-1)
+        return config, mapped
+    if hf_config.model_type == "clip_vision_model":
+        config = RegionMedCLIPVisionConfig(**common, pre_layernorm=True)
+        mapped = _rename(state, _CLIP_VISION_RULES, skip=r"position_ids")
+        # CLIP's patch convolution has no bias; ours does, and zero makes them the same function.
+        mapped["embeddings.patch_embedding.bias"] = torch.zeros(hf_config.hidden_size)
+        return config, mapped
+    raise ValueError(
+        f"vision_path must hold a ViT, CLIP vision or CLIP checkpoint, got model_type {hf_config.model_type!r}"
+    )
+
+
+def _text_tower_from_bert(hf_config: Any, state: dict[str, torch.Tensor], cls_token_id: int) -> tuple[RegionMedCLIPTextConfig, dict]:
+    if getattr(hf_config, "position_embedding_type", "absolute") != "absolute":
+        raise ValueError("only BERT checkpoints with absolute position embeddings are supported")
+    config = RegionMedCLIPTextConfig(
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        num_hidden_layers=hf_config.num_hidden_layers,
+        num_attention_heads=hf_config.num_attention_heads,
+        intermediate_size=hf_config.intermediate_size,
+        hidden_act=hf_config.hidden_act,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        type_vocab_size=hf_config.type_vocab_size,
+        layer_norm_eps=hf_config.layer_norm_eps,
+        hidden_dropout=hf_config.hidden_dropout_prob,
+        attention_dropout=hf_config.attention_probs_dropout_prob,
+        pad_token_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0,
+        cls_token_id=cls_token_id,
+    )
+    return config, _rename(state, _BERT_RULES, skip=r"^pooler\.|position_ids|token_type_ids")

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny configs and deterministic model inputs."""
+
+import pytest
+import torch
+
+from modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel
+
+
+def tiny_config(**overrides) -> RegionMedCLIPConfig:
+    """The tiny preset without dropout, so training-mode passes are deterministic."""
+    overrides.setdefault("text_config", {})
+    overrides["text_config"] = {"hidden_dropout": 0.0, **overrides["text_config"]}
+    return RegionMedCLIPConfig.from_preset("tiny", **overrides)
+
+
+def tiny_model(seed: int = 0, **overrides) -> RegionMedCLIPModel:
+    torch.manual_seed(seed)
+    return RegionMedCLIPModel(tiny_config(**overrides)).eval()
+
+
+def make_inputs(
+    config: RegionMedCLIPConfig,
+    rois_per_image: list[int],
+    num_slots: int | None = None,
+    seq_len: int = 24,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A batch with `rois_per_image[b]` valid ROIs in image b, padded to `num_slots` slots.
+
+    Padding slots hold random junk (as a careless collator might), so tests prove it is ignored.
+    Text rows are padded to different lengths.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    batch = len(rois_per_image)
+    slots = num_slots if num_slots is not None else max(rois_per_image)
+    size, roi_size = config.vision_config.image_size, config.roi_image_size
+    xy0 = torch.rand(batch, slots, 2, generator=generator) * 0.6
+    wh = 0.1 + torch.rand(batch, slots, 2, generator=generator) * 0.3
+    roi_mask = torch.arange(slots)[None, :] < torch.tensor(rois_per_image)[:, None]
+    input_ids = torch.randint(5, config.text_config.vocab_size, (batch, seq_len), generator=generator)
+    input_ids[:, 0] = config.text_config.cls_token_id
+    attention_mask = torch.ones(batch, seq_len, dtype=torch.long)
+    for row in range(batch):
+        length = seq_len - 3 * row
+        attention_mask[row, length:] = 0
+        input_ids[row, length:] = config.text_config.pad_token_id
+    return {
+        "pixel_values": torch.randn(batch, 3, size, size, generator=generator),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "roi_pixel_values": torch.randn(batch, slots, 3, roi_size, roi_size, generator=generator),
+        "roi_boxes": torch.cat([xy0, xy0 + wh], dim=-1),
+        "roi_mask": roi_mask,
+    }
+
+
+@pytest.fixture
+def config() -> RegionMedCLIPConfig:
+    return tiny_config()
+
+
+@pytest.fixture
+def model() -> RegionMedCLIPModel:
+    return tiny_model()

@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from modeling_regionmed_clip import XFORMERS_AVAILABLE
+from modeling_regionmed_clip.attention_regionmed_clip import additive_padding_mask
+
+from conftest import make_inputs, tiny_model
+
+BACKENDS = ("eager", "sdpa", "xformers")
+
+
+def _outputs(model, inputs, backend):
+    model.set_attn_implementation(backend)
+    assert model.vision_model.encoder.layers[0].self_attn.config._attn_implementation == backend
+    with torch.no_grad():
+        return model(**inputs)
+
+
+def test_sdpa_is_the_default():
+    assert tiny_model().config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "xformers"])
+def test_backends_agree_with_eager_under_padding(backend):
+    model = tiny_model(roi_gate_init=0.5, region_pool_gate_init=0.5)
+    inputs = make_inputs(model.config, [4, 2, 1], num_slots=5)
+    assert inputs["attention_mask"].sum(1).unique().numel() == 3  # rows padded differently
+    expected = _outputs(model, inputs, "eager")
+    actual = _outputs(model, inputs, backend)
+    for field in ("image_embeds", "text_embeds", "region_embeds", "logits_per_image"):
+        torch.testing.assert_close(getattr(actual, field), getattr(expected, field), rtol=0, atol=1e-5, msg=field)
+
+
+def test_padding_tokens_do_not_change_text_embeddings():
+    model = tiny_model()
+    inputs = make_inputs(model.config, [1], seq_len=10)
+    longer_ids = torch.cat([inputs["input_ids"], torch.full((1, 6), 7)], dim=1)
+    longer_mask = torch.cat([inputs["attention_mask"], torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    for backend in BACKENDS:
+        model.set_attn_implementation(backend)
+        with torch.no_grad():
+            short = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+            padded = model.get_text_features(longer_ids, longer_mask)
+        torch.testing.assert_close(short, padded, rtol=0, atol=1e-5, msg=backend)
+
+
+def test_additive_padding_mask_layout():
+    mask = additive_padding_mask(torch.tensor([[1, 1, 0]]), torch.float16)
+    assert mask.shape == (1, 1, 1, 3)
+    assert mask[0, 0, 0, 0] == 0 and mask[0, 0, 0, 2] == torch.finfo(torch.float16).min
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises((ValueError, KeyError)):
+        tiny_model().set_attn_implementation("no_such_kernel")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not XFORMERS_AVAILABLE, reason="needs CUDA and xformers")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_xformers_matches_eager_on_gpu(dtype):
+    model = tiny_model(roi_gate_init=0.5, region_pool_gate_init=0.5).to("cuda", dtype)
+    inputs = {
+        key: value.to("cuda", dtype) if value.is_floating_point() else value.to("cuda")
+        for key, value in make_inputs(model.config, [4, 2, 1], num_slots=5, seq_len=37).items()
+    }
+    expected = _outputs(model, inputs, "eager")
+    actual = _outputs(model, inputs, "xformers")
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    for field in ("image_embeds", "text_embeds", "region_embeds"):
+        torch.testing.assert_close(getattr(actual, field), getattr(expected, field), rtol=0, atol=tolerance, msg=field)
+
+
+def test_xformers_backend_falls_back_to_sdpa_off_cuda(monkeypatch):
+    from modeling_regionmed_clip import attention_regionmed_clip
+
+    class CudaOnlyKernels:  # what xformers 0.0.35 does on CPU tensors
+        @staticmethod
+        def memory_efficient_attention(*args, **kwargs):
+            raise NotImplementedError("CUDA only")
+
+    monkeypatch.setattr(attention_regionmed_clip, "xops", CudaOnlyKernels)
+    model = tiny_model()
+    inputs = make_inputs(model.config, [2, 1])
+    expected = _outputs(model, inputs, "sdpa")
+    actual = _outputs(model, inputs, "xformers")
+    torch.testing.assert_close(actual.logits_per_image, expected.logits_per_image, rtol=0, atol=1e-6)
+
+
+def test_xformers_bias_is_expanded_with_aligned_stride():
+    from modeling_regionmed_clip.attention_regionmed_clip import _aligned_bias
+
+    mask = additive_padding_mask(torch.tensor([[1] * 10 + [0] * 3, [1] * 13]), torch.float16)
+    bias = _aligned_bias(mask, (2, 4, 13, 13), torch.float16)
+    assert bias.shape == (2, 4, 13, 13)
+    assert bias.stride(-2) % 8 == 0
+    assert torch.equal(bias, mask.expand(2, 4, 13, 13))

@@ -1,0 +1,64 @@
+import pytest
+
+from modeling_regionmed_clip import PRESETS, RegionMedCLIPConfig, RegionMedCLIPModel
+
+
+def test_tiny_preset_is_under_one_million_parameters():
+    model = RegionMedCLIPModel(RegionMedCLIPConfig.from_preset("tiny"))
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+
+
+def test_base_preset_is_vit_b16_with_pubmedbert_sized_text():
+    config = RegionMedCLIPConfig.from_preset("base")
+    vision, text = config.vision_config, config.text_config
+    assert (vision.image_size, vision.patch_size, vision.hidden_size, vision.num_hidden_layers) == (224, 16, 768, 12)
+    assert (vision.num_attention_heads, vision.intermediate_size) == (12, 3072)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.vocab_size) == (768, 12, 12, 30522)
+    for name in PRESETS:
+        assert RegionMedCLIPConfig.from_preset(name).text_config.max_position_embeddings >= 256
+
+
+def test_preset_overrides_merge_into_sub_configs():
+    config = RegionMedCLIPConfig.from_preset("tiny", max_rois=6, vision_config={"num_hidden_layers": 3})
+    assert config.max_rois == 6
+    assert config.vision_config.num_hidden_layers == 3
+    assert config.vision_config.hidden_size == PRESETS["tiny"]["vision_config"]["hidden_size"]
+    assert PRESETS["tiny"]["vision_config"]["num_hidden_layers"] == 2, "presets must not be mutated"
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="unknown preset 'huge'.*base.*tiny"):
+        RegionMedCLIPConfig.from_preset("huge")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"vision_config": {"hidden_size": 66}}, "hidden_size"),
+        ({"vision_config": {"image_size": 60}}, "image_size"),
+        ({"text_config": {"num_attention_heads": 5}}, "hidden_size"),
+        ({"text_config": {"pad_token_id": 99999}}, "pad_token_id"),
+        ({"roi_image_size": 20}, "roi_image_size"),
+        ({"roi_fusion_heads": 3}, "roi_fusion_heads"),
+        ({"max_rois": 0}, "max_rois"),
+        ({"roi_gate_init": float("nan")}, "roi_gate_init"),
+        ({"logit_scale_init_value": 5.0}, "logit_scale_init_value"),
+        ({"vision_config": {"attention_dropout": 1.5}}, "attention_dropout"),
+    ],
+)
+def test_invalid_combinations_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        RegionMedCLIPConfig.from_preset("tiny", **overrides)
+
+
+def test_sub_config_of_wrong_type_is_a_type_error():
+    with pytest.raises(TypeError, match="vision_config"):
+        RegionMedCLIPConfig(vision_config=42)
+
+
+def test_config_round_trips_through_save_pretrained(tmp_path):
+    config = RegionMedCLIPConfig.from_preset("tiny", roi_gate_init=0.25)
+    config.save_pretrained(tmp_path)
+    loaded = RegionMedCLIPConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert loaded.vision_config.patch_size == config.vision_config.patch_size

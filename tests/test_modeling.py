@@ -1,0 +1,216 @@
+import pytest
+import torch
+
+from modeling_regionmed_clip import RegionMedCLIPModel
+from modeling_regionmed_clip.modeling_regionmed_clip import roi_align
+
+from conftest import make_inputs, tiny_config, tiny_model
+
+
+def test_output_shapes(model, config):
+    inputs = make_inputs(config, [4, 2, 0])
+    out = model(**inputs, return_loss=True)
+    dim = config.projection_dim
+    assert out.logits_per_image.shape == (3, 3)
+    assert torch.equal(out.logits_per_text, out.logits_per_image.t())
+    assert out.image_embeds.shape == out.global_image_embeds.shape == (3, dim)
+    assert out.text_embeds.shape == (3, dim)
+    assert out.region_embeds.shape == (3, 4, dim)
+    assert out.roi_mask.dtype == torch.bool and out.roi_mask.shape == (3, 4)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert torch.allclose(out.image_embeds.norm(dim=-1), torch.ones(3))
+    # masked-out region slots are exactly zero; valid ones are unit vectors
+    assert torch.all(out.region_embeds[~out.roi_mask] == 0)
+    assert torch.allclose(out.region_embeds[out.roi_mask].norm(dim=-1), torch.ones(6))
+
+
+def test_without_rois_the_model_is_a_global_clip(model, config):
+    inputs = make_inputs(config, [1, 1])
+    out = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    assert out.region_embeds is None and out.roi_mask is None
+    assert torch.equal(out.image_embeds, out.global_image_embeds)
+
+
+def test_padded_rois_change_nothing():
+    model = tiny_model(roi_gate_init=0.5, region_pool_gate_init=0.5)
+    config = model.config
+    tight = make_inputs(config, [3, 1])
+    padded = make_inputs(config, [3, 1], num_slots=7, seed=1)
+    # same real content, different (junk) padding and more slots
+    padded["pixel_values"] = tight["pixel_values"]
+    padded["input_ids"], padded["attention_mask"] = tight["input_ids"], tight["attention_mask"]
+    padded["roi_pixel_values"][:, :3] = tight["roi_pixel_values"]
+    padded["roi_boxes"][:, :3] = tight["roi_boxes"]
+    padded["roi_boxes"][1, 5] = float("nan")  # junk in a padding slot must not leak either
+    with torch.no_grad():
+        a, b = model(**tight), model(**padded)
+    torch.testing.assert_close(a.image_embeds, b.image_embeds, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.logits_per_image, b.logits_per_image, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.region_embeds, b.region_embeds[:, :3], rtol=0, atol=1e-6)
+    assert torch.all(b.region_embeds[:, 3:] == 0)
+
+
+def test_permuting_rois_permutes_region_embeddings():
+    model = tiny_model(roi_gate_init=0.5, region_pool_gate_init=0.5)
+    inputs = make_inputs(model.config, [4, 4])
+    perm = torch.tensor([2, 0, 3, 1])
+    permuted = dict(inputs)
+    for key in ("roi_pixel_values", "roi_boxes", "roi_mask"):
+        permuted[key] = inputs[key][:, perm]
+    with torch.no_grad():
+        a, b = model(**inputs), model(**permuted)
+    torch.testing.assert_close(a.region_embeds[:, perm], b.region_embeds, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.image_embeds, b.image_embeds, rtol=0, atol=1e-6)
+
+
+def test_zero_pool_gate_keeps_the_global_image_embedding(model, config):
+    assert config.region_pool_gate_init == 0.0
+    inputs = make_inputs(config, [4, 2])
+    with torch.no_grad():
+        out = model(**inputs)
+        global_only = model.get_image_features(inputs["pixel_values"])
+    assert torch.equal(out.image_embeds, out.global_image_embeds)
+    torch.testing.assert_close(out.image_embeds, torch.nn.functional.normalize(global_only, dim=-1))
+
+
+def test_open_pool_gate_mixes_regions_into_the_image_embedding():
+    model = tiny_model(region_pool_gate_init=1.0)
+    out = model(**make_inputs(model.config, [4, 2]))
+    assert not torch.allclose(out.image_embeds, out.global_image_embeds, atol=1e-4)
+
+
+def _grads(model, inputs):
+    model.zero_grad(set_to_none=True)
+    model(**inputs, return_loss=True).loss.backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def test_gradients_reach_every_trainable_parameter_with_rois():
+    # open gates: with the default closed gates the fused branch is scaled by tanh(0) = 0
+    model = tiny_model(roi_gate_init=0.5, region_pool_gate_init=0.5).train()
+    grads = _grads(model, make_inputs(model.config, [4, 3]))
+    missing = [name for name, grad in grads.items() if grad is None or not torch.any(grad != 0)]
+    assert missing == [], missing
+
+
+def test_closed_gates_still_train_the_gates():
+    model = tiny_model().train()
+    grads = _grads(model, make_inputs(model.config, [4, 3]))
+    assert all(grad is not None for grad in grads.values())
+    # the global loss sees the regions only through the pool, so its gate must learn to open
+    assert grads["roi_processor.pool_gate"].abs() > 0
+
+
+def test_forward_backward_with_four_rois_per_image(config):
+    model = tiny_model().train()
+    inputs = make_inputs(config, [4, 4, 4, 4])
+    out = model(**inputs, return_loss=True)
+    out.loss.backward()
+    assert out.region_embeds.shape == (4, 4, config.projection_dim)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    inputs = make_inputs(tiny_config(), [4, 2])
+    reference = tiny_model(roi_gate_init=0.5).train()
+    checkpointed = tiny_model(roi_gate_init=0.5).train()
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert checkpointed.vision_model.encoder.layers[0].gradient_checkpointing
+    expected, actual = _grads(reference, inputs), _grads(checkpointed, inputs)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_only_valid_crops_are_encoded(model, config, monkeypatch):
+    seen = []
+    original = model.vision_model.forward
+
+    def spy(pixel_values):
+        seen.append(pixel_values.shape[0])
+        return original(pixel_values)
+
+    monkeypatch.setattr(model.vision_model, "forward", spy)
+    model(**make_inputs(config, [3, 0, 1], num_slots=4))
+    assert seen == [3, 4]  # the global batch, then the 4 valid crops packed together
+
+
+@pytest.mark.parametrize("num_slots", [0, 3])
+def test_a_batch_without_valid_rois_gives_zero_regions(num_slots):
+    model = tiny_model(region_pool_gate_init=1.0)
+    out = model(**make_inputs(model.config, [0, 0], num_slots=num_slots))
+    assert out.region_embeds.shape == (2, num_slots, model.config.projection_dim)
+    assert torch.all(out.region_embeds == 0)
+    torch.testing.assert_close(out.image_embeds, out.global_image_embeds)
+
+
+def test_feature_getters_agree_with_forward(model, config):
+    inputs = make_inputs(config, [2, 1])
+    with torch.no_grad():
+        out = model(**inputs)
+        text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+        regions = model.get_region_features(
+            inputs["pixel_values"], inputs["roi_pixel_values"], inputs["roi_boxes"], inputs["roi_mask"]
+        )
+    torch.testing.assert_close(torch.nn.functional.normalize(text, dim=-1), out.text_embeds)
+    torch.testing.assert_close(
+        torch.nn.functional.normalize(regions, dim=-1) * inputs["roi_mask"][..., None], out.region_embeds
+    )
+
+
+def test_logit_scale_is_clamped_at_100(model, config):
+    inputs = make_inputs(config, [1, 1])
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+        out = model(**inputs)
+    cosine = out.text_embeds @ out.image_embeds.t()
+    torch.testing.assert_close(out.logits_per_text, 100 * cosine)
+
+
+def test_roi_align_matches_bilinear_reference():
+    # a linear ramp: the average of bilinear samples in a bin is the ramp at the bin centre
+    height, width = 8, 8
+    xs = (torch.arange(width) + 0.5) / width
+    feature = xs.expand(height, width)[None, None].clone()
+    boxes = torch.tensor([[[0.25, 0.25, 0.75, 0.75]]])
+    pooled = roi_align(feature, boxes, output_size=2)
+    torch.testing.assert_close(pooled[0, 0, :, :, 0], torch.tensor([[0.375, 0.625], [0.375, 0.625]]))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"roi_boxes": torch.zeros(2, 4, 3)}, "roi_boxes must be"),
+        ({"roi_mask": torch.ones(2, 5, dtype=torch.bool)}, "roi_mask must be"),
+        ({"roi_pixel_values": torch.zeros(3, 4, 3, 32, 32)}, "roi_pixel_values must be"),
+        ({"roi_boxes": None}, "roi_boxes is required"),
+    ],
+)
+def test_bad_roi_inputs_name_the_argument(model, config, change, message):
+    inputs = make_inputs(config, [4, 4])
+    inputs.update(change)
+    with pytest.raises(ValueError, match=message):
+        model(**inputs)
+
+
+def test_nan_box_in_a_valid_roi_is_rejected(model, config):
+    inputs = make_inputs(config, [4, 4])
+    inputs["roi_boxes"][0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model(**inputs)
+
+
+def test_text_longer_than_positions_is_rejected(model, config):
+    too_long = torch.ones(1, config.text_config.max_position_embeddings + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(input_ids=too_long)
+
+
+def test_return_tuple(model, config):
+    inputs = make_inputs(config, [1, 1])
+    as_tuple = model(**inputs, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    assert torch.equal(as_tuple[0], model(**inputs).logits_per_image)
+
+
+def test_model_type_registered_for_auto_classes():
+    assert RegionMedCLIPModel._auto_class == "AutoModel"
