@@ -1,0 +1,19 @@
+"""RegionMed-CLIP processing. The files beside this one travel to the Hub as remote code."""
+
+from .image_processing_regionmed_clip import RegionMedCLIPImageProcessor
+from .medical_image_io import load_medical_image
+from .processing_regionmed_clip import RegionMedCLIPProcessor
+from .tokenization_regionmed_clip import DEFAULT_MAX_LENGTH, build_tokenizer, load_tokenizer
+
+# save_pretrained then writes `auto_map` and copies the flat module files.
+RegionMedCLIPImageProcessor.register_for_auto_class("AutoImageProcessor")
+RegionMedCLIPProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = [
+    "DEFAULT_MAX_LENGTH",
+    "RegionMedCLIPImageProcessor",
+    "RegionMedCLIPProcessor",
+    "build_tokenizer",
+    "load_medical_image",
+    "load_tokenizer",
+]

@@ -1,0 +1,333 @@
+"""Image processor of RegionMed-CLIP: the global view, ROI crops and their boxes (PIL + NumPy, no torchvision).
+
+Rules (they are the documentation):
+
+* **Global view.** `resize_mode="pad"` (default) resizes so the LONGER side equals `image_size`,
+  keeping the aspect ratio, and pads the shorter side equally on both ends with `pad_value` to
+  a square: nothing of the film is cut away (a centre crop would remove costophrenic angles).
+  `resize_mode="center_crop"` resizes the SHORTER side to `image_size` and crops the centre.
+* **Regions** per image, each one of
+  - a box: 4 numbers (or `{"box": [...]}`) in `box_format` `"xyxy"` (default) or `"xywh"`,
+    in pixels of the original image, or fractions of its width/height with `normalized_boxes=True`;
+  - a binary mask `(H, W)` (or `{"mask": m}`) of the original image's size: its tight box is the
+    region; with `mask_crop=True` the crop is also blanked outside the mask;
+  - a point: 2 numbers `(x, y)` (or `{"point": [...]}`): a square box of side
+    `point_extent x min(H, W)` centred on it.
+  A box partly outside the image is clipped to it; one entirely outside is an error.
+* **ROI crops.** Each region box is expanded about its centre by `roi_context_factor` (1.2),
+  clamped to the image, cut from the ORIGINAL full-resolution image (not the downsized view)
+  and letterboxed (aspect kept, padded) to `roi_size x roi_size`.
+* **roi_boxes** are the (clipped, unexpanded) region boxes mapped through exactly the same
+  resize and pad as the global view and normalised by `image_size`: a box drawn on the input
+  lands on the same pixels of `pixel_values`. In centre-crop mode they are clipped to the view.
+* **More than `max_rois` regions**: the FIRST `max_rois`, in the order given, are kept (order is
+  the caller's priority) and a warning says how many were dropped.
+* Images are decoded by `medical_image_io.load_medical_image` (PIL modes, NumPy, DICOM; high
+  bit depths windowed to 8 bits by the rules documented there). Grayscale stays one channel
+  until the end, then is repeated to 3 channels.
+
+Outputs: `pixel_values (B, 3, S, S)`, and with `regions`: `roi_pixel_values (B, K, 3, R, R)`,
+`roi_boxes (B, K, 4)` normalised xyxy, `roi_mask (B, K)` bool, with K the most regions of any
+image in the batch (after the `max_rois` cut).
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.utils import logging
+
+from .medical_image_io import load_medical_image
+
+__all__ = ["RegionMedCLIPImageProcessor", "ViewTransform"]
+
+logger = logging.get_logger(__name__)
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RESIZE_MODES = ("pad", "center_crop")
+BOX_FORMATS = ("xyxy", "xywh")
+
+
+@dataclass(frozen=True)
+class ViewTransform:
+    """Where the original image lands in the square global view: `view = original * scale + offset`."""
+
+    scale_x: float
+    scale_y: float
+    offset_x: int
+    offset_y: int
+    resized_width: int
+    resized_height: int
+
+    @classmethod
+    def for_image(cls, height: int, width: int, view_size: int, resize_mode: str) -> "ViewTransform":
+        fit = max if resize_mode == "pad" else min
+        scale = view_size / fit(height, width)
+        resized_width, resized_height = max(1, round(width * scale)), max(1, round(height * scale))
+        # Padding (positive offset) or cropping (negative offset) split equally between both sides.
+        return cls(
+            scale_x=resized_width / width,
+            scale_y=resized_height / height,
+            offset_x=(view_size - resized_width) // 2,
+            offset_y=(view_size - resized_height) // 2,
+            resized_width=resized_width,
+            resized_height=resized_height,
+        )
+
+    def map_box(self, box: np.ndarray, view_size: int) -> np.ndarray:
+        """Pixel xyxy in the original -> xyxy in `[0, 1]` of the view (clipped to it)."""
+        x0, y0, x1, y1 = box
+        mapped = np.array(
+            [
+                x0 * self.scale_x + self.offset_x,
+                y0 * self.scale_y + self.offset_y,
+                x1 * self.scale_x + self.offset_x,
+                y1 * self.scale_y + self.offset_y,
+            ]
+        )
+        return np.clip(mapped / view_size, 0.0, 1.0)
+
+
+def _as_pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(array, mode="L" if array.ndim == 2 else "RGB")
+
+
+def _letterbox(image: Image.Image, box: tuple[float, float, float, float], size: int, pad_value: int,
+               resample: int) -> np.ndarray:
+    """Resample the float `box` region of `image` into a `size x size` canvas, aspect kept, centred."""
+    box_width, box_height = box[2] - box[0], box[3] - box[1]
+    scale = size / max(box_width, box_height)
+    width, height = max(1, round(box_width * scale)), max(1, round(box_height * scale))
+    # `resize(box=...)` samples straight from the source region: no intermediate crop copy.
+    region = image.resize((width, height), resample=resample, box=box)
+    canvas = Image.new(image.mode, (size, size), color=pad_value if image.mode == "L" else (pad_value,) * 3)
+    canvas.paste(region, ((size - width) // 2, (size - height) // 2))
+    return np.asarray(canvas)
+
+
+class RegionMedCLIPImageProcessor(BaseImageProcessor):
+    """Global view + ROI crops for RegionMed-CLIP. See the module docstring for the rules."""
+
+    model_input_names = ["pixel_values", "roi_pixel_values", "roi_boxes", "roi_mask"]
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        roi_size: int = 112,
+        max_rois: int = 8,
+        resize_mode: str = "pad",
+        resample: int = Image.Resampling.BICUBIC,
+        image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        image_std: Sequence[float] = OPENAI_CLIP_STD,
+        pad_value: int = 0,
+        roi_context_factor: float = 1.2,
+        box_format: str = "xyxy",
+        point_extent: float = 0.1,
+        mask_crop: bool = False,
+        max_image_pixels: int | None = 178_956_970,
+        dicom_frame: int = 0,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.image_size = image_size
+        self.roi_size = roi_size
+        self.max_rois = max_rois
+        self.resize_mode = resize_mode
+        self.resample = int(resample)
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.pad_value = pad_value
+        self.roi_context_factor = roi_context_factor
+        self.box_format = box_format
+        self.point_extent = point_extent
+        self.mask_crop = mask_crop
+        self.max_image_pixels = max_image_pixels
+        self.dicom_frame = dicom_frame
+        self._validate_settings()
+
+    def _validate_settings(self) -> None:
+        for name in ("image_size", "roi_size", "max_rois"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.box_format not in BOX_FORMATS:
+            raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {self.box_format!r}")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ValueError(f"image_mean and image_std need 3 values (std > 0), got {self.image_mean}, {self.image_std}")
+        if not 1.0 <= self.roi_context_factor <= 10.0:
+            raise ValueError(f"roi_context_factor must be in [1, 10], got {self.roi_context_factor!r}")
+        if not 0.0 < self.point_extent <= 1.0:
+            raise ValueError(f"point_extent must be in (0, 1], got {self.point_extent!r}")
+        if not 0 <= self.pad_value <= 255:
+            raise ValueError(f"pad_value must be an 8-bit intensity in [0, 255], got {self.pad_value!r}")
+
+    # -- regions -----------------------------------------------------------------------------
+
+    def _region_box(
+        self, region: Any, where: str, height: int, width: int, box_format: str, normalized_boxes: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One region spec -> (clipped pixel xyxy box `(4,)` float64, mask `(H, W)` bool or None)."""
+        kind, value = None, region
+        if isinstance(region, dict):
+            keys = set(region) & {"box", "mask", "point"}
+            if len(keys) != 1 or len(region) != 1:
+                raise ValueError(f"{where}: a region dict needs exactly one of 'box', 'mask', 'point'; got keys {sorted(region)}")
+            kind = keys.pop()
+            value = region[kind]
+        try:
+            array = np.asarray(value, dtype=np.float64) if kind != "mask" else np.asarray(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: cannot read the region as numbers ({error})") from None
+        if kind is None:
+            kind = {(4,): "box", (2,): "point"}.get(array.shape, "mask" if array.ndim == 2 else None)
+            if kind is None:
+                raise ValueError(
+                    f"{where}: expected a box of 4 numbers, a point of 2 numbers or a 2-D mask, got shape {array.shape}"
+                )
+
+        if kind == "mask":
+            if array.shape != (height, width):
+                raise ValueError(f"{where}: mask shape {array.shape} differs from the image's (H, W) = {(height, width)}")
+            mask = array.astype(bool)
+            rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+            if rows.size == 0:
+                raise ValueError(f"{where}: the mask is empty (no pixel set)")
+            return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float64), mask
+
+        expected = (4,) if kind == "box" else (2,)
+        if array.shape != expected:
+            raise ValueError(f"{where}: a {kind} needs {expected[0]} numbers, got shape {array.shape}")
+        if not np.isfinite(array).all():
+            raise ValueError(f"{where}: {kind} coordinates hold NaN or inf: {array.tolist()}")
+        if normalized_boxes:
+            array = array * (np.array([width, height, width, height]) if kind == "box" else np.array([width, height]))
+
+        if kind == "point":
+            x, y = array
+            if not (0 <= x <= width and 0 <= y <= height):
+                raise ValueError(f"{where}: point {value!r} lies outside the {width}x{height} image")
+            half = self.point_extent * min(height, width) / 2
+            box = np.array([x - half, y - half, x + half, y + half])
+        else:
+            box = array.copy()
+            if box_format == "xywh":
+                box[2:] += box[:2]
+            if box[2] <= box[0] or box[3] <= box[1]:
+                raise ValueError(f"{where}: box {value!r} ({box_format}) is inverted or has zero area")
+            if box[2] <= 0 or box[3] <= 0 or box[0] >= width or box[1] >= height:
+                raise ValueError(f"{where}: box {value!r} ({box_format}) lies entirely outside the {width}x{height} image")
+        return np.clip(box, 0, [width, height, width, height]), None
+
+    def _crop_box(self, box: np.ndarray, height: int, width: int) -> tuple[float, float, float, float]:
+        """Expand `box` by the context factor about its centre and clamp it to the image."""
+        centre_x, centre_y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        half_w = (box[2] - box[0]) * self.roi_context_factor / 2
+        half_h = (box[3] - box[1]) * self.roi_context_factor / 2
+        return (
+            max(0.0, centre_x - half_w),
+            max(0.0, centre_y - half_h),
+            min(float(width), centre_x + half_w),
+            min(float(height), centre_y + half_h),
+        )
+
+    # -- pixels ------------------------------------------------------------------------------
+
+    def _normalise(self, array: np.ndarray) -> np.ndarray:
+        """uint8 `(H, W)` or `(H, W, 3)` -> float32 `(3, H, W)` normalised by mean/std."""
+        mean = np.asarray(self.image_mean, dtype=np.float32)
+        std = np.asarray(self.image_std, dtype=np.float32)
+        scaled = array.astype(np.float32) * (1 / 255)
+        if scaled.ndim == 2:  # grayscale: one channel until here, then one normalisation per output channel
+            return (scaled[None] - mean[:, None, None]) / std[:, None, None]
+        return (scaled.transpose(2, 0, 1) - mean[:, None, None]) / std[:, None, None]
+
+    def _global_view(self, image: Image.Image, transform: ViewTransform) -> np.ndarray:
+        resized = image.resize((transform.resized_width, transform.resized_height), resample=self.resample)
+        fill = self.pad_value if image.mode == "L" else (self.pad_value,) * 3
+        canvas = Image.new(image.mode, (self.image_size, self.image_size), color=fill)
+        canvas.paste(resized, (transform.offset_x, transform.offset_y))  # negative offsets crop
+        return np.asarray(canvas)
+
+    def preprocess(
+        self,
+        images: Any,
+        regions: Sequence[Sequence[Any]] | None = None,
+        box_format: str | None = None,
+        normalized_boxes: bool = False,
+        return_tensors: str | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """images: one image or a list; regions: one list of region specs per image (ragged)."""
+        if kwargs:
+            raise TypeError(f"RegionMedCLIPImageProcessor got unexpected arguments {sorted(kwargs)}")
+        box_format = box_format or self.box_format
+        if box_format not in BOX_FORMATS:
+            raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
+        image_list = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not image_list:
+            raise ValueError("images is empty")
+        if regions is not None:
+            if not isinstance(regions, (list, tuple)) or len(regions) != len(image_list):
+                count = len(regions) if isinstance(regions, (list, tuple)) else type(regions).__name__
+                raise ValueError(f"regions needs one list of regions per image: {len(image_list)} images, got {count}")
+
+        pixel_values, roi_pixels, roi_boxes = [], [], []
+        for index, raw in enumerate(image_list):
+            try:
+                array = load_medical_image(raw, dicom_frame=self.dicom_frame, max_image_pixels=self.max_image_pixels)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"images[{index}]: {error}") from error
+            height, width = array.shape[:2]
+            image = _as_pil(array)
+            transform = ViewTransform.for_image(height, width, self.image_size, self.resize_mode)
+            pixel_values.append(self._normalise(self._global_view(image, transform)))
+            if regions is None:
+                continue
+            specs = list(regions[index])
+            if len(specs) > self.max_rois:
+                logger.warning(
+                    f"images[{index}] has {len(specs)} regions; keeping the first max_rois={self.max_rois}, "
+                    f"dropping {len(specs) - self.max_rois}"
+                )
+                specs = specs[: self.max_rois]
+            crops, boxes = [], []
+            for region_index, spec in enumerate(specs):
+                box, mask = self._region_box(
+                    spec, f"regions[{index}][{region_index}]", height, width, box_format, normalized_boxes
+                )
+                crop_box = self._crop_box(box, height, width)
+                source = image
+                if mask is not None and self.mask_crop:
+                    blanked = np.where(mask if array.ndim == 2 else mask[..., None], array, self.pad_value)
+                    source = _as_pil(blanked.astype(np.uint8))
+                crops.append(self._normalise(_letterbox(source, crop_box, self.roi_size, self.pad_value, self.resample)))
+                boxes.append(transform.map_box(box, self.image_size))
+            roi_pixels.append(crops)
+            roi_boxes.append(boxes)
+
+        data: dict[str, Any] = {"pixel_values": np.stack(pixel_values)}
+        if regions is not None:
+            data.update(self._pad_regions(roi_pixels, roi_boxes))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _pad_regions(self, roi_pixels: list[list[np.ndarray]], roi_boxes: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
+        """Ragged per-image crops/boxes -> padded `(B, K, ...)` arrays and the `(B, K)` mask."""
+        batch = len(roi_pixels)
+        slots = max((len(crops) for crops in roi_pixels), default=0)
+        pixels = np.zeros((batch, slots, 3, self.roi_size, self.roi_size), dtype=np.float32)
+        boxes = np.zeros((batch, slots, 4), dtype=np.float32)
+        mask = np.zeros((batch, slots), dtype=bool)
+        for row, (crops, row_boxes) in enumerate(zip(roi_pixels, roi_boxes, strict=True)):
+            for slot, (crop, box) in enumerate(zip(crops, row_boxes, strict=True)):
+                pixels[row, slot], boxes[row, slot], mask[row, slot] = crop, box, True
+        return {"roi_pixel_values": pixels, "roi_boxes": boxes, "roi_mask": mask}
+
+    def __call__(self, images: Any, *args: Any, **kwargs: Any) -> BatchFeature:
+        return self.preprocess(images, *args, **kwargs)
+

@@ -1,0 +1,145 @@
+"""RegionMed-CLIP processor: images + regions through the image processor, four caption levels
+through the tokenizer, in one `BatchFeature` whose shapes line up with the model's forward."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from transformers.image_processing_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .image_processing_regionmed_clip import RegionMedCLIPImageProcessor
+
+__all__ = ["RegionMedCLIPProcessor"]
+
+
+def _as_text_list(value: str | Sequence[str], name: str) -> list[str]:
+    texts = [value] if isinstance(value, str) else list(value)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{index}] must be a str, got {type(text).__name__}")
+    return texts
+
+
+def _as_ragged(value: Sequence[Sequence[str]], name: str, batch: int) -> list[list[str]]:
+    """Per-image lists of captions; validates the nesting and the count of images."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list with one list of captions per image, got {type(value).__name__}")
+    if len(value) != batch:
+        raise ValueError(f"{name} needs one list per image: {batch} images, got {len(value)} lists")
+    rows = []
+    for index, row in enumerate(value):
+        if isinstance(row, str) or not isinstance(row, (list, tuple)):
+            raise TypeError(f"{name}[{index}] must be a list of str, got {type(row).__name__}")
+        rows.append(_as_text_list(row, f"{name}[{index}]"))
+    return rows
+
+
+class RegionMedCLIPProcessor(ProcessorMixin):
+    """Wraps a `RegionMedCLIPImageProcessor` and a BERT-style tokenizer.
+
+    `processor(images=..., text=..., regions=..., region_text=..., negative_text=...,
+    summary_text=..., return_tensors="pt")` returns any subset of:
+
+    - `pixel_values (B, 3, S, S)`, `roi_pixel_values (B, K, 3, R, R)`, `roi_boxes (B, K, 4)`,
+      `roi_mask (B, K)` from the image processor;
+    - `input_ids`, `attention_mask (T, L)` for `text` (report captions);
+    - `summary_input_ids`, `summary_attention_mask (B, L)` for `summary_text`;
+    - `region_input_ids`, `region_attention_mask (B, K, L)`: the caption of ROI slot k of image b,
+      aligned with `roi_mask` (padding slots are all padding);
+    - `negative_input_ids`, `negative_attention_mask (B, M, L)` and `negative_mask (B, M)` for the
+      per-image hard-negative captions (ragged counts, padded to the most in the batch).
+
+    Captions are padded to the longest in each group and truncated at the tokenizer's
+    `model_max_length` (256 by default).
+    """
+
+    def __init__(self, image_processor: RegionMedCLIPImageProcessor | None = None, tokenizer: Any = None, **kwargs: Any):
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    def _tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+        encoded = self.tokenizer(
+            texts, padding="longest", truncation=True, return_token_type_ids=False, return_tensors="np"
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def _tokenize_grid(self, rows: list[list[str]], slots: int) -> dict[str, np.ndarray]:
+        """Ragged per-image captions -> `(B, slots, L)` ids and masks; empty slots are all padding."""
+        flat = [text for row in rows for text in row]
+        length = 0
+        if flat:
+            encoded = self._tokenize(flat)
+            length = encoded["input_ids"].shape[1]
+        ids = np.full((len(rows), slots, length), self.tokenizer.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), slots, length), dtype=np.int64)
+        cursor = 0
+        for row_index, row in enumerate(rows):
+            count = len(row)
+            if count:
+                ids[row_index, :count] = encoded["input_ids"][cursor : cursor + count]
+                mask[row_index, :count] = encoded["attention_mask"][cursor : cursor + count]
+            cursor += count
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | Sequence[str] | None = None,
+        regions: Sequence[Sequence[Any]] | None = None,
+        region_text: Sequence[Sequence[str]] | None = None,
+        negative_text: Sequence[Sequence[str]] | None = None,
+        summary_text: str | Sequence[str] | None = None,
+        return_tensors: str | None = "pt",
+        **image_kwargs: Any,
+    ) -> BatchFeature:
+        if images is None and text is None and summary_text is None:
+            raise ValueError("the processor needs images, text or summary_text")
+        data: dict[str, Any] = {}
+        batch = None
+        if images is not None:
+            data.update(self.image_processor(images, regions=regions, **image_kwargs))
+            batch = data["pixel_values"].shape[0]
+        else:
+            for name, value in (("regions", regions), ("region_text", region_text), ("negative_text", negative_text)):
+                if value is not None:
+                    raise ValueError(f"{name} needs images: they are per-image")
+            if image_kwargs:
+                raise TypeError(f"image arguments {sorted(image_kwargs)} were given without images")
+
+        if text is not None:
+            data.update(self._tokenize(_as_text_list(text, "text")))
+        if summary_text is not None:
+            summaries = _as_text_list(summary_text, "summary_text")
+            if batch is not None and len(summaries) != batch:
+                raise ValueError(f"summary_text needs one caption per image: {batch} images, got {len(summaries)}")
+            encoded = self._tokenize(summaries)
+            data["summary_input_ids"], data["summary_attention_mask"] = encoded["input_ids"], encoded["attention_mask"]
+        if region_text is not None:
+            if regions is None:
+                raise ValueError("region_text needs regions: each caption describes one region")
+            rows = _as_ragged(region_text, "region_text", batch)
+            for index, (row, image_regions) in enumerate(zip(rows, regions, strict=True)):
+                if len(row) != len(image_regions):
+                    raise ValueError(
+                        f"region_text[{index}] has {len(row)} captions but regions[{index}] has {len(image_regions)} regions"
+                    )
+            # The image processor keeps the first max_rois regions; keep the same captions.
+            rows = [row[: self.image_processor.max_rois] for row in rows]
+            grid = self._tokenize_grid(rows, data["roi_mask"].shape[1])
+            data["region_input_ids"], data["region_attention_mask"] = grid["input_ids"], grid["attention_mask"]
+        if negative_text is not None:
+            rows = _as_ragged(negative_text, "negative_text", batch)
+            slots = max((len(row) for row in rows), default=0)
+            grid = self._tokenize_grid(rows, slots)
+            data["negative_input_ids"], data["negative_attention_mask"] = grid["input_ids"], grid["attention_mask"]
+            counts = np.array([len(row) for row in rows])
+            data["negative_mask"] = np.arange(slots)[None, :] < counts[:, None]
+        return BatchFeature(data=dict(data), tensor_type=return_tensors)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return [
+            "pixel_values", "roi_pixel_values", "roi_boxes", "roi_mask", "input_ids", "attention_mask",
+            "summary_input_ids", "summary_attention_mask", "region_input_ids", "region_attention_mask",
+            "negative_input_ids", "negative_attention_mask", "negative_mask",
+        ]

@@ -1,0 +1,207 @@
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from processing import RegionMedCLIPImageProcessor
+
+
+def make_processor(**overrides) -> RegionMedCLIPImageProcessor:
+    settings = {"image_size": 64, "roi_size": 32, "max_rois": 4, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    return RegionMedCLIPImageProcessor(**{**settings, **overrides})
+
+
+def to_intensity(normalised: np.ndarray) -> np.ndarray:
+    """Undo mean/std 0.5: back to [0, 1] intensities."""
+    return normalised * 0.5 + 0.5
+
+
+def bright_square_image(width=300, height=200, box=(180, 50, 220, 90)) -> np.ndarray:
+    image = np.zeros((height, width), dtype=np.uint8)
+    x0, y0, x1, y1 = box
+    image[y0:y1, x0:x1] = 255
+    return image
+
+
+def bright_extent(view: np.ndarray) -> tuple[int, int, int, int]:
+    rows, cols = np.nonzero(view > 0.5)
+    return cols.min(), rows.min(), cols.max() + 1, rows.max() + 1
+
+
+@pytest.mark.parametrize("resize_mode", ["pad", "center_crop"])
+@pytest.mark.parametrize(("width", "height"), [(300, 200), (200, 300), (256, 256)])
+def test_box_lands_on_the_same_pixels_of_the_global_view(resize_mode, width, height):
+    box = (110, 90, 150, 130)
+    processor = make_processor(resize_mode=resize_mode)
+    out = processor(bright_square_image(width, height, box), regions=[[list(box)]])
+    view = to_intensity(out["pixel_values"][0, 0])
+    drawn = np.array(bright_extent(view))
+    mapped = out["roi_boxes"][0, 0] * processor.image_size
+    assert np.all(np.abs(drawn - mapped) <= 1.0), (drawn, mapped)
+    crop = to_intensity(out["roi_pixel_values"][0, 0, 0])
+    centre = crop[12:20, 12:20]
+    assert centre.min() > 0.9  # the ROI crop shows the bright square
+
+
+def test_pad_mode_keeps_the_whole_film_and_pads_the_short_side():
+    image = np.full((100, 200), 200, dtype=np.uint8)  # wide: padded above and below
+    out = make_processor()(image)
+    view = to_intensity(out["pixel_values"][0, 0]) * 255
+    assert out["pixel_values"].shape == (1, 3, 64, 64)
+    assert np.allclose(view[:16], 0, atol=1) and np.allclose(view[-16:], 0, atol=1)
+    assert np.allclose(view[17:47], 200, atol=1)
+    assert "roi_pixel_values" not in out
+
+
+def test_grayscale_is_repeated_to_three_normalised_channels():
+    processor = RegionMedCLIPImageProcessor(image_size=32, roi_size=16)
+    out = processor(np.full((40, 40), 255, dtype=np.uint8))
+    expected = (1.0 - np.array(processor.image_mean)) / np.array(processor.image_std)
+    np.testing.assert_allclose(out["pixel_values"][0, :, 16, 16], expected, rtol=1e-5)
+
+
+def test_crops_come_from_the_original_resolution():
+    image = np.zeros((1024, 1024), dtype=np.uint8)
+    image[500:540, 500:540] = (np.indices((40, 40)).sum(0) % 2 * 255).astype(np.uint8)  # 1-pixel checkerboard
+    out = make_processor(roi_context_factor=1.0, roi_size=40)(image, regions=[[[500, 500, 540, 540]]])
+    crop = to_intensity(out["roi_pixel_values"][0, 0, 0])
+    view = to_intensity(out["pixel_values"][0, 0])
+    assert crop.std() > 0.4  # the pattern survives in the crop
+    assert abs(view[32, 32] - 0.5) < 0.15  # the downsized view has averaged it to grey
+
+
+def test_box_formats_and_normalised_coordinates_agree():
+    image = bright_square_image()
+    processor = make_processor()
+    xyxy = processor(image, regions=[[[180, 50, 220, 90]]])
+    xywh = processor(image, regions=[[[180, 50, 40, 40]]], box_format="xywh")
+    normalised = processor(image, regions=[[[0.6, 0.25, 220 / 300, 0.45]]], normalized_boxes=True)
+    as_dict = processor(image, regions=[[{"box": [180, 50, 220, 90]}]])
+    for other in (xywh, normalised, as_dict):
+        np.testing.assert_allclose(other["roi_boxes"], xyxy["roi_boxes"], atol=1e-6)
+        np.testing.assert_allclose(other["roi_pixel_values"], xyxy["roi_pixel_values"], atol=1e-5)
+
+
+def test_mask_prompt_gives_its_tight_box_and_can_blank_the_crop():
+    image = np.full((200, 200), 120, dtype=np.uint8)
+    mask = np.zeros((200, 200), dtype=bool)
+    yy, xx = np.mgrid[:200, :200]
+    mask[(yy - 100) ** 2 + (xx - 60) ** 2 <= 20**2] = True
+    plain = make_processor()(image, regions=[[mask]])
+    np.testing.assert_allclose(plain["roi_boxes"][0, 0] * 200, [40, 80, 81, 121], atol=1e-4)
+    blanked = make_processor(mask_crop=True)(image, regions=[[{"mask": mask}]])
+    crop = to_intensity(blanked["roi_pixel_values"][0, 0, 0]) * 255
+    assert crop[0, 0] < 5 and abs(crop[16, 16] - 120) < 2  # corner outside the disk is blanked
+
+
+def test_point_prompt_is_a_box_of_configured_extent():
+    image = np.zeros((200, 400), dtype=np.uint8)
+    out = make_processor(point_extent=0.2)(image, regions=[[[100, 100]]])
+    # side = 0.2 * min(H, W) = 40 pixels, centred on the point; the view scale is 64 / 400
+    np.testing.assert_allclose(out["roi_boxes"][0, 0] * 400, [80, 80 + 100, 120, 120 + 100], atol=1e-4)
+
+
+def test_partly_outside_boxes_are_clipped():
+    processor = make_processor()
+    outside = processor(bright_square_image(), regions=[[[-50, -20, 40, 30], [280, 190, 350, 260]]])
+    inside = processor(bright_square_image(), regions=[[[0, 0, 40, 30], [280, 190, 300, 200]]])
+    for key in ("roi_boxes", "roi_pixel_values"):
+        np.testing.assert_allclose(outside[key], inside[key], atol=1e-6)
+
+
+def test_more_regions_than_max_rois_keep_the_first_and_warn(caplog):
+    boxes = [[10 * i, 10, 10 * i + 20, 40] for i in range(1, 7)]
+    with caplog.at_level(logging.WARNING):
+        out = make_processor(max_rois=4)(bright_square_image(), regions=[boxes])
+    assert out["roi_mask"].shape == (1, 4) and out["roi_mask"].all()
+    np.testing.assert_allclose(out["roi_boxes"][0, :, 0] * 300, [10, 20, 30, 40], atol=1e-4)
+    assert "keeping the first max_rois=4, dropping 2" in caplog.text
+
+
+def test_ragged_regions_are_padded_and_masked():
+    image = bright_square_image()
+    out = make_processor()([image, image, image], regions=[[[0, 0, 50, 50]], [], [[0, 0, 9, 9], [5, 5, 60, 60]]])
+    assert out["roi_pixel_values"].shape == (3, 2, 3, 32, 32)
+    assert out["roi_mask"].tolist() == [[True, False], [False, False], [True, True]]
+    assert np.all(out["roi_boxes"][~out["roi_mask"]] == 0)
+
+
+def test_return_tensors_pt_and_medical_modes():
+    torch = pytest.importorskip("torch")
+    sixteen_bit = Image.fromarray(np.arange(0, 60000, 15, dtype=np.uint16).reshape(80, 50))
+    colour = Image.new("RGB", (50, 70), (10, 200, 30))
+    out = make_processor()([sixteen_bit, colour], regions=[[[0, 0, 20, 20]], []], return_tensors="pt")
+    assert isinstance(out["pixel_values"], torch.Tensor) and out["pixel_values"].dtype == torch.float32
+    assert out["roi_mask"].dtype == torch.bool
+
+
+def test_real_dicoms_go_through_the_processor():
+    data = pytest.importorskip("pydicom.data")
+    paths = [data.get_testdata_file("CT_small.dcm"), data.get_testdata_file("MR_small.dcm")]
+    out = make_processor()(paths, regions=[[[10, 10, 40, 40]], [[0, 0, 30, 20]]])
+    assert out["pixel_values"].shape == (2, 3, 64, 64)
+    assert np.isfinite(out["roi_pixel_values"]).all()
+    assert out["pixel_values"][0].std() > 0.1  # windowed to a visible range, not a flat image
+
+
+@pytest.mark.parametrize(
+    ("region", "message"),
+    [
+        ([1, 2, 3], r"regions\[0\]\[0\]: expected a box of 4 numbers"),
+        ({"box": [1, 2, 3]}, r"regions\[0\]\[0\]: a box needs 4 numbers"),
+        ([10, float("nan"), 20, 30], "NaN or inf"),
+        ([10, 10, float("inf"), 30], "NaN or inf"),
+        ([50, 10, 20, 30], "inverted or has zero area"),
+        ([10, 10, 10, 30], "inverted or has zero area"),
+        ([400, 10, 450, 30], "entirely outside"),
+        ([-40, -40, -1, -1], "entirely outside"),
+        (np.zeros((200, 300), dtype=bool), "mask is empty"),
+        (np.ones((20, 30), dtype=bool), r"mask shape \(20, 30\) differs"),
+        ({"point": [500, 10]}, "outside"),
+        ({"box": [1, 2, 3, 4], "point": [1, 2]}, "exactly one of"),
+        ("abc", "cannot read the region"),
+    ],
+)
+def test_bad_regions_name_the_region(region, message):
+    with pytest.raises(ValueError, match=message):
+        make_processor()(bright_square_image(), regions=[[region]])
+
+
+def test_region_lists_must_match_images():
+    with pytest.raises(ValueError, match="one list of regions per image: 2 images, got 1"):
+        make_processor()([bright_square_image()] * 2, regions=[[[0, 0, 5, 5]]])
+
+
+def test_bad_images_name_the_index():
+    with pytest.raises(TypeError, match=r"images\[1\]"):
+        make_processor()([bright_square_image(), 42])
+    with pytest.raises(ValueError, match=r"images\[0\].*max_image_pixels"):
+        make_processor(max_image_pixels=1000)(bright_square_image())
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [({"resize_mode": "stretch"}, "resize_mode"), ({"box_format": "cxcywh"}, "box_format"),
+     ({"roi_size": 0}, "roi_size"), ({"roi_context_factor": 0.5}, "roi_context_factor"),
+     ({"image_std": [0.5, 0.5, 0]}, "image_std")],
+)
+def test_bad_settings_are_named(setting, message):
+    with pytest.raises(ValueError, match=message):
+        make_processor(**setting)
+
+
+def test_unknown_call_arguments_are_rejected():
+    with pytest.raises(TypeError, match="box_fmt"):
+        make_processor()(bright_square_image(), box_fmt="xywh")
+
+
+def test_save_and_load_round_trip(tmp_path):
+    processor = make_processor(resize_mode="center_crop", roi_context_factor=1.5, mask_crop=True)
+    processor.save_pretrained(tmp_path)
+    loaded = RegionMedCLIPImageProcessor.from_pretrained(tmp_path)
+    image = bright_square_image()
+    a = processor(image, regions=[[[0, 0, 50, 50]]])
+    b = loaded(image, regions=[[[0, 0, 50, 50]]])
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])

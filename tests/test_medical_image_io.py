@@ -1,0 +1,592 @@
+"""Tests for processing.medical_image_io: PIL modes, numpy dtypes, paths, DICOM, errors and the size limit."""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from processing.medical_image_io import is_dicom_file, load_medical_image
+
+
+def assert_fresh_uint8(out: np.ndarray, shape: tuple[int, ...]) -> None:
+    assert out.dtype == np.uint8
+    assert out.shape == shape
+    assert out.flags.c_contiguous
+    assert out.flags.writeable
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PIL images
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_pil_l_is_returned_as_is():
+    values = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    out = load_medical_image(Image.fromarray(values))
+    assert_fresh_uint8(out, (3, 4))
+    np.testing.assert_array_equal(out, values)
+
+
+def test_pil_mode_1_becomes_0_and_255():
+    image = Image.fromarray(np.array([[0, 255], [255, 0]], dtype=np.uint8)).convert("1")
+    assert image.mode == "1"
+    out = load_medical_image(image)
+    assert_fresh_uint8(out, (2, 2))
+    np.testing.assert_array_equal(out, [[0, 255], [255, 0]])
+
+
+def test_pil_la_drops_alpha():
+    image = Image.new("LA", (3, 2), (77, 0))
+    out = load_medical_image(image)
+    assert_fresh_uint8(out, (2, 3))
+    assert (out == 77).all()
+
+
+def test_pil_rgb_and_rgba_keep_colour_channels_uncomposited():
+    rgb = load_medical_image(Image.new("RGB", (3, 2), (10, 20, 30)))
+    assert_fresh_uint8(rgb, (2, 3, 3))
+    # Fully transparent: compositing onto black/white would change the colour; the rule keeps it.
+    rgba = load_medical_image(Image.new("RGBA", (3, 2), (10, 20, 30, 0)))
+    assert_fresh_uint8(rgba, (2, 3, 3))
+    np.testing.assert_array_equal(rgba, rgb)
+    assert (rgba == [10, 20, 30]).all()
+
+
+def test_pil_palette_becomes_rgb():
+    source = Image.new("RGB", (4, 2), (200, 10, 10))
+    image = source.convert("P")
+    assert image.mode == "P"
+    out = load_medical_image(image)
+    assert_fresh_uint8(out, (2, 4, 3))
+    np.testing.assert_array_equal(out, np.array(image.convert("RGB")))
+
+
+def test_pil_cmyk_becomes_rgb():
+    image = Image.new("CMYK", (3, 2), (0, 255, 255, 0))  # no cyan, full magenta and yellow, no black: red
+    out = load_medical_image(image)
+    assert_fresh_uint8(out, (2, 3, 3))
+    assert (out == [255, 0, 0]).all()
+
+
+def test_pil_ycbcr_becomes_rgb():
+    image = Image.new("RGB", (3, 2), (0, 128, 255)).convert("YCbCr")
+    out = load_medical_image(image)
+    assert_fresh_uint8(out, (2, 3, 3))
+    np.testing.assert_array_equal(out, np.array(image.convert("RGB")))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I;16N"])
+def test_pil_16_bit_modes_use_min_max(mode):
+    values = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)
+    image = Image.fromarray(values) if mode == "I;16" else Image.new(mode, (2, 2))
+    if mode != "I;16":
+        for (y, x), value in np.ndenumerate(values):
+            image.putpixel((x, y), int(value))
+    assert image.mode == mode
+    out = load_medical_image(image)
+    assert_fresh_uint8(out, (2, 2))
+    # 1000 / 4000 * 255 = 63.75 -> 64; 2000 / 4000 * 255 = 127.5 -> 128 (halves round up).
+    np.testing.assert_array_equal(out, [[0, 64], [128, 255]])
+
+
+def test_pil_mode_i_int32_uses_min_max():
+    image = Image.fromarray(np.array([[-1000, 0], [1000, 3000]], dtype=np.int32))
+    assert image.mode == "I"
+    out = load_medical_image(image)
+    # (v + 1000) / 4000 * 255: 0, 63.75 -> 64, 127.5 -> 128, 255.
+    np.testing.assert_array_equal(out, [[0, 64], [128, 255]])
+
+
+def test_pil_mode_f_float32():
+    image = Image.fromarray(np.array([[0.0, 0.5], [0.25, 1.0]], dtype=np.float32))
+    assert image.mode == "F"
+    np.testing.assert_array_equal(load_medical_image(image), [[0, 128], [64, 255]])
+    wide = Image.fromarray(np.array([[-2.0, 0.0], [2.0, 6.0]], dtype=np.float32))
+    np.testing.assert_array_equal(load_medical_image(wide), [[0, 64], [128, 255]])
+
+
+def test_pil_size_is_checked_before_conversion():
+    image = Image.new("RGB", (10, 10))
+    with pytest.raises(ValueError, match=r"100 pixels.*max_image_pixels=99"):
+        load_medical_image(image, max_image_pixels=99)
+    assert load_medical_image(image, max_image_pixels=100).shape == (10, 10, 3)
+
+
+def test_pil_mode_that_cannot_become_rgb_is_a_value_error():
+    image = Image.new("La", (2, 2))
+    with pytest.raises(ValueError, match="'La'"):
+        load_medical_image(image)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# numpy arrays
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (2, 3, 1), (2, 3, 3)])
+def test_numpy_uint8_is_copied_as_is(shape):
+    values = np.arange(np.prod(shape), dtype=np.uint8).reshape(shape) * 10
+    original = values.copy()
+    out = load_medical_image(values)
+    expected_shape = shape[:2] if len(shape) == 3 and shape[2] == 1 else shape
+    assert_fresh_uint8(out, expected_shape)
+    np.testing.assert_array_equal(out, values.reshape(expected_shape))
+    assert not np.shares_memory(out, values)
+    out[...] = 0
+    np.testing.assert_array_equal(values, original)
+
+
+def test_numpy_non_contiguous_input_gives_contiguous_output():
+    values = np.arange(24, dtype=np.uint8).reshape(4, 6)[:, ::2]
+    out = load_medical_image(values)
+    assert out.flags.c_contiguous
+    np.testing.assert_array_equal(out, values)
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (2, 2, 1)])
+def test_numpy_uint16_min_max_hand_computed(shape):
+    values = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16).reshape(shape)
+    original = values.copy()
+    out = load_medical_image(values)
+    assert_fresh_uint8(out, (2, 2))
+    np.testing.assert_array_equal(out, [[0, 64], [128, 255]])
+    np.testing.assert_array_equal(values, original)
+
+
+def test_numpy_min_max_has_no_offset_and_no_clipping():
+    values = np.array([[1000, 1100], [1200, 1400]], dtype=np.uint16)
+    # (v - 1000) / 400 * 255: 0, 63.75 -> 64, 127.5 -> 128, 255.
+    np.testing.assert_array_equal(load_medical_image(values), [[0, 64], [128, 255]])
+
+
+def test_numpy_uint16_colour_uses_one_range_for_all_channels():
+    values = np.zeros((1, 2, 3), dtype=np.uint16)
+    values[0, 0] = [0, 1000, 2000]
+    values[0, 1] = [4000, 4000, 4000]
+    out = load_medical_image(values)
+    assert_fresh_uint8(out, (1, 2, 3))
+    np.testing.assert_array_equal(out, [[[0, 64, 128], [255, 255, 255]]])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "values"),
+    [
+        (np.int16, [[-100, 0], [100, 300]]),
+        (np.int32, [[-100, 0], [100, 300]]),
+        (np.int64, [[-100, 0], [100, 300]]),
+        (np.uint32, [[100, 200], [300, 500]]),
+    ],
+)
+def test_numpy_other_integer_dtypes_use_min_max(dtype, values):
+    values = np.array(values, dtype=dtype)
+    # (v - min) / 400 * 255: 0, 63.75 -> 64, 127.5 -> 128, 255.
+    np.testing.assert_array_equal(load_medical_image(values), [[0, 64], [128, 255]])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(2, 2), (2, 2, 1)])
+def test_numpy_float_in_unit_range_is_multiplied_by_255(dtype, shape):
+    values = np.array([[0.0, 0.25], [0.5, 1.0]], dtype=dtype).reshape(shape)
+    # 63.75 -> 64, 127.5 -> 128; no min-max stretch (0.25..1.0 would otherwise change).
+    np.testing.assert_array_equal(load_medical_image(values), [[0, 64], [128, 255]])
+    partial = np.array([[0.2, 0.4]], dtype=dtype)
+    np.testing.assert_array_equal(load_medical_image(partial), np.floor(partial.astype(np.float64) * 255 + 0.5))
+
+
+def test_numpy_float_outside_unit_range_uses_min_max():
+    values = np.array([[-1.0, 0.0], [1.0, 3.0]], dtype=np.float32)
+    np.testing.assert_array_equal(load_medical_image(values), [[0, 64], [128, 255]])
+    colour = np.stack([values, values * 0 + 3.0, values * 0 - 1.0], axis=-1)
+    out = load_medical_image(colour)
+    assert_fresh_uint8(out, (2, 2, 3))
+    np.testing.assert_array_equal(out[..., 0], [[0, 64], [128, 255]])
+    assert (out[..., 1] == 255).all() and (out[..., 2] == 0).all()
+
+
+def test_constant_images():
+    np.testing.assert_array_equal(load_medical_image(np.full((2, 3), 1234, dtype=np.uint16)), np.zeros((2, 3)))
+    np.testing.assert_array_equal(load_medical_image(np.full((2, 3), 7.5)), np.zeros((2, 3)))
+    # A constant float inside [0, 1] is an intensity already.
+    np.testing.assert_array_equal(load_medical_image(np.full((2, 3), 0.5, dtype=np.float32)), np.full((2, 3), 128))
+
+
+def test_numpy_bool():
+    out = load_medical_image(np.array([[True, False], [False, True]]))
+    assert_fresh_uint8(out, (2, 2))
+    np.testing.assert_array_equal(out, [[255, 0], [0, 255]])
+
+
+def test_rounding_is_to_nearest_not_truncation():
+    # 1 / 3 * 255 = 85.0; 2 / 7 * 255 = 72.857 -> 73 (truncation would give 72).
+    out = load_medical_image(np.array([[0, 2, 7]], dtype=np.uint16))
+    np.testing.assert_array_equal(out, [[0, 73, 255]])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [[[0, 1], [2, 3]], 3, b"\x89PNG", None])
+def test_unsupported_types(bad):
+    with pytest.raises(TypeError, match=rf"Unsupported image type {type(bad).__qualname__}.*PIL\.Image\.Image"):
+        load_medical_image(bad)
+
+
+def test_torch_tensor_is_a_type_error():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"torch\.Tensor.*numpy\.ndarray"):
+        load_medical_image(torch.zeros(2, 2))
+
+
+def test_rgba_array_is_rejected_with_advice():
+    with pytest.raises(ValueError, match=r"\(2, 2, 4\).*drop the alpha channel"):
+        load_medical_image(np.zeros((2, 2, 4), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 2, 2), (1, 2, 2, 3)])
+def test_bad_shapes(shape):
+    with pytest.raises(ValueError, match=rf"shape \({shape[0]},"):
+        load_medical_image(np.zeros(shape, dtype=np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, object, "U3"])
+def test_bad_dtypes(dtype):
+    with pytest.raises(ValueError, match=rf"dtype {np.dtype(dtype)}"):
+        load_medical_image(np.zeros((2, 2), dtype=dtype))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_float(bad):
+    values = np.array([[0.0, 0.5], [bad, 1.0]], dtype=np.float32)
+    with pytest.raises(ValueError, match="image holds NaN or inf"):
+        load_medical_image(values)
+
+
+def test_array_over_max_image_pixels():
+    with pytest.raises(ValueError, match=r"4x5 = 20 pixels.*max_image_pixels=19"):
+        load_medical_image(np.zeros((4, 5), dtype=np.uint8), max_image_pixels=19)
+    assert load_medical_image(np.zeros((4, 5), dtype=np.uint8), max_image_pixels=None).shape == (4, 5)
+
+
+def test_empty_array():
+    with pytest.raises(ValueError, match="empty"):
+        load_medical_image(np.zeros((0, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, True])
+def test_bad_max_image_pixels(bad):
+    with pytest.raises(ValueError, match="max_image_pixels must be"):
+        load_medical_image(np.zeros((2, 2), dtype=np.uint8), max_image_pixels=bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paths
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_png_path_str_and_pathlib(tmp_path):
+    values = np.arange(30, dtype=np.uint8).reshape(5, 6) * 7
+    path = tmp_path / "slice.png"
+    Image.fromarray(values).save(path)
+    assert not is_dicom_file(path)
+    for form in (path, str(path)):
+        out = load_medical_image(form)
+        assert_fresh_uint8(out, (5, 6))
+        np.testing.assert_array_equal(out, values)
+
+
+def test_rgba_png_path(tmp_path):
+    path = tmp_path / "rgba.png"
+    Image.new("RGBA", (4, 3), (1, 2, 3, 4)).save(path)
+    out = load_medical_image(path)
+    assert_fresh_uint8(out, (3, 4, 3))
+    assert (out == [1, 2, 3]).all()
+
+
+def test_16_bit_png_path(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)).save(path)
+    np.testing.assert_array_equal(load_medical_image(path), [[0, 64], [128, 255]])
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.png"
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        load_medical_image(path)
+    assert not is_dicom_file(path)
+
+
+def test_non_image_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not an image at all\n" * 20)
+    with pytest.raises(ValueError, match="notes.txt"):
+        load_medical_image(str(path))
+
+
+def test_truncated_image_file(tmp_path):
+    path = tmp_path / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="cut.png"):
+        load_medical_image(path)
+
+
+def test_path_over_max_image_pixels(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("L", (10, 8)).save(path)
+    with pytest.raises(ValueError, match=r"80 pixels.*max_image_pixels=79"):
+        load_medical_image(path, max_image_pixels=79)
+
+
+def test_pil_own_bomb_limit_does_not_pre_empt_ours(tmp_path, monkeypatch):
+    path = tmp_path / "wide.png"
+    Image.new("L", (100, 100), 9).save(path)
+    # PIL raises DecompressionBombError above 2 * MAX_IMAGE_PIXELS (here 2000 < 10000 pixels).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match=r"10,000 pixels.*max_image_pixels=5,000"):
+        load_medical_image(path, max_image_pixels=5000)
+    out = load_medical_image(path, max_image_pixels=None)
+    assert out.shape == (100, 100) and (out == 9).all()
+    assert Image.MAX_IMAGE_PIXELS == 1000  # restored
+    # Between 1x and 2x PIL's limit it only warns; with warnings as errors that must not break loading either.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_medical_image(path).shape == (100, 100)
+    assert Image.MAX_IMAGE_PIXELS == 6000
+
+
+def test_is_dicom_file(tmp_path):
+    dicom = tmp_path / "x.dcm"
+    dicom.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 8)
+    short = tmp_path / "short.bin"
+    short.write_bytes(b"DICM")
+    assert is_dicom_file(dicom) and is_dicom_file(str(dicom))
+    assert not is_dicom_file(short)
+    assert not is_dicom_file(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DICOM (pydicom's bundled test files; get_testdata_file with download=False never touches the network)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def dicom_path(name: str) -> str:
+    pydicom_data = pytest.importorskip("pydicom.data")
+    path = pydicom_data.get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} is not bundled")
+    return path
+
+
+def read_dicom(name: str):
+    pydicom = pytest.importorskip("pydicom")
+    return pydicom.dcmread(dicom_path(name))
+
+
+def test_ct_small_modality_lut_and_min_max():
+    path = dicom_path("CT_small.dcm")
+    assert is_dicom_file(path)
+    ds = read_dicom("CT_small.dcm")
+    assert float(ds.RescaleSlope) == 1.0 and float(ds.RescaleIntercept) == -1024.0
+    assert "WindowCenter" not in ds  # so the min-max rule applies
+    out = load_medical_image(path)
+    assert_fresh_uint8(out, (ds.Rows, ds.Columns))
+    assert out.min() == 0 and out.max() == 255
+    assert len(np.unique(out)) > 100  # uses a good part of the range
+    # Min-max after a linear rescale equals min-max of the stored values.
+    raw = ds.pixel_array.astype(np.float64)
+    expected = np.floor((raw - raw.min()) * 255 / (raw.max() - raw.min()) + 0.5)
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_path_and_dataset_forms_agree(name):
+    ds = read_dicom(name)
+    from_path = load_medical_image(dicom_path(name))
+    from_dataset = load_medical_image(ds)
+    assert_fresh_uint8(from_dataset, (ds.Rows, ds.Columns))
+    np.testing.assert_array_equal(from_path, from_dataset)
+
+
+def test_mr_small_uses_its_window():
+    ds = read_dicom("MR_small.dcm")
+    center, width = float(ds.WindowCenter), float(ds.WindowWidth)  # 600 / 1600 -> window [-200, 1000]
+    assert (center, width) == (600.0, 1600.0)
+    out = load_medical_image(ds)
+    raw = ds.pixel_array.astype(np.float64)  # no rescale in this file
+    expected = np.floor(np.clip((raw + 200) * 255 / 1600, 0, 255) + 0.5)
+    np.testing.assert_array_equal(out, expected)
+    assert len(np.unique(out)) > 50
+
+
+def test_hand_computed_window_after_rescale():
+    pydicom = pytest.importorskip("pydicom")
+    ds = pydicom.Dataset()
+    ds.set_pixel_data(np.array([[0, 50, 100], [150, 200, 60000]], dtype=np.uint16), "MONOCHROME2", 16)
+    ds.RescaleSlope = 2
+    ds.RescaleIntercept = -100
+    ds.WindowCenter = [100, 999]  # multi-valued: the first pair is used
+    ds.WindowWidth = [200, 1]
+    # Modality values: -100, 0, 100, 200, 300, 119900; window [0, 200]: clipped, then v / 200 * 255.
+    np.testing.assert_array_equal(load_medical_image(ds), [[0, 0, 128], [255, 255, 255]])
+
+
+def test_ct_small_window_copy():
+    ds = read_dicom("CT_small.dcm")
+    original = load_medical_image(ds)
+    windowed = copy.deepcopy(ds)
+    windowed.WindowCenter = 40  # soft-tissue window in HU: [-160, 240]
+    windowed.WindowWidth = 400
+    out = load_medical_image(windowed)
+    raw = ds.pixel_array
+    hu = raw.astype(np.float64) - 1024  # RescaleSlope 1, RescaleIntercept -1024
+    for y, x in [(0, 0), (64, 64), (40, 90), (100, 30)]:
+        expected = min(255.0, max(0.0, (hu[y, x] + 160) * 255 / 400))
+        assert out[y, x] == int(np.floor(expected + 0.5)), (y, x, raw[y, x])
+    assert (out[hu <= -160] == 0).all() and (out[hu >= 240] == 255).all()
+    assert not np.array_equal(out, original)
+    np.testing.assert_array_equal(load_medical_image(ds), original)  # the source dataset is untouched
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_monochrome1_is_inverted(name):
+    ds = read_dicom(name)
+    mono1 = copy.deepcopy(ds)
+    mono1.PhotometricInterpretation = "MONOCHROME1"
+    np.testing.assert_array_equal(load_medical_image(mono1), 255 - load_medical_image(ds))
+
+
+def test_multi_frame_selection_and_range():
+    ds = read_dicom("rtdose.dcm")  # 15 frames of 10x10 uint32, no window
+    assert int(ds.NumberOfFrames) == 15
+    frames = ds.pixel_array
+    for index in (0, 7, 14):
+        out = load_medical_image(ds, dicom_frame=index)
+        assert_fresh_uint8(out, (10, 10))
+        frame = frames[index].astype(np.float64)
+        expected = np.floor((frame - frame.min()) * 255 / (frame.max() - frame.min()) + 0.5)
+        np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(
+        load_medical_image(dicom_path("rtdose.dcm"), dicom_frame=7), load_medical_image(ds, dicom_frame=7)
+    )
+    for bad in (15, -1):
+        with pytest.raises(ValueError, match=rf"dicom_frame={bad}.*15 frame"):
+            load_medical_image(ds, dicom_frame=bad)
+
+
+def test_hand_built_multi_frame():
+    pydicom = pytest.importorskip("pydicom")
+    ds = pydicom.Dataset()
+    frames = np.stack([np.array([[0, 10], [20, 40]]) * (k + 1) for k in range(3)]).astype(np.uint16)
+    ds.set_pixel_data(frames, "MONOCHROME2", 16)
+    assert int(ds.NumberOfFrames) == 3
+    for k in range(3):
+        np.testing.assert_array_equal(load_medical_image(ds, dicom_frame=k), [[0, 64], [128, 255]])
+    with pytest.raises(ValueError, match=r"dicom_frame=3.*3 frame"):
+        load_medical_image(ds, dicom_frame=3)
+
+
+def test_single_frame_accepts_only_frame_0():
+    ds = read_dicom("CT_small.dcm")
+    with pytest.raises(ValueError, match=r"dicom_frame=1.*1 frame"):
+        load_medical_image(ds, dicom_frame=1)
+
+
+def test_dicom_over_max_image_pixels():
+    ds = read_dicom("CT_small.dcm")
+    with pytest.raises(ValueError, match=r"128x128 = 16,384 pixels.*max_image_pixels=1,000"):
+        load_medical_image(ds, max_image_pixels=1000)
+
+
+def test_colour_rgb_dicom():
+    ds = read_dicom("SC_rgb_rle.dcm")
+    out = load_medical_image(ds)
+    assert_fresh_uint8(out, (100, 100, 3))
+    np.testing.assert_array_equal(out, ds.pixel_array)
+    np.testing.assert_array_equal(out[0, 50], [255, 0, 0])  # the top band is pure red
+
+
+def test_colour_ybr_dicom_is_converted_once():
+    ybr = read_dicom("SC_ybr_full_422_uncompressed.dcm")
+    assert ybr.PhotometricInterpretation == "YBR_FULL_422"
+    out = load_medical_image(ybr)
+    assert_fresh_uint8(out, (100, 100, 3))
+    reference = read_dicom("SC_rgb_rle.dcm").pixel_array.astype(int)  # the same picture stored as RGB
+    # YBR round-trip error is at most 6 levels here; converting twice would be off by up to 255.
+    assert np.abs(out.astype(int) - reference).max() <= 8
+
+
+def test_colour_16_bit_dicom_min_max():
+    ds = read_dicom("SC_rgb_rle_16bit.dcm")
+    out = load_medical_image(ds)
+    assert_fresh_uint8(out, (ds.Rows, ds.Columns, 3))
+    raw = ds.pixel_array.astype(np.float64)
+    expected = np.floor((raw - raw.min()) * 255 / (raw.max() - raw.min()) + 0.5)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_multi_frame_colour_dicom():
+    ds = read_dicom("SC_rgb_rle_2frame.dcm")
+    out = load_medical_image(ds, dicom_frame=1)
+    assert_fresh_uint8(out, (100, 100, 3))
+    np.testing.assert_array_equal(out, ds.pixel_array[1])
+
+
+def test_duck_typed_ybr_dataset_uses_convert_color_space():
+    pydicom = pytest.importorskip("pydicom")
+    path = dicom_path("SC_ybr_full_422_uncompressed.dcm")
+    ds = pydicom.dcmread(path)
+    raw_ybr = pydicom.pixels.pixel_array(path, raw=True)  # still YBR: the duck object claims so too
+
+    class DuckDataset:
+        """Not a pydicom Dataset: exposes a header and pixel_array that match each other."""
+
+        def __init__(self, source, pixel_array):
+            self._source = source
+            self.pixel_array = pixel_array
+
+        def __getattr__(self, name):
+            return getattr(self._source, name)
+
+        def __contains__(self, key):
+            return key in self._source
+
+        def get(self, key, default=None):
+            return self._source.get(key, default)
+
+    out = load_medical_image(DuckDataset(ds, raw_ybr))
+    assert_fresh_uint8(out, (100, 100, 3))
+    np.testing.assert_array_equal(out, load_medical_image(ds))
+
+
+def test_palette_colour_dicom():
+    pydicom = pytest.importorskip("pydicom")
+    ds = read_dicom("examples_palette.dcm")
+    assert ds.PhotometricInterpretation == "PALETTE COLOR"
+    out = load_medical_image(ds)
+    assert_fresh_uint8(out, (ds.Rows, ds.Columns, 3))
+    rgb16 = pydicom.pixels.apply_color_lut(ds.pixel_array, ds)
+    np.testing.assert_array_equal(out, rgb16 >> 8)
+
+
+def test_missing_pydicom_gives_install_hint(monkeypatch):
+    import builtins
+
+    ds = read_dicom("CT_small.dcm")
+    path = dicom_path("CT_small.dcm")
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "pydicom" or name.startswith("pydicom."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match=r"regionmed-clip\[dicom\]"):
+        load_medical_image(ds)
+    with pytest.raises(ImportError, match=r"regionmed-clip\[dicom\]"):
+        load_medical_image(path)
