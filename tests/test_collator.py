@@ -1,0 +1,85 @@
+import logging
+
+import pytest
+import torch
+
+from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
+from training_scripts.collator import RegionMedCLIPCollator
+from training_scripts.data_schema import load_canonical
+from training_scripts.synthetic import write_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    path = tmp_path_factory.mktemp("synth")
+    write_synthetic_dataset(path, n=30, seed=0)
+    return list(load_canonical(path, "train", decode_images=False))
+
+
+@pytest.fixture(scope="module")
+def processor(rows):
+    corpus = [row["report_caption"] for row in rows] + [r["caption"] for row in rows for r in row["regions"]]
+    return RegionMedCLIPProcessor(RegionMedCLIPImageProcessor(image_size=64, roi_size=32, max_rois=4),
+                                  build_tokenizer(corpus, vocab_size=400))
+
+
+def test_batch_has_every_model_input(processor, rows):
+    collator = RegionMedCLIPCollator(processor, seed=0)
+    batch = collator(rows[:8])
+    assert batch["pixel_values"].shape == (8, 3, 64, 64)
+    assert batch["input_ids"].shape[0] == 8 and batch["summary_input_ids"].shape[0] == 8
+    counts = batch["roi_mask"].sum(1)
+    with_regions = torch.tensor([len(row["regions"]) > 0 for row in rows[:8]])
+    assert torch.all((counts >= 1) == with_regions)  # 1..K regions per row that has any
+    assert torch.all(counts <= torch.tensor([len(row["regions"]) for row in rows[:8]]))
+    assert batch["region_input_ids"].shape[:2] == batch["roi_mask"].shape
+    assert batch["negative_mask"].any()
+
+
+def test_region_sampling_is_a_function_of_row_and_epoch(processor, rows):
+    many = [row for row in rows if len(row["regions"]) >= 2]
+    first = RegionMedCLIPCollator(processor, seed=0)(many)
+    again = RegionMedCLIPCollator(processor, seed=0)(many)
+    assert torch.equal(first["roi_boxes"], again["roi_boxes"])
+    draws = set()
+    collator = RegionMedCLIPCollator(processor, seed=0)
+    for epoch in range(12):
+        collator.set_epoch(epoch)
+        draws.add(tuple(collator(many)["roi_mask"].sum(1).tolist()))
+    assert len(draws) > 1  # the count of sampled regions varies across epochs
+
+
+def test_a_corrupt_image_is_skipped_and_counted(processor, rows, caplog):
+    corrupt = {**rows[0], "image": {"bytes": b"\x89PNG not really", "path": None}}
+    collator = RegionMedCLIPCollator(processor)
+    batch = collator([rows[1], corrupt, rows[2]])
+    assert batch["pixel_values"].shape[0] == 2
+    assert collator.skipped_rows == 1
+    assert sum(v for k, v in collator.skip_reasons.items() if k.startswith("image failed to decode")) == 1
+    with caplog.at_level(logging.WARNING):
+        collator.log_summary()
+    assert "skipped 1 rows" in caplog.text
+
+
+def test_a_batch_of_only_corrupt_rows_repeats_the_last_good_row(processor, rows):
+    corrupt = {**rows[0], "image": {"bytes": b"garbage", "path": None}}
+    collator = RegionMedCLIPCollator(processor)
+    with pytest.raises(RuntimeError, match="decodable image"):
+        collator([corrupt])
+    collator(rows[3:5])
+    batch = collator([corrupt, corrupt])
+    assert batch["pixel_values"].shape[0] == 1 and collator.skipped_rows == 3
+
+
+def test_region_boxes_outside_the_image_are_dropped_and_counted(processor, rows):
+    row = next(row for row in rows if row["regions"])
+    outside = {**row, "regions": [{"bbox": [900.0, 900.0, 950.0, 950.0], "caption": "x", "label": "nodule"}]}
+    collator = RegionMedCLIPCollator(processor)
+    batch = collator([outside, row])
+    assert not batch["roi_mask"][0].any() and batch["roi_mask"][1].any()
+    assert collator.skipped_regions == 1
+
+
+def test_switches_leave_out_caption_levels(processor, rows):
+    batch = RegionMedCLIPCollator(processor, use_regions=False, use_summary=False, use_negatives=False)(rows[:2])
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask"}

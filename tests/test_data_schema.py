@@ -1,0 +1,105 @@
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from datasets import IterableDataset, load_from_disk
+from PIL import Image
+
+from training_scripts.data_schema import (
+    ShardedParquetWriter,
+    export_to_disk,
+    load_canonical,
+    validate_row,
+    write_rows,
+)
+
+
+def make_row(index: int, split: str = "train", image=None) -> dict:
+    return {
+        "image": image if image is not None else Image.fromarray(np.full((20, 30), index, dtype=np.uint8)),
+        "image_id": f"img-{index}",
+        "modality": "chest_xray",
+        "summary_caption": "Chest X-ray with nodule.",
+        "report_caption": f"There is a small nodule in the left upper zone {index}.",
+        "regions": [{"bbox": [1.0, 2.0, 5.0, 6.0], "caption": "small nodule in the left upper zone", "label": "nodule"}],
+        "negative_captions": ["There is a small nodule in the right upper zone."],
+        "labels": ["nodule"],
+        "split": split,
+    }
+
+
+def test_round_trip_through_parquet_shards(tmp_path):
+    rows = [make_row(i, "train" if i < 5 else "test") for i in range(7)]
+    counts = write_rows(rows, tmp_path, rows_per_shard=2)
+    assert counts == {"train": 5, "test": 2}
+    assert sorted(p.name for p in tmp_path.glob("*.parquet")) == [
+        "test-00000.parquet", "train-00000.parquet", "train-00001.parquet", "train-00002.parquet"]
+    train = load_canonical(tmp_path, "train")
+    assert len(train) == 5
+    first = train[0]
+    assert first["image"].size == (30, 20)
+    assert np.asarray(first["image"])[0, 0] == 0
+    assert first["regions"][0]["bbox"] == [1.0, 2.0, 5.0, 6.0]
+    assert first["negative_captions"] == rows[0]["negative_captions"]
+
+
+def test_images_are_embedded_not_referenced(tmp_path):
+    path = tmp_path / "film.png"
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(path)
+    write_rows([make_row(0, image=path)], tmp_path / "out")
+    path.unlink()  # the dataset must not need the original file any more
+    table = pq.read_table(next((tmp_path / "out").glob("*.parquet")))
+    assert table.column("image")[0]["bytes"].as_py() is not None
+    assert load_canonical(tmp_path / "out")[0]["image"].size == (8, 8)
+
+
+def test_sixteen_bit_images_survive(tmp_path):
+    image = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    write_rows([make_row(0, image=image)], tmp_path)
+    loaded = load_canonical(tmp_path)[0]["image"]
+    assert loaded.mode.startswith("I") and np.asarray(loaded).max() == 63000
+
+
+def test_streaming_and_load_from_disk(tmp_path):
+    write_rows([make_row(i) for i in range(3)], tmp_path / "parquet", rows_per_shard=1)
+    stream = load_canonical(tmp_path / "parquet", streaming=True)
+    assert isinstance(stream, IterableDataset)
+    assert [row["image_id"] for row in stream] == ["img-0", "img-1", "img-2"]
+    export_to_disk(tmp_path / "parquet", tmp_path / "arrow")
+    assert len(load_from_disk(str(tmp_path / "arrow"))["train"]) == 3
+    assert load_canonical(tmp_path / "arrow")[1]["image_id"] == "img-1"
+
+
+def test_undecoded_images_for_the_collator(tmp_path):
+    write_rows([make_row(0)], tmp_path)
+    image = load_canonical(tmp_path, decode_images=False)[0]["image"]
+    assert isinstance(image, dict) and image["bytes"].startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"split": "dev"}, "split must be one of"),
+        ({"image_id": ""}, "image_id is empty"),
+        ({"labels": "nodule"}, "labels must be a list of str"),
+        ({"regions": [{"bbox": [5, 2, 1, 6], "caption": "c", "label": "l"}]}, r"regions\[0\].bbox .* inverted"),
+        ({"regions": [{"bbox": [1, 2, 3], "caption": "c", "label": "l"}]}, r"regions\[0\].bbox must be 4"),
+        ({"regions": [{"bbox": [1, 2, 3, float("nan")], "caption": "c", "label": "l"}]}, "finite"),
+        ({"regions": [{"bbox": [1, 2, 3, 4], "caption": "c"}]}, "keys bbox, caption, label"),
+        ({"extra": 1}, r"unexpected \['extra'\]"),
+    ],
+)
+def test_bad_rows_name_the_field(change, message):
+    with pytest.raises(ValueError, match=message):
+        validate_row({**make_row(0), **change}, where="row 7")
+
+
+def test_writer_refuses_to_mix_datasets(tmp_path):
+    write_rows([make_row(0)], tmp_path)
+    with pytest.raises(FileExistsError, match="already holds parquet shards"):
+        ShardedParquetWriter(tmp_path)
+
+
+def test_missing_split_is_named(tmp_path):
+    write_rows([make_row(0)], tmp_path)
+    with pytest.raises(ValueError, match="split 'test' not found.*train"):
+        load_canonical(tmp_path, "test")

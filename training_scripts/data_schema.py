@@ -1,0 +1,222 @@
+"""The canonical region-annotated schema, its validation, a streaming parquet shard writer and loaders.
+
+One row is one image with its captions at four levels (see docs/DATA.md):
+
+    image              datasets.Image, stored as embedded bytes (never a path)
+    image_id           str, unique within a dataset
+    modality           str, e.g. "chest_xray", "ct", "mri"
+    summary_caption    str, one short sentence
+    report_caption     str, the findings / report text
+    regions            list of {bbox: [x0, y0, x1, y1] pixels of the stored image, caption: str, label: str}
+    negative_captions  list of str, hard negatives of the report
+    labels             list of str, class names present (for zero-shot evaluation)
+    split              "train" | "validation" | "test"
+"""
+
+import io
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import Dataset, Features, IterableDataset, List, Value, load_dataset, load_from_disk
+from datasets import Image as ImageFeature
+from PIL import Image
+
+__all__ = [
+    "CANONICAL_FEATURES",
+    "SPLITS",
+    "ShardedParquetWriter",
+    "encode_image",
+    "export_to_disk",
+    "iter_rows",
+    "load_canonical",
+    "validate_row",
+    "write_rows",
+]
+
+SPLITS = ("train", "validation", "test")
+
+CANONICAL_FEATURES = Features(
+    {
+        "image": ImageFeature(),
+        "image_id": Value("string"),
+        "modality": Value("string"),
+        "summary_caption": Value("string"),
+        "report_caption": Value("string"),
+        "regions": List(
+            {"bbox": List(Value("float32"), length=4), "caption": Value("string"), "label": Value("string")}
+        ),
+        "negative_captions": List(Value("string")),
+        "labels": List(Value("string")),
+        "split": Value("string"),
+    }
+)
+
+_STRING_FIELDS = ("image_id", "modality", "summary_caption", "report_caption", "split")
+
+
+def encode_image(image: Any) -> dict[str, Any]:
+    """PIL image, raw bytes or a file path -> `{"bytes": ..., "path": name}` with the bytes embedded.
+
+    PIL images are stored as PNG (lossless, keeps 16-bit "I;16"); files keep their own encoding.
+    """
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+    if isinstance(image, (bytes, bytearray)):
+        return {"bytes": bytes(image), "path": None}
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file {str(path)!r} does not exist")
+        return {"bytes": path.read_bytes(), "path": path.name}
+    if isinstance(image, Mapping) and image.get("bytes"):
+        return {"bytes": image["bytes"], "path": image.get("path")}
+    raise TypeError(f"image must be a PIL image, bytes or a file path, got {type(image).__name__}")
+
+
+def validate_row(row: Mapping[str, Any], where: str = "row") -> None:
+    """Raise ValueError naming the field (and `where`) if `row` does not fit the canonical schema."""
+    missing = sorted(set(CANONICAL_FEATURES) - set(row))
+    extra = sorted(set(row) - set(CANONICAL_FEATURES))
+    if missing or extra:
+        raise ValueError(f"{where}: fields missing {missing} / unexpected {extra}")
+    for field in _STRING_FIELDS:
+        if not isinstance(row[field], str):
+            raise ValueError(f"{where}.{field} must be a str, got {type(row[field]).__name__}")
+    if not row["image_id"]:
+        raise ValueError(f"{where}.image_id is empty")
+    if row["split"] not in SPLITS:
+        raise ValueError(f"{where}.split must be one of {SPLITS}, got {row['split']!r}")
+    for field in ("negative_captions", "labels"):
+        values = row[field]
+        if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{where}.{field} must be a list of str")
+    if not isinstance(row["regions"], (list, tuple)):
+        raise ValueError(f"{where}.regions must be a list")
+    for index, region in enumerate(row["regions"]):
+        place = f"{where}.regions[{index}]"
+        if not isinstance(region, Mapping) or set(region) != {"bbox", "caption", "label"}:
+            raise ValueError(f"{place} must be a dict with keys bbox, caption, label")
+        bbox = region["bbox"]
+        if len(bbox) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+            raise ValueError(f"{place}.bbox must be 4 finite numbers [x0, y0, x1, y1], got {bbox!r}")
+        if bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
+            raise ValueError(f"{place}.bbox {list(bbox)} is inverted or has zero area")
+        if not isinstance(region["caption"], str) or not isinstance(region["label"], str):
+            raise ValueError(f"{place}.caption and .label must be str")
+
+
+class ShardedParquetWriter:
+    """Stream canonical rows into `OUT/{split}-{index:05d}.parquet` shards of `rows_per_shard` rows.
+
+    Memory holds one shard's rows at most; image bytes are embedded. Use as a context manager;
+    `counts` gives rows written per split.
+    """
+
+    def __init__(self, output_dir: str | Path, rows_per_shard: int = 1000):
+        if rows_per_shard <= 0:
+            raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}")
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        existing = sorted(self.output_dir.glob("*.parquet"))
+        if existing:
+            raise FileExistsError(f"{self.output_dir} already holds parquet shards ({existing[0].name}, ...): refusing to mix datasets")
+        self.rows_per_shard = rows_per_shard
+        self.schema = CANONICAL_FEATURES.arrow_schema
+        self.counts: dict[str, int] = {}
+        self._buffers: dict[str, list[dict[str, Any]]] = {}
+        self._shard_index: dict[str, int] = {}
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        validate_row(row, where=f"row {row.get('image_id', '?')!r}")
+        encoded = CANONICAL_FEATURES.encode_example({**row, "image": encode_image(row["image"])})
+        split = row["split"]
+        self._buffers.setdefault(split, []).append(encoded)
+        self.counts[split] = self.counts.get(split, 0) + 1
+        if len(self._buffers[split]) >= self.rows_per_shard:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        rows = self._buffers.get(split)
+        if not rows:
+            return
+        index = self._shard_index.get(split, 0)
+        table = pa.Table.from_pylist(rows, schema=self.schema)
+        final = self.output_dir / f"{split}-{index:05d}.parquet"
+        partial = final.with_suffix(".parquet.partial")
+        pq.write_table(table, partial)
+        partial.replace(final)  # a shard appears whole or not at all
+        self._shard_index[split] = index + 1
+        self._buffers[split] = []
+
+    def close(self) -> dict[str, int]:
+        for split in list(self._buffers):
+            self._flush(split)
+        return dict(self.counts)
+
+    def __enter__(self) -> "ShardedParquetWriter":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def write_rows(rows: Iterable[Mapping[str, Any]], output_dir: str | Path, rows_per_shard: int = 1000) -> dict[str, int]:
+    """Write an iterable of canonical rows as parquet shards; returns rows per split."""
+    with ShardedParquetWriter(output_dir, rows_per_shard) as writer:
+        for row in rows:
+            writer.write(row)
+    return writer.counts
+
+
+def _data_files(path: Path) -> dict[str, str]:
+    files = {split: str(path / f"{split}-*.parquet") for split in SPLITS if any(path.glob(f"{split}-*.parquet"))}
+    if not files:
+        raise FileNotFoundError(f"no canonical parquet shards ({'|'.join(SPLITS)}-*.parquet) in {str(path)!r}")
+    return files
+
+
+def load_canonical(
+    path: str | Path, split: str = "train", streaming: bool = False, decode_images: bool = True
+) -> Dataset | IterableDataset:
+    """Load one split of a canonical dataset from parquet shards or a `save_to_disk` folder.
+
+    `decode_images=False` leaves images as `{"bytes", "path"}` so a training collator can decode
+    them and skip a corrupt one instead of failing inside the DataLoader.
+    """
+    path = Path(path)
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        loaded = load_from_disk(str(path))
+        if hasattr(loaded, "keys") and split not in loaded:
+            raise ValueError(f"split {split!r} not found in {str(path)!r}; available: {sorted(loaded)}")
+        dataset = loaded[split] if hasattr(loaded, "keys") else loaded
+        if streaming:
+            dataset = dataset.to_iterable_dataset()
+    else:
+        files = _data_files(path)
+        if split not in files:
+            raise ValueError(f"split {split!r} not found in {str(path)!r}; available: {sorted(files)}")
+        dataset = load_dataset(
+            "parquet", data_files={split: files[split]}, split=split, features=CANONICAL_FEATURES, streaming=streaming
+        )
+    return dataset if decode_images else dataset.cast_column("image", ImageFeature(decode=False))
+
+
+def export_to_disk(parquet_dir: str | Path, output_dir: str | Path) -> None:
+    """Convert parquet shards into a `DatasetDict.save_to_disk` folder (for `datasets.load_from_disk`)."""
+    from datasets import DatasetDict
+
+    files = _data_files(Path(parquet_dir))
+    splits = {split: load_dataset("parquet", data_files={split: pattern}, split=split, features=CANONICAL_FEATURES)
+              for split, pattern in files.items()}
+    DatasetDict(splits).save_to_disk(str(output_dir))
+
+
+def iter_rows(path: str | Path, split: str = "train") -> Iterator[dict[str, Any]]:
+    """Stream the rows of one split without loading it into memory."""
+    yield from load_canonical(path, split=split, streaming=True)
