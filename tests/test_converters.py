@@ -1,0 +1,498 @@
+"""Dataset converters on hand-written fixtures in the public formats (tests/fixtures/formats/).
+
+The annotation files are committed; the images are generated per test (tiny PNG/JPEG files, DICOMs built
+with pydicom), including a missing and a corrupt image where a format's skip handling is checked.
+"""
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training_scripts import converters
+from training_scripts.converters import CONVERTERS, ConversionStats, SkipCounter, convert, iter_rows
+from training_scripts.data_schema import SPLITS, load_canonical, validate_row
+
+FIXTURES = Path(__file__).parent / "fixtures" / "formats"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers: images and running a conversion
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_image(path: Path, size: tuple[int, int] = (64, 64)) -> Path:
+    """A grayscale gradient image (W, H) = size, PNG or JPEG by the suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    pixels = (np.add.outer(np.arange(height), np.arange(width)) % 256).astype(np.uint8)
+    Image.fromarray(pixels, mode="L").save(path)
+    return path
+
+
+def write_corrupt(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"this is not image data" * 4)
+    return path
+
+
+def write_dicom(path: Path, size: tuple[int, int] = (64, 64)) -> Path:
+    """A minimal valid 12-bit MONOCHROME2 secondary-capture DICOM with a window."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), pydicom.Dataset(), file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = height, width
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.PixelData = (np.add.outer(np.arange(height), np.arange(width)) * 16 % 4096).astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def run(fmt: str, input_path: Path, images_dir: Path | None, out: Path, **options) -> tuple[ConversionStats, dict]:
+    """convert() then read every split back with load_canonical: {image_id: row}."""
+    stats = convert(fmt, input_path, images_dir, out, rows_per_shard=2, **options)
+    rows = {}
+    for split in SPLITS:
+        if any(out.glob(f"{split}-*.parquet")):
+            for row in load_canonical(out, split):
+                assert row["split"] == split
+                rows[row["image_id"]] = row
+    assert len(rows) == sum(stats.rows_written.values())
+    for row in rows.values():
+        check_row(row)
+    return stats, rows
+
+
+def check_row(row: dict) -> None:
+    """What every converted row must satisfy (ROCO captions are the dataset's text: no rule may apply)."""
+    validate_row(row)
+    assert row["summary_caption"].strip() and row["report_caption"].strip()
+    assert row["negative_captions"] or row["modality"] == "radiology", row["report_caption"]
+    assert all(negative != row["report_caption"] for negative in row["negative_captions"])
+    for region in row["regions"]:
+        assert region["caption"].strip() and region["label"].strip()
+        x0, y0, x1, y1 = region["bbox"]
+        assert 0 <= x0 < x1 <= row["image"].width and 0 <= y0 < y1 <= row["image"].height
+
+
+def boxes(row: dict) -> list[list[float]]:
+    return [region["bbox"] for region in row["regions"]]
+
+
+def reasons(stats: ConversionStats) -> dict[str, int]:
+    return dict(stats.skip_reasons)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MS-CXR
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ms_cxr_images(tmp_path: Path) -> Path:
+    images = tmp_path / "mimic-cxr-jpg"
+    for dicom_id, folder in (("d1", "p10/p10000032/s50414267"), ("d2", "p11/p11000011/s51029426"),
+                             ("d3", "p12/p12000012/s52000001")):
+        write_image(images / "files" / folder / f"{dicom_id}.jpg")
+    return images  # d4 is missing
+
+
+def test_ms_cxr_v1_0_0(tmp_path, ms_cxr_images):
+    stats, rows = run("ms-cxr", FIXTURES / "ms_cxr/MS_CXR_Local_Alignment_v1.0.0.csv", ms_cxr_images, tmp_path / "out")
+    assert stats.rows_written == {"train": 3}  # v1.0.0 has no split column
+    assert reasons(stats) == {"missing image": 1, "region dropped: zero-area or inverted box": 1}
+    assert (stats.rows_skipped, stats.regions_dropped) == (1, 1)
+
+    d1 = rows["d1"]
+    assert d1["image"].size == (64, 64) and d1["modality"] == "chest_xray"
+    # x,y,w,h -> xyxy; the CSV rows of d1 are not contiguous, grouping keeps their order
+    assert boxes(d1) == [[40, 4, 60, 16], [4, 44, 24, 60], [44, 16, 56, 22]]
+    assert [r["caption"] for r in d1["regions"]] == ["small left apical pneumothorax", "right basal consolidation",
+                                                     "small left apical pneumothorax"]
+    assert [r["label"] for r in d1["regions"]] == ["Pneumothorax", "Consolidation", "Pneumothorax"]
+    assert d1["labels"] == ["Pneumothorax", "Consolidation"]
+    assert d1["report_caption"] == "Small left apical pneumothorax. Right basal consolidation."
+    assert d1["summary_caption"] == "Chest X-ray with pneumothorax and consolidation."
+    # declared 128x128, stored 64x64: the box is rescaled onto the stored image
+    assert boxes(rows["d2"]) == [[16, 20, 40, 35]]
+    # the zero-area box is dropped, the other box of d3 is kept
+    assert boxes(rows["d3"]) == [[10, 10, 40, 30]]
+
+
+def test_ms_cxr_v1_1_0_splits(tmp_path, ms_cxr_images):
+    stats, rows = run("ms-cxr", FIXTURES / "ms_cxr/MS_CXR_Local_Alignment_v1.1.0.csv", ms_cxr_images, tmp_path / "out")
+    assert stats.rows_written == {"train": 1, "validation": 1, "test": 1}
+    assert {image_id: row["split"] for image_id, row in rows.items()} == {
+        "d1": "train", "d2": "validation", "d3": "test"}
+    assert stats.rows_skipped == 0 and not stats.skip_reasons
+
+
+def test_ms_cxr_invalid_split_and_missing_id_are_skipped(tmp_path, ms_cxr_images):
+    lines = (FIXTURES / "ms_cxr/MS_CXR_Local_Alignment_v1.1.0.csv").read_text().splitlines()
+    lines[3] = lines[3].replace(",test", ",holdout")  # d3: not a canonical split -> validate_row fails
+    lines.append(",Edema,edema,files/x.jpg,1,1,5,5,64,64,train")  # no dicom_id
+    csv_path = tmp_path / "MS_CXR_Local_Alignment_v1.1.0.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    stats, rows = run("ms-cxr", csv_path, ms_cxr_images, tmp_path / "out")
+    assert sorted(rows) == ["d1", "d2"]
+    assert reasons(stats) == {"invalid row": 1, "annotation without an image id": 1}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VinDr-CXR
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_vindr_cxr_fusion_no_finding_and_skips(tmp_path):
+    images = tmp_path / "train"
+    write_image(images / "img_a.png")
+    write_dicom(images / "img_b.dicom")
+    write_image(images / "img_c.jpg")
+    write_corrupt(images / "img_e.png")
+    write_image(images / "img_f.png")  # img_d is missing
+    stats, rows = run("vindr-cxr", FIXTURES / "vindr_cxr/train.csv", images, tmp_path / "out")
+
+    assert stats.rows_written == {"train": 4}
+    assert reasons(stats) == {
+        "missing image": 1,
+        "undecodable image": 1,
+        "region dropped: zero-area or inverted box": 1,
+        "region dropped: missing or invalid coordinates": 1,
+    }
+    # img_a, Nodule/Mass: R8 [10,10,30,30] and R9 [12,12,32,32] have IoU 324/476 = 0.68 -> mean [11,11,31,31];
+    # R10 [40,40,50,50] does not overlap -> its own box. Pleural effusion: the three boxes (IoU 0.82, then 0.75
+    # with the running mean) fuse into the mean [5,30,20,60].
+    a = rows["img_a"]
+    assert a["labels"] == ["Nodule/Mass", "Pleural effusion"]
+    assert boxes(a) == [[11, 11, 31, 31], [40, 40, 50, 50], [5, 30, 20, 60]]
+    assert [r["label"] for r in a["regions"]] == ["Nodule/Mass", "Nodule/Mass", "Pleural effusion"]
+    # box centres: (21, 21) image-left upper third -> patient's right upper zone
+    assert [r["caption"] for r in a["regions"]] == [
+        "nodule/mass in the right upper zone", "nodule/mass in the left lower zone",
+        "pleural effusion in the right lower zone"]
+    assert a["summary_caption"] == "Chest X-ray with nodule/mass and pleural effusion."
+    assert a["report_caption"].startswith("Nodule/mass in the right upper zone.")
+
+    # all three readers: "No finding" with empty coordinates; the DICOM is stored as a PNG of the same size
+    b = rows["img_b"]
+    assert b["labels"] == ["No finding"] and b["regions"] == []
+    assert b["image"].format == "PNG" and b["image"].size == (64, 64)
+    assert b["summary_caption"] == "Chest X-ray with no finding."
+
+    # Cardiomegaly: IoU 360/600 = 0.6 -> mean [23,30,47,50]; Lung Opacity: IoU 50/150 = 1/3 < 0.4 -> kept apart.
+    # One reader's "No finding" does not make it into the labels next to findings.
+    c = rows["img_c"]
+    assert c["labels"] == ["Cardiomegaly", "Lung Opacity"]
+    assert boxes(c) == [[23, 30, 47, 50], [0, 0, 10, 10], [5, 0, 15, 10]]
+
+    # a zero-area box and empty coordinates of a finding: regions dropped, labels kept
+    f = rows["img_f"]
+    assert f["labels"] == ["Other lesion", "Atelectasis"] and f["regions"] == []
+
+
+def test_fuse_boxes_threshold_is_inclusive():
+    # IoU exactly 0.4: [0,0,10,10] vs [0,0,10,4] -> 40 / 100
+    assert converters._fuse_boxes([[0, 0, 10, 10], [0, 0, 10, 4]]) == [[0, 0, 10, 7]]
+    assert converters._fuse_boxes([[0, 0, 10, 10], [0, 0, 10, 3.9]]) == [[0, 0, 10, 10], [0, 0, 10, 3.9]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RSNA Pneumonia
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rsna_images(tmp_path: Path) -> Path:
+    images = tmp_path / "stage_2_train_images"
+    for patient in ("p1", "p2", "p3"):
+        write_dicom(images / f"{patient}.dcm")
+    return images  # p4 is missing
+
+
+def test_rsna_pneumonia_with_class_info(tmp_path, rsna_images):
+    stats, rows = run("rsna-pneumonia", FIXTURES / "rsna_pneumonia/stage_2_train_labels.csv", rsna_images,
+                      tmp_path / "out")
+    assert stats.rows_written == {"train": 3} and reasons(stats) == {"missing image": 1}
+    assert rows["p1"]["labels"] == ["Normal"] and rows["p1"]["regions"] == []
+    assert rows["p1"]["summary_caption"] == "Chest X-ray with no finding."
+    p2 = rows["p2"]
+    assert p2["labels"] == ["Lung Opacity"]
+    assert boxes(p2) == [[10, 20, 25, 50], [40, 22, 56, 50]]
+    assert [r["caption"] for r in p2["regions"]] == ["lung opacity in the right middle zone",
+                                                     "lung opacity in the left middle zone"]
+    assert p2["image"].size == (64, 64)
+    assert rows["p3"]["labels"] == ["No Lung Opacity / Not Normal"] and rows["p3"]["regions"] == []
+
+
+def test_rsna_pneumonia_without_class_info(tmp_path, rsna_images):
+    labels = tmp_path / "labels_only" / "stage_2_train_labels.csv"
+    labels.parent.mkdir()
+    shutil.copy(FIXTURES / "rsna_pneumonia/stage_2_train_labels.csv", labels)
+    _, rows = run("rsna-pneumonia", labels, rsna_images, tmp_path / "out")
+    assert {pid: row["labels"] for pid, row in rows.items()} == {
+        "p1": ["No Lung Opacity"], "p2": ["Lung Opacity"], "p3": ["No Lung Opacity"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ChestX-ray14
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trailing", ["", ",,,"], ids=["plain-header", "trailing-empty-columns"])
+def test_chestxray14_bbox_header_quirk(tmp_path, trailing):
+    source = (FIXTURES / "chestxray14/BBox_List_2017.csv").read_text().splitlines()
+    csv_path = tmp_path / "BBox_List_2017.csv"
+    csv_path.write_text("\n".join([source[0] + trailing, *source[1:]]) + "\n")
+    images = tmp_path / "images"
+    write_image(images / "00013118_008.png")
+    write_image(images / "00014716_007.png")  # 00029817_009.png is missing
+    stats, rows = run("chestxray14", csv_path, images, tmp_path / "out")
+    assert stats.rows_written == {"train": 2} and reasons(stats) == {"missing image": 1}
+    assert boxes(rows["00013118_008.png"]) == [[5.5, 10.25, 25.5, 18.25]]
+    second = rows["00014716_007.png"]
+    assert boxes(second) == [[40, 8, 46.5, 14.5], [10, 40, 30, 52]]
+    assert second["labels"] == ["Nodule", "Mass"]
+    assert second["summary_caption"] == "Chest X-ray with nodule and mass."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SIIM-ACR
+# ---------------------------------------------------------------------------------------------------------------
+
+SIIM_RECT = "1.2.276.0.7230010.3.1.4.8323329.12743.1517875241.599591"
+
+
+def test_siim_rle_orientation_on_a_non_square_image():
+    # 40 wide x 24 high; a 4-wide x 12-high rectangle at x 10..13, y 5..16. Column-major: column x starts at
+    # x*24; starts are relative to the end of the previous run: 245 = 10*24+5, then 12 = (11*24+5) - (245+12).
+    mask = converters._decode_rle("245 12 12 12 12 12 12 12", width=40, height=24)
+    expected = np.zeros((24, 40), dtype=bool)
+    expected[5:17, 10:14] = True
+    np.testing.assert_array_equal(mask, expected)
+    [box] = converters._rle_boxes(["245 12 12 12 12 12 12 12"], "pneumothorax", (40, 24))
+    assert box.bbox == [10, 5, 14, 17]
+
+
+@pytest.mark.parametrize("rle", ["1 2 3", "4090 10", "a b", "", "-1 2"])
+def test_siim_rle_malformed(rle):
+    with pytest.raises(ValueError):
+        converters._decode_rle(rle, 64, 64)
+
+
+def test_siim_acr(tmp_path):
+    images = tmp_path / "dicom-images-train"
+    write_image(images / "1.2.276.0.7230010.3.1.4.8323329.5597.1517875188.959090.png")
+    write_image(images / f"{SIIM_RECT}.png", size=(40, 24))  # not 1024: the size comes from the image
+    write_dicom(images / "1.2.276.0.7230010.3.1.4.8323329.4904.1517875185.355709.dcm")
+    write_image(images / "1.2.276.0.7230010.3.1.4.8323329.1000.1517875165.878027.png", size=(1024, 1024))
+    write_image(images / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.png")
+    stats, rows = run("siim-acr", FIXTURES / "siim_acr/train-rle.csv", images, tmp_path / "out")
+
+    assert stats.rows_written == {"train": 5}
+    assert reasons(stats) == {"missing image": 1, "region dropped: invalid RLE": 2}
+    empty = rows["1.2.276.0.7230010.3.1.4.8323329.5597.1517875188.959090"]
+    assert empty["labels"] == ["No finding"] and empty["regions"] == []
+    rect = rows[SIIM_RECT]
+    assert rect["image"].size == (40, 24) and boxes(rect) == [[10, 5, 14, 17]]
+    assert rect["labels"] == ["pneumothorax"] and rect["regions"][0]["label"] == "pneumothorax"
+    # two masks of one image (two CSV rows): a run wrapping from column 5 into column 6, and one pixel
+    two = rows["1.2.276.0.7230010.3.1.4.8323329.4904.1517875185.355709"]
+    assert boxes(two) == [[5, 0, 7, 64], [44, 26, 45, 27]]
+    # 1024x1024: relative starts -> pixels (x=1, y=0) and x=2, y=1021..1023
+    assert boxes(rows["1.2.276.0.7230010.3.1.4.8323329.1000.1517875165.878027"]) == [[1, 0, 3, 1024]]
+    broken = rows["1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"]
+    assert broken["labels"] == ["pneumothorax"] and broken["regions"] == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SLAKE
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slake_root(tmp_path: Path) -> Path:
+    root = shutil.copytree(FIXTURES / "slake", tmp_path / "Slake1.0")
+    for lab in ("xmlab0", "xmlab1", "xmlab2", "xmlab4"):
+        write_image(root / "imgs" / lab / "source.jpg")
+    return root  # xmlab3's image is missing
+
+
+def test_slake_folder(tmp_path, slake_root):
+    out = tmp_path / "out"
+    stats, rows = run("slake", slake_root, None, out)
+    assert stats.rows_written == {"train": 2, "validation": 1, "test": 1}
+    assert reasons(stats) == {
+        "missing image": 1,
+        "region dropped: malformed detection.json entry": 1,
+        "region dropped: zero-area or inverted box": 1,
+    }
+    ct = rows["xmlab0/source.jpg"]
+    assert (ct["modality"], ct["split"]) == ("ct", "train")
+    assert boxes(ct) == [[10, 12, 30, 28], [40, 20, 50, 32], [38, 36, 50, 46]]
+    assert ct["labels"] == ["Liver", "Spleen", "Left Kidney"]
+    assert ct["summary_caption"] == "CT scan of the abdomen."
+    assert ct["report_caption"] == "The liver, the spleen and the left kidney are seen."
+    assert ct["regions"][0]["caption"] == "liver in the upper left of the image"
+    mri = rows["xmlab1/source.jpg"]  # detection.json as a single {organ: box} dict
+    assert mri["modality"] == "mri" and boxes(mri) == [[8, 8, 56, 56]]
+    xray = rows["xmlab2/source.jpg"]  # no detection.json
+    assert (xray["modality"], xray["split"], xray["regions"]) == ("chest_xray", "validation", [])
+    assert xray["report_caption"] == "The chest heart is seen."
+    assert rows["xmlab1/source.jpg"]["report_caption"] == "The brain tissue is seen."
+    assert boxes(rows["xmlab4/source.jpg"]) == [[20, 40, 44, 52]]
+
+    vqa = {split: json.loads((out / "vqa" / f"{split}.json").read_text(encoding="utf-8")) for split in SPLITS}
+    # English only, and none about xmlab3, whose image is missing
+    assert [record["qid"] for record in vqa["train"]] == [11, 14, 13]
+    assert [record["qid"] for record in vqa["validation"]] == [21]
+    assert [record["qid"] for record in vqa["test"]] == [31]
+    assert vqa["train"][0] == {
+        "qid": 11, "image_name": "xmlab0/source.jpg", "question": "Which organ is abnormal?", "answer": "Liver",
+        "answer_type": "OPEN", "question_type": "Abnormality", "phrase_type": "freeform", "image_organ": "Abdomen"}
+    assert not list((out / "vqa").glob("*.partial"))
+
+
+def test_slake_single_file_split_from_name(tmp_path, slake_root):
+    stats, rows = run("slake", slake_root / "validate.json", None, tmp_path / "out")
+    assert stats.rows_written == {"validation": 1} and list(rows) == ["xmlab2/source.jpg"]
+    assert [r["qid"] for r in json.loads((tmp_path / "out/vqa/validation.json").read_text())] == [21]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ROCO
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_roco(tmp_path):
+    images = tmp_path / "images"
+    for name in ("ROCO_00002", "ROCO_00003", "ROCO_00010", "ROCO_00020"):
+        write_image(images / f"{name}.jpg")
+    write_corrupt(images / "ROCO_00005.jpg")  # ROCO_00004 is missing
+    stats, rows = run("roco", FIXTURES / "roco/data", images, tmp_path / "out")
+    assert stats.rows_written == {"train": 2, "validation": 1, "test": 1}
+    assert reasons(stats) == {"missing image": 1, "undecodable image": 1, "malformed captions line": 1}
+    first = rows["ROCO_00002"]
+    # the space after the tab is stripped
+    assert first["report_caption"] == ("Computed tomography of the chest showing a right upper lobe mass. "
+                                       "Note the small pleural effusion.")
+    assert first["summary_caption"] == "Computed tomography of the chest showing a right upper lobe mass."
+    assert (first["modality"], first["regions"], first["labels"]) == ("radiology", [], [])
+    assert rows["ROCO_00010"]["split"] == "validation"
+    # a dataset caption no negative rule applies to keeps no negatives
+    assert rows["ROCO_00003"]["negative_captions"] == []
+    assert (rows["ROCO_00020"]["split"], rows["ROCO_00020"]["modality"]) == ("test", "non_radiology")
+
+
+def test_roco_single_file(tmp_path):
+    images = tmp_path / "images"
+    write_image(images / "ROCO_00010.jpg")
+    stats, rows = run("roco", FIXTURES / "roco/data/validation/radiology/captions.txt", images, tmp_path / "out")
+    assert stats.rows_written == {"validation": 1}
+    assert rows["ROCO_00010"]["report_caption"] == "Chest radiograph with a left pneumothorax."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# COCO
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def coco_images(tmp_path: Path) -> Path:
+    images = tmp_path / "images"
+    for name in ("a.png", "b.png", "c.png"):
+        write_image(images / name)
+    return images  # missing.png is missing
+
+
+def test_coco(tmp_path, coco_images):
+    stats, rows = run("coco", FIXTURES / "coco/instances_val.json", coco_images, tmp_path / "out")
+    assert stats.rows_written == {"validation": 3}  # from the file name
+    assert reasons(stats) == {"missing image": 1, "annotations of an unknown image id": 1,
+                              "region dropped: unknown category": 1}
+    a = rows["a.png"]
+    assert boxes(a) == [[4, 6, 14, 26], [30, 30, 38, 38]] and a["labels"] == ["nodule", "effusion"]
+    assert [r["caption"] for r in a["regions"]] == ["nodule in the upper left of the image",
+                                                    "effusion in the middle centre of the image"]
+    assert a["modality"] == "unknown" and a["summary_caption"] == "Medical image with nodule and effusion."
+    assert boxes(rows["b.png"]) == [[10, 20, 30, 30]]  # declared 128x128, stored 64x64
+    assert rows["c.png"]["labels"] == ["No finding"] and rows["c.png"]["regions"] == []
+
+
+def test_coco_options(tmp_path, coco_images):
+    stats, rows = run("coco", FIXTURES / "coco/instances_val.json", coco_images, tmp_path / "out",
+                      split="test", modality="chest_xray")
+    assert stats.rows_written == {"test": 3}
+    assert rows["a.png"]["regions"][0]["caption"] == "nodule in the right upper zone"
+    assert rows["a.png"]["summary_caption"] == "Chest X-ray with nodule and effusion."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# API behaviour
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_registry_and_errors(tmp_path):
+    assert set(CONVERTERS) == {"ms-cxr", "vindr-cxr", "rsna-pneumonia", "chestxray14", "siim-acr", "slake", "roco",
+                               "coco"}
+    with pytest.raises(ValueError, match="unknown format"):
+        iter_rows("nope", FIXTURES, None, skipped=SkipCounter())
+    with pytest.raises(FileNotFoundError):
+        iter_rows("vindr-cxr", tmp_path / "absent.csv", None, skipped=SkipCounter())
+    with pytest.raises(ValueError, match="lacks the columns"):  # a file of another format
+        list(iter_rows("vindr-cxr", FIXTURES / "rsna_pneumonia/stage_2_train_labels.csv", None, skipped=SkipCounter()))
+
+
+def test_iter_rows_is_lazy_and_counts(tmp_path):
+    images = tmp_path / "images"
+    write_image(images / "img_a.png")
+    skipped = SkipCounter()
+    rows = iter_rows("vindr-cxr", FIXTURES / "vindr_cxr/train.csv", images, seed=3, skipped=skipped)
+    first = next(rows)
+    assert first["image_id"] == "img_a" and first["image"] == images / "img_a.png"  # file bytes embedded later
+    assert skipped.rows == 0
+    remaining = list(rows)
+    assert remaining == [] and skipped.rows == 5 and skipped.reasons["missing image"] == 5
+
+
+def test_grouping_spills_to_a_temporary_sqlite_file(tmp_path, monkeypatch):
+    spill_root = tmp_path / "tmp"
+    spill_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill_root))
+    images = tmp_path / "images"
+    write_image(images / "img_a.png")
+    rows = iter_rows("vindr-cxr", FIXTURES / "vindr_cxr/train.csv", images, skipped=SkipCounter())
+    assert not list(spill_root.iterdir())  # nothing is read before the first row is asked for
+    next(rows)
+    assert [path.name for path in spill_root.glob("regionmed-convert-*/*")] == ["spill.sqlite"]
+    rows.close()  # abandoning the iterator removes the spill
+    assert not list(spill_root.iterdir())
+
+
+def test_convert_logs_summary_and_stats(tmp_path, caplog, coco_images):
+    with caplog.at_level(logging.INFO, logger="training_scripts.converters"):
+        stats = convert("coco", FIXTURES / "coco/instances_val.json", coco_images, tmp_path / "out")
+    assert stats.seconds > 0 and stats.rows_per_second == pytest.approx(3 / stats.seconds)
+    messages = " | ".join(record.getMessage() for record in caplog.records)
+    assert "skipped 2 rows, dropped 1 regions" in messages and "missing image: 1" in messages
+    # negatives depend on the seed only through make_hard_negatives: same seed -> same rows
+    again = convert("coco", FIXTURES / "coco/instances_val.json", coco_images, tmp_path / "again")
+    assert again.rows_written == stats.rows_written
