@@ -225,6 +225,11 @@ class RegionMedCLIPConfig(PreTrainedConfig):
             `tanh(gate)` scales it, so 0 starts the ROI processor as the identity.
         region_pool_gate_init: initial value of the gate on the attention-pooled regions that
             are added to the global image embedding (0 => image embedding = global embedding).
+
+    Loss settings (see `loss_regionmed_clip.py`):
+        local_loss: anchors are this rank's rows only, against every rank's candidates.
+        hard_negative_k / hard_negative_weight: in-batch mining of the hard-negative term: the
+            k hardest non-matching captions of each image have their exp(logit) multiplied by the weight.
     """
 
     model_type = "regionmed_clip"
@@ -243,6 +248,9 @@ class RegionMedCLIPConfig(PreTrainedConfig):
         roi_fusion_heads: int = 12,
         roi_gate_init: float = 0.0,
         region_pool_gate_init: float = 0.0,
+        local_loss: bool = False,
+        hard_negative_k: int = 3,
+        hard_negative_weight: float = 2.0,
         initializer_range: float = 0.02,
         **kwargs: Any,
     ):
@@ -265,6 +273,9 @@ class RegionMedCLIPConfig(PreTrainedConfig):
         self.roi_fusion_heads = roi_fusion_heads
         self.roi_gate_init = roi_gate_init
         self.region_pool_gate_init = region_pool_gate_init
+        self.local_loss = local_loss
+        self.hard_negative_k = hard_negative_k
+        self.hard_negative_weight = hard_negative_weight
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         self.validate()
@@ -280,6 +291,10 @@ class RegionMedCLIPConfig(PreTrainedConfig):
             roi_fusion_layers=self.roi_fusion_layers,
             roi_fusion_heads=self.roi_fusion_heads,
         )
+        if not isinstance(self.hard_negative_k, int) or self.hard_negative_k < 0:
+            raise ValueError(f"{name}.hard_negative_k must be a non-negative integer, got {self.hard_negative_k!r}")
+        if not isinstance(self.hard_negative_weight, (int, float)) or not self.hard_negative_weight >= 1.0:
+            raise ValueError(f"{name}.hard_negative_weight must be >= 1 (an up-weighting), got {self.hard_negative_weight!r}")
         patch = self.vision_config.patch_size
         if self.roi_image_size % patch != 0:
             raise ValueError(

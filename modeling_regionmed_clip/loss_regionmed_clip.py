@@ -1,17 +1,143 @@
-"""Contrastive losses of RegionMed-CLIP, as pure functions of embeddings (open_clip's `loss.py` style)."""
+"""Contrastive losses of RegionMed-CLIP, as pure functions of embeddings (open_clip's `loss.py` style).
+
+Every function takes L2-normalised embeddings and the (already clamped) logit scale. Across
+processes, features are gathered WITH gradients (`torch.distributed.nn.functional.all_gather`),
+as open_clip's `gather_with_grad=True` does; `local_loss=True` keeps only this rank's rows as
+anchors (against every rank's candidates), which saves the `(N_all x N_all)` logits.
+
+Gradients under gathering: each rank's features receive the SUM over ranks of the gradient of
+that rank's loss, i.e. `world_size x` the single-process gradient of the mean loss; DDP then
+averages parameter gradients over ranks, which cancels the factor, exactly as in open_clip.
+
+Captions repeat (many films share "Normal chest X-ray."): `text_groups` marks identical
+captions, and every caption of the anchor's group counts as a positive (multi-positive
+InfoNCE) instead of being pushed away as a false negative.
+"""
+
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-__all__ = ["LOGIT_SCALE_MAX", "clamped_logit_scale", "clip_contrastive_loss"]
+__all__ = [
+    "LOGIT_SCALE_MAX",
+    "ContrastiveLossConfig",
+    "DEFAULT_LOSS_WEIGHTS",
+    "LOSS_TERMS",
+    "caption_groups",
+    "clamped_logit_scale",
+    "clip_contrastive_loss",
+    "gather_features",
+    "global_contrastive_loss",
+    "hard_negative_loss",
+    "multi_positive_info_nce",
+    "region_contrastive_loss",
+    "regionmed_clip_loss",
+]
 
 # CLIP clamps the learnable temperature so logits never exceed 100 x cosine similarity.
 LOGIT_SCALE_MAX = 100.0
 
 
+@dataclass(frozen=True)
+class ContrastiveLossConfig:
+    """How losses see other ranks, and the in-batch hard-negative mining of `hard_negative_loss`."""
+
+    local_loss: bool = False
+    gather_with_grad: bool = True
+    hardest_k: int = 3
+    hard_negative_weight: float = 2.0
+
+
 def clamped_logit_scale(log_logit_scale: torch.Tensor) -> torch.Tensor:
     """`exp(log_logit_scale)` clamped to `LOGIT_SCALE_MAX` (scalar)."""
     return log_logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_features(features: torch.Tensor, gather_with_grad: bool = True) -> tuple[torch.Tensor, int]:
+    """Concatenate `(N_r, ...)` features of every rank (ragged N_r allowed) -> `(sum N_r, ...)`, and
+    the offset of this rank's rows in it. Without a process group it returns the input and 0."""
+    rank, world = _distributed()
+    if world == 1:
+        return features, 0
+    if features.dtype == torch.bool:  # not every backend gathers bools
+        gathered, offset = gather_features(features.to(torch.uint8), gather_with_grad=False)
+        return gathered.bool(), offset
+    count = torch.tensor([features.shape[0]], device=features.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c.item()) for c in counts]
+    # all_gather needs equal shapes: pad to the largest rank, then cut the padding off again.
+    padded = features.new_zeros((max(counts), *features.shape[1:]))
+    padded[: features.shape[0]] = features
+    if gather_with_grad:
+        pieces = torch.distributed.nn.functional.all_gather(padded)
+    else:
+        pieces = [torch.zeros_like(padded) for _ in range(world)]
+        dist.all_gather(pieces, padded)
+        pieces[rank] = padded  # keep the local rows differentiable
+    gathered = torch.cat([piece[:n] for piece, n in zip(pieces, counts, strict=True)])
+    return gathered, sum(counts[:rank])
+
+
+def caption_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`(..., L)` token ids -> `(...)` int64 ids, equal for identical captions (padding ignored).
+
+    A polynomial hash rather than `torch.unique`, so ids agree across ranks without communication.
+    Coefficients stay below 2^31 and ids below 2^17, so the sum cannot overflow int64 for L <= 2^15.
+    """
+    length = input_ids.shape[-1]
+    coefficients = torch.tensor([pow(1_000_003, t, 2**31 - 1) for t in range(length)], device=input_ids.device)
+    tokens = input_ids.long() + 1
+    if attention_mask is not None:
+        tokens = tokens * (attention_mask != 0)
+    return (tokens * coefficients).sum(-1)
+
+
+def multi_positive_info_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of `-log(sum_pos softmax(logits))`; logits `(N, M)`, positives `(N, M)` bool.
+
+    With one positive per row this is cross-entropy. Rows without a positive are ignored.
+    """
+    has_positive = positives.any(dim=1)
+    if not has_positive.any():
+        return logits.sum() * 0.0
+    logits, positives = logits[has_positive], positives[has_positive]
+    positive_logits = logits.masked_fill(~positives, torch.finfo(logits.dtype).min)
+    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(positive_logits, dim=1)).mean()
+
+
+def _symmetric_loss(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    logit_scale: torch.Tensor,
+    groups: torch.Tensor | None,
+    config: ContrastiveLossConfig,
+) -> torch.Tensor:
+    """Symmetric InfoNCE between matched rows of `anchors (N, D)` and `candidates (N, D)`, over all ranks."""
+    all_anchors, offset = gather_features(anchors, config.gather_with_grad)
+    all_candidates, _ = gather_features(candidates, config.gather_with_grad)
+    count = anchors.shape[0]
+    if groups is None:
+        all_groups = torch.arange(all_anchors.shape[0], device=anchors.device)
+    else:
+        all_groups, _ = gather_features(groups, gather_with_grad=False)
+    if config.local_loss:
+        rows = slice(offset, offset + count)
+        positives = all_groups[rows, None] == all_groups[None, :]
+        forward = logit_scale * all_anchors[rows] @ all_candidates.t()
+        backward = logit_scale * all_candidates[rows] @ all_anchors.t()
+        return (multi_positive_info_nce(forward, positives) + multi_positive_info_nce(backward, positives)) / 2
+    positives = all_groups[:, None] == all_groups[None, :]
+    logits = logit_scale * all_anchors @ all_candidates.t()
+    return (multi_positive_info_nce(logits, positives) + multi_positive_info_nce(logits.t(), positives)) / 2
 
 
 def clip_contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
@@ -24,3 +150,145 @@ def clip_contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
     image_to_text = nn.functional.cross_entropy(logits_per_image, targets)
     text_to_image = nn.functional.cross_entropy(logits_per_image.t(), targets)
     return (image_to_text + text_to_image) / 2
+
+
+def global_contrastive_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    text_groups: torch.Tensor | None = None,
+    config: ContrastiveLossConfig = ContrastiveLossConfig(),
+) -> torch.Tensor:
+    """Image `(B, D)` <-> its caption `(B, D)` (report or summary), symmetric, over the gathered batch."""
+    if image_embeds.shape != text_embeds.shape:
+        raise ValueError(f"image_embeds {tuple(image_embeds.shape)} and text_embeds {tuple(text_embeds.shape)} must match")
+    return _symmetric_loss(image_embeds, text_embeds, logit_scale, text_groups, config)
+
+
+def region_contrastive_loss(
+    region_embeds: torch.Tensor,
+    region_text_embeds: torch.Tensor,
+    roi_mask: torch.Tensor,
+    logit_scale: torch.Tensor,
+    text_groups: torch.Tensor | None = None,
+    config: ContrastiveLossConfig = ContrastiveLossConfig(),
+) -> torch.Tensor:
+    """Each valid ROI `(B, K, D)` against the region captions `(B, K, D)` of ALL valid ROIs of the
+    gathered batch. `text_groups (B, K)` marks identical region captions. Zero when no ROI is valid."""
+    if region_embeds.shape != region_text_embeds.shape or region_embeds.shape[:2] != roi_mask.shape:
+        raise ValueError(
+            f"region_embeds {tuple(region_embeds.shape)}, region_text_embeds {tuple(region_text_embeds.shape)} "
+            f"and roi_mask {tuple(roi_mask.shape)} must agree on (B, K)"
+        )
+    groups = text_groups[roi_mask] if text_groups is not None else None
+    return _symmetric_loss(region_embeds[roi_mask], region_text_embeds[roi_mask], logit_scale, groups, config)
+
+
+def hard_negative_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    negative_mask: torch.Tensor,
+    logit_scale: torch.Tensor,
+    text_groups: torch.Tensor | None = None,
+    config: ContrastiveLossConfig = ContrastiveLossConfig(),
+) -> torch.Tensor:
+    """Image -> text InfoNCE where each image's own negative captions join the candidates
+    (NegCLIP), and the `hardest_k` non-matching candidates of each row are up-weighted by
+    `hard_negative_weight` (their `exp(logit)` multiplied by it; the choice is not differentiated).
+
+    image_embeds, text_embeds `(B, D)`; negative_embeds `(B, M, D)`; negative_mask `(B, M)` bool.
+    """
+    if negative_embeds.shape[:2] != negative_mask.shape or negative_embeds.shape[0] != image_embeds.shape[0]:
+        raise ValueError(
+            f"negative_embeds {tuple(negative_embeds.shape)} and negative_mask {tuple(negative_mask.shape)} "
+            f"must be (B={image_embeds.shape[0]}, M, D) and (B, M)"
+        )
+    all_texts, offset = gather_features(text_embeds, config.gather_with_grad)
+    count = image_embeds.shape[0]
+    if text_groups is None:
+        groups = torch.arange(all_texts.shape[0], device=text_embeds.device)
+    else:
+        groups, _ = gather_features(text_groups, gather_with_grad=False)
+    if config.local_loss:
+        anchors = image_embeds
+        row_groups = groups[offset : offset + count]
+        own_negatives, own_negative_mask = negative_embeds, negative_mask
+    else:
+        anchors, _ = gather_features(image_embeds, config.gather_with_grad)
+        row_groups = groups
+        own_negatives, _ = gather_features(negative_embeds, config.gather_with_grad)
+        own_negative_mask, _ = gather_features(negative_mask, gather_with_grad=False)
+    in_batch = logit_scale * anchors @ all_texts.t()  # (R, T)
+    negatives = logit_scale * torch.einsum("rd,rmd->rm", anchors, own_negatives)  # (R, M)
+    negatives = negatives.masked_fill(~own_negative_mask, torch.finfo(negatives.dtype).min)
+    logits = torch.cat([in_batch, negatives], dim=1)
+    positives = torch.zeros_like(logits, dtype=torch.bool)
+    positives[:, : all_texts.shape[0]] = row_groups[:, None] == groups[None, :]
+    if config.hardest_k > 0 and config.hard_negative_weight != 1.0:
+        candidates = logits.detach().masked_fill(positives, torch.finfo(logits.dtype).min)
+        k = min(config.hardest_k, candidates.shape[1])
+        hardest = torch.zeros_like(positives)
+        hardest.scatter_(1, candidates.topk(k, dim=1).indices, True)
+        # never up-weight a padding slot or a positive that topk had to pick for lack of candidates
+        hardest &= candidates > torch.finfo(logits.dtype).min
+        logits = logits + hardest * torch.log(torch.tensor(config.hard_negative_weight, dtype=logits.dtype))
+    return multi_positive_info_nce(logits, positives)
+
+
+LOSS_TERMS = ("global_report", "global_summary", "region", "hard_negative")
+# FG-CLIP-like defaults: the global loss leads, region and hard-negative terms refine it.
+DEFAULT_LOSS_WEIGHTS = {"global_report": 1.0, "global_summary": 0.5, "region": 0.5, "hard_negative": 0.5}
+
+
+def regionmed_clip_loss(
+    weights: dict[str, float],
+    logit_scale: torch.Tensor,
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    text_groups: torch.Tensor | None = None,
+    summary_text_embeds: torch.Tensor | None = None,
+    summary_groups: torch.Tensor | None = None,
+    region_embeds: torch.Tensor | None = None,
+    region_text_embeds: torch.Tensor | None = None,
+    roi_mask: torch.Tensor | None = None,
+    region_groups: torch.Tensor | None = None,
+    negative_text_embeds: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
+    config: ContrastiveLossConfig = ContrastiveLossConfig(),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the loss terms in `LOSS_TERMS`; terms with weight 0 are not computed.
+
+    Returns the total and each computed term (unweighted, detached) for logging. A term with a
+    positive weight whose inputs are missing is an error naming the term and the inputs.
+    """
+    unknown = sorted(set(weights) - set(LOSS_TERMS))
+    if unknown:
+        raise ValueError(f"unknown loss terms {unknown}; known: {list(LOSS_TERMS)}")
+    needs = {
+        "global_report": (),
+        "global_summary": (("summary_text_embeds", summary_text_embeds),),
+        "region": (("region_embeds", region_embeds), ("region_text_embeds", region_text_embeds), ("roi_mask", roi_mask)),
+        "hard_negative": (("negative_text_embeds", negative_text_embeds), ("negative_mask", negative_mask)),
+    }
+    total = image_embeds.new_zeros(())
+    terms: dict[str, torch.Tensor] = {}
+    for term, weight in weights.items():
+        if weight == 0:
+            continue
+        missing = [name for name, value in needs[term] if value is None]
+        if missing:
+            raise ValueError(f"loss term {term!r} has weight {weight} but its inputs {missing} were not given")
+        if term == "global_report":
+            value = global_contrastive_loss(image_embeds, text_embeds, logit_scale, text_groups, config)
+        elif term == "global_summary":
+            value = global_contrastive_loss(image_embeds, summary_text_embeds, logit_scale, summary_groups, config)
+        elif term == "region":
+            value = region_contrastive_loss(region_embeds, region_text_embeds, roi_mask, logit_scale, region_groups, config)
+        else:
+            value = hard_negative_loss(
+                image_embeds, text_embeds, negative_text_embeds, negative_mask, logit_scale, text_groups, config
+            )
+        terms[term] = value.detach()
+        total = total + weight * value
+    return total, terms

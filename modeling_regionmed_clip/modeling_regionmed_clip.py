@@ -28,7 +28,13 @@ from .configuration_regionmed_clip import (
     RegionMedCLIPTextConfig,
     RegionMedCLIPVisionConfig,
 )
-from .loss_regionmed_clip import clamped_logit_scale, clip_contrastive_loss
+from .loss_regionmed_clip import (
+    DEFAULT_LOSS_WEIGHTS,
+    ContrastiveLossConfig,
+    caption_groups,
+    clamped_logit_scale,
+    regionmed_clip_loss,
+)
 
 __all__ = [
     "RegionMedCLIPModel",
@@ -45,16 +51,19 @@ __all__ = [
 class RegionMedCLIPOutput(ModelOutput):
     """Output of `RegionMedCLIPModel.forward`. Embeddings are L2-normalised.
 
-    loss: symmetric InfoNCE of `logits_per_image` (when `return_loss`).
+    loss: weighted sum of the loss terms (when `return_loss`); `loss_terms` holds each term.
     logits_per_image: `(B, T)` scaled cosine similarities; `logits_per_text` is its transpose.
     image_embeds: `(B, D)` global embedding plus the gated pool of the regions.
-    text_embeds: `(T, D)`.
+    text_embeds: `(T, D)` report captions.
     region_embeds: `(B, K, D)`, zeros where `roi_mask` is False; None without ROI inputs.
     roi_mask: `(B, K)` bool, which ROIs are real.
     global_image_embeds: `(B, D)` the global view alone (before region pooling).
+    summary_text_embeds: `(B, D)`; region_text_embeds: `(B, K, D)` (zeros at padding slots);
+    negative_text_embeds: `(B, M, D)` with `negative_mask (B, M)`.
     """
 
     loss: torch.Tensor | None = None
+    loss_terms: dict[str, torch.Tensor] | None = None
     logits_per_image: torch.Tensor | None = None
     logits_per_text: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
@@ -62,6 +71,10 @@ class RegionMedCLIPOutput(ModelOutput):
     region_embeds: torch.Tensor | None = None
     roi_mask: torch.Tensor | None = None
     global_image_embeds: torch.Tensor | None = None
+    summary_text_embeds: torch.Tensor | None = None
+    region_text_embeds: torch.Tensor | None = None
+    negative_text_embeds: torch.Tensor | None = None
+    negative_mask: torch.Tensor | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
 
@@ -429,6 +442,16 @@ class RegionMedCLIPPreTrainedModel(PreTrainedModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
 
 
+def _optional_index(tensor: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
+    return None if tensor is None else tensor[mask]
+
+
+def _scatter_rows(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Packed `(N, D)` rows back into a zero `(*mask.shape, D)` grid at the True places of `mask`."""
+    grid = rows.new_zeros((*mask.shape, rows.shape[-1]))
+    return grid.masked_scatter(mask[..., None], rows)
+
+
 def _check_roi_inputs(
     pixel_values: torch.Tensor,
     roi_pixel_values: torch.Tensor | None,
@@ -557,6 +580,20 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
 
     # -- forward --------------------------------------------------------------------------
 
+    def _encode_captions(self, caption_sets: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
+        """Several `(N_i, L_i)` caption batches through the text tower in ONE pass (padded to the
+        longest); returns their normalised embeddings `(N_i, D)`."""
+        pad_id = self.config.text_config.pad_token_id
+        length = max(ids.shape[1] for ids, _ in caption_sets)
+        ids_list, mask_list = [], []
+        for ids, mask in caption_sets:
+            mask = torch.ones_like(ids) if mask is None else mask
+            extra = length - ids.shape[1]
+            ids_list.append(nn.functional.pad(ids, (0, extra), value=pad_id))
+            mask_list.append(nn.functional.pad(mask, (0, extra), value=0))
+        embeds = self.get_text_features(torch.cat(ids_list), torch.cat(mask_list))
+        return list(nn.functional.normalize(embeds, dim=-1).split([ids.shape[0] for ids, _ in caption_sets]))
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -565,12 +602,25 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         roi_pixel_values: torch.Tensor | None = None,
         roi_boxes: torch.Tensor | None = None,
         roi_mask: torch.Tensor | None = None,
+        summary_input_ids: torch.Tensor | None = None,
+        summary_attention_mask: torch.Tensor | None = None,
+        region_input_ids: torch.Tensor | None = None,
+        region_attention_mask: torch.Tensor | None = None,
+        negative_input_ids: torch.Tensor | None = None,
+        negative_attention_mask: torch.Tensor | None = None,
+        negative_mask: torch.Tensor | None = None,
         return_loss: bool | None = None,
+        loss_weights: dict[str, float] | None = None,
         return_dict: bool | None = None,
     ) -> RegionMedCLIPOutput | tuple:
-        """pixel_values `(B, 3, H, W)`; input_ids / attention_mask `(T, L)`;
+        """pixel_values `(B, 3, H, W)`; input_ids / attention_mask `(T, L)` report captions;
         roi_pixel_values `(B, K, 3, h, w)`; roi_boxes `(B, K, 4)` normalised xyxy on the global
-        view; roi_mask `(B, K)` (default: all valid). `return_loss` needs `T == B` matched pairs.
+        view; roi_mask `(B, K)` (default: all valid); summary_* `(B, L)`; region_* `(B, K, L)`
+        aligned with the ROI slots; negative_* `(B, M, L)` with negative_mask `(B, M)`.
+
+        `return_loss` needs `T == B` matched pairs. `loss_weights` (term -> weight, see
+        `LOSS_TERMS`) picks the terms; by default every term whose inputs are given, with
+        `DEFAULT_LOSS_WEIGHTS`.
         """
         if pixel_values is None and input_ids is None:
             raise ValueError("forward needs pixel_values, input_ids, or both")
@@ -586,21 +636,93 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                 fields["region_embeds"] = nn.functional.normalize(vision["region_embeds"], dim=-1) * valid
         elif roi_pixel_values is not None or roi_boxes is not None:
             raise ValueError("ROI inputs need pixel_values: regions are fused with the global view")
+
+        caption_sets: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if input_ids is not None:
-            text_output = self.text_model(input_ids, attention_mask)
-            fields["text_model_output"] = text_output
-            fields["text_embeds"] = nn.functional.normalize(self.text_projection(text_output.pooler_output), dim=-1)
+            caption_sets["text"] = (input_ids, attention_mask)
+        if summary_input_ids is not None:
+            caption_sets["summary"] = (summary_input_ids, summary_attention_mask)
+        if region_input_ids is not None:
+            if fields.get("roi_mask") is None or fields["roi_mask"].shape != region_input_ids.shape[:2]:
+                raise ValueError(
+                    f"region_input_ids {tuple(region_input_ids.shape)} must be (B, K, L) aligned with the ROI inputs"
+                )
+            region_valid = fields["roi_mask"]
+            caption_sets["region"] = (region_input_ids[region_valid], _optional_index(region_attention_mask, region_valid))
+        if negative_input_ids is not None:
+            if negative_mask is None:
+                negative_mask = torch.ones(negative_input_ids.shape[:2], dtype=torch.bool, device=negative_input_ids.device)
+            negative_mask = negative_mask.to(torch.bool)
+            if negative_mask.shape != negative_input_ids.shape[:2]:
+                raise ValueError(f"negative_mask {tuple(negative_mask.shape)} must be (B, M) of negative_input_ids")
+            caption_sets["negative"] = (negative_input_ids[negative_mask], _optional_index(negative_attention_mask, negative_mask))
+        if caption_sets:
+            encoded = dict(zip(caption_sets, self._encode_captions(list(caption_sets.values())), strict=True))
+            fields["text_embeds"] = encoded.get("text")
+            fields["summary_text_embeds"] = encoded.get("summary")
+            if "region" in encoded:
+                fields["region_text_embeds"] = _scatter_rows(encoded["region"], fields["roi_mask"])
+            if "negative" in encoded:
+                fields["negative_text_embeds"] = _scatter_rows(encoded["negative"], negative_mask)
+                fields["negative_mask"] = negative_mask
+
         if pixel_values is not None and input_ids is not None:
-            logits_per_text = clamped_logit_scale(self.logit_scale) * fields["text_embeds"] @ fields["image_embeds"].t()
+            logit_scale = clamped_logit_scale(self.logit_scale)
+            logits_per_text = logit_scale * fields["text_embeds"] @ fields["image_embeds"].t()
             fields["logits_per_text"] = logits_per_text
             fields["logits_per_image"] = logits_per_text.t()
             if return_loss:
-                fields["loss"] = clip_contrastive_loss(fields["logits_per_image"])
+                fields["loss"], fields["loss_terms"] = self._loss(fields, logit_scale, loss_weights, input_ids,
+                                                                  attention_mask, summary_input_ids,
+                                                                  summary_attention_mask, region_input_ids,
+                                                                  region_attention_mask)
         elif return_loss:
             raise ValueError("return_loss needs both pixel_values and input_ids")
         output = RegionMedCLIPOutput(**fields)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
+
+    def _loss(
+        self,
+        fields: dict[str, Any],
+        logit_scale: torch.Tensor,
+        loss_weights: dict[str, float] | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        summary_input_ids: torch.Tensor | None,
+        summary_attention_mask: torch.Tensor | None,
+        region_input_ids: torch.Tensor | None,
+        region_attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if loss_weights is None:
+            available = {
+                "global_report": True,
+                "global_summary": "summary_text_embeds" in fields and fields["summary_text_embeds"] is not None,
+                "region": fields.get("region_text_embeds") is not None,
+                "hard_negative": fields.get("negative_text_embeds") is not None,
+            }
+            loss_weights = {term: weight for term, weight in DEFAULT_LOSS_WEIGHTS.items() if available[term]}
+        config = ContrastiveLossConfig(
+            local_loss=self.config.local_loss,
+            hardest_k=self.config.hard_negative_k,
+            hard_negative_weight=self.config.hard_negative_weight,
+        )
+        return regionmed_clip_loss(
+            loss_weights,
+            logit_scale,
+            fields["image_embeds"],
+            fields["text_embeds"],
+            text_groups=caption_groups(input_ids, attention_mask),
+            summary_text_embeds=fields.get("summary_text_embeds"),
+            summary_groups=None if summary_input_ids is None else caption_groups(summary_input_ids, summary_attention_mask),
+            region_embeds=fields.get("region_embeds"),
+            region_text_embeds=fields.get("region_text_embeds"),
+            roi_mask=fields.get("roi_mask"),
+            region_groups=None if region_input_ids is None else caption_groups(region_input_ids, region_attention_mask),
+            negative_text_embeds=fields.get("negative_text_embeds"),
+            negative_mask=fields.get("negative_mask"),
+            config=config,
+        )
 
     # -- starting from pretrained towers ---------------------------------------------------
 

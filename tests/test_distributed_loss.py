@@ -1,0 +1,104 @@
+"""Two gloo processes on CPU: gathered losses and gradients equal one process on the union batch."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from modeling_regionmed_clip.loss_regionmed_clip import (
+    ContrastiveLossConfig,
+    global_contrastive_loss,
+    hard_negative_loss,
+    region_contrastive_loss,
+)
+
+WORLD = 2
+ROWS_PER_RANK = 3
+
+
+def union_batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    batch = WORLD * ROWS_PER_RANK
+
+    def unit(*shape):
+        return torch.nn.functional.normalize(torch.randn(*shape, generator=generator, dtype=torch.float64), dim=-1)
+
+    return {
+        "image": unit(batch, 8),
+        "text": unit(batch, 8),
+        "regions": unit(batch, 4, 8),
+        "region_text": unit(batch, 4, 8),
+        # ragged: rank 0 holds 5 valid ROIs, rank 1 holds 2
+        "roi_mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]]).bool(),
+        "negatives": unit(batch, 2, 8),
+        "negative_mask": torch.tensor([[1, 1], [1, 0], [0, 0], [1, 1], [1, 0], [1, 1]]).bool(),
+        "groups": torch.tensor([5, 6, 9, 7, 8, 9]),  # rows 2 and 5 share a caption, on different ranks
+    }
+
+
+def losses(batch: dict[str, torch.Tensor], config: ContrastiveLossConfig, with_region: bool) -> torch.Tensor:
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    total = global_contrastive_loss(batch["image"], batch["text"], scale, batch["groups"], config)
+    total = total + hard_negative_loss(batch["image"], batch["text"], batch["negatives"], batch["negative_mask"], scale,
+                                       batch["groups"], config)
+    if with_region:
+        total = total + region_contrastive_loss(batch["regions"], batch["region_text"], batch["roi_mask"], scale,
+                                                config=config)
+    return total
+
+
+def _worker(rank: int, port: int, local_loss: bool, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        rows = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
+        batch = {key: value[rows].clone() for key, value in union_batch().items()}
+        for key in ("image", "text", "regions", "region_text", "negatives"):
+            batch[key].requires_grad_(True)
+        # With local_loss each rank averages over its own anchors: the ragged ROI counts would
+        # weight them differently from the union, so the region term is checked without it.
+        loss = losses(batch, ContrastiveLossConfig(local_loss=local_loss), with_region=not local_loss)
+        loss.backward()
+        grads = {key: batch[key].grad.clone() for key in ("image", "text", "regions", "region_text", "negatives")
+                 if batch[key].grad is not None}
+        queue.put((rank, loss.detach().clone(), grads))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("local_loss", [False, True])
+def test_two_processes_match_one_process_on_the_union_batch(local_loss):
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = _free_port()
+    processes = [context.Process(target=_worker, args=(rank, port, local_loss, queue)) for rank in range(WORLD)]
+    for process in processes:
+        process.start()
+    results = dict((rank, (loss, grads)) for rank, loss, grads in (queue.get(timeout=120) for _ in range(WORLD)))
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+
+    union = union_batch()
+    for key in ("image", "text", "regions", "region_text", "negatives"):
+        union[key].requires_grad_(True)
+    expected = losses(union, ContrastiveLossConfig(), with_region=not local_loss)
+    expected.backward()
+    ranks_mean = sum(loss for loss, _ in results.values()) / WORLD
+    torch.testing.assert_close(ranks_mean, expected.detach(), rtol=0, atol=1e-6)
+    for rank, (_, grads) in results.items():
+        rows = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
+        for key, grad in grads.items():
+            # each rank's features get the sum over ranks: WORLD x the gradient of the mean loss
+            torch.testing.assert_close(grad / WORLD, union[key].grad[rows], rtol=0, atol=1e-6, msg=f"{key} rank {rank}")

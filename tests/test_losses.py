@@ -1,0 +1,124 @@
+"""Losses against hand-computed values (pure functions, no model)."""
+
+import math
+
+import pytest
+import torch
+
+from modeling_regionmed_clip.loss_regionmed_clip import (
+    ContrastiveLossConfig,
+    caption_groups,
+    clamped_logit_scale,
+    clip_contrastive_loss,
+    global_contrastive_loss,
+    hard_negative_loss,
+    multi_positive_info_nce,
+    region_contrastive_loss,
+    regionmed_clip_loss,
+)
+
+
+def nll(logits: list[float], target: int) -> float:
+    return -logits[target] + math.log(sum(math.exp(v) for v in logits))
+
+
+def test_clip_loss_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [1.0, 3.0]])
+    rows = nll([2, 0], 0) + nll([1, 3], 1)
+    cols = nll([2, 1], 0) + nll([0, 3], 1)
+    assert clip_contrastive_loss(logits).item() == pytest.approx((rows / 2 + cols / 2) / 2, abs=1e-6)
+
+
+def test_global_loss_by_hand():
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    scale = torch.tensor(10.0)
+    # logits_per_image = 10 * image @ text.T = [[10, 6], [0, 8]]
+    image_to_text = (nll([10, 6], 0) + nll([0, 8], 1)) / 2
+    text_to_image = (nll([10, 0], 0) + nll([6, 8], 1)) / 2
+    expected = (image_to_text + text_to_image) / 2
+    assert global_contrastive_loss(image, text, scale).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_identical_captions_are_both_positives():
+    logits = torch.tensor([[3.0, 1.0, 0.0]])
+    positives = torch.tensor([[True, True, False]])
+    expected = -math.log((math.exp(3) + math.exp(1)) / (math.exp(3) + math.exp(1) + 1))
+    assert multi_positive_info_nce(logits, positives).item() == pytest.approx(expected, abs=1e-6)
+    image = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    grouped = global_contrastive_loss(image, text, torch.tensor(5.0), text_groups=torch.tensor([7, 7, 9]))
+    plain = global_contrastive_loss(image, text, torch.tensor(5.0))
+    assert grouped.item() < plain.item()  # the duplicate is no longer pushed away
+
+
+def test_single_positive_is_cross_entropy():
+    logits = torch.randn(4, 6)
+    targets = torch.tensor([0, 3, 5, 1])
+    positives = torch.nn.functional.one_hot(targets, 6).bool()
+    torch.testing.assert_close(multi_positive_info_nce(logits, positives),
+                               torch.nn.functional.cross_entropy(logits, targets))
+
+
+def test_region_loss_uses_only_valid_rois():
+    torch.manual_seed(0)
+    regions = torch.nn.functional.normalize(torch.randn(2, 3, 8), dim=-1)
+    captions = torch.nn.functional.normalize(torch.randn(2, 3, 8), dim=-1)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    scale = torch.tensor(20.0)
+    expected = global_contrastive_loss(regions[mask], captions[mask], scale)
+    torch.testing.assert_close(region_contrastive_loss(regions, captions, mask, scale), expected)
+    empty = region_contrastive_loss(regions, captions, torch.zeros(2, 3, dtype=torch.bool), scale)
+    assert empty.item() == 0.0
+
+
+def test_hard_negative_loss_by_hand():
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    negatives = torch.tensor([[[0.8, 0.6], [0.0, 0.0]], [[0.6, 0.8], [1.0, 0.0]]])
+    mask = torch.tensor([[True, False], [True, True]])
+    scale = torch.tensor(10.0)
+    plain = ContrastiveLossConfig(hardest_k=0)
+    # row 0 candidates: texts [10, 0] + own negatives [8]; row 1: texts [0, 10] + negatives [8, 0]
+    expected = (nll([10, 0, 8], 0) + nll([0, 10, 8, 0], 1)) / 2
+    value = hard_negative_loss(image, text, negatives, mask, scale, config=plain)
+    assert value.item() == pytest.approx(expected, abs=1e-5)
+    # hardest k=1 up-weighted by w: that logit gains log(w); row 0's hardest is its negative (8),
+    # row 1's is its first negative (8)
+    weighted = ContrastiveLossConfig(hardest_k=1, hard_negative_weight=3.0)
+    boost = math.log(3.0)
+    expected = (nll([10, 0, 8 + boost], 0) + nll([0, 10, 8 + boost, 0], 1)) / 2
+    value = hard_negative_loss(image, text, negatives, mask, scale, config=weighted)
+    assert value.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_caption_groups_ignore_padding():
+    ids = torch.tensor([[2, 7, 9, 3, 0, 0], [2, 7, 9, 3, 0, 0], [2, 7, 8, 3, 0, 0]])
+    mask = (ids != 0).long()
+    groups = caption_groups(ids, mask)
+    assert groups[0] == groups[1] != groups[2]
+    shorter = caption_groups(ids[:, :4], mask[:, :4])
+    assert torch.equal(groups, shorter)
+
+
+def test_logit_scale_clamp():
+    assert clamped_logit_scale(torch.tensor(math.log(1000.0))).item() == pytest.approx(100.0)
+    assert clamped_logit_scale(torch.tensor(math.log(20.0))).item() == pytest.approx(20.0)
+
+
+def test_weighted_sum_and_errors():
+    torch.manual_seed(1)
+    image = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    summary = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    scale = torch.tensor(10.0)
+    total, terms = regionmed_clip_loss({"global_report": 1.0, "global_summary": 0.5}, scale, image, text,
+                                       summary_text_embeds=summary)
+    assert set(terms) == {"global_report", "global_summary"}
+    torch.testing.assert_close(total, terms["global_report"] + 0.5 * terms["global_summary"])
+    _, terms = regionmed_clip_loss({"global_report": 1.0, "region": 0.0}, scale, image, text)
+    assert set(terms) == {"global_report"}
+    with pytest.raises(ValueError, match="'region' has weight 0.5 but its inputs"):
+        regionmed_clip_loss({"region": 0.5}, scale, image, text)
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        regionmed_clip_loss({"regoin": 1.0}, scale, image, text)

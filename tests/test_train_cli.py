@@ -1,0 +1,133 @@
+"""`regionmed-train` end to end: outputs, kill -9 and resume, two-process torchrun, learning."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from training_scripts.synthetic import write_synthetic_dataset
+from training_scripts.trainer import CHECKPOINT_COMPLETE
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT_SCHEDULE = [
+    {"name": "warmup", "steps": 2, "loss_weights": {"global_report": 1.0}, "lr_multipliers": {"roi": 0.0}},
+    {"name": "joint", "steps": 10, "loss_weights": {"global_report": 1.0, "global_summary": 0.5, "region": 0.5,
+                                                    "hard_negative": 0.5}, "use_rois": True},
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("synth")
+    write_synthetic_dataset(path, n=64, seed=0)
+    return path
+
+
+def run_config(tmp_path, schedule=SHORT_SCHEDULE, **training_args) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "schedule": schedule,
+        "training_args": {"per_device_train_batch_size": 8, "logging_steps": 1, "warmup_steps": 0,
+                          "disable_tqdm": True, **training_args},
+    }))
+    return path
+
+
+def command(data_dir, output_dir, config, max_steps=8, save_steps=2, extra=()):
+    return [sys.executable, "-m", "training_scripts.train", "--preset", "tiny", "--data", str(data_dir),
+            "--output-dir", str(output_dir), "--max-steps", str(max_steps), "--save-steps", str(save_steps),
+            "--seed", "0", "--config", str(config), *extra]
+
+
+def env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_outputs_of_a_run(data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(command(data_dir, out, run_config(tmp_path), max_steps=4), cwd=ROOT, env=env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "loss_curves.png").stat().st_size > 1000
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {entry["stage"] for entry in log if "stage" in entry} == {"warmup", "joint"}
+    assert any("loss_region" in entry for entry in log)
+    final = out / "final"
+    for name in ("model.safetensors", "modeling_regionmed_clip.py", "processor_config.json", "tokenizer.json"):
+        assert (final / name).exists(), name
+    assert "stage 'joint' from step 2" in result.stderr
+    assert str(final) in result.stdout
+
+
+def test_kill_then_resume_ends_with_the_same_weights(data_dir, tmp_path):
+    config = run_config(tmp_path)
+    straight = tmp_path / "straight"
+    subprocess.run(command(data_dir, straight, config), cwd=ROOT, env=env(), check=True, capture_output=True,
+                   timeout=600)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command(data_dir, killed, config), cwd=ROOT, env=env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-4" / CHECKPOINT_COMPLETE).exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "final").exists()
+
+    resumed = subprocess.run(command(data_dir, killed, config, extra=["--resume"]), cwd=ROOT, env=env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, actual = weights(straight / "final"), weights(killed / "final")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    steps = [json.loads(line)["step"] for line in (killed / "train_log.jsonl").read_text().splitlines()
+             if "\"loss\"" in line]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # the killed run's extra lines were dropped
+
+
+def test_two_process_torchrun_across_a_stage_boundary(data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
+    result = subprocess.run(torchrun + command(data_dir, out, run_config(tmp_path), max_steps=4)[1:], cwd=ROOT,
+                            env=env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["stage"] for entry in log if "stage" in entry] == ["warmup", "warmup", "joint", "joint"]
+    assert (out / "final" / "model.safetensors").exists()
+
+
+def test_losses_decrease_over_100_steps(data_dir, tmp_path):
+    schedule = [{"name": "joint", "steps": 100, "loss_weights": {"global_report": 1.0, "region": 0.5},
+                 "use_rois": True}]
+    out = tmp_path / "learn"
+    result = subprocess.run(
+        command(data_dir, out, run_config(tmp_path, schedule, learning_rate=1e-3), max_steps=100, save_steps=1000),
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
+    first, last = log[:10], log[-10:]
+
+    def mean(entries, term):
+        return sum(entry[term] for entry in entries) / len(entries)
+
+    assert mean(last, "loss") < 0.9 * mean(first, "loss")
+    for term in ("loss_region", "loss_global_report"):  # every term goes down, not only the sum
+        assert mean(last, term) < mean(first, term) - 0.05, (term, mean(first, term), mean(last, term))

@@ -1,0 +1,111 @@
+"""The staged Trainer in-process: freezing, learning-rate multipliers, non-finite steps, checkpoints."""
+
+import math
+
+import pytest
+import torch
+
+from training_scripts.synthetic import write_synthetic_dataset
+from training_scripts.train import DEFAULT_TRAINING_ARGS, build_trainer
+from training_scripts.trainer import CHECKPOINT_COMPLETE, NonFiniteLossError, latest_complete_checkpoint
+
+TWO_STAGES = [
+    {"name": "global", "steps": 3, "loss_weights": {"global_report": 1.0}, "lr_multipliers": {"roi": 0.0}},
+    {"name": "regions", "steps": 3, "loss_weights": {"global_report": 1.0, "region": 0.5, "hard_negative": 0.5,
+                                                     "global_summary": 0.5},
+     "lr_multipliers": {"vision": 0.1}, "use_rois": True},
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("synth")
+    write_synthetic_dataset(path, n=40, seed=0)
+    return path
+
+
+def make_trainer(data_dir, output_dir, max_steps=6, schedule=TWO_STAGES, **training_args):
+    run = {
+        "model": {"preset": "tiny", "overrides": {"roi_gate_init": 0.1, "region_pool_gate_init": 0.1}},
+        "data": {"path": str(data_dir), "split": "train"},
+        "schedule": schedule,
+        "training_args": {**DEFAULT_TRAINING_ARGS, "output_dir": str(output_dir), "max_steps": max_steps,
+                          "per_device_train_batch_size": 8, "logging_steps": 1, "save_steps": 100,
+                          "warmup_steps": 0, "lr_scheduler_type": "constant", "seed": 0, "disable_tqdm": True,
+                          **training_args},
+    }
+    trainer, _ = build_trainer(run)
+    return trainer
+
+
+def roi_state(trainer):
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters() if name.startswith("roi_processor.")}
+
+
+def test_frozen_groups_do_not_move_and_keep_no_adam_state(data_dir, tmp_path):
+    trainer = make_trainer(data_dir, tmp_path, max_steps=3)  # the whole run is the "global" stage
+    before = roi_state(trainer)
+    vision_before = trainer.model.vision_model.embeddings.class_embedding.detach().clone()
+    trainer.train()
+    for name, value in roi_state(trainer).items():
+        assert torch.equal(value, before[name]), name
+    roi_params = {id(p) for n, p in trainer.model.named_parameters() if n.startswith("roi_processor.")}
+    assert not any(id(p) in roi_params for p in trainer.optimizer.state)  # Adam never saw them
+    assert not torch.equal(trainer.model.vision_model.embeddings.class_embedding, vision_before)
+
+
+def test_stage_change_unfreezes_and_scales_learning_rates(data_dir, tmp_path):
+    trainer = make_trainer(data_dir, tmp_path, max_steps=6)
+    before = roi_state(trainer)
+    trainer.train()
+    moved = [name for name, value in roi_state(trainer).items() if not torch.equal(value, before[name])]
+    assert moved, "the ROI processor must train once its stage starts"
+    rates = {group["name"]: group["lr"] for group in trainer.optimizer.param_groups}
+    base = trainer.args.learning_rate
+    assert rates["vision"] == pytest.approx(0.1 * base) and rates["roi"] == pytest.approx(base)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["stage"] for entry in logged] == ["global"] * 3 + ["regions"] * 3
+    assert "loss_region" in logged[-1] and "loss_region" not in logged[0]
+    assert all(0 <= entry["image_embed_mean_cosine"] <= 1 for entry in logged)
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(data_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(data_dir, tmp_path, max_steps=6)
+    trainer.max_consecutive_nonfinite = 3
+    original = type(trainer).compute_loss
+    calls = {"count": 0}
+
+    def poisoned(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        calls["count"] += 1
+        loss = original(self, model, inputs, return_outputs, num_items_in_batch)
+        return loss * float("nan") if calls["count"] in (2, 4, 5, 6) else loss
+
+    monkeypatch.setattr(type(trainer), "compute_loss", poisoned)
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses"):
+        trainer.train()
+    assert trainer.nonfinite_steps == 4
+    checkpoint = latest_complete_checkpoint(tmp_path)
+    assert checkpoint is not None and (checkpoint / CHECKPOINT_COMPLETE).exists()
+    # steps 1 and 3 trained, the poisoned ones did not touch the weights
+    assert any(not torch.equal(p, weights[n]) for n, p in trainer.model.named_parameters())
+    assert all(math.isfinite(p.detach().abs().sum().item()) for p in trainer.model.parameters())
+
+
+def test_latest_complete_checkpoint_ignores_a_half_written_one(tmp_path):
+    for step, complete in ((2, True), (4, True), (6, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / CHECKPOINT_COMPLETE).write_text("{}")
+    (tmp_path / "checkpoint-4.tmp").mkdir()
+    assert latest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert latest_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_checkpoints_carry_the_marker_and_rotate_after_it(data_dir, tmp_path):
+    trainer = make_trainer(data_dir, tmp_path, max_steps=6, save_steps=2, save_total_limit=2)
+    trainer.train()
+    folders = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    assert folders == ["checkpoint-4", "checkpoint-6"]
+    assert all((tmp_path / name / CHECKPOINT_COMPLETE).exists() for name in folders)

@@ -1,0 +1,167 @@
+"""The progressive training schedule, as data.
+
+A schedule is a list of stages (plain dicts, e.g. from YAML):
+
+    {"name": "roi", "fraction": 0.4,                    # or "steps": 300
+     "loss_weights": {"global_report": 1.0, "region": 0.5},
+     "lr_multipliers": {"vision": 0.1, "text": 0.1},   # groups not named train at 1.0; 0.0 freezes
+     "use_rois": true}                                   # feed ROI crops (the ROI processor is on)
+
+Parameter groups: `vision` (vision tower), `text` (text tower), `roi` (ROI processor),
+`projections` (visual + text projections), `temperature` (logit scale).
+
+The stage is a pure function of the global step (`stage_at`), so a resumed run lands in the
+right stage by itself. Stage lengths resolve against `max_steps`: fractions are rounded to
+whole steps; if the stages cover fewer steps than `max_steps` the last stage runs to the end,
+and stages that start at or after `max_steps` never run (both are logged).
+"""
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from modeling_regionmed_clip.loss_regionmed_clip import LOSS_TERMS
+
+__all__ = ["DEFAULT_STAGES", "PARAMETER_GROUPS", "Stage", "StagedSchedule", "parameter_group_of"]
+
+logger = logging.getLogger(__name__)
+
+PARAMETER_GROUPS = ("vision", "text", "roi", "projections", "temperature")
+
+_ALL_LOSSES = {"global_report": 1.0, "global_summary": 0.5, "region": 0.5, "hard_negative": 0.5}
+
+# The paper's outline: global warm-up -> refinement -> ROI processor on with region and negative
+# captions -> joint. During warm-up and refinement the ROI processor is off (no ROI inputs, lr 0);
+# in the ROI stage the towers move slowly (lr x 0.1) while the ROI processor learns on top of them.
+# The global stages are short (10% each): on films whose findings are small, a global view alone
+# carries little of the report (on the synthetic set a global-only tiny model sits at the
+# duplicate-aware InfoNCE floor with collapsed image embeddings, while the ROI stage breaks out
+# of it), so most of the budget goes to the region-aware stages. See docs/TRAINING.md.
+DEFAULT_STAGES: list[dict[str, Any]] = [
+    {"name": "warmup", "fraction": 0.1, "loss_weights": {"global_report": 1.0},
+     "lr_multipliers": {"roi": 0.0}, "use_rois": False},
+    {"name": "refine", "fraction": 0.1, "loss_weights": {"global_report": 1.0, "global_summary": 0.5},
+     "lr_multipliers": {"roi": 0.0}, "use_rois": False},
+    {"name": "roi", "fraction": 0.4, "loss_weights": dict(_ALL_LOSSES),
+     "lr_multipliers": {"vision": 0.1, "text": 0.1}, "use_rois": True},
+    {"name": "joint", "fraction": 0.4, "loss_weights": dict(_ALL_LOSSES), "lr_multipliers": {}, "use_rois": True},
+]
+
+
+def parameter_group_of(parameter_name: str) -> str:
+    """Which schedule group a `RegionMedCLIPModel` parameter belongs to."""
+    for prefix, group in (
+        ("vision_model.", "vision"),
+        ("text_model.", "text"),
+        ("roi_processor.", "roi"),
+        ("visual_projection.", "projections"),
+        ("text_projection.", "projections"),
+        ("logit_scale", "temperature"),
+    ):
+        if parameter_name.startswith(prefix):
+            return group
+    raise ValueError(f"parameter {parameter_name!r} belongs to no schedule group {PARAMETER_GROUPS}")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    start: int  # first global step of the stage
+    end: int  # one past the last
+    loss_weights: Mapping[str, float]
+    lr_multipliers: Mapping[str, float] = field(default_factory=dict)
+    use_rois: bool = False
+
+    def lr_multiplier(self, group: str) -> float:
+        return self.lr_multipliers.get(group, 1.0)
+
+    def frozen_groups(self) -> set[str]:
+        return {group for group in PARAMETER_GROUPS if self.lr_multiplier(group) == 0.0}
+
+    def uses(self, term: str) -> bool:
+        return self.loss_weights.get(term, 0.0) > 0
+
+
+def _check_stage(spec: Mapping[str, Any], index: int) -> None:
+    where = f"schedule[{index}] ({spec.get('name', '?')!r})"
+    allowed = {"name", "steps", "fraction", "loss_weights", "lr_multipliers", "use_rois"}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(allowed)}")
+    if not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise ValueError(f"{where}: needs a non-empty 'name'")
+    if ("steps" in spec) == ("fraction" in spec):
+        raise ValueError(f"{where}: give exactly one of 'steps' or 'fraction'")
+    if "steps" in spec and (not isinstance(spec["steps"], int) or spec["steps"] <= 0):
+        raise ValueError(f"{where}: 'steps' must be a positive integer, got {spec['steps']!r}")
+    if "fraction" in spec and not (isinstance(spec["fraction"], (int, float)) and 0 < spec["fraction"] <= 1):
+        raise ValueError(f"{where}: 'fraction' must be in (0, 1], got {spec['fraction']!r}")
+    weights = spec.get("loss_weights") or {}
+    unknown_terms = sorted(set(weights) - set(LOSS_TERMS))
+    if unknown_terms:
+        raise ValueError(f"{where}: unknown loss terms {unknown_terms}; known: {list(LOSS_TERMS)}")
+    if not any(float(w) > 0 for w in weights.values()):
+        raise ValueError(f"{where}: needs at least one loss term with a positive weight")
+    if any(not math.isfinite(float(w)) or float(w) < 0 for w in weights.values()):
+        raise ValueError(f"{where}: loss weights must be finite and >= 0, got {dict(weights)}")
+    multipliers = spec.get("lr_multipliers") or {}
+    unknown_groups = sorted(set(multipliers) - set(PARAMETER_GROUPS))
+    if unknown_groups:
+        raise ValueError(f"{where}: unknown parameter groups {unknown_groups}; known: {list(PARAMETER_GROUPS)}")
+    if any(not math.isfinite(float(m)) or float(m) < 0 for m in multipliers.values()):
+        raise ValueError(f"{where}: lr multipliers must be finite and >= 0, got {dict(multipliers)}")
+    if weights.get("region", 0) > 0 and not spec.get("use_rois", False):
+        raise ValueError(f"{where}: the 'region' loss needs 'use_rois: true'")
+
+
+class StagedSchedule:
+    """Stages resolved to step ranges for a run of `max_steps` optimizer steps."""
+
+    def __init__(self, stages: Sequence[Mapping[str, Any]], max_steps: int):
+        if max_steps <= 0:
+            raise ValueError(f"max_steps must be positive, got {max_steps}")
+        if not stages:
+            raise ValueError("the schedule needs at least one stage")
+        names = [spec.get("name") for spec in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        resolved, start = [], 0
+        for index, spec in enumerate(stages):
+            _check_stage(spec, index)
+            length = spec["steps"] if "steps" in spec else max(1, round(spec["fraction"] * max_steps))
+            if start >= max_steps:
+                logger.warning("stage %r starts at step %d >= max_steps %d and will not run", spec["name"], start,
+                               max_steps)
+            resolved.append(
+                Stage(
+                    name=spec["name"],
+                    start=start,
+                    end=start + length,
+                    loss_weights={k: float(v) for k, v in spec["loss_weights"].items()},
+                    lr_multipliers={k: float(v) for k, v in (spec.get("lr_multipliers") or {}).items()},
+                    use_rois=bool(spec.get("use_rois", False)),
+                )
+            )
+            start += length
+        if start < max_steps:
+            logger.info("stages cover %d of %d steps; %r runs to the end", start, max_steps, resolved[-1].name)
+            last = resolved[-1]
+            resolved[-1] = Stage(last.name, last.start, max_steps, last.loss_weights, last.lr_multipliers, last.use_rois)
+        self.stages = resolved
+        self.max_steps = max_steps
+
+    def stage_at(self, step: int) -> Stage:
+        """The stage that global step `step` (0-based, optimizer steps) belongs to."""
+        for stage in self.stages:
+            if step < stage.end:
+                return stage
+        return self.stages[-1]
+
+    def lr_multiplier(self, group: str, step: int) -> float:
+        return self.stage_at(step).lr_multiplier(group)
+
+    def boundaries(self) -> list[tuple[str, int]]:
+        """`(name, start step)` of each stage that runs."""
+        return [(stage.name, stage.start) for stage in self.stages if stage.start < self.max_steps]

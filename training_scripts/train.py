@@ -1,0 +1,236 @@
+"""`regionmed-train`: staged RegionMed-CLIP pretraining on a canonical dataset.
+
+    regionmed-train --preset tiny --data data/synth --output-dir runs/tiny --max-steps 600 --save-steps 200
+    regionmed-train --config run.yaml --resume                 # continue from the last complete checkpoint
+    torchrun --nproc-per-node 2 -m training_scripts.train ...  # DDP (gloo on CPU, nccl on GPU)
+
+The YAML holds four optional sections (command-line flags win over it):
+
+    model:          {preset: base, overrides: {max_rois: 8}, vision_path: ..., text_path: ..., tokenizer: ...}
+    data:           {path: data/synth, split: train}
+    schedule:       [list of stages, see training_scripts/schedule.py]; default DEFAULT_STAGES
+    training_args:  any transformers.TrainingArguments field (per_device_train_batch_size, bf16, ...)
+
+Writes to the output dir: `checkpoint-N/` (complete ones hold a marker), `tokenizer/`,
+`train_log.jsonl` (every logged loss term), `loss_curves.png` (stage boundaries marked),
+`run_config.yaml` (the resolved configuration) and `final/` (model + processor, Hub remote code).
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import TrainingArguments, set_seed
+
+from modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel
+from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer, load_tokenizer
+
+from .collator import RegionMedCLIPCollator
+from .data_schema import load_canonical
+from .plotting import plot_loss_curves
+from .schedule import DEFAULT_STAGES, StagedSchedule
+from .trainer import JsonlLogCallback, RegionMedCLIPTrainer, StageCallback, latest_complete_checkpoint
+
+__all__ = ["build_trainer", "main", "resolve_run_config"]
+
+logger = logging.getLogger("regionmed_clip.train")
+
+# Defaults chosen for the tiny preset on CPU; the YAML or flags override any of them.
+DEFAULT_TRAINING_ARGS: dict[str, Any] = {
+    "per_device_train_batch_size": 32,
+    "learning_rate": 5e-4,
+    "weight_decay": 0.05,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,
+    "logging_steps": 10,
+    "save_strategy": "steps",
+    "save_steps": 200,
+    "save_total_limit": 3,
+    "report_to": "none",
+    "remove_unused_columns": False,  # the collator needs every canonical column
+    "label_names": [],
+    "dataloader_num_workers": 0,
+    "ddp_find_unused_parameters": True,  # the ROI processor has no gradient while it is off
+    "max_grad_norm": 1.0,
+    "dataloader_pin_memory": torch.cuda.is_available(),
+    # Without a GPU, torchrun / accelerate launch only form a (gloo) process group when asked for the CPU.
+    "use_cpu": not torch.cuda.is_available(),
+}
+_SECTIONS = {"model", "data", "schedule", "training_args"}
+
+
+def resolve_run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Merge defaults < YAML < command-line flags into one plain dict."""
+    config: dict[str, Any] = {}
+    if args.config:
+        config = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{args.config}: the run config must be a mapping with sections {sorted(_SECTIONS)}")
+        unknown = sorted(set(config) - _SECTIONS)
+        if unknown:
+            raise ValueError(f"{args.config}: unknown sections {unknown}; allowed: {sorted(_SECTIONS)}")
+    model = {"preset": "tiny", "overrides": {}, **(config.get("model") or {})}
+    data = {"split": "train", **(config.get("data") or {})}
+    training_args = {**DEFAULT_TRAINING_ARGS, **(config.get("training_args") or {})}
+    flags = {"max_steps": args.max_steps, "save_steps": args.save_steps, "seed": args.seed,
+             "output_dir": args.output_dir, "per_device_train_batch_size": args.batch_size,
+             "learning_rate": args.learning_rate, "logging_steps": args.logging_steps}
+    training_args.update({key: value for key, value in flags.items() if value is not None})
+    if args.preset:
+        model["preset"] = args.preset
+    if args.tokenizer:
+        model["tokenizer"] = str(args.tokenizer)
+    if args.data:
+        data["path"] = str(args.data)
+    for key, where in (("output_dir", "--output-dir"), ("max_steps", "--max-steps")):
+        if training_args.get(key) in (None, -1):
+            raise ValueError(f"{key} is required ({where} or training_args.{key} in the YAML)")
+    if not data.get("path"):
+        raise ValueError("the dataset is required (--data or data.path in the YAML)")
+    training_args["output_dir"] = str(training_args["output_dir"])
+    return {"model": model, "data": data, "schedule": config.get("schedule") or DEFAULT_STAGES,
+            "training_args": training_args}
+
+
+def _caption_corpus(dataset) -> list[str]:
+    corpus = []
+    for row in dataset.remove_columns("image"):
+        corpus += [row["report_caption"], row["summary_caption"], *row["negative_captions"]]
+        corpus += [region["caption"] for region in row["regions"]]
+    return corpus
+
+
+def build_trainer(run: dict[str, Any], resume: bool = False) -> tuple[RegionMedCLIPTrainer, Path | None]:
+    """Everything `main` needs: the trainer (model, processor, data, schedule) and the checkpoint to resume."""
+    training_args = TrainingArguments(**run["training_args"])
+    output_dir = Path(training_args.output_dir)
+    set_seed(training_args.seed)
+    train_dataset = load_canonical(run["data"]["path"], run["data"]["split"], decode_images=False)
+
+    model_spec = run["model"]
+    tokenizer_dir = output_dir / "tokenizer"
+    if tokenizer_dir.is_dir():  # a resumed run must tokenize exactly as before
+        tokenizer = load_tokenizer(tokenizer_dir)
+    elif model_spec.get("tokenizer"):
+        tokenizer = load_tokenizer(model_spec["tokenizer"])
+    else:
+        vocab_size = RegionMedCLIPConfig.from_preset(model_spec["preset"]).text_config.vocab_size
+        tokenizer = build_tokenizer(_caption_corpus(train_dataset), vocab_size=vocab_size)
+    if training_args.process_index == 0:
+        tokenizer.save_pretrained(tokenizer_dir)
+
+    overrides = dict(model_spec.get("overrides") or {})
+    if model_spec.get("vision_path") or model_spec.get("text_path"):
+        model = RegionMedCLIPModel.from_vision_text_pretrained(model_spec["vision_path"], model_spec["text_path"],
+                                                               **overrides)
+    else:
+        config = RegionMedCLIPConfig.from_preset(model_spec["preset"], **overrides)
+        # The text tower follows the tokenizer: its special ids, and room for every token.
+        config.text_config.pad_token_id = tokenizer.pad_token_id
+        config.text_config.cls_token_id = tokenizer.cls_token_id
+        config.text_config.vocab_size = max(config.text_config.vocab_size, len(tokenizer))
+        config.text_config.validate()
+        model = RegionMedCLIPModel(config)
+    if len(tokenizer) > model.config.text_config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the text tower only "
+                         f"{model.config.text_config.vocab_size} embeddings")
+
+    config = model.config
+    image_processor = RegionMedCLIPImageProcessor(
+        image_size=config.vision_config.image_size, roi_size=config.roi_image_size, max_rois=config.max_rois
+    )
+    processor = RegionMedCLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    collator = RegionMedCLIPCollator(processor, seed=training_args.seed)
+    schedule = StagedSchedule(run["schedule"], training_args.max_steps)
+    trainer = RegionMedCLIPTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        processing_class=processor,
+        schedule=schedule,
+        callbacks=[StageCallback(schedule, collator), JsonlLogCallback(output_dir / "train_log.jsonl")],
+    )
+    checkpoint = None
+    if resume:
+        checkpoint = latest_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            logger.warning("--resume: no complete checkpoint in %s, starting from scratch", output_dir)
+    return trainer, checkpoint
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines a killed run wrote after the checkpoint it is resumed from."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def write_loss_plot(log_path: Path, schedule: StagedSchedule, plot_path: Path) -> Path | None:
+    series: dict[str, list[tuple[int, float]]] = {}
+    for line in log_path.read_text().splitlines() if log_path.exists() else []:
+        entry = json.loads(line)
+        for key, value in entry.items():
+            if (key == "loss" or key.startswith("loss_")) and isinstance(value, (int, float)):
+                series.setdefault(key, []).append((entry["step"], float(value)))
+    if not series:
+        return None
+    return plot_loss_curves(series, schedule.boundaries(), plot_path, title="RegionMed-CLIP training losses")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="regionmed-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=["tiny", "base"], default=None)
+    parser.add_argument("--data", type=Path, default=None, help="canonical dataset folder (parquet shards)")
+    parser.add_argument("--output-dir", type=Path, default=None)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--save-steps", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="per-device train batch size")
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--logging-steps", type=int, default=None)
+    parser.add_argument("--tokenizer", type=Path, default=None, help="a local BERT-style tokenizer folder")
+    parser.add_argument("--config", type=Path, default=None, help="run YAML (model, data, schedule, training_args)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        run = resolve_run_config(args)
+        trainer, checkpoint = build_trainer(run, resume=args.resume)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"regionmed-train: error: {error}", file=sys.stderr)
+        return 2
+    output_dir = Path(trainer.args.output_dir)
+    log_path = output_dir / "train_log.jsonl"
+    if trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "run_config.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
+        if checkpoint is not None:
+            _truncate_log(log_path, int(checkpoint.name.split("-")[-1]))
+        elif log_path.exists():
+            log_path.unlink()  # a fresh run starts a fresh log
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    if trainer.is_world_process_zero():
+        final_dir = output_dir / "final"
+        trainer.save_model(final_dir)
+        trainer.processing_class.save_pretrained(final_dir)
+        plot = write_loss_plot(log_path, trainer.schedule, output_dir / "loss_curves.png")
+        print(f"model (remote code, with processor): {final_dir}")
+        print(f"loss log: {log_path}")
+        print(f"loss curves: {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

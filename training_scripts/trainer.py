@@ -1,0 +1,273 @@
+"""`RegionMedCLIPTrainer`: a `transformers.Trainer` that runs the staged schedule.
+
+- One optimizer parameter group per schedule group (x weight decay / none); a `LambdaLR` gives
+  each group `base_schedule(step) x stage_multiplier(group, step)`: a pure function of the step,
+  so a resumed run has the right learning rates without extra state.
+- Freezing never toggles `requires_grad` (unsafe once DDP has wrapped the model): a group whose
+  multiplier is 0 has lr 0 AND its gradients are dropped after backward (after DDP's all-reduce),
+  so the optimizer skips it: its weights do not move and its Adam moments do not change.
+- The loss terms of the current stage are computed by the model (`loss_weights`), each term and
+  the stage are logged, with the mean pairwise cosine of the image embeddings (a collapse alarm).
+- A non-finite loss skips the step (all gradients dropped, on every rank) and is counted;
+  `max_consecutive_nonfinite` in a row saves a checkpoint and stops with a clear error.
+- Checkpoints are made atomic by a completion marker written last (see `CHECKPOINT_COMPLETE`);
+  rotation of old checkpoints happens only after it, so a kill while saving leaves the previous
+  checkpoint usable. `latest_complete_checkpoint` finds where to resume.
+"""
+
+import json
+import logging
+import math
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import Trainer, TrainerCallback, get_scheduler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .schedule import PARAMETER_GROUPS, StagedSchedule, parameter_group_of
+
+__all__ = [
+    "CHECKPOINT_COMPLETE",
+    "JsonlLogCallback",
+    "NonFiniteLossError",
+    "RegionMedCLIPTrainer",
+    "StageCallback",
+    "latest_complete_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_COMPLETE = "CHECKPOINT_COMPLETE"
+_ALWAYS = ("pixel_values", "input_ids", "attention_mask")
+_ROI_INPUTS = ("roi_pixel_values", "roi_boxes", "roi_mask")
+_TERM_INPUTS = {
+    "global_summary": ("summary_input_ids", "summary_attention_mask"),
+    "region": ("region_input_ids", "region_attention_mask"),
+    "hard_negative": ("negative_input_ids", "negative_attention_mask", "negative_mask"),
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The highest-step `checkpoint-N` folder that holds the completion marker, or None."""
+    complete = []
+    for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
+        if match and (path / CHECKPOINT_COMPLETE).exists():
+            complete.append((int(match.group(1)), path))
+        elif match:
+            logger.warning("ignoring %s: it has no %s marker (the run stopped while saving it)", path, CHECKPOINT_COMPLETE)
+    return max(complete)[1] if complete else None
+
+
+def _mean_pairwise_cosine(embeds: torch.Tensor) -> float:
+    """Mean cosine between different rows of L2-normalised `(B, D)` embeddings (1.0 = collapsed)."""
+    count = embeds.shape[0]
+    if count < 2:
+        return float("nan")
+    similarity = embeds @ embeds.t()
+    return ((similarity.sum() - similarity.diagonal().sum()) / (count * (count - 1))).item()
+
+
+class RegionMedCLIPTrainer(Trainer):
+    """Trainer for `RegionMedCLIPModel` with a `StagedSchedule` (see the module docstring)."""
+
+    # The contrastive loss is a per-batch mean, not normalised by `num_items_in_batch`.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, schedule: StagedSchedule, max_consecutive_nonfinite: int = 5, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.schedule = schedule
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.nonfinite_steps = 0
+        self._consecutive_nonfinite = 0
+        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_counts: dict[str, int] = defaultdict(int)
+        self._group_parameters: dict[str, list[nn.Parameter]] = defaultdict(list)
+        for name, parameter in self.model.named_parameters():
+            if parameter.requires_grad:
+                self._group_parameters[parameter_group_of(name)].append(parameter)
+
+    # -- optimisation --------------------------------------------------------------------------
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        model = model or self.model
+        decay = set(self.get_decay_parameter_names(model))
+        groups = []
+        for group in PARAMETER_GROUPS:
+            for with_decay in (True, False):
+                params = [p for n, p in model.named_parameters()
+                          if p.requires_grad and parameter_group_of(n) == group and (n in decay) == with_decay]
+                if params:
+                    groups.append({"params": params, "name": group,
+                                   "weight_decay": self.args.weight_decay if with_decay else 0.0})
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler
+        optimizer = optimizer or self.optimizer
+        # Reuse transformers' schedule shapes: build one on a throwaway optimizer and keep its lambda.
+        probe = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        base = get_scheduler(
+            self.args.lr_scheduler_type,
+            optimizer=probe,
+            num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
+            num_training_steps=num_training_steps,
+            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+        )
+        if not isinstance(base, torch.optim.lr_scheduler.LambdaLR):
+            raise ValueError(f"lr_scheduler_type {self.args.lr_scheduler_type!r} is not a step-lambda schedule; "
+                             "use linear, cosine, constant or constant_with_warmup with the staged trainer")
+        base_lambda = base.lr_lambdas[0]
+
+        def group_lambda(group: str):
+            return lambda step: base_lambda(step) * self.schedule.lr_multiplier(group, step)
+
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [group_lambda(group["name"]) for group in optimizer.param_groups]
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    # -- loss ---------------------------------------------------------------------------------
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None):
+        stage = self.schedule.stage_at(self.state.global_step)
+        keys = list(_ALWAYS)
+        if stage.use_rois:
+            keys += _ROI_INPUTS
+        for term, term_keys in _TERM_INPUTS.items():
+            if stage.uses(term):
+                keys += term_keys
+        missing = [key for key in keys if key not in inputs]
+        if missing:
+            raise ValueError(f"stage {stage.name!r} needs batch inputs {missing}; check the collator's switches")
+        outputs = model(**{key: inputs[key] for key in keys}, return_loss=True, loss_weights=dict(stage.loss_weights))
+        for term, value in outputs.loss_terms.items():
+            self._record(f"loss_{term}", value.item())
+        self._record("image_embed_mean_cosine", _mean_pairwise_cosine(outputs.image_embeds.detach()))
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _record(self, name: str, value: float) -> None:
+        if math.isfinite(value):
+            self._term_sums[name] += value
+            self._term_counts[name] += 1
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        finite = torch.isfinite(loss).to(torch.float32)
+        if dist.is_available() and dist.is_initialized():  # every rank must skip together
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            self._skip_nonfinite_step()
+            return loss
+        self._consecutive_nonfinite = 0
+        for group in self.schedule.stage_at(self.state.global_step).frozen_groups():
+            for parameter in self._group_parameters[group]:
+                parameter.grad = None
+        return loss
+
+    def _skip_nonfinite_step(self) -> None:
+        self.nonfinite_steps += 1
+        self._consecutive_nonfinite += 1
+        for parameter in self.model.parameters():
+            parameter.grad = None  # the optimizer skips parameters without a gradient
+        logger.warning("non-finite loss at step %d: step skipped (%d so far, %d in a row)",
+                       self.state.global_step, self.nonfinite_steps, self._consecutive_nonfinite)
+        if self._consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            self._save_checkpoint(self.model, trial=None)
+            raise NonFiniteLossError(
+                f"{self._consecutive_nonfinite} consecutive non-finite losses at step {self.state.global_step}; "
+                f"stopped. The last good weights are saved in "
+                f"{os.path.join(self.args.output_dir, f'{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}')}. "
+                "Lower the learning rate, check the data, or use fp32."
+            )
+
+    # -- logging and checkpoints ----------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the averaged terms since the previous one
+            for name, total in self._term_sums.items():
+                logs[name] = round(total / self._term_counts[name], 6)
+            self._term_sums.clear()
+            self._term_counts.clear()
+            stage = self.schedule.stage_at(max(self.state.global_step - 1, 0))
+            logs["stage"] = stage.name
+            logs["nonfinite_steps"] = self.nonfinite_steps
+            logs["logit_scale"] = round(self.model.logit_scale.exp().item(), 4)
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotate old checkpoints only once the new one is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if not self.args.should_save:
+            return
+        run_dir = self._get_output_dir(trial=trial)
+        folder = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        partial = folder / f"{CHECKPOINT_COMPLETE}.partial"
+        partial.write_text(json.dumps({"global_step": self.state.global_step}))
+        os.replace(partial, folder / CHECKPOINT_COMPLETE)
+        if limit:
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+
+class StageCallback(TrainerCallback):
+    """Announces stage changes and keeps the collator's region sampling in step with the epoch."""
+
+    def __init__(self, schedule: StagedSchedule, collator: Any = None):
+        self.schedule = schedule
+        self.collator = collator
+        self._current: str | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        stage = self.schedule.stage_at(state.global_step)
+        if stage.name != self._current:
+            if state.is_world_process_zero:
+                frozen = sorted(stage.frozen_groups()) or "none"
+                weights = ", ".join(f"{k}={v}" for k, v in stage.loss_weights.items() if v > 0)
+                logger.warning("stage %r from step %d (until %d): losses %s; frozen groups: %s; ROIs %s",
+                               stage.name, state.global_step, stage.end, weights, frozen,
+                               "on" if stage.use_rois else "off")
+            self._current = stage.name
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.collator is not None and hasattr(self.collator, "set_epoch"):
+            self.collator.set_epoch(int(state.epoch or 0))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.collator is not None and hasattr(self.collator, "log_summary"):
+            self.collator.log_summary()
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends every training log (each loss term, the stage, lr, ...) to a JSON-lines file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as stream:
+                stream.write(json.dumps({"step": state.global_step, **logs}) + "\n")
