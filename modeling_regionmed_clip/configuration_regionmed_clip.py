@@ -1,6 +1,7 @@
 """RegionMed-CLIP configuration: a ViT vision tower, a BERT-style text tower and the ROI processor."""
 
 import copy
+import inspect
 import math
 from typing import Any
 
@@ -11,7 +12,18 @@ __all__ = [
     "RegionMedCLIPTextConfig",
     "RegionMedCLIPVisionConfig",
     "PRESETS",
+    "check_config_fields",
 ]
+
+
+def check_config_fields(config_class: type, fields: Any, where: str, exclude: set[str] = frozenset()) -> None:
+    """Raise ValueError naming any key of `fields` that `config_class` does not take: PreTrainedConfig
+    would otherwise keep a typo such as `max_roi` as an attribute nobody reads."""
+    allowed = (set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"} - set(exclude)) | {
+        "attn_implementation", "dtype", "return_dict", "output_hidden_states"}
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise ValueError(f"{where} got unknown config fields {unknown}; allowed: {sorted(allowed)}")
 
 
 def _require_positive_int(config_name: str, **fields: Any) -> None:
@@ -315,11 +327,20 @@ class RegionMedCLIPConfig(PreTrainedConfig):
             )
 
     @classmethod
+    def check_fields(cls, fields: Any, where: str, exclude: set[str] = frozenset()) -> None:
+        """Raise ValueError naming unknown keys of `fields` (and of nested vision/text dicts)."""
+        check_config_fields(cls, fields, where, exclude)
+        for key, sub_config_class in cls.sub_configs.items():
+            if isinstance(fields.get(key), dict):
+                check_config_fields(sub_config_class, fields[key], f"{where}.{key}")
+
+    @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "RegionMedCLIPConfig":
         """Build a config from a named preset (`tiny`, `base`); `overrides` replace top-level fields,
         and `vision_config` / `text_config` dicts are merged into the preset's."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        cls.check_fields(overrides, f"from_preset({name!r})")
         fields = copy.deepcopy(PRESETS[name])
         for key, value in overrides.items():
             if key in ("vision_config", "text_config") and isinstance(value, dict):

@@ -32,6 +32,7 @@ __all__ = [
     "global_contrastive_loss",
     "hard_negative_loss",
     "multi_positive_info_nce",
+    "pad_to_global_max",
     "region_contrastive_loss",
     "regionmed_clip_loss",
 ]
@@ -87,6 +88,22 @@ def gather_features(features: torch.Tensor, gather_with_grad: bool = True) -> tu
     return gathered, sum(counts[:rank])
 
 
+def pad_to_global_max(tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Zero-pad `dim` to its largest size over all ranks (a no-op in one process), so tensors whose
+    second dimension is ragged across ranks (e.g. M negatives per image) can be gathered."""
+    _, world = _distributed()
+    if world == 1:
+        return tensor
+    size = torch.tensor([tensor.shape[dim]], device=tensor.device)
+    dist.all_reduce(size, op=dist.ReduceOp.MAX)
+    extra = int(size.item()) - tensor.shape[dim]
+    if extra == 0:
+        return tensor
+    padding = list(tensor.shape)
+    padding[dim] = extra
+    return torch.cat([tensor, tensor.new_zeros(padding)], dim=dim)
+
+
 def caption_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """`(..., L)` token ids -> `(...)` int64 ids, equal for identical captions (padding ignored).
 
@@ -99,6 +116,13 @@ def caption_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
     if attention_mask is not None:
         tokens = tokens * (attention_mask != 0)
     return (tokens * coefficients).sum(-1)
+
+
+def _gathered_groups(groups: torch.Tensor | None, total: int, device: torch.device) -> torch.Tensor:
+    """Caption groups of every rank's rows; without groups each row is its own group."""
+    if groups is None:
+        return torch.arange(total, device=device)
+    return gather_features(groups, gather_with_grad=False)[0]
 
 
 def multi_positive_info_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -125,10 +149,7 @@ def _symmetric_loss(
     all_anchors, offset = gather_features(anchors, config.gather_with_grad)
     all_candidates, _ = gather_features(candidates, config.gather_with_grad)
     count = anchors.shape[0]
-    if groups is None:
-        all_groups = torch.arange(all_anchors.shape[0], device=anchors.device)
-    else:
-        all_groups, _ = gather_features(groups, gather_with_grad=False)
+    all_groups = _gathered_groups(groups, all_anchors.shape[0], anchors.device)
     if config.local_loss:
         rows = slice(offset, offset + count)
         positives = all_groups[rows, None] == all_groups[None, :]
@@ -206,10 +227,7 @@ def hard_negative_loss(
         )
     all_texts, offset = gather_features(text_embeds, config.gather_with_grad)
     count = image_embeds.shape[0]
-    if text_groups is None:
-        groups = torch.arange(all_texts.shape[0], device=text_embeds.device)
-    else:
-        groups, _ = gather_features(text_groups, gather_with_grad=False)
+    groups = _gathered_groups(text_groups, all_texts.shape[0], text_embeds.device)
     if config.local_loss:
         anchors = image_embeds
         row_groups = groups[offset : offset + count]
@@ -217,8 +235,8 @@ def hard_negative_loss(
     else:
         anchors, _ = gather_features(image_embeds, config.gather_with_grad)
         row_groups = groups
-        own_negatives, _ = gather_features(negative_embeds, config.gather_with_grad)
-        own_negative_mask, _ = gather_features(negative_mask, gather_with_grad=False)
+        own_negatives, _ = gather_features(pad_to_global_max(negative_embeds), config.gather_with_grad)
+        own_negative_mask, _ = gather_features(pad_to_global_max(negative_mask), gather_with_grad=False)
     in_batch = logit_scale * anchors @ all_texts.t()  # (R, T)
     negatives = logit_scale * torch.einsum("rd,rmd->rm", anchors, own_negatives)  # (R, M)
     negatives = negatives.masked_fill(~own_negative_mask, torch.finfo(negatives.dtype).min)

@@ -399,7 +399,9 @@ class RegionMedCLIPROIProcessor(nn.Module):
         scores = (query * self.pool_key(region_features)).sum(-1) / math.sqrt(hidden)  # (B, K)
         scores = scores.masked_fill(~roi_mask, torch.finfo(scores.dtype).min)
         weights = scores.softmax(dim=-1) * roi_mask.to(scores.dtype)
-        pooled = self.pool_output((weights[..., None] * region_features).sum(1))
+        # An image without a valid ROI gets nothing added (not the output layer's bias).
+        has_regions = roi_mask.any(dim=-1, keepdim=True).to(scores.dtype)
+        pooled = self.pool_output((weights[..., None] * region_features).sum(1)) * has_regions
         return region_features, torch.tanh(self.pool_gate) * pooled
 
 
@@ -519,13 +521,25 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         global_tokens = vision_output.last_hidden_state
         batch, num_rois = roi_mask.shape
         hidden = global_tokens.shape[-1]
-        if num_rois == 0:  # a batch in which no image has a region
-            return global_tokens.new_zeros(batch, 0, hidden), global_tokens.new_zeros(batch, hidden)
+        if num_rois == 0:
+            # A batch in which no image has a region still runs the ROI modules on one empty slot:
+            # under FSDP every rank must call the same modules, or the others wait for it forever.
+            features, pool = self._encode_regions(
+                vision_output,
+                roi_pixel_values.new_zeros((batch, 1, *roi_pixel_values.shape[2:])),
+                roi_boxes.new_zeros((batch, 1, 4)),
+                roi_mask.new_zeros((batch, 1)),
+                patch_grid,
+            )
+            return features[:, :0], pool
         # Encode only the valid crops, packed across the batch: padding costs no tower compute.
         crop_features = global_tokens.new_zeros(batch, num_rois, hidden)
         if roi_mask.any():
             packed = self.vision_model(roi_pixel_values[roi_mask]).pooler_output
             crop_features = crop_features.masked_scatter(roi_mask[..., None], packed)
+        else:  # one blank crop, discarded, for the same FSDP reason
+            blank = self.vision_model(roi_pixel_values.new_zeros((1, *roi_pixel_values.shape[2:]))).pooler_output
+            crop_features = crop_features + 0.0 * blank.sum()
         # Padding slots may hold anything; give them a harmless box so they stay finite.
         safe_boxes = torch.where(roi_mask[..., None], roi_boxes, torch.zeros_like(roi_boxes)).to(global_tokens.dtype)
         return self.roi_processor(crop_features, safe_boxes, roi_mask, global_tokens, patch_grid)
@@ -682,6 +696,13 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
 
+    def _padding_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The given mask, or one derived from the pad id, so identical captions padded to different
+        lengths (on different ranks) still hash to the same caption group."""
+        if attention_mask is not None:
+            return attention_mask
+        return (input_ids != self.config.text_config.pad_token_id).long()
+
     def _loss(
         self,
         fields: dict[str, Any],
@@ -712,13 +733,17 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             logit_scale,
             fields["image_embeds"],
             fields["text_embeds"],
-            text_groups=caption_groups(input_ids, attention_mask),
+            text_groups=caption_groups(input_ids, self._padding_mask(input_ids, attention_mask)),
             summary_text_embeds=fields.get("summary_text_embeds"),
-            summary_groups=None if summary_input_ids is None else caption_groups(summary_input_ids, summary_attention_mask),
+            summary_groups=None if summary_input_ids is None else caption_groups(
+                summary_input_ids, self._padding_mask(summary_input_ids, summary_attention_mask)
+            ),
             region_embeds=fields.get("region_embeds"),
             region_text_embeds=fields.get("region_text_embeds"),
             roi_mask=fields.get("roi_mask"),
-            region_groups=None if region_input_ids is None else caption_groups(region_input_ids, region_attention_mask),
+            region_groups=None if region_input_ids is None else caption_groups(
+                region_input_ids, self._padding_mask(region_input_ids, region_attention_mask)
+            ),
             negative_text_embeds=fields.get("negative_text_embeds"),
             negative_mask=fields.get("negative_mask"),
             config=config,
@@ -739,10 +764,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        allowed = set(RegionMedCLIPConfig.__init__.__code__.co_varnames) - {"self", "kwargs", "vision_config", "text_config"}
-        unknown = sorted(set(roi_kwargs) - allowed)
-        if unknown:
-            raise ValueError(f"from_vision_text_pretrained got unknown config fields {unknown}; allowed: {sorted(allowed)}")
+        RegionMedCLIPConfig.check_fields(roi_kwargs, "from_vision_text_pretrained", exclude={"vision_config", "text_config"})
 
         vision_source = AutoModel.from_pretrained(vision_path)
         vision_hf_config = vision_source.config

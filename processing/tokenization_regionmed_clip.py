@@ -1,9 +1,11 @@
 """Caption tokenizer: a BERT WordPiece tokenizer trained locally, or any local BERT-style folder."""
 
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import BertWordPieceTokenizer
+from tokenizers.normalizers import BertNormalizer
+from tokenizers.pre_tokenizers import BertPreTokenizer
 from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
 
 __all__ = ["DEFAULT_MAX_LENGTH", "SPECIAL_TOKENS", "build_tokenizer", "load_tokenizer"]
@@ -20,32 +22,41 @@ def build_tokenizer(
     lowercase: bool = True,
     model_max_length: int = DEFAULT_MAX_LENGTH,
 ) -> BertTokenizer:
-    """Train a WordPiece vocabulary on `texts` and wrap it as a transformers `BertTokenizer`.
+    """Build a WordPiece vocabulary from `texts` and wrap it as a transformers `BertTokenizer`.
 
-    The vocabulary holds at most `vocab_size` entries (fewer when the corpus is small).
+    The vocabulary is: the special tokens, every character of the corpus (word-initial and
+    `##` continuation, so nothing is ever [UNK]), then whole words by frequency (ties
+    alphabetically, at least `min_frequency` occurrences) up to `vocab_size`. Text is normalised
+    and split exactly as BERT does (tokenizers' `BertNormalizer` and `BertPreTokenizer`).
+
+    Deterministic by construction: the same corpus gives the same ids in every process. (The
+    `tokenizers` WordPiece trainer does not: it numbers the `##` characters in hash-map order and
+    breaks tied merges by id, so two runs on one corpus gave different vocabularies here.)
     """
-    if vocab_size <= len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
     if model_max_length <= 2:
         raise ValueError(f"model_max_length must leave room for [CLS] and [SEP], got {model_max_length}")
-    counted = 0
-
-    def checked() -> Iterable[str]:
-        nonlocal counted
-        for index, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}")
-            counted += 1
-            yield text
-
-    trainer = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase)
-    trainer.train_from_iterator(
-        checked(), vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
-    )
-    if counted == 0:
+    normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=lowercase,
+                                lowercase=lowercase)
+    splitter = BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}")
+        counts.update(word for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    if not counts:
         raise ValueError("texts is empty: a tokenizer needs a caption corpus to learn from")
+    characters = sorted({character for word in counts for character in word})
+    vocab = SPECIAL_TOKENS + characters + [f"##{character}" for character in characters]
+    if len(vocab) > vocab_size:
+        raise ValueError(
+            f"vocab_size {vocab_size} cannot hold the {len(SPECIAL_TOKENS)} special tokens and the corpus's "
+            f"{len(characters)} characters (x2 with their ## forms): use at least {len(vocab)}"
+        )
+    known = set(vocab)
+    words = sorted((w for w, n in counts.items() if n >= min_frequency and w not in known), key=lambda w: (-counts[w], w))
+    vocab += words[: vocab_size - len(vocab)]
     return BertTokenizer(
-        vocab=trainer.get_vocab(),
+        vocab={token: index for index, token in enumerate(vocab)},
         do_lower_case=lowercase,
         strip_accents=lowercase,
         model_max_length=model_max_length,

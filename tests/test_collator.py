@@ -53,7 +53,7 @@ def test_a_corrupt_image_is_skipped_and_counted(processor, rows, caplog):
     corrupt = {**rows[0], "image": {"bytes": b"\x89PNG not really", "path": None}}
     collator = RegionMedCLIPCollator(processor)
     batch = collator([rows[1], corrupt, rows[2]])
-    assert batch["pixel_values"].shape[0] == 2
+    assert batch["pixel_values"].shape[0] == 2 and batch["skipped_rows"].item() == 1
     assert collator.skipped_rows == 1
     assert sum(v for k, v in collator.skip_reasons.items() if k.startswith("image failed to decode")) == 1
     with caplog.at_level(logging.WARNING):
@@ -82,4 +82,4 @@ def test_region_boxes_outside_the_image_are_dropped_and_counted(processor, rows)
 
 def test_switches_leave_out_caption_levels(processor, rows):
     batch = RegionMedCLIPCollator(processor, use_regions=False, use_summary=False, use_negatives=False)(rows[:2])
-    assert set(batch) == {"pixel_values", "input_ids", "attention_mask"}
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "skipped_rows"}

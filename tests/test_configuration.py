@@ -62,3 +62,17 @@ def test_config_round_trips_through_save_pretrained(tmp_path):
     loaded = RegionMedCLIPConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
     assert loaded.vision_config.patch_size == config.vision_config.patch_size
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"max_roi": 3}, r"from_preset\('tiny'\) got unknown config fields \['max_roi'\]"),
+     ({"vision_config": {"hidden_sise": 32}}, r"vision_config got unknown config fields \['hidden_sise'\]")],
+)
+def test_typos_in_overrides_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        RegionMedCLIPConfig.from_preset("tiny", **overrides)
+
+
+def test_attention_backend_is_a_legal_override():
+    assert RegionMedCLIPConfig.from_preset("tiny", attn_implementation="eager")._attn_implementation == "eager"

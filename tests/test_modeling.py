@@ -214,3 +214,10 @@ def test_return_tuple(model, config):
 
 def test_model_type_registered_for_auto_classes():
     assert RegionMedCLIPModel._auto_class == "AutoModel"
+
+
+def test_an_image_without_valid_rois_gets_nothing_from_the_pool():
+    model = tiny_model(region_pool_gate_init=1.0)
+    out = model(**make_inputs(model.config, [3, 0]))
+    torch.testing.assert_close(out.image_embeds[1], out.global_image_embeds[1])
+    assert not torch.allclose(out.image_embeds[0], out.global_image_embeds[0])

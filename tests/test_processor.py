@@ -181,3 +181,29 @@ def test_remote_code_round_trip_in_a_fresh_offline_process(processor, tmp_path):
     assert set(reloaded) == set(expected)
     for key in expected:
         np.testing.assert_array_equal(reloaded[key], expected[key], err_msg=key)
+
+
+def test_tokenizer_is_deterministic_across_processes():
+    import json
+    from pathlib import Path
+
+    script = (
+        "import json, sys\n"
+        "from processing import build_tokenizer\n"
+        f"print(sorted(build_tokenizer(json.loads({json.dumps(json.dumps(CORPUS))}), vocab_size=300).get_vocab().items()))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    outputs = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=root,
+                       env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout
+        for seed in (1, 2)
+    }
+    assert len(outputs) == 1 and "nodule" in outputs.pop()
+
+
+def test_words_not_in_the_vocabulary_fall_back_to_characters():
+    tokenizer = build_tokenizer(CORPUS, vocab_size=300)
+    tokens = tokenizer.tokenize("noduleS zonez")
+    assert tokens[:2] == ["nodule", "##s"] and "[UNK]" not in tokens
+    with pytest.raises(ValueError, match="use at least"):
+        build_tokenizer(CORPUS, vocab_size=20)

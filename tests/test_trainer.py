@@ -109,3 +109,30 @@ def test_checkpoints_carry_the_marker_and_rotate_after_it(data_dir, tmp_path):
     folders = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
     assert folders == ["checkpoint-4", "checkpoint-6"]
     assert all((tmp_path / name / CHECKPOINT_COMPLETE).exists() for name in folders)
+
+
+def test_pretrained_towers_bring_their_tokenizer_and_normalisation(data_dir, tmp_path):
+    import json
+
+    from transformers import BertConfig, BertModel, BertTokenizer, ViTConfig, ViTModel
+
+    vit_dir, bert_dir = tmp_path / "vit", tmp_path / "bert"
+    ViTModel(ViTConfig(image_size=64, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                       intermediate_size=64)).save_pretrained(vit_dir)
+    (vit_dir / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "nodule", "left", "right", "upper", "lower", "zone"]
+    BertTokenizer(vocab={word: index for index, word in enumerate(words)}).save_pretrained(bert_dir)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=256)).save_pretrained(bert_dir)
+    run = {
+        "model": {"vision_path": str(vit_dir), "text_path": str(bert_dir),
+                  "overrides": {"roi_image_size": 32, "roi_fusion_heads": 4, "projection_dim": 16}},
+        "data": {"path": str(data_dir), "split": "train"},
+        "schedule": TWO_STAGES,
+        "training_args": {**DEFAULT_TRAINING_ARGS, "output_dir": str(tmp_path / "out"), "max_steps": 2,
+                          "per_device_train_batch_size": 4, "disable_tqdm": True},
+    }
+    trainer, _ = build_trainer(run)
+    assert len(trainer.processing_class.tokenizer) == len(words)  # BERT's vocabulary, not a new one
+    assert trainer.processing_class.image_processor.image_mean == [0.5] * 3
+    trainer.train()

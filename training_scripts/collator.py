@@ -8,6 +8,8 @@ Per step, each row contributes 1..K of its regions (K = `max_regions`, default t
 processor's `max_rois`): how many and which are drawn from `random.Random(f"{seed}:{image_id}:{epoch}")`,
 a pure function of the row and the epoch, so a resumed run samples exactly what an uninterrupted
 one would. Regions whose box does not overlap the decoded image are dropped and counted.
+Use the default non-persistent DataLoader workers: persistent ones would keep the epoch of
+their first copy of the collator.
 """
 
 import io
@@ -18,6 +20,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from PIL import Image
 from transformers.image_processing_utils import BatchFeature
 
@@ -91,6 +94,9 @@ class RegionMedCLIPCollator:
         return [usable[index] for index in chosen]
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> BatchFeature:
+        """Model inputs for `rows`, plus `skipped_rows`: how many of these rows were dropped (in
+        DataLoader workers the collator's own counters are copies the main process never sees)."""
+        skipped_before = self.skipped_rows
         good: list[tuple[Mapping[str, Any], Image.Image]] = []
         for row in rows:
             try:
@@ -117,7 +123,9 @@ class RegionMedCLIPCollator:
             call["region_text"] = [[region["caption"] for region in regions] for regions in sampled]
         if self.use_negatives:
             call["negative_text"] = [list(row["negative_captions"]) for row, _ in good]
-        return self.processor(**call, return_tensors="pt")
+        batch = self.processor(**call, return_tensors="pt")
+        batch["skipped_rows"] = torch.tensor(self.skipped_rows - skipped_before)
+        return batch
 
     def log_summary(self) -> None:
         """Log what was skipped (call at the end of a run)."""

@@ -18,6 +18,7 @@ and stages that start at or after `max_steps` never run (both are logged).
 
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,8 +51,14 @@ DEFAULT_STAGES: list[dict[str, Any]] = [
 ]
 
 
+# Prefixes that wrappers put in front of parameter names (FSDP, activation checkpointing, DDP,
+# torch.compile); the schedule groups are defined on the bare model's names.
+_WRAPPER_PREFIXES = re.compile(r"(_fsdp_wrapped_module\.|_checkpoint_wrapped_module\.|_orig_mod\.|^module\.)")
+
+
 def parameter_group_of(parameter_name: str) -> str:
-    """Which schedule group a `RegionMedCLIPModel` parameter belongs to."""
+    """Which schedule group a `RegionMedCLIPModel` parameter belongs to (wrapper prefixes ignored)."""
+    parameter_name = _WRAPPER_PREFIXES.sub("", parameter_name)
     for prefix, group in (
         ("vision_model.", "vision"),
         ("text_model.", "text"),

@@ -114,15 +114,18 @@ def build_trainer(run: dict[str, Any], resume: bool = False) -> tuple[RegionMedC
 
     model_spec = run["model"]
     tokenizer_dir = output_dir / "tokenizer"
-    if tokenizer_dir.is_dir():  # a resumed run must tokenize exactly as before
+    # Rank 0 makes (or keeps) the tokenizer folder first; every rank then reads the same files.
+    with training_args.main_process_first(desc="tokenizer"):
+        if training_args.process_index == 0 and not tokenizer_dir.is_dir():
+            # A pretrained text tower needs its own vocabulary: default to the BERT folder's tokenizer.
+            source = model_spec.get("tokenizer") or model_spec.get("text_path")
+            if source:
+                tokenizer = load_tokenizer(source)
+            else:
+                vocab_size = RegionMedCLIPConfig.from_preset(model_spec["preset"]).text_config.vocab_size
+                tokenizer = build_tokenizer(_caption_corpus(train_dataset), vocab_size=vocab_size)
+            tokenizer.save_pretrained(tokenizer_dir)
         tokenizer = load_tokenizer(tokenizer_dir)
-    elif model_spec.get("tokenizer"):
-        tokenizer = load_tokenizer(model_spec["tokenizer"])
-    else:
-        vocab_size = RegionMedCLIPConfig.from_preset(model_spec["preset"]).text_config.vocab_size
-        tokenizer = build_tokenizer(_caption_corpus(train_dataset), vocab_size=vocab_size)
-    if training_args.process_index == 0:
-        tokenizer.save_pretrained(tokenizer_dir)
 
     overrides = dict(model_spec.get("overrides") or {})
     if model_spec.get("vision_path") or model_spec.get("text_path"):
@@ -142,7 +145,8 @@ def build_trainer(run: dict[str, Any], resume: bool = False) -> tuple[RegionMedC
 
     config = model.config
     image_processor = RegionMedCLIPImageProcessor(
-        image_size=config.vision_config.image_size, roi_size=config.roi_image_size, max_rois=config.max_rois
+        image_size=config.vision_config.image_size, roi_size=config.roi_image_size, max_rois=config.max_rois,
+        **_normalisation_of(model_spec.get("vision_path")),
     )
     processor = RegionMedCLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     collator = RegionMedCLIPCollator(processor, seed=training_args.seed)
@@ -162,6 +166,14 @@ def build_trainer(run: dict[str, Any], resume: bool = False) -> tuple[RegionMedC
         if checkpoint is None:
             logger.warning("--resume: no complete checkpoint in %s, starting from scratch", output_dir)
     return trainer, checkpoint
+
+
+def _normalisation_of(vision_path: str | None) -> dict[str, list[float]]:
+    """A pretrained vision tower's own pixel mean/std (from its preprocessor_config.json), if it has one."""
+    if not vision_path or not (Path(vision_path) / "preprocessor_config.json").exists():
+        return {}
+    saved = json.loads((Path(vision_path) / "preprocessor_config.json").read_text())
+    return {key: saved[key] for key in ("image_mean", "image_std") if key in saved}
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
@@ -221,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             log_path.unlink()  # a fresh run starts a fresh log
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
+    final_dir = output_dir / "final"
+    trainer.save_model(final_dir)  # on every rank: FSDP gathers the full weights collectively
     if trainer.is_world_process_zero():
-        final_dir = output_dir / "final"
-        trainer.save_model(final_dir)
         trainer.processing_class.save_pretrained(final_dir)
         plot = write_loss_plot(log_path, trainer.schedule, output_dir / "loss_curves.png")
         print(f"model (remote code, with processor): {final_dir}")

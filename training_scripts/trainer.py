@@ -86,9 +86,16 @@ class RegionMedCLIPTrainer(Trainer):
 
     def __init__(self, *args: Any, schedule: StagedSchedule, max_consecutive_nonfinite: int = 5, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled:
+            logger.warning(
+                "DeepSpeed steps its optimizer inside backward and keeps gradients in its own buffers: frozen "
+                "groups are held by lr 0 only (their Adam moments still update) and non-finite steps are left to "
+                "DeepSpeed's loss scaler"
+            )
         self.schedule = schedule
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.nonfinite_steps = 0
+        self.skipped_rows = 0
         self._consecutive_nonfinite = 0
         self._term_sums: dict[str, float] = defaultdict(float)
         self._term_counts: dict[str, int] = defaultdict(int)
@@ -157,6 +164,8 @@ class RegionMedCLIPTrainer(Trainer):
         missing = [key for key in keys if key not in inputs]
         if missing:
             raise ValueError(f"stage {stage.name!r} needs batch inputs {missing}; check the collator's switches")
+        # The collator reports per batch what it dropped: its own counters live in DataLoader workers.
+        self.skipped_rows += int(inputs.get("skipped_rows", 0))
         outputs = model(**{key: inputs[key] for key in keys}, return_loss=True, loss_weights=dict(stage.loss_weights))
         for term, value in outputs.loss_terms.items():
             self._record(f"loss_{term}", value.item())
@@ -186,8 +195,12 @@ class RegionMedCLIPTrainer(Trainer):
     def _skip_nonfinite_step(self) -> None:
         self.nonfinite_steps += 1
         self._consecutive_nonfinite += 1
-        for parameter in self.model.parameters():
-            parameter.grad = None  # the optimizer skips parameters without a gradient
+        # With a GradScaler (fp16) the non-finite gradients make the scaler skip the step itself
+        # (and it needs them to record that); otherwise drop them: the optimizer skips
+        # parameters without a gradient, so nothing moves.
+        if self.accelerator.scaler is None:
+            for parameter in self.model.parameters():
+                parameter.grad = None
         logger.warning("non-finite loss at step %d: step skipped (%d so far, %d in a row)",
                        self.state.global_step, self.nonfinite_steps, self._consecutive_nonfinite)
         if self._consecutive_nonfinite >= self.max_consecutive_nonfinite:
@@ -210,6 +223,7 @@ class RegionMedCLIPTrainer(Trainer):
             stage = self.schedule.stage_at(max(self.state.global_step - 1, 0))
             logs["stage"] = stage.name
             logs["nonfinite_steps"] = self.nonfinite_steps
+            logs["skipped_rows"] = self.skipped_rows
             logs["logit_scale"] = round(self.model.logit_scale.exp().item(), 4)
         super().log(logs, start_time)
 
@@ -220,6 +234,7 @@ class RegionMedCLIPTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's files (e.g. its RNG state) are written
         if not self.args.should_save:
             return
         run_dir = self._get_output_dir(trial=trial)
