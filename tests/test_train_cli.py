@@ -113,6 +113,19 @@ def test_two_process_torchrun_across_a_stage_boundary(data_dir, tmp_path):
     assert [entry["stage"] for entry in log if "stage" in entry] == ["warmup", "warmup", "joint", "joint"]
     assert (out / "final" / "model.safetensors").exists()
 
+    # Under DDP the frozen ROI processor did not move during warm-up, and Adam kept no state for it.
+    from training_scripts.train import build_parser, build_trainer, resolve_run_config
+
+    args = build_parser().parse_args(command(data_dir, out, run_config(tmp_path), max_steps=4)[3:])
+    fresh = build_trainer(resolve_run_config(args))[0].model  # same seed, same tokenizer -> the initial weights
+    after_warmup = weights(out / "checkpoint-2")
+    for name, value in fresh.state_dict().items():
+        if name.startswith("roi_processor."):
+            assert torch.equal(after_warmup[name], value), name
+    optimizer = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=False)
+    roi_indices = {i for group in optimizer["param_groups"] if group["name"] == "roi" for i in group["params"]}
+    assert roi_indices and not roi_indices & set(optimizer["state"])
+
 
 def test_losses_decrease_over_100_steps(data_dir, tmp_path):
     schedule = [{"name": "joint", "steps": 100, "loss_weights": {"global_report": 1.0, "region": 0.5},
