@@ -103,11 +103,19 @@ def test_kill_then_resume_ends_with_the_same_weights(data_dir, tmp_path):
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # the killed run's extra lines were dropped
 
 
-def test_two_process_torchrun_across_a_stage_boundary(data_dir, tmp_path):
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"],
+    "accelerate": [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", "2",
+                   "--num_machines", "1", "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "29534"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_process_run_across_a_stage_boundary(data_dir, tmp_path, launcher):
     out = tmp_path / "ddp"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
-    result = subprocess.run(torchrun + command(data_dir, out, run_config(tmp_path), max_steps=4)[1:], cwd=ROOT,
-                            env=env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(LAUNCHERS[launcher] + command(data_dir, out, run_config(tmp_path), max_steps=4)[1:],
+                            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [entry["stage"] for entry in log if "stage" in entry] == ["warmup", "warmup", "joint", "joint"]
