@@ -76,11 +76,13 @@ def test_outputs_of_a_run(data_dir, tmp_path):
 def test_kill_then_resume_ends_with_the_same_weights(data_dir, tmp_path):
     config = run_config(tmp_path)
     straight = tmp_path / "straight"
-    subprocess.run(command(data_dir, straight, config), cwd=ROOT, env=env(), check=True, capture_output=True,
-                   timeout=600)
+    # 16 steps with a checkpoint every 4: the kill lands after checkpoint-4 with 12 steps to go,
+    # so even a fast machine cannot finish before it.
+    subprocess.run(command(data_dir, straight, config, max_steps=16, save_steps=4), cwd=ROOT, env=env(), check=True,
+                   capture_output=True, timeout=600)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(command(data_dir, killed, config), cwd=ROOT, env=env(),
+    process = subprocess.Popen(command(data_dir, killed, config, max_steps=16, save_steps=4), cwd=ROOT, env=env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "checkpoint-4" / CHECKPOINT_COMPLETE).exists():
@@ -91,7 +93,8 @@ def test_kill_then_resume_ends_with_the_same_weights(data_dir, tmp_path):
     process.wait()
     assert not (killed / "final").exists()
 
-    resumed = subprocess.run(command(data_dir, killed, config, extra=["--resume"]), cwd=ROOT, env=env(),
+    resumed = subprocess.run(command(data_dir, killed, config, max_steps=16, save_steps=4, extra=["--resume"]),
+                             cwd=ROOT, env=env(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, actual = weights(straight / "final"), weights(killed / "final")
