@@ -13,10 +13,8 @@ import argparse
 import csv
 import io
 import json
-import platform
 import random
 import resource
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmark_report import write_report  # noqa: E402
+
 from training_scripts.converters import convert  # noqa: E402
 
 CLASSES = ("Aortic enlargement", "Atelectasis", "Cardiomegaly", "Nodule/Mass", "Pleural effusion", "Pneumothorax")
@@ -132,23 +132,16 @@ def main() -> None:
         print(json.dumps(result))
 
     first, last = results[0], results[-1]
-    report = {
-        "command": "python " + " ".join(shlex.quote(arg) for arg in sys.argv),
+    report = write_report({
         "format": "vindr-cxr",
         "image_size": IMAGE_SIZE,
         "rows_per_shard": args.rows_per_shard,
-        "machine": {"python": platform.python_version(), "processor": platform.processor(), "system": platform.system()},
         "results": results,
         "rss_ratio_largest_to_smallest": round(
             last["max_rss_after_conversion_mb"] / first["max_rss_after_conversion_mb"], 3),
         "tracemalloc_ratio_largest_to_smallest": round(last["tracemalloc_peak_mb"] / first["tracemalloc_peak_mb"], 3),
-    }
+    }, args.output)
     print(json.dumps({key: report[key] for key in report if key.endswith("smallest")}))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.output}")
-
 
 if __name__ == "__main__":
     main()

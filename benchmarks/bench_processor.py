@@ -9,8 +9,6 @@ Target (issue 3): ratio <= 1.5 at 1024x1024 and 2048x2048.
 import argparse
 import functools
 import json
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -20,6 +18,8 @@ from PIL import Image
 from transformers import CLIPImageProcessorPil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmark_report import write_report  # noqa: E402
+
 from processing import RegionMedCLIPImageProcessor  # noqa: E402
 
 TARGET_RATIO = 1.5
@@ -79,16 +79,7 @@ def main() -> None:
         results.append(row)
         print(json.dumps(row))
 
-    report = {
-        "command": "python " + " ".join(shlex.quote(arg) for arg in sys.argv),
-        "target_ratio": TARGET_RATIO,
-        "machine": {"python": platform.python_version(), "processor": platform.processor(), "system": platform.system()},
-        "results": results,
-    }
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.output}")
+    write_report({"target_ratio": TARGET_RATIO, "results": results}, args.output)
 
 
 if __name__ == "__main__":

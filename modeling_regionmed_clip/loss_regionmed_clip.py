@@ -14,6 +14,7 @@ captions, and every caption of the anchor's group counts as a positive (multi-po
 InfoNCE) instead of being pushed away as a false negative.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -104,14 +105,18 @@ def pad_to_global_max(tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(padding)], dim=dim)
 
 
+@functools.lru_cache(maxsize=16)
+def _hash_coefficients(length: int) -> tuple[int, ...]:
+    return tuple(pow(1_000_003, t, 2**31 - 1) for t in range(length))
+
+
 def caption_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """`(..., L)` token ids -> `(...)` int64 ids, equal for identical captions (padding ignored).
 
     A polynomial hash rather than `torch.unique`, so ids agree across ranks without communication.
     Coefficients stay below 2^31 and ids below 2^17, so the sum cannot overflow int64 for L <= 2^15.
     """
-    length = input_ids.shape[-1]
-    coefficients = torch.tensor([pow(1_000_003, t, 2**31 - 1) for t in range(length)], device=input_ids.device)
+    coefficients = torch.tensor(_hash_coefficients(input_ids.shape[-1]), device=input_ids.device)
     tokens = input_ids.long() + 1
     if attention_mask is not None:
         tokens = tokens * (attention_mask != 0)
