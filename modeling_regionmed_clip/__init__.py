@@ -7,7 +7,7 @@ from .configuration_regionmed_clip import (
     RegionMedCLIPTextConfig,
     RegionMedCLIPVisionConfig,
 )
-from .loss_regionmed_clip import DEFAULT_LOSS_WEIGHTS, LOSS_TERMS, clip_contrastive_loss, regionmed_clip_loss
+from .loss_regionmed_clip import DEFAULT_LOSS_WEIGHTS, LOSS_TERMS, regionmed_clip_loss
 from .modeling_regionmed_clip import RegionMedCLIPModel, RegionMedCLIPOutput, RegionMedCLIPPreTrainedModel
 
 # save_pretrained then writes `auto_map` and copies the flat module files next to the weights.
@@ -25,6 +25,5 @@ __all__ = [
     "RegionMedCLIPVisionConfig",
     "DEFAULT_LOSS_WEIGHTS",
     "LOSS_TERMS",
-    "clip_contrastive_loss",
     "regionmed_clip_loss",
 ]

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 __all__ = [
     "LOGIT_SCALE_MAX",
@@ -28,7 +27,6 @@ __all__ = [
     "LOSS_TERMS",
     "caption_groups",
     "clamped_logit_scale",
-    "clip_contrastive_loss",
     "gather_features",
     "global_contrastive_loss",
     "hard_negative_loss",
@@ -164,18 +162,6 @@ def _symmetric_loss(
     positives = all_groups[:, None] == all_groups[None, :]
     logits = logit_scale * all_anchors @ all_candidates.t()
     return (multi_positive_info_nce(logits, positives) + multi_positive_info_nce(logits.t(), positives)) / 2
-
-
-def clip_contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE of a square `(N, N)` image-text logit matrix whose diagonal holds the pairs."""
-    if logits_per_image.ndim != 2 or logits_per_image.shape[0] != logits_per_image.shape[1]:
-        raise ValueError(
-            f"clip_contrastive_loss needs a square (N, N) logit matrix of matched pairs, got {tuple(logits_per_image.shape)}"
-        )
-    targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
-    image_to_text = nn.functional.cross_entropy(logits_per_image, targets)
-    text_to_image = nn.functional.cross_entropy(logits_per_image.t(), targets)
-    return (image_to_text + text_to_image) / 2
 
 
 def global_contrastive_loss(

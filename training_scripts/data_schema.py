@@ -15,7 +15,7 @@ One row is one image with its captions at four levels (see docs/DATA.md):
 
 import io
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ __all__ = [
     "ShardedParquetWriter",
     "encode_image",
     "export_to_disk",
-    "iter_rows",
     "load_canonical",
     "validate_row",
     "write_rows",
@@ -215,8 +214,3 @@ def export_to_disk(parquet_dir: str | Path, output_dir: str | Path) -> None:
     splits = {split: load_dataset("parquet", data_files={split: pattern}, split=split, features=CANONICAL_FEATURES)
               for split, pattern in files.items()}
     DatasetDict(splits).save_to_disk(str(output_dir))
-
-
-def iter_rows(path: str | Path, split: str = "train") -> Iterator[dict[str, Any]]:
-    """Stream the rows of one split without loading it into memory."""
-    yield from load_canonical(path, split=split, streaming=True)
