@@ -231,17 +231,31 @@ def main(argv: list[str] | None = None) -> int:
             _truncate_log(log_path, int(checkpoint.name.split("-")[-1]))
         elif log_path.exists():
             log_path.unlink()  # a fresh run starts a fresh log
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    final_dir = output_dir / "final"
-    trainer.save_model(final_dir)  # on every rank: FSDP gathers the full weights collectively
-    if trainer.is_world_process_zero():
-        trainer.processing_class.save_pretrained(final_dir)
-        plot = write_loss_plot(log_path, trainer.schedule, output_dir / "loss_curves.png")
-        print(f"model (remote code, with processor): {final_dir}")
-        print(f"loss log: {log_path}")
-        print(f"loss curves: {plot}")
+        final_dir = output_dir / "final"
+        trainer.save_model(final_dir)  # on every rank: FSDP gathers the full weights collectively
+        if trainer.is_world_process_zero():
+            trainer.processing_class.save_pretrained(final_dir)
+            plot = write_loss_plot(log_path, trainer.schedule, output_dir / "loss_curves.png")
+            print(f"model (remote code, with processor): {final_dir}")
+            print(f"loss log: {log_path}")
+            print(f"loss curves: {plot}")
+        trainer.accelerator.wait_for_everyone()
+    finally:
+        _shut_down_process_group()
     return 0
+
+
+def _shut_down_process_group() -> None:
+    """Destroy the process group before the interpreter exits.
+
+    A rank that exits with its gloo group alive can abort in C++ ("terminate called without an
+    active exception") while the group's threads are still joinable, failing a finished run.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
