@@ -1,5 +1,7 @@
 """Shared fixtures: tiny configs and deterministic model inputs."""
 
+import socket
+
 import pytest
 import torch
 
@@ -62,3 +64,10 @@ def config() -> RegionMedCLIPConfig:
 @pytest.fixture
 def model() -> RegionMedCLIPModel:
     return tiny_model()
+
+
+def free_port() -> int:
+    """A TCP port free right now, so parallel or repeated multi-process tests do not collide."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,7 +1,6 @@
 """Two gloo processes on CPU: gathered losses and gradients equal one process on the union batch."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,8 @@ from modeling_regionmed_clip.loss_regionmed_clip import (
     hard_negative_loss,
     region_contrastive_loss,
 )
+
+from conftest import free_port
 
 WORLD = 2
 ROWS_PER_RANK = 3
@@ -75,18 +76,12 @@ def _worker(rank: int, port: int, local_loss: bool, queue) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("local_loss", [False, True])
 def test_two_processes_match_one_process_on_the_union_batch(local_loss):
     context = mp.get_context("spawn")
     queue = context.Queue()
-    port = _free_port()
+    port = free_port()
     processes = [context.Process(target=_worker, args=(rank, port, local_loss, queue)) for rank in range(WORLD)]
     for process in processes:
         process.start()

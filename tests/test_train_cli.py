@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from training_scripts.synthetic import write_synthetic_dataset
 from training_scripts.trainer import CHECKPOINT_COMPLETE
 
+from conftest import free_port
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,17 +109,18 @@ def test_kill_then_resume_ends_with_the_same_weights(data_dir, tmp_path):
 
 
 LAUNCHERS = {
-    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"],
-    "accelerate": [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", "2",
-                   "--num_machines", "1", "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", "29534"],
+    "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                              "--master-port", str(port)],
+    "accelerate": lambda port: [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", "2",
+                                "--num_machines", "1", "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                "--main_process_port", str(port)],
 }
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_process_run_across_a_stage_boundary(data_dir, tmp_path, launcher):
     out = tmp_path / "ddp"
-    result = subprocess.run(LAUNCHERS[launcher] + command(data_dir, out, run_config(tmp_path), max_steps=4)[1:],
+    result = subprocess.run(LAUNCHERS[launcher](free_port()) + command(data_dir, out, run_config(tmp_path), max_steps=4)[1:],
                             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
