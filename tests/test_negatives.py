@@ -125,6 +125,43 @@ def test_finding_does_not_apply_without_an_alternative():
     assert apply_rule("Small nodule.", "finding", rng(), vocabulary=("mass", "cyst")) is None
 
 
+def test_edits_only_inside_negated_statements_do_not_count():
+    # "No effusion." -> "No edema." is still true: a negative must change what the caption affirms
+    assert apply_rule("No pulmonary nodule. No mass. No effusion.", "finding", rng()) is None
+    assert apply_rule("No left pleural effusion.", "laterality", rng()) is None
+    assert apply_rule("Heart size normal; without upper zone opacity.", "location", rng()) is None
+    assert apply_rule("Negative for large pneumothorax.", "severity", rng()) is None
+    # the affirmed finding is swapped, never a negated one, and the replacement is not already mentioned
+    for seed in range(20):
+        result = apply_rule("Small nodule in the left upper zone. No mass. No effusion.", "finding",
+                            random.Random(seed), ("nodule", "mass", "effusion", "cyst"))
+        assert result == "Small cyst in the left upper zone. No mass. No effusion."
+    # a decimal point does not end the sentence that a cue negates, nor start one
+    assert apply_rule("No 1.5 cm left nodule.", "laterality", rng()) is None
+    assert apply_rule("A 1.5 cm left nodule. No effusion.", "laterality", rng()) == (
+        "A 1.5 cm right nodule. No effusion."
+    )
+
+
+def test_a_reordering_of_the_positive_is_not_a_negative():
+    caption = "Pleural thickening in the right upper zone. Pleural thickening in the right lower zone."
+    assert apply_rule(caption, "location", rng()) is None
+    for negative in make_hard_negatives(caption, num=6):
+        assert sorted(negative.split(". ")) != sorted(caption.split(". "))
+
+
+def test_normal_synthetic_reports_get_no_true_negatives():
+    from training_scripts.synthetic import generate_rows
+
+    normal = [row for row, _ in generate_rows(40, seed=0) if not row["regions"]]
+    assert normal
+    for row in normal:
+        for negative in row["negative_captions"]:
+            # every sentence of a normal report is negated, so a negative has to affirm something
+            assert any(not sentence.strip().lower().startswith("no ") for sentence in negative.split(".")
+                       if sentence.strip()), negative
+
+
 def test_word_boundaries_are_respected():
     caption = "Leftover contrast, rightward shift, uppermost lobe, enlarged heart, nodular bilateral change."
     for rule in RULES:

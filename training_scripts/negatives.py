@@ -7,6 +7,12 @@ Every rule matches whole words only (regex ``\\b`` boundaries), so "leftover", "
 "enlarged" and "bilateral" are never edited; a hyphen is a word boundary, so "left-sided" -> "right-sided".
 Case is kept per word: "left" -> "right", "Left" -> "Right", "LEFT" -> "RIGHT".
 
+Edits must change what the caption affirms. Text from a negation cue ("no", "not", "without", "negative for",
+"absence of", "free of") to the end of its sentence is in negated scope, and editing only there can leave a
+true statement ("No effusion." -> "No edema."), so the swap and finding rules apply only when at least one
+edited word lies outside negated scope. A result that states the same sentences as the positive in another
+order ("... right upper zone. ... right lower zone." swapped upper <-> lower) is not a negative either.
+
 Rules (``RULES``), each returning ``None`` from ``apply_rule`` when it does not apply or would change nothing:
 
 ``laterality``
@@ -41,16 +47,18 @@ Rules (``RULES``), each returning ``None`` from ``apply_rule`` when it does not 
     mildly <-> severely, moderately -> severely, "moderate-sized"/"moderate sized" -> large;
     every occurrence swapped simultaneously.
 ``finding``
-    One finding of ``vocabulary`` present in the caption (whole words, case-insensitive, also in its simple
+    One finding of ``vocabulary`` affirmed in the caption (outside negated scope) (whole words, case-insensitive, also in its simple
     plural: +s, +es after s/x/z/ch/sh, -y -> -ies, -sis -> -ses) is chosen with the rng and every occurrence
     of it is replaced by a different vocabulary term chosen with the rng, keeping number and case. Terms
-    already in the caption are avoided as replacements while another is available. An empty vocabulary, or
+    mentioned anywhere in the caption (negated ones included) are avoided as replacements while another is
+    available. An empty vocabulary, or
     one with no term other than the one found, means the rule does not apply.
 
 ``make_hard_negatives`` tries the rules in a shuffled order seeded by (seed, caption), each with its own rng
 seeded by (seed, rule, caption), so its output is deterministic, independent of Python's hash randomisation,
 and the list for ``num=k`` is a prefix of the list for any larger ``num``. A result equal to the positive or
-to an earlier result (after collapsing whitespace and case-folding) is dropped. When the single rules give
+to an earlier result (the same sentences in any order, after collapsing whitespace and case-folding) is
+dropped. When the single rules give
 fewer than ``num`` negatives, pairs of rules are composed (the second applied to the first's output, pairs
 taken in the shuffled order) to fill up; a caption no rule applies to gives ``[]``.
 """
@@ -166,6 +174,30 @@ def _normalise(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+# A sentence runs to ".", ";" or a newline; a decimal point ("1.5 cm") does not end it.
+_SENTENCE = re.compile(r"(?:[^.;\n]|(?<=\d)\.(?=\d))+")
+_NEGATION_CUE = re.compile(r"\b(?:no|not|without|negative\s+for|absence\s+of|free\s+of)\b", re.I)
+
+
+def _statement_key(text: str) -> tuple[str, ...]:
+    """The caption's normalised sentences, sorted: equal keys state the same things in any order."""
+    return tuple(sorted(filter(None, (_normalise(sentence) for sentence in _SENTENCE.findall(text)))))
+
+
+def _negated_spans(caption: str) -> list[tuple[int, int]]:
+    """`(start, end)` character spans from each sentence's first negation cue to the sentence's end."""
+    spans = []
+    for sentence in _SENTENCE.finditer(caption):
+        cue = _NEGATION_CUE.search(caption, sentence.start(), sentence.end())
+        if cue is not None:
+            spans.append((cue.start(), sentence.end()))
+    return spans
+
+
+def _affirmed(match: re.Match[str], negated: list[tuple[int, int]]) -> bool:
+    return not any(start <= match.start() < end for start, end in negated)
+
+
 def _swap_all(caption: str, mapping: dict[str, str]) -> str | None:
     """Replace every key of `mapping` in one pass, so swaps are simultaneous (left->right never re-swapped)."""
     # longest first so "moderate-sized" wins over "moderate"; spaces in keys match any whitespace
@@ -176,6 +208,9 @@ def _swap_all(caption: str, mapping: dict[str, str]) -> str | None:
         word = match.group(0)
         return _match_case(word, mapping[" ".join(word.lower().split())])
 
+    negated = _negated_spans(caption)
+    if not any(_affirmed(match, negated) for match in pattern.finditer(caption)):
+        return None  # only negated statements would change: "No left effusion" -> "No right effusion" may hold
     result = pattern.sub(replace, caption)
     return result if result != caption else None
 
@@ -219,16 +254,19 @@ def _finding(caption: str, rng: random.Random, vocabulary: Sequence[str]) -> str
     terms, forms, pattern = _vocabulary_forms(tuple(vocabulary))
     if pattern is None:
         return None
-    present: list[str] = []
+    negated = _negated_spans(caption)
+    affirmed: list[str] = []
+    mentioned: set[str] = set()
     for match in pattern.finditer(caption):
         term = forms[" ".join(match.group(0).lower().split())][0]
-        if term not in present:
-            present.append(term)
-    if not present:
+        mentioned.add(term)
+        if term not in affirmed and _affirmed(match, negated):
+            affirmed.append(term)
+    if not affirmed:
         return None
-    chosen = rng.choice(present)
+    chosen = rng.choice(affirmed)
     others = [t for t in terms if t != chosen]
-    fresh = [t for t in others if t not in present]
+    fresh = [t for t in others if t not in mentioned]
     if not others:
         return None
     replacement = rng.choice(fresh or others)
@@ -351,9 +389,7 @@ def _negation(caption: str, vocabulary: Sequence[str]) -> str | None:
     opening = _opening_phrase(caption, vocabulary)
     if opening is not None and (best is None or opening[0] < best[0]):
         best = (opening[0], len(_NEGATION_PATTERNS), caption[: opening[0]] + opening[1])
-    if best is None or _normalise(best[2]) == _normalise(caption):
-        return None
-    return best[2]
+    return None if best is None else best[2]
 
 
 def _check_caption(caption: object) -> None:
@@ -383,7 +419,7 @@ def apply_rule(caption: str, rule: str, rng: random.Random, vocabulary: Sequence
         result = _finding(caption, rng, vocabulary)
     else:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    if result is None or _normalise(result) == _normalise(caption):
+    if result is None or _statement_key(result) == _statement_key(caption):
         return None
     return result
 
@@ -403,13 +439,13 @@ def make_hard_negatives(caption: str, num: int = 3, seed: int = 0, vocabulary: S
     # str seeds go through sha512 in random.Random, so this never depends on PYTHONHASHSEED
     order = list(RULES)
     random.Random(f"order\x1f{seed}\x1f{caption}").shuffle(order)
-    seen = {_normalise(caption)}
+    seen = {_statement_key(caption)}
     results: list[str] = []
 
     def keep(candidate: str | None) -> bool:
-        if candidate is None or _normalise(candidate) in seen:
+        if candidate is None or _statement_key(candidate) in seen:
             return False
-        seen.add(_normalise(candidate))
+        seen.add(_statement_key(candidate))
         results.append(candidate)
         return len(results) >= num
 
