@@ -19,7 +19,10 @@ Rules (they are the documentation):
   and letterboxed (aspect kept, padded) to `roi_size x roi_size`.
 * **roi_boxes** are the (clipped, unexpanded) region boxes mapped through exactly the same
   resize and pad as the global view and normalised by `image_size`: a box drawn on the input
-  lands on the same pixels of `pixel_values`. In centre-crop mode they are clipped to the view.
+  lands on the same pixels of `pixel_values`. In centre-crop mode a region partly outside the
+  view keeps its full ROI crop (cut from the original image) and only its box is clipped to the
+  view; a region with no area inside the view (entirely outside it, or only touching its edge)
+  is an error naming the region, since its box would be degenerate (use `resize_mode="pad"`).
 * **More than `max_rois` regions**: the FIRST `max_rois`, in the order given, are kept (order is
   the caller's priority) and a warning says how many were dropped.
 * Images are decoded by `medical_image_io.load_medical_image` (PIL modes, NumPy, DICOM; high
@@ -50,6 +53,10 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZE_MODES = ("pad", "center_crop")
 BOX_FORMATS = ("xyxy", "xywh")
+# Smallest width/height (fraction of the view side) a mapped region box may have. Not zero: a box
+# that only touches a centre-cropped view's edge maps to float-rounding noise (~1e-16), which is
+# as degenerate as exactly zero. 1e-6 also survives the float32 cast of `roi_boxes` near 1.0.
+MIN_VIEW_BOX_EXTENT = 1e-6
 
 
 @dataclass(frozen=True)
@@ -78,8 +85,26 @@ class ViewTransform:
             resized_height=resized_height,
         )
 
+    def visible_box(self, view_size: int) -> np.ndarray:
+        """The part of the original image the view shows, as pixel xyxy of the original.
+
+        The whole image in pad mode; the central part in centre-crop mode.
+        """
+        return np.array(
+            [
+                max(0.0, -self.offset_x / self.scale_x),
+                max(0.0, -self.offset_y / self.scale_y),
+                min(self.resized_width, view_size - self.offset_x) / self.scale_x,
+                min(self.resized_height, view_size - self.offset_y) / self.scale_y,
+            ]
+        )
+
     def map_box(self, box: np.ndarray, view_size: int) -> np.ndarray:
-        """Pixel xyxy in the original -> xyxy in `[0, 1]` of the view (clipped to it)."""
+        """Pixel xyxy in the original -> xyxy in `[0, 1]` of the view (clipped to it).
+
+        The result has zero width or height when the box lies outside a centre-cropped view;
+        `RegionMedCLIPImageProcessor` rejects such regions before they reach the model.
+        """
         x0, y0, x1, y1 = box
         mapped = np.array(
             [
@@ -224,6 +249,27 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
                 raise ValueError(f"{where}: box {value!r} ({box_format}) lies entirely outside the {width}x{height} image")
         return np.clip(box, 0, [width, height, width, height]), None
 
+    def _view_box(self, box: np.ndarray, transform: ViewTransform, where: str) -> np.ndarray:
+        """Clipped pixel box -> normalised view box; an error if it has no area in the view.
+
+        Only centre-crop mode can cut a region that lies inside the image out of the view. Its box
+        would be degenerate while `roi_mask` says the slot is real, and the model would pool
+        context from nothing: the region is rejected, never silently dropped or moved.
+        """
+        view_box = transform.map_box(box, self.image_size)
+        if min(view_box[2] - view_box[0], view_box[3] - view_box[1]) > MIN_VIEW_BOX_EXTENT:
+            return view_box
+        shown = ", ".join(f"{value:g}" for value in transform.visible_box(self.image_size))
+        described = ", ".join(f"{value:g}" for value in box)
+        if self.resize_mode == "center_crop":
+            raise ValueError(
+                f"{where}: region (pixel box [{described}] (xyxy) of the original image) falls outside the "
+                f"centre-cropped {self.image_size}x{self.image_size} view, which shows only the original's pixel "
+                f"box [{shown}] (xyxy); use resize_mode='pad' (the default) to keep the whole image in the view"
+            )
+        # Pad mode shows the whole image, so only a box far below one view pixel gets here.
+        raise ValueError(f"{where}: region (pixel box [{described}]) is too small to cover any of the view")
+
     def _crop_box(self, box: np.ndarray, height: int, width: int) -> tuple[float, float, float, float]:
         """Expand `box` by the context factor about its centre and clamp it to the image."""
         centre_x, centre_y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
@@ -298,16 +344,15 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
                 specs = specs[: self.max_rois]
             crops, boxes = [], []
             for region_index, spec in enumerate(specs):
-                box, mask = self._region_box(
-                    spec, f"regions[{index}][{region_index}]", height, width, box_format, normalized_boxes
-                )
+                where = f"regions[{index}][{region_index}]"
+                box, mask = self._region_box(spec, where, height, width, box_format, normalized_boxes)
+                boxes.append(self._view_box(box, transform, where))  # checked before the (costlier) crop
                 crop_box = self._crop_box(box, height, width)
                 source = image
                 if mask is not None and self.mask_crop:
                     blanked = np.where(mask if array.ndim == 2 else mask[..., None], array, self.pad_value)
                     source = _as_pil(blanked.astype(np.uint8))
                 crops.append(self._normalise(_letterbox(source, crop_box, self.roi_size, self.pad_value, self.resample)))
-                boxes.append(transform.map_box(box, self.image_size))
             roi_pixels.append(crops)
             roi_boxes.append(boxes)
 

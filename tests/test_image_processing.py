@@ -110,6 +110,63 @@ def test_partly_outside_boxes_are_clipped():
         np.testing.assert_allclose(outside[key], inside[key], atol=1e-6)
 
 
+# A 300 x 100 (W x H) film in a 64 centre-cropped view: scale 0.64, so the view shows only the
+# original's x in [100, 200] (all of y).
+CROP_SCENE = {"width": 300, "height": 100, "box": (120, 20, 180, 80)}
+
+
+@pytest.mark.parametrize(
+    "region",
+    [
+        [0, 10, 20, 90],  # inside the image, left of the view: used to give a zero-width box
+        [250, 10, 290, 90],  # right of the view
+        [50, 10, 100, 90],  # only touches the view's left edge: zero area after clipping
+        [200, 10, 260, 90],  # only touches the right edge
+        {"point": [10, 50]},
+        {"mask": np.pad(np.ones((100, 30), dtype=bool), ((0, 0), (0, 270)))},
+    ],
+)
+def test_centre_crop_rejects_regions_outside_the_view(region):
+    inside = [130, 20, 170, 80]
+    with pytest.raises(
+        ValueError,
+        match=r"regions\[0\]\[2\]: .*outside the centre-cropped 64x64 view, which shows only the original's "
+        r"pixel box \[100, 0, 200, 100\].*resize_mode='pad'",
+    ):
+        make_processor(resize_mode="center_crop")(bright_square_image(**CROP_SCENE), regions=[[inside, inside, region]])
+
+
+def test_centre_crop_clips_partly_outside_regions_to_the_view_and_keeps_their_crop():
+    image = bright_square_image(**CROP_SCENE)
+    regions = [[[50, 10, 150, 90], [180, 0, 300, 100], [99.5, 10, 100.5, 90]]]
+    cropped = make_processor(resize_mode="center_crop")(image, regions=regions)
+    boxes = cropped["roi_boxes"][0]
+    assert cropped["roi_mask"].all()
+    assert (boxes >= 0).all() and (boxes <= 1).all()
+    assert ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()
+    # view x = 0.64 * x - 64, y = 0.64 * y; then clipped to [0, 64] and divided by 64
+    np.testing.assert_allclose(
+        boxes * 64, [[0, 6.4, 32, 57.6], [51.2, 0, 64, 64], [0, 6.4, 0.32, 57.6]], atol=1e-4
+    )
+    # The crop is cut from the original image, not from the view: the same as in pad mode.
+    padded = make_processor()(image, regions=regions)
+    np.testing.assert_allclose(cropped["roi_pixel_values"], padded["roi_pixel_values"], atol=1e-6)
+
+
+def test_pad_mode_keeps_regions_the_centre_crop_would_cut():
+    out = make_processor()(bright_square_image(**CROP_SCENE), regions=[[[0, 10, 20, 90], [50, 10, 100, 90]]])
+    assert out["roi_mask"].all()
+    # pad: scale 64 / 300; the 21-pixel-high film is padded by 21 pixels on top
+    scale = 64 / 300
+    expected = [[0, 10 * 0.21 + 21, 20 * scale, 90 * 0.21 + 21], [50 * scale, 10 * 0.21 + 21, 100 * scale, 90 * 0.21 + 21]]
+    np.testing.assert_allclose(out["roi_boxes"][0] * 64, expected, atol=1e-4)
+
+
+def test_pad_mode_rejects_a_box_too_small_for_the_view():
+    with pytest.raises(ValueError, match=r"regions\[0\]\[0\]: .*too small to cover any of the view"):
+        make_processor()(bright_square_image(), regions=[[[10, 10, 10 + 1e-7, 40]]])
+
+
 def test_more_regions_than_max_rois_keep_the_first_and_warn(caplog):
     boxes = [[10 * i, 10, 10 * i + 20, 40] for i in range(1, 7)]
     with caplog.at_level(logging.WARNING):
@@ -201,7 +258,8 @@ def test_save_and_load_round_trip(tmp_path):
     processor.save_pretrained(tmp_path)
     loaded = RegionMedCLIPImageProcessor.from_pretrained(tmp_path)
     image = bright_square_image()
-    a = processor(image, regions=[[[0, 0, 50, 50]]])
-    b = loaded(image, regions=[[[0, 0, 50, 50]]])
+    # x in [100, 150]: inside the centre-cropped view (x in [50, 250] of this 300 x 200 film)
+    a = processor(image, regions=[[[100, 0, 150, 50]]])
+    b = loaded(image, regions=[[[100, 0, 150, 50]]])
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
