@@ -48,6 +48,11 @@ DICOM (a ``pydicom.Dataset`` or a DICOM path; needs the optional ``pydicom>=3``,
        values are clipped into the window (that is what a window means: everything below it is black,
        everything above it white) and mapped linearly onto 0..255; otherwise min-max. ``VOILUTFunction`` is
        ignored (always linear).
+       Enhanced multi-frame data (e.g. Enhanced CT/MR) keeps the rescale and the window in functional groups:
+       the chosen frame's ``PerFrameFunctionalGroupsSequence`` item is looked up first, then the
+       ``SharedFunctionalGroupsSequence`` item, then the top level, each separately for the rescale
+       (``PixelValueTransformationSequence``) and for the window (``FrameVOILUTSequence``). A VOI LUT Sequence is
+       read from the top level only.
     4. ``MONOCHROME1`` is inverted after windowing (``255 - x``), so bright always means dense.
 
 Size limit
@@ -347,6 +352,43 @@ def _first_value(value: Any) -> float | None:
     return float(value)
 
 
+def _functional_group_items(dataset: Any, dicom_frame: int, macro: str) -> list[Any]:
+    """First items of functional-group macro ``macro`` (e.g. FrameVOILUTSequence) for one frame, most specific first.
+
+    Enhanced multi-frame DICOM keeps frame attributes such as the rescale and the window in functional groups, which
+    pydicom's LUT helpers do not read: the frame's own PerFrameFunctionalGroupsSequence item overrides the
+    SharedFunctionalGroupsSequence item. Returns [] for data without functional groups (classic single-frame DICOM).
+    """
+    per_frame = getattr(dataset, "PerFrameFunctionalGroupsSequence", None) or []
+    shared = getattr(dataset, "SharedFunctionalGroupsSequence", None) or []
+    # A per-frame sequence shorter than NumberOfFrames is malformed; the shared group still applies then.
+    groups = ([per_frame[dicom_frame]] if dicom_frame < len(per_frame) else []) + list(shared[:1])
+    items: list[Any] = []
+    for group in groups:
+        macro_items = getattr(group, macro, None)
+        if macro_items:
+            items.append(macro_items[0])
+    return items
+
+
+def _rescale_source(dataset: Any, dicom_frame: int) -> Any:
+    """Where the frame's modality transform is: a functional-group PixelValueTransformation item, else the dataset."""
+    for item in _functional_group_items(dataset, dicom_frame, "PixelValueTransformationSequence"):
+        if getattr(item, "RescaleSlope", None) is not None and getattr(item, "RescaleIntercept", None) is not None:
+            return item
+    return dataset
+
+
+def _frame_window(dataset: Any, dicom_frame: int) -> tuple[float | None, float | None]:
+    """The frame's (WindowCenter, WindowWidth), first values: per-frame group, shared group, then top level."""
+    for source in [*_functional_group_items(dataset, dicom_frame, "FrameVOILUTSequence"), dataset]:
+        center = _first_value(getattr(source, "WindowCenter", None))
+        width = _first_value(getattr(source, "WindowWidth", None))
+        if center is not None and width is not None:
+            return center, width
+    return None, None
+
+
 def _decode_frame(dataset: Any, dicom_frame: int, num_frames: int) -> tuple[np.ndarray, str]:
     """Decode one frame: (rows, cols) or (rows, cols, samples) array, and the colour space it is in."""
     pixels = _import_pydicom().pixels
@@ -402,9 +444,9 @@ def _from_dicom(dataset: Any, dicom_frame: int, max_image_pixels: int | None) ->
         return np.ascontiguousarray((rgb >> 8).astype(np.uint8))
 
     # Windows and VOI LUTs are defined on modality values (e.g. Hounsfield units), so rescale first.
-    values = pixels.apply_modality_lut(values, dataset)
-    center = _first_value(getattr(dataset, "WindowCenter", None))
-    width = _first_value(getattr(dataset, "WindowWidth", None))
+    # apply_modality_lut reads only the rescale tags of what it is given: hand it the frame's functional-group item.
+    values = pixels.apply_modality_lut(values, _rescale_source(dataset, dicom_frame))
+    center, width = _frame_window(dataset, dicom_frame)
     if getattr(dataset, "VOILUTSequence", None):
         out = _minmax_to_uint8(pixels.apply_voi_lut(values, dataset))
     elif center is not None and width is not None and width > 0:

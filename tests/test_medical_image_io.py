@@ -490,6 +490,102 @@ def test_hand_built_multi_frame():
         load_medical_image(ds, dicom_frame=3)
 
 
+# Enhanced multi-frame DICOM keeps the rescale and the window in functional groups, not at the top level.
+ENHANCED_FRAME = np.array([[0, 50, 100], [150, 200, 60000]], dtype=np.uint16)
+
+
+def functional_group(rescale=None, window=None):
+    """A functional-groups item with an optional (slope, intercept) and (center, width) macro."""
+    pydicom = pytest.importorskip("pydicom")
+    group = pydicom.Dataset()
+    if rescale is not None:
+        transform = pydicom.Dataset()
+        transform.RescaleSlope, transform.RescaleIntercept = rescale
+        transform.RescaleType = "HU"
+        group.PixelValueTransformationSequence = [transform]
+    if window is not None:
+        voi = pydicom.Dataset()
+        voi.WindowCenter, voi.WindowWidth = window
+        voi.WindowCenterWidthExplanation = "TEST"
+        group.FrameVOILUTSequence = [voi]
+    return group
+
+
+def enhanced_ct(frames, shared, per_frame=None):
+    """An in-memory Enhanced CT dataset; ``per_frame`` defaults to groups holding neither macro."""
+    pydicom = pytest.importorskip("pydicom")
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = pydicom.uid.EnhancedCTImageStorage
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.set_pixel_data(frames, "MONOCHROME2", 16)
+    ds.SharedFunctionalGroupsSequence = [shared]
+    ds.PerFrameFunctionalGroupsSequence = per_frame or [functional_group() for _ in frames]
+    return ds
+
+
+def test_enhanced_shared_group_matches_classic_top_level_tags(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    frames = np.stack([ENHANCED_FRAME + 25 * k for k in range(3)])
+    ds = enhanced_ct(frames, functional_group(rescale=(2, -100), window=(100, 200)))
+    assert "RescaleSlope" not in ds and "WindowCenter" not in ds
+    path = tmp_path / "enhanced.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    # Modality values 2v - 100, window [0, 200], v / 200 * 255: frame 1 is -50, 50, 150, 250, ... -> 0, 64, 191, 255.
+    hand_computed = [[[0, 0, 128], [255, 255, 255]], [[0, 64, 191], [255, 255, 255]], [[0, 128, 255], [255, 255, 255]]]
+    for k in range(3):
+        classic = pydicom.Dataset()
+        classic.set_pixel_data(frames[k], "MONOCHROME2", 16)
+        classic.RescaleSlope, classic.RescaleIntercept = 2, -100
+        classic.WindowCenter, classic.WindowWidth = 100, 200
+        out = load_medical_image(ds, dicom_frame=k)
+        assert_fresh_uint8(out, (2, 3))
+        np.testing.assert_array_equal(out, hand_computed[k])
+        np.testing.assert_array_equal(out, load_medical_image(classic))
+        np.testing.assert_array_equal(load_medical_image(path, dicom_frame=k), out)
+
+
+def test_enhanced_per_frame_windows_are_each_frames_own():
+    frames = np.stack([ENHANCED_FRAME] * 3)  # identical pixels: only the windows tell the frames apart
+    per_frame = [
+        functional_group(window=(100, 200)),  # [0, 200]
+        functional_group(window=([1000, 5], [2000, 1])),  # multi-valued: the first pair, [0, 2000]
+        functional_group(window=(100, 100)),  # [50, 150]
+    ]
+    ds = enhanced_ct(frames, functional_group(), per_frame)
+    expected = [
+        [[0, 64, 128], [191, 255, 255]],
+        [[0, 6, 13], [19, 26, 255]],  # v / 2000 * 255: 6.375, 12.75, 19.125, 25.5 (halves round up)
+        [[0, 0, 128], [255, 255, 255]],
+    ]
+    for k in range(3):
+        np.testing.assert_array_equal(load_medical_image(ds, dicom_frame=k), expected[k])
+
+
+def test_enhanced_per_frame_group_overrides_shared_and_shared_overrides_top_level():
+    frames = np.stack([ENHANCED_FRAME] * 4)
+    per_frame = [
+        functional_group(),  # both from the shared group
+        functional_group(window=(0, 400)),  # own window [-200, 200], shared rescale
+        functional_group(rescale=(1, 0)),  # own rescale, shared window
+        functional_group(rescale=(1, -50), window=(0, 400)),  # both its own
+    ]
+    ds = enhanced_ct(frames, functional_group(rescale=(2, -100), window=(100, 200)), per_frame)
+    # Top-level tags that would give other results if they were used instead of the groups.
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    ds.WindowCenter, ds.WindowWidth = 5000, 10
+    expected = [
+        [[0, 0, 128], [255, 255, 255]],  # 2v - 100 in [0, 200]
+        [[64, 128, 191], [255, 255, 255]],  # 2v - 100 in [-200, 200]: (m + 200) / 400 * 255
+        [[0, 64, 128], [191, 255, 255]],  # v in [0, 200]
+        [[96, 128, 159], [191, 223, 255]],  # v - 50 in [-200, 200]
+    ]
+    for k in range(4):
+        np.testing.assert_array_equal(load_medical_image(ds, dicom_frame=k), expected[k])
+    # Without functional groups the top-level tags apply: window [4995, 5005] on v leaves only 60000 white.
+    del ds.SharedFunctionalGroupsSequence, ds.PerFrameFunctionalGroupsSequence
+    np.testing.assert_array_equal(load_medical_image(ds, dicom_frame=1), [[0, 0, 0], [0, 0, 255]])
+
+
 def test_single_frame_accepts_only_frame_0():
     ds = read_dicom("CT_small.dcm")
     with pytest.raises(ValueError, match=r"dicom_frame=1.*1 frame"):
