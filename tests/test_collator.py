@@ -1,7 +1,9 @@
+import io
 import logging
 
 import pytest
 import torch
+from PIL import Image
 
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
 from training_scripts.collator import RegionMedCLIPCollator
@@ -64,11 +66,46 @@ def test_a_corrupt_image_is_skipped_and_counted(processor, rows, caplog):
 def test_a_batch_of_only_corrupt_rows_repeats_the_last_good_row(processor, rows):
     corrupt = {**rows[0], "image": {"bytes": b"garbage", "path": None}}
     collator = RegionMedCLIPCollator(processor)
-    with pytest.raises(RuntimeError, match="decodable image"):
+    with pytest.raises(RuntimeError, match="call prime"):
         collator([corrupt])
     collator(rows[3:5])
     batch = collator([corrupt, corrupt])
     assert batch["pixel_values"].shape[0] == 1 and collator.skipped_rows == 3
+
+
+def test_a_primed_collator_survives_a_corrupt_first_batch_in_a_worker(processor, rows):
+    corrupt = {**rows[0], "image": {"bytes": b"garbage", "path": None}}
+    collator = RegionMedCLIPCollator(processor)
+    collator.prime([corrupt, rows[4], rows[5]])  # the first decodable row is the stand-in
+    # a DataLoader worker gets a pickled copy: its very first batch is all corrupt
+    loader = torch.utils.data.DataLoader([corrupt], batch_size=1, collate_fn=collator, num_workers=1)
+    batch = next(iter(loader))
+    assert batch["pixel_values"].shape[0] == 1 and batch["skipped_rows"].item() == 1
+    expected = collator([rows[4]])["input_ids"]
+    assert torch.equal(batch["input_ids"], expected)
+    with pytest.raises(ValueError, match="none of the first 2 rows has a decodable image"):
+        RegionMedCLIPCollator(processor).prime([corrupt, corrupt, rows[4]], max_rows=2)
+
+
+def test_regions_outside_a_centre_cropped_view_are_dropped_and_counted(rows):
+    processor = RegionMedCLIPProcessor(
+        RegionMedCLIPImageProcessor(image_size=64, roi_size=32, max_rois=4, resize_mode="center_crop"),
+        build_tokenizer(["a b c"], vocab_size=100),
+    )
+    row = next(row for row in rows if row["regions"])
+    wide = {**row, "image": {"bytes": _png(300, 100), "path": None},  # the view shows x in [100, 200]
+            "regions": [{"bbox": [0.0, 10.0, 20.0, 90.0], "caption": "cut", "label": "nodule"},
+                        {"bbox": [120.0, 10.0, 180.0, 90.0], "caption": "kept", "label": "nodule"}]}
+    collator = RegionMedCLIPCollator(processor, max_regions=1)
+    batch = collator([wide])  # without the filter the processor would raise on the first region
+    assert batch["roi_mask"].tolist() == [[True]] and batch["region_input_ids"].shape[:2] == (1, 1)
+    assert collator.skipped_regions == 1
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_region_boxes_outside_the_image_are_dropped_and_counted(processor, rows):

@@ -7,7 +7,11 @@ would surface in the DataLoader and end the run.
 Per step, each row contributes 1..K of its regions (K = `max_regions`, default the image
 processor's `max_rois`): how many and which are drawn from `random.Random(f"{seed}:{image_id}:{epoch}")`,
 a pure function of the row and the epoch, so a resumed run samples exactly what an uninterrupted
-one would. Regions whose box does not overlap the decoded image are dropped and counted.
+one would. Regions whose box does not overlap the decoded image, or has no area in the processor's
+global view (a centre-crop view cuts the image's edges off), are dropped and counted.
+
+A batch in which no image decodes is replaced by the last good row; `prime(dataset)` decodes a
+first good row up front, so that holds for the very first batch of every DataLoader worker too.
 Use the default non-persistent DataLoader workers: persistent ones would keep the epoch of
 their first copy of the collator.
 """
@@ -17,14 +21,16 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers.image_processing_utils import BatchFeature
 
 from processing import RegionMedCLIPProcessor
+from processing.image_processing_regionmed_clip import MIN_VIEW_BOX_EXTENT, RegionMedCLIPImageProcessor, ViewTransform
 
 __all__ = ["RegionMedCLIPCollator"]
 
@@ -42,11 +48,18 @@ def _decode(image: Any) -> Image.Image:
     raise ValueError(f"no image bytes (got {type(image).__name__})")
 
 
-def _box_is_usable(bbox: Sequence[float], width: int, height: int) -> bool:
+def _box_is_usable(bbox: Sequence[float], width: int, height: int, image_processor: RegionMedCLIPImageProcessor) -> bool:
+    """Whether the processor will accept `bbox` (xyxy pixels) on a `width x height` image."""
     if len(bbox) != 4 or not all(math.isfinite(v) for v in bbox):
         return False
     x0, y0, x1, y1 = bbox
-    return x1 > x0 and y1 > y0 and x1 > 0 and y1 > 0 and x0 < width and y0 < height
+    if not (x1 > x0 and y1 > y0 and x1 > 0 and y1 > 0 and x0 < width and y0 < height):
+        return False
+    # The processor rejects a region with no area in its global view (see its `_view_box`).
+    size = image_processor.image_size
+    transform = ViewTransform.for_image(height, width, size, image_processor.resize_mode)
+    view_box = transform.map_box(np.clip(np.asarray(bbox, dtype=np.float64), 0, [width, height, width, height]), size)
+    return min(view_box[2] - view_box[0], view_box[3] - view_box[1]) > MIN_VIEW_BOX_EXTENT
 
 
 class RegionMedCLIPCollator:
@@ -78,14 +91,28 @@ class RegionMedCLIPCollator:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def prime(self, rows: Iterable[Mapping[str, Any]], max_rows: int = 1000) -> None:
+        """Decode the first good row of `rows` (e.g. the train dataset) as the stand-in for a batch
+        whose images all fail, so no batch (the first of each DataLoader worker included) ends the run.
+        Call before training: workers get copies of the collator."""
+        for index, row in enumerate(rows):
+            if index >= max_rows:
+                break
+            try:
+                self._last_good = (row, _decode(row["image"]))
+                return
+            except Exception as error:  # PIL raises many types; the reason is in the error below
+                logger.debug("prime: row %s does not decode: %s", row.get("image_id"), error)
+        raise ValueError(f"none of the first {max_rows} rows has a decodable image; is the dataset corrupt?")
+
     def _sample_regions(self, row: Mapping[str, Any], image: Image.Image) -> list[Mapping[str, Any]]:
         usable = []
         for region in row["regions"]:
-            if _box_is_usable(region["bbox"], *image.size):
+            if _box_is_usable(region["bbox"], *image.size, self.processor.image_processor):
                 usable.append(region)
             else:
                 self.skipped_regions += 1
-                self.skip_reasons["region box outside the image or degenerate"] += 1
+                self.skip_reasons["region box outside the image or its global view, or degenerate"] += 1
         if not usable:
             return []
         rng = random.Random(f"{self.seed}:{row['image_id']}:{self.epoch}")
@@ -111,7 +138,8 @@ class RegionMedCLIPCollator:
             # A batch with no decodable image: repeat the last good row rather than end the run.
             good = [self._last_good]
         else:
-            raise RuntimeError(f"none of the first {len(rows)} rows has a decodable image; is the dataset corrupt?")
+            raise RuntimeError(f"none of these {len(rows)} rows has a decodable image and the collator has no "
+                               "stand-in: call prime(dataset) before training")
 
         images = [image for _, image in good]
         call: dict[str, Any] = {"images": images, "text": [row["report_caption"] for row, _ in good]}

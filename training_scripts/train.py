@@ -150,6 +150,7 @@ def build_trainer(run: dict[str, Any], resume: bool = False) -> tuple[RegionMedC
     )
     processor = RegionMedCLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     collator = RegionMedCLIPCollator(processor, seed=training_args.seed)
+    collator.prime(train_dataset)
     schedule = StagedSchedule(run["schedule"], training_args.max_steps)
     trainer = RegionMedCLIPTrainer(
         model=model,
