@@ -12,8 +12,9 @@ Conventions:
 - Radiographic display: the patient's LEFT is on the image's RIGHT. "left upper zone" is the upper
   third of the lung field drawn on the right half of the image.
 - Zones are the vertical thirds of each lung field. Effusions sit in the lower zone only.
-- Region boxes are tight around the lesion's visible extent (where it adds >= 10% of its peak
-  intensity), in pixels of the stored image, xyxy with exclusive x1, y1.
+- Region boxes hold every pixel the lesion changed: its drawn footprint (where it adds >= 10% of
+  its peak intensity) grown by the reach of the film's blur, in pixels of the stored image, xyxy
+  with exclusive x1, y1.
 
 Also written: a VQA split in VQA-RAD's JSON format (`vqa/{split}.json`), with closed (yes/no)
 and open (where / what) questions about the same images; `image_name` is `{image_id}.png`, the
@@ -23,7 +24,7 @@ image being the canonical row with that `image_id`.
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -209,9 +210,20 @@ def render_phantom(seed: int, index: int, size: int = 256, draw_lesions: bool = 
     rng = np.random.default_rng([seed, index, 3])
     film = film * rng.uniform(0.85, 1.15) + rng.uniform(-12, 12)
     image = Image.fromarray(np.clip(film, 0, 255).astype(np.uint8), mode="L")
-    image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.6, 1.6))))
+    blur = float(rng.uniform(0.6, 1.6))
+    image = image.filter(ImageFilter.GaussianBlur(radius=blur))
     noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, rng.uniform(3, 8), (size, size))
+    # The blur spreads each lesion past its drawn footprint: grow the boxes by its reach (3 sigma,
+    # plus a pixel for PIL's box-filter approximation) so they hold every pixel the lesion changed.
+    reach = int(np.ceil(3 * blur)) + 1
+    lesions = [replace(lesion, box=_grown(lesion.box, reach, size)) for lesion in lesions]
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), mode="L"), lesions
+
+
+def _grown(box: tuple[int, int, int, int], margin: int, size: int) -> tuple[int, int, int, int]:
+    """`box` (xyxy pixels, exclusive end) grown by `margin` on every side, clipped to a `size` image."""
+    x0, y0, x1, y1 = box
+    return max(0, x0 - margin), max(0, y0 - margin), min(size, x1 + margin), min(size, y1 + margin)
 
 
 def _report(lesions: list[Lesion], rng: np.random.Generator) -> str:
