@@ -3,7 +3,10 @@
 Every function takes L2-normalised embeddings and the (already clamped) logit scale. Across
 processes, features are gathered WITH gradients (`torch.distributed.nn.functional.all_gather`),
 as open_clip's `gather_with_grad=True` does; `local_loss=True` keeps only this rank's rows as
-anchors (against every rank's candidates), which saves the `(N_all x N_all)` logits.
+anchors (against every rank's candidates), which saves the `(N_all x N_all)` logits. A local loss
+is this rank's SUM over its anchors divided by `N_all / world_size`, not its own mean: the ranks'
+anchor counts differ (valid ROIs always, rows sometimes), and only then does DDP's average over
+ranks equal the mean over the union batch.
 
 Gradients under gathering: each rank's features receive the SUM over ranks of the gradient of
 that rank's loss, i.e. `world_size x` the single-process gradient of the mean loss; DDP then
@@ -51,8 +54,8 @@ class ContrastiveLossConfig:
 
 
 def clamped_logit_scale(log_logit_scale: torch.Tensor) -> torch.Tensor:
-    """`exp(log_logit_scale)` clamped to `LOGIT_SCALE_MAX` (scalar)."""
-    return log_logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+    """`exp(log_logit_scale)` clamped to `LOGIT_SCALE_MAX`, as a 0-d tensor (from a `()` or `(1,)` parameter)."""
+    return log_logit_scale.exp().clamp(max=LOGIT_SCALE_MAX).reshape(())
 
 
 def _distributed() -> tuple[int, int]:
@@ -128,17 +131,27 @@ def _gathered_groups(groups: torch.Tensor | None, total: int, device: torch.devi
     return gather_features(groups, gather_with_grad=False)[0]
 
 
-def multi_positive_info_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of `-log(sum_pos softmax(logits))`; logits `(N, M)`, positives `(N, M)` bool.
+def multi_positive_info_nce(
+    logits: torch.Tensor, positives: torch.Tensor, denominator: float | None = None
+) -> torch.Tensor:
+    """`-log(sum_pos softmax(logits))` per row, averaged; logits `(N, M)`, positives `(N, M)` bool.
 
-    With one positive per row this is cross-entropy. Rows without a positive are ignored.
+    With one positive per row this is cross-entropy. Rows without a positive are ignored. The
+    rows' sum is divided by `denominator` when given (a local loss: see the module docstring),
+    else by the number of rows with a positive.
     """
     has_positive = positives.any(dim=1)
     if not has_positive.any():
         return logits.sum() * 0.0
     logits, positives = logits[has_positive], positives[has_positive]
     positive_logits = logits.masked_fill(~positives, torch.finfo(logits.dtype).min)
-    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(positive_logits, dim=1)).mean()
+    per_row = torch.logsumexp(logits, dim=1) - torch.logsumexp(positive_logits, dim=1)
+    return per_row.mean() if denominator is None else per_row.sum() / denominator
+
+
+def _local_denominator(total_anchors: int) -> float:
+    """What a rank divides its local sum by, so DDP's mean over ranks is the union batch's mean."""
+    return total_anchors / _distributed()[1]
 
 
 def _symmetric_loss(
@@ -158,7 +171,9 @@ def _symmetric_loss(
         positives = all_groups[rows, None] == all_groups[None, :]
         forward = logit_scale * all_anchors[rows] @ all_candidates.t()
         backward = logit_scale * all_candidates[rows] @ all_anchors.t()
-        return (multi_positive_info_nce(forward, positives) + multi_positive_info_nce(backward, positives)) / 2
+        denominator = _local_denominator(all_anchors.shape[0])
+        return (multi_positive_info_nce(forward, positives, denominator)
+                + multi_positive_info_nce(backward, positives, denominator)) / 2
     positives = all_groups[:, None] == all_groups[None, :]
     logits = logit_scale * all_anchors @ all_candidates.t()
     return (multi_positive_info_nce(logits, positives) + multi_positive_info_nce(logits.t(), positives)) / 2
@@ -242,7 +257,8 @@ def hard_negative_loss(
         # never up-weight a padding slot or a positive that topk had to pick for lack of candidates
         hardest &= candidates > torch.finfo(logits.dtype).min
         logits = logits + hardest * torch.log(torch.tensor(config.hard_negative_weight, dtype=logits.dtype))
-    return multi_positive_info_nce(logits, positives)
+    denominator = _local_denominator(all_texts.shape[0]) if config.local_loss else None
+    return multi_positive_info_nce(logits, positives, denominator)
 
 
 LOSS_TERMS = ("global_report", "global_summary", "region", "hard_negative")

@@ -337,10 +337,11 @@ class RegionMedCLIPFusionLayer(GradientCheckpointingLayer):
         self.cross_attn = RegionMedCLIPAttention(
             config, vision.hidden_size, config.roi_fusion_heads, vision.attention_dropout
         )
-        self.attn_gate = nn.Parameter(torch.full((), float(config.roi_gate_init)))
+        # Shape (1,), not (): FSDP refuses 0-d parameters.
+        self.attn_gate = nn.Parameter(torch.full((1,), float(config.roi_gate_init)))
         self.mlp_norm = nn.LayerNorm(vision.hidden_size, eps=vision.layer_norm_eps)
         self.mlp = RegionMedCLIPMLP(vision.hidden_size, vision.intermediate_size, vision.hidden_act)
-        self.mlp_gate = nn.Parameter(torch.full((), float(config.roi_gate_init)))
+        self.mlp_gate = nn.Parameter(torch.full((1,), float(config.roi_gate_init)))
 
     def forward(self, region_states: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
         """region_states `(B, K, C)`, patch_tokens `(B, P, C)` -> `(B, K, C)`.
@@ -368,7 +369,7 @@ class RegionMedCLIPROIProcessor(nn.Module):
         self.pool_query = nn.Linear(hidden, hidden)
         self.pool_key = nn.Linear(hidden, hidden)
         self.pool_output = nn.Linear(hidden, hidden)
-        self.pool_gate = nn.Parameter(torch.full((), float(config.region_pool_gate_init)))
+        self.pool_gate = nn.Parameter(torch.full((1,), float(config.region_pool_gate_init)))  # (1,): FSDP needs >= 1-d
 
     def forward(
         self,
@@ -500,7 +501,8 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         self.roi_processor = RegionMedCLIPROIProcessor(config)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        # Shape (1,), not (): FSDP refuses 0-d parameters. Read it through `clamped_logit_scale`.
+        self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init_value)))
         self.post_init()
 
     # -- features -------------------------------------------------------------------------

@@ -41,15 +41,13 @@ def union_batch() -> dict[str, torch.Tensor]:
     }
 
 
-def losses(batch: dict[str, torch.Tensor], config: ContrastiveLossConfig, with_region: bool) -> torch.Tensor:
+def losses(batch: dict[str, torch.Tensor], config: ContrastiveLossConfig) -> torch.Tensor:
     scale = torch.tensor(10.0, dtype=torch.float64)
     total = global_contrastive_loss(batch["image"], batch["text"], scale, batch["groups"], config)
     total = total + hard_negative_loss(batch["image"], batch["text"], batch["negatives"], batch["negative_mask"], scale,
                                        batch["groups"], config)
-    if with_region:
-        total = total + region_contrastive_loss(batch["regions"], batch["region_text"], batch["roi_mask"], scale,
-                                                config=config)
-    return total
+    return total + region_contrastive_loss(batch["regions"], batch["region_text"], batch["roi_mask"], scale,
+                                           config=config)
 
 
 def _worker(rank: int, port: int, local_loss: bool, queue) -> None:
@@ -63,9 +61,8 @@ def _worker(rank: int, port: int, local_loss: bool, queue) -> None:
             batch["negatives"], batch["negative_mask"] = batch["negatives"][:, :1], batch["negative_mask"][:, :1]
         for key in ("image", "text", "regions", "region_text", "negatives"):
             batch[key].requires_grad_(True)
-        # With local_loss each rank averages over its own anchors: the ragged ROI counts would
-        # weight them differently from the union, so the region term is checked without it.
-        loss = losses(batch, ContrastiveLossConfig(local_loss=local_loss), with_region=not local_loss)
+        # The ROI counts are ragged across ranks (the local loss must still weight every anchor alike).
+        loss = losses(batch, ContrastiveLossConfig(local_loss=local_loss))
         loss.backward()
         # NumPy arrays travel by value: torch tensors would be shared through file descriptors
         # that vanish when this process exits before the parent has read them.
@@ -93,7 +90,7 @@ def test_two_processes_match_one_process_on_the_union_batch(local_loss):
     union = union_batch()
     for key in ("image", "text", "regions", "region_text", "negatives"):
         union[key].requires_grad_(True)
-    expected = losses(union, ContrastiveLossConfig(), with_region=not local_loss)
+    expected = losses(union, ContrastiveLossConfig())
     expected.backward()
     ranks_mean = sum(loss for loss, _ in results.values()) / WORLD
     assert abs(ranks_mean - expected.item()) <= 1e-6
