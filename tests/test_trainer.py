@@ -92,6 +92,78 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(data_dir, tmp_path, monk
     assert all(math.isfinite(p.detach().abs().sum().item()) for p in trainer.model.parameters())
 
 
+def test_a_nonfinite_micro_batch_skips_its_whole_accumulation_window(data_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(data_dir, tmp_path, max_steps=1, gradient_accumulation_steps=2)
+    original = type(trainer).compute_loss
+    calls = {"count": 0}
+
+    def first_poisoned(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        calls["count"] += 1
+        loss = original(self, model, inputs, return_outputs, num_items_in_batch)
+        return loss * float("nan") if calls["count"] == 1 else loss
+
+    monkeypatch.setattr(type(trainer), "compute_loss", first_poisoned)
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert calls["count"] == 2 and trainer.nonfinite_steps == 1  # one optimizer step skipped, counted once
+    for name, parameter in trainer.model.named_parameters():
+        assert torch.equal(parameter, weights[name]), name  # the finite second half did not step alone
+
+
+def test_the_nonfinite_stop_does_not_rewrite_a_complete_checkpoint(data_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(data_dir, tmp_path, max_steps=6, save_steps=2)
+    trainer.max_consecutive_nonfinite = 3
+    original_loss, original_save = type(trainer).compute_loss, type(trainer)._save_checkpoint
+    calls, saves = {"count": 0}, []
+
+    def poisoned(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        calls["count"] += 1
+        loss = original_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        return loss * float("nan") if calls["count"] >= 3 else loss
+
+    def recorded_save(self, model, trial):
+        saves.append(self.state.global_step)
+        original_save(self, model, trial)
+
+    monkeypatch.setattr(type(trainer), "compute_loss", poisoned)
+    monkeypatch.setattr(type(trainer), "_save_checkpoint", recorded_save)
+    with pytest.raises(NonFiniteLossError, match="checkpoint-4"):
+        trainer.train()
+    # steps 3-5 were skipped, the stop came at step 4 whose checkpoint was already complete
+    assert saves == [2, 4] and (tmp_path / "checkpoint-4" / CHECKPOINT_COMPLETE).exists()
+
+
+def test_temperature_and_gates_get_no_weight_decay(data_dir, tmp_path):
+    trainer = make_trainer(data_dir, tmp_path, weight_decay=0.2)
+    optimizer = trainer.create_optimizer()
+    decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    named = dict(trainer.model.named_parameters())
+    for name in ("logit_scale", "roi_processor.pool_gate", "roi_processor.fusion_layers.0.attn_gate",
+                 "vision_model.embeddings.class_embedding"):
+        assert id(named[name]) not in decayed, name
+    assert id(named["visual_projection.weight"]) in decayed
+
+
+def test_the_temperature_is_clamped_in_place_after_each_step(data_dir, tmp_path):
+    trainer = make_trainer(data_dir, tmp_path, max_steps=1)
+    with torch.no_grad():
+        trainer.model.logit_scale.fill_(math.log(100.0) + 0.5)
+    trainer.train()
+    assert trainer.model.logit_scale.item() <= math.log(100.0) + 1e-6
+
+
+def test_a_scheduler_behind_the_global_step_is_put_back_on_it(data_dir, tmp_path):
+    # fp16's GradScaler can skip optimizer steps, and transformers then skips the scheduler step
+    trainer = make_trainer(data_dir, tmp_path, max_steps=6)
+    trainer.create_optimizer_and_scheduler(num_training_steps=6)
+    trainer.state.global_step = 4  # the scheduler is still at step 0; the run is in the "regions" stage
+    trainer._sync_lr_schedule()
+    rates = {group["name"]: group["lr"] for group in trainer.optimizer.param_groups}
+    base = trainer.args.learning_rate
+    assert rates["roi"] == pytest.approx(base) and rates["vision"] == pytest.approx(0.1 * base)
+    assert trainer.lr_scheduler.last_epoch == 4
+
+
 def test_latest_complete_checkpoint_ignores_a_half_written_one(tmp_path):
     for step, complete in ((2, True), (4, True), (6, False)):
         folder = tmp_path / f"checkpoint-{step}"

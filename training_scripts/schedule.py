@@ -56,9 +56,14 @@ DEFAULT_STAGES: list[dict[str, Any]] = [
 _WRAPPER_PREFIXES = re.compile(r"(_fsdp_wrapped_module\.|_checkpoint_wrapped_module\.|_orig_mod\.|^module\.)")
 
 
+def bare_parameter_name(parameter_name: str) -> str:
+    """The name on the bare `RegionMedCLIPModel`, without the prefixes of DDP, FSDP, checkpointing, compile."""
+    return _WRAPPER_PREFIXES.sub("", parameter_name)
+
+
 def parameter_group_of(parameter_name: str) -> str:
     """Which schedule group a `RegionMedCLIPModel` parameter belongs to (wrapper prefixes ignored)."""
-    parameter_name = _WRAPPER_PREFIXES.sub("", parameter_name)
+    parameter_name = bare_parameter_name(parameter_name)
     for prefix, group in (
         ("vision_model.", "vision"),
         ("text_model.", "text"),

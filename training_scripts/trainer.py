@@ -1,15 +1,22 @@
 """`RegionMedCLIPTrainer`: a `transformers.Trainer` that runs the staged schedule.
 
-- One optimizer parameter group per schedule group (x weight decay / none); a `LambdaLR` gives
-  each group `base_schedule(step) x stage_multiplier(group, step)`: a pure function of the step,
-  so a resumed run has the right learning rates without extra state.
+- One optimizer parameter group per schedule group (x weight decay / none; as in open_clip, no
+  decay for biases, norms and every parameter with fewer than 2 dims: the temperature and the ROI
+  gates would otherwise be pulled toward 1 and "ROIs off"); a `LambdaLR` gives each group
+  `base_schedule(step) x stage_multiplier(group, step)`: a pure function of the global step, so a
+  resumed run has the right learning rates without extra state. When an fp16 GradScaler skips a
+  step, transformers does not step the scheduler; it is set back onto the global step before the
+  next one, so stage multipliers never trail a boundary.
+- After every optimizer step the log-temperature is clamped in place to log(100), as open_clip
+  does: clamping only its exp in the loss would leave a parameter past the bound with no gradient.
 - Freezing never toggles `requires_grad` (unsafe once DDP has wrapped the model): a group whose
   multiplier is 0 has lr 0 AND its gradients are dropped after backward (after DDP's all-reduce),
   so the optimizer skips it: its weights do not move and its Adam moments do not change.
 - The loss terms of the current stage are computed by the model (`loss_weights`), each term and
   the stage are logged, with the mean pairwise cosine of the image embeddings (a collapse alarm).
-- A non-finite loss skips the step (all gradients dropped, on every rank) and is counted;
-  `max_consecutive_nonfinite` in a row saves a checkpoint and stops with a clear error.
+- A non-finite loss skips the optimizer step (all gradients dropped, on every rank; with gradient
+  accumulation, the whole window) and is counted; `max_consecutive_nonfinite` skipped steps in a
+  row save a checkpoint and stop with a clear error.
 - Checkpoints are made atomic by a completion marker written last (see `CHECKPOINT_COMPLETE`);
   rotation of old checkpoints happens only after it, so a kill while saving leaves the previous
   checkpoint usable. `latest_complete_checkpoint` finds where to resume.
@@ -20,6 +27,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -30,7 +38,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .schedule import PARAMETER_GROUPS, StagedSchedule, parameter_group_of
+from modeling_regionmed_clip.loss_regionmed_clip import LOGIT_SCALE_MAX
+
+from .schedule import PARAMETER_GROUPS, StagedSchedule, bare_parameter_name, parameter_group_of
 
 __all__ = [
     "CHECKPOINT_COMPLETE",
@@ -97,12 +107,17 @@ class RegionMedCLIPTrainer(Trainer):
         self.nonfinite_steps = 0
         self.skipped_rows = 0
         self._consecutive_nonfinite = 0
+        self._window_nonfinite = False
         self._term_sums: dict[str, float] = defaultdict(float)
         self._term_counts: dict[str, int] = defaultdict(int)
         self._group_parameters: dict[str, list[nn.Parameter]] = defaultdict(list)
+        # Read shapes now: the optimizer may be built after FSDP has flattened every parameter to 1-d.
+        self._low_dim_parameters = {bare_parameter_name(name) for name, parameter in self.model.named_parameters()
+                                    if parameter.ndim < 2}
         for name, parameter in self.model.named_parameters():
             if parameter.requires_grad:
                 self._group_parameters[parameter_group_of(name)].append(parameter)
+        self.add_callback(_ClampTemperatureCallback(self._group_parameters["temperature"]))
 
     # -- optimisation --------------------------------------------------------------------------
 
@@ -110,7 +125,8 @@ class RegionMedCLIPTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         model = model or self.model
-        decay = set(self.get_decay_parameter_names(model))
+        decay = {name for name in self.get_decay_parameter_names(model)
+                 if bare_parameter_name(name) not in self._low_dim_parameters}
         groups = []
         for group in PARAMETER_GROUPS:
             for with_decay in (True, False):
@@ -179,11 +195,16 @@ class RegionMedCLIPTrainer(Trainer):
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        self._sync_lr_schedule()
         loss = super().training_step(model, inputs, num_items_in_batch)
         finite = torch.isfinite(loss).to(torch.float32)
         if dist.is_available() and dist.is_initialized():  # every rank must skip together
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
+        self._window_nonfinite |= finite.item() < 1
+        if not self.accelerator.sync_gradients:
+            return loss  # gradients still accumulate: decide at the window's last micro-batch
+        if self._window_nonfinite:
+            self._window_nonfinite = False
             self._skip_nonfinite_step()
             return loss
         self._consecutive_nonfinite = 0
@@ -191,6 +212,16 @@ class RegionMedCLIPTrainer(Trainer):
             for parameter in self._group_parameters[group]:
                 parameter.grad = None
         return loss
+
+    def _sync_lr_schedule(self) -> None:
+        """Put the LambdaLR back on the global step if it fell behind (steps skipped by fp16's scaler)."""
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate may wrap it
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or scheduler.last_epoch == self.state.global_step:
+            return
+        scheduler.last_epoch = self.state.global_step - 1
+        with warnings.catch_warnings():  # "step() before optimizer.step()": expected when every step was skipped
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
 
     def _skip_nonfinite_step(self) -> None:
         self.nonfinite_steps += 1
@@ -204,7 +235,8 @@ class RegionMedCLIPTrainer(Trainer):
         logger.warning("non-finite loss at step %d: step skipped (%d so far, %d in a row)",
                        self.state.global_step, self.nonfinite_steps, self._consecutive_nonfinite)
         if self._consecutive_nonfinite >= self.max_consecutive_nonfinite:
-            self._save_checkpoint(self.model, trial=None)
+            if not self._complete_checkpoint_exists():  # the skipped steps changed nothing since it
+                self._save_checkpoint(self.model, trial=None)
             raise NonFiniteLossError(
                 f"{self._consecutive_nonfinite} consecutive non-finite losses at step {self.state.global_step}; "
                 f"stopped. The last good weights are saved in "
@@ -227,7 +259,19 @@ class RegionMedCLIPTrainer(Trainer):
             logs["logit_scale"] = round(self.model.logit_scale.exp().item(), 4)
         super().log(logs, start_time)
 
+    def _complete_checkpoint_exists(self) -> bool:
+        """Whether `checkpoint-{global_step}` is complete, agreed by every rank (a rank may not see rank 0's disk)."""
+        folder = Path(self._get_output_dir(trial=None)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        exists = torch.tensor(float((folder / CHECKPOINT_COMPLETE).exists()), device=self.args.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(exists, op=dist.ReduceOp.MAX)
+        return bool(exists.item())
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            # Rewriting a folder (a re-run over a step) must not keep claiming the old files are complete.
+            (folder / CHECKPOINT_COMPLETE).unlink(missing_ok=True)
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotate old checkpoints only once the new one is complete
         try:
@@ -238,13 +282,25 @@ class RegionMedCLIPTrainer(Trainer):
         if not self.args.should_save:
             return
         run_dir = self._get_output_dir(trial=trial)
-        folder = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         partial = folder / f"{CHECKPOINT_COMPLETE}.partial"
         partial.write_text(json.dumps({"global_step": self.state.global_step}))
         os.replace(partial, folder / CHECKPOINT_COMPLETE)
         if limit:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+
+class _ClampTemperatureCallback(TrainerCallback):
+    """Clamps the log-temperature parameter(s) to log(LOGIT_SCALE_MAX) after every optimizer step."""
+
+    def __init__(self, parameters: list[nn.Parameter]):
+        self.parameters = parameters
+        self.bound = math.log(LOGIT_SCALE_MAX)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        with torch.no_grad():
+            for parameter in self.parameters:
+                parameter.clamp_(max=self.bound)
 
 
 class StageCallback(TrainerCallback):
