@@ -2,7 +2,8 @@
 
 accelerate's FSDP needs an accelerator device, so this wraps the model with torch's FSDP directly,
 with the config's wrap classes: the model must wrap (FSDP refuses 0-d parameters), train with
-every loss term, keep a frozen schedule group still, and gather a full state dict like the bare one.
+every loss term, keep a frozen schedule group still, read the sharded temperature on every rank,
+and gather a full state dict like the bare one.
 """
 
 import functools
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from training_scripts.schedule import parameter_group_of
+from training_scripts.trainer import mean_over_ranks
 
 from conftest import free_port, make_inputs, tiny_model
 
@@ -67,13 +69,16 @@ def _worker(rank: int, port: int, queue) -> None:
             optimizer.step()
             optimizer.zero_grad()
             losses.append(loss.item())
+        # one rank's shard view of the (1,) temperature is empty: the trainer's log reads it on every rank
+        temperature = (model.logit_scale.numel(), mean_over_ranks(model.logit_scale).item())
         with FSDP.summon_full_params(wrapped):
             roi_still = all(torch.equal(p, before) for p, before in zip(roi_parameters, roi_before, strict=True))
+            temperature += (model.logit_scale.item(),)
         policy = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)  # already on CPU
         with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, policy):
             state = wrapped.state_dict()
         shapes = {name: tuple(value.shape) for name, value in state.items()}
-        queue.put((rank, losses, roi_still, sorted(groups), shapes, bare_shapes))
+        queue.put((rank, losses, roi_still, sorted(groups), temperature, shapes, bare_shapes))
     except Exception:  # report it, so the test fails now rather than at the queue's timeout
         queue.put((rank, traceback.format_exc()))
         raise
@@ -97,10 +102,12 @@ def test_the_model_trains_under_fsdp_full_shard_with_the_shipped_wrap_classes():
     for process in processes:
         process.join(timeout=60)
         assert process.exitcode == 0
-    for rank, (losses, roi_still, groups, _, _) in results.items():
+    for rank, (losses, roi_still, groups, (_, read, full), _, _) in results.items():
         assert all(torch.isfinite(torch.tensor(losses))), (rank, losses)
         assert losses[1] != losses[0], "the weights did not change between the steps"
         assert roi_still, f"rank {rank}: the frozen ROI processor moved under FSDP"
         assert groups == ["projections", "roi", "temperature", "text", "vision"]
-    _, _, _, shapes, bare_shapes = results[0]
+        assert read == pytest.approx(full, abs=1e-6), rank
+    assert sorted(result[3][0] for result in results.values()) == [0, 1]  # the shard split the test is about
+    _, _, _, _, shapes, bare_shapes = results[0]
     assert shapes == bare_shapes  # a full state dict with the bare names and shapes: a plain Hub folder

@@ -133,6 +133,23 @@ def test_the_nonfinite_stop_does_not_rewrite_a_complete_checkpoint(data_dir, tmp
     assert saves == [2, 4] and (tmp_path / "checkpoint-4" / CHECKPOINT_COMPLETE).exists()
 
 
+def test_the_nonfinite_stop_saves_over_an_earlier_runs_checkpoint(data_dir, tmp_path, monkeypatch):
+    stale = tmp_path / "checkpoint-2"  # left by an earlier run in the same output folder
+    stale.mkdir()
+    (stale / CHECKPOINT_COMPLETE).write_text("{}")
+    trainer = make_trainer(data_dir, tmp_path, max_steps=6)
+    trainer.max_consecutive_nonfinite = 3
+    original = type(trainer).compute_loss
+
+    def always_nan(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return original(self, model, inputs, return_outputs, num_items_in_batch) * float("nan")
+
+    monkeypatch.setattr(type(trainer), "compute_loss", always_nan)
+    with pytest.raises(NonFiniteLossError, match="checkpoint-2"):
+        trainer.train()
+    assert (stale / "model.safetensors").exists() and (stale / CHECKPOINT_COMPLETE).read_text() != "{}"
+
+
 def test_temperature_and_gates_get_no_weight_decay(data_dir, tmp_path):
     trainer = make_trainer(data_dir, tmp_path, weight_decay=0.2)
     optimizer = trainer.create_optimizer()

@@ -232,28 +232,28 @@ def main(argv: list[str] | None = None) -> int:
             _truncate_log(log_path, int(checkpoint.name.split("-")[-1]))
         elif log_path.exists():
             log_path.unlink()  # a fresh run starts a fresh log
-    try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-        final_dir = output_dir / "final"
-        trainer.save_model(final_dir)  # on every rank: FSDP gathers the full weights collectively
-        if trainer.is_world_process_zero():
-            trainer.processing_class.save_pretrained(final_dir)
-            plot = write_loss_plot(log_path, trainer.schedule, output_dir / "loss_curves.png")
-            print(f"model (remote code, with processor): {final_dir}")
-            print(f"loss log: {log_path}")
-            print(f"loss curves: {plot}")
-        trainer.accelerator.wait_for_everyone()
-    finally:
-        _shut_down_process_group()
+    final_dir = output_dir / "final"
+    trainer.save_model(final_dir)  # on every rank: FSDP gathers the full weights collectively
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(final_dir)
+        plot = write_loss_plot(log_path, trainer.schedule, output_dir / "loss_curves.png")
+        print(f"model (remote code, with processor): {final_dir}")
+        print(f"loss log: {log_path}")
+        print(f"loss curves: {plot}")
+    trainer.accelerator.wait_for_everyone()
+    _shut_down_process_group()
     return 0
 
 
 def _shut_down_process_group() -> None:
-    """Destroy the process group before the interpreter exits.
+    """Destroy the process group before the interpreter exits, after a run that succeeded.
 
     A rank that exits with its gloo group alive can abort in C++ ("terminate called without an
-    active exception") while the group's threads are still joinable, failing a finished run.
+    active exception") while the group's threads are still joinable, failing a finished run. Not
+    after an error: NCCL's teardown waits for collectives the other ranks may never join, so a
+    failing rank exits at once and the launcher stops the job.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -49,6 +49,7 @@ __all__ = [
     "RegionMedCLIPTrainer",
     "StageCallback",
     "latest_complete_checkpoint",
+    "mean_over_ranks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,19 @@ def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
         elif match:
             logger.warning("ignoring %s: it has no %s marker (the run stopped while saving it)", path, CHECKPOINT_COMPLETE)
     return max(complete)[1] if complete else None
+
+
+def mean_over_ranks(parameter: torch.Tensor) -> torch.Tensor:
+    """Mean of `parameter`'s elements as every rank holds them (0-d), read on every rank.
+
+    Under FSDP a rank may hold none of a small parameter (its shard view is empty), under DDP every
+    rank holds all of it: summing elements and counts over ranks gives the mean in both cases.
+    """
+    totals = torch.stack([parameter.detach().float().sum(), torch.tensor(float(parameter.numel()),
+                                                                          device=parameter.device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    return totals[0] / totals[1]
 
 
 def _mean_pairwise_cosine(embeds: torch.Tensor) -> float:
@@ -108,6 +122,7 @@ class RegionMedCLIPTrainer(Trainer):
         self.skipped_rows = 0
         self._consecutive_nonfinite = 0
         self._window_nonfinite = False
+        self._last_saved_step: int | None = None  # by this run: a folder on disk may be an earlier run's
         self._term_sums: dict[str, float] = defaultdict(float)
         self._term_counts: dict[str, int] = defaultdict(int)
         self._group_parameters: dict[str, list[nn.Parameter]] = defaultdict(list)
@@ -235,7 +250,7 @@ class RegionMedCLIPTrainer(Trainer):
         logger.warning("non-finite loss at step %d: step skipped (%d so far, %d in a row)",
                        self.state.global_step, self.nonfinite_steps, self._consecutive_nonfinite)
         if self._consecutive_nonfinite >= self.max_consecutive_nonfinite:
-            if not self._complete_checkpoint_exists():  # the skipped steps changed nothing since it
+            if self._last_saved_step != self.state.global_step:  # else the skipped steps changed nothing since
                 self._save_checkpoint(self.model, trial=None)
             raise NonFiniteLossError(
                 f"{self._consecutive_nonfinite} consecutive non-finite losses at step {self.state.global_step}; "
@@ -256,16 +271,8 @@ class RegionMedCLIPTrainer(Trainer):
             logs["stage"] = stage.name
             logs["nonfinite_steps"] = self.nonfinite_steps
             logs["skipped_rows"] = self.skipped_rows
-            logs["logit_scale"] = round(self.model.logit_scale.exp().item(), 4)
+            logs["logit_scale"] = round(mean_over_ranks(self._group_parameters["temperature"][0]).exp().item(), 4)
         super().log(logs, start_time)
-
-    def _complete_checkpoint_exists(self) -> bool:
-        """Whether `checkpoint-{global_step}` is complete, agreed by every rank (a rank may not see rank 0's disk)."""
-        folder = Path(self._get_output_dir(trial=None)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        exists = torch.tensor(float((folder / CHECKPOINT_COMPLETE).exists()), device=self.args.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(exists, op=dist.ReduceOp.MAX)
-        return bool(exists.item())
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -285,6 +292,7 @@ class RegionMedCLIPTrainer(Trainer):
         partial = folder / f"{CHECKPOINT_COMPLETE}.partial"
         partial.write_text(json.dumps({"global_step": self.state.global_step}))
         os.replace(partial, folder / CHECKPOINT_COMPLETE)
+        self._last_saved_step = self.state.global_step
         if limit:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
