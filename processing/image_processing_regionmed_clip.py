@@ -117,6 +117,11 @@ class ViewTransform:
         return np.clip(mapped / view_size, 0.0, 1.0)
 
 
+def _has_view_area(view_box: np.ndarray) -> bool:
+    """Whether a normalised xyxy view box is wider and taller than `MIN_VIEW_BOX_EXTENT`."""
+    return min(view_box[2] - view_box[0], view_box[3] - view_box[1]) > MIN_VIEW_BOX_EXTENT
+
+
 def _as_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array, mode="L" if array.ndim == 2 else "RGB")
 
@@ -249,6 +254,16 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
                 raise ValueError(f"{where}: box {value!r} ({box_format}) lies entirely outside the {width}x{height} image")
         return np.clip(box, 0, [width, height, width, height]), None
 
+    def region_has_view_area(self, box: Sequence[float], height: int, width: int) -> bool:
+        """Whether an xyxy pixel `box` on a `height x width` image keeps an area in the global view.
+
+        `preprocess` rejects a region that does not (see `_view_box`); callers that would rather
+        drop such regions (the training collator) ask here first.
+        """
+        transform = ViewTransform.for_image(height, width, self.image_size, self.resize_mode)
+        clipped = np.clip(np.asarray(box, dtype=np.float64), 0, [width, height, width, height])
+        return _has_view_area(transform.map_box(clipped, self.image_size))
+
     def _view_box(self, box: np.ndarray, transform: ViewTransform, where: str) -> np.ndarray:
         """Clipped pixel box -> normalised view box; an error if it has no area in the view.
 
@@ -257,7 +272,7 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
         context from nothing: the region is rejected, never silently dropped or moved.
         """
         view_box = transform.map_box(box, self.image_size)
-        if min(view_box[2] - view_box[0], view_box[3] - view_box[1]) > MIN_VIEW_BOX_EXTENT:
+        if _has_view_area(view_box):
             return view_box
         shown = ", ".join(f"{value:g}" for value in transform.visible_box(self.image_size))
         described = ", ".join(f"{value:g}" for value in box)

@@ -9,6 +9,7 @@ and gather a full state dict like the bare one.
 import functools
 import os
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from training_scripts.trainer import mean_over_ranks
 from conftest import free_port, make_inputs, tiny_model
 
 WORLD = 2
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "training_scripts", "configs", "accelerate_fsdp.yaml")
+CONFIG = Path(__file__).resolve().parents[1] / "training_scripts" / "configs" / "accelerate_fsdp.yaml"
 
 
 def _worker(rank: int, port: int, queue) -> None:
@@ -36,7 +37,7 @@ def _worker(rank: int, port: int, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        fsdp = yaml.safe_load(open(CONFIG))["fsdp_config"]
+        fsdp = yaml.safe_load(CONFIG.read_text())["fsdp_config"]
         layer_classes = {getattr(modeling, name) for name in fsdp["fsdp_transformer_layer_cls_to_wrap"].split(",")}
         model = tiny_model(seed=0, roi_gate_init=0.1, region_pool_gate_init=0.1).train()
         bare_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}

@@ -38,6 +38,20 @@ def make_trainer(data_dir, output_dir, max_steps=6, schedule=TWO_STAGES, **train
     return trainer
 
 
+def poison_losses(monkeypatch, trainer, poisoned) -> dict[str, int]:
+    """Make the loss of the compute_loss calls numbered (from 1) where `poisoned(n)` holds NaN; returns the counter."""
+    original = type(trainer).compute_loss
+    calls = {"count": 0}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        calls["count"] += 1
+        loss = original(self, model, inputs, return_outputs, num_items_in_batch)
+        return loss * float("nan") if poisoned(calls["count"]) else loss
+
+    monkeypatch.setattr(type(trainer), "compute_loss", compute_loss)
+    return calls
+
+
 def roi_state(trainer):
     return {name: p.detach().clone() for name, p in trainer.model.named_parameters() if name.startswith("roi_processor.")}
 
@@ -72,15 +86,7 @@ def test_stage_change_unfreezes_and_scales_learning_rates(data_dir, tmp_path):
 def test_nonfinite_losses_are_skipped_then_stop_the_run(data_dir, tmp_path, monkeypatch):
     trainer = make_trainer(data_dir, tmp_path, max_steps=6)
     trainer.max_consecutive_nonfinite = 3
-    original = type(trainer).compute_loss
-    calls = {"count": 0}
-
-    def poisoned(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        calls["count"] += 1
-        loss = original(self, model, inputs, return_outputs, num_items_in_batch)
-        return loss * float("nan") if calls["count"] in (2, 4, 5, 6) else loss
-
-    monkeypatch.setattr(type(trainer), "compute_loss", poisoned)
+    poison_losses(monkeypatch, trainer, lambda call: call in (2, 4, 5, 6))
     weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses"):
         trainer.train()
@@ -94,15 +100,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(data_dir, tmp_path, monk
 
 def test_a_nonfinite_micro_batch_skips_its_whole_accumulation_window(data_dir, tmp_path, monkeypatch):
     trainer = make_trainer(data_dir, tmp_path, max_steps=1, gradient_accumulation_steps=2)
-    original = type(trainer).compute_loss
-    calls = {"count": 0}
-
-    def first_poisoned(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        calls["count"] += 1
-        loss = original(self, model, inputs, return_outputs, num_items_in_batch)
-        return loss * float("nan") if calls["count"] == 1 else loss
-
-    monkeypatch.setattr(type(trainer), "compute_loss", first_poisoned)
+    calls = poison_losses(monkeypatch, trainer, lambda call: call == 1)
     weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     assert calls["count"] == 2 and trainer.nonfinite_steps == 1  # one optimizer step skipped, counted once
@@ -113,19 +111,13 @@ def test_a_nonfinite_micro_batch_skips_its_whole_accumulation_window(data_dir, t
 def test_the_nonfinite_stop_does_not_rewrite_a_complete_checkpoint(data_dir, tmp_path, monkeypatch):
     trainer = make_trainer(data_dir, tmp_path, max_steps=6, save_steps=2)
     trainer.max_consecutive_nonfinite = 3
-    original_loss, original_save = type(trainer).compute_loss, type(trainer)._save_checkpoint
-    calls, saves = {"count": 0}, []
-
-    def poisoned(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        calls["count"] += 1
-        loss = original_loss(self, model, inputs, return_outputs, num_items_in_batch)
-        return loss * float("nan") if calls["count"] >= 3 else loss
+    poison_losses(monkeypatch, trainer, lambda call: call >= 3)
+    original_save, saves = type(trainer)._save_checkpoint, []
 
     def recorded_save(self, model, trial):
         saves.append(self.state.global_step)
         original_save(self, model, trial)
 
-    monkeypatch.setattr(type(trainer), "compute_loss", poisoned)
     monkeypatch.setattr(type(trainer), "_save_checkpoint", recorded_save)
     with pytest.raises(NonFiniteLossError, match="checkpoint-4"):
         trainer.train()
@@ -139,12 +131,7 @@ def test_the_nonfinite_stop_saves_over_an_earlier_runs_checkpoint(data_dir, tmp_
     (stale / CHECKPOINT_COMPLETE).write_text("{}")
     trainer = make_trainer(data_dir, tmp_path, max_steps=6)
     trainer.max_consecutive_nonfinite = 3
-    original = type(trainer).compute_loss
-
-    def always_nan(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return original(self, model, inputs, return_outputs, num_items_in_batch) * float("nan")
-
-    monkeypatch.setattr(type(trainer), "compute_loss", always_nan)
+    poison_losses(monkeypatch, trainer, lambda call: True)
     with pytest.raises(NonFiniteLossError, match="checkpoint-2"):
         trainer.train()
     assert (stale / "model.safetensors").exists() and (stale / CHECKPOINT_COMPLETE).read_text() != "{}"

@@ -24,13 +24,12 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from transformers.image_processing_utils import BatchFeature
 
 from processing import RegionMedCLIPProcessor
-from processing.image_processing_regionmed_clip import MIN_VIEW_BOX_EXTENT, RegionMedCLIPImageProcessor, ViewTransform
+from processing.image_processing_regionmed_clip import RegionMedCLIPImageProcessor
 
 __all__ = ["RegionMedCLIPCollator"]
 
@@ -55,11 +54,7 @@ def _box_is_usable(bbox: Sequence[float], width: int, height: int, image_process
     x0, y0, x1, y1 = bbox
     if not (x1 > x0 and y1 > y0 and x1 > 0 and y1 > 0 and x0 < width and y0 < height):
         return False
-    # The processor rejects a region with no area in its global view (see its `_view_box`).
-    size = image_processor.image_size
-    transform = ViewTransform.for_image(height, width, size, image_processor.resize_mode)
-    view_box = transform.map_box(np.clip(np.asarray(bbox, dtype=np.float64), 0, [width, height, width, height]), size)
-    return min(view_box[2] - view_box[0], view_box[3] - view_box[1]) > MIN_VIEW_BOX_EXTENT
+    return image_processor.region_has_view_area(bbox, height, width)  # else the processor would reject it
 
 
 class RegionMedCLIPCollator:

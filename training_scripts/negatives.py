@@ -443,9 +443,10 @@ def make_hard_negatives(caption: str, num: int = 3, seed: int = 0, vocabulary: S
     results: list[str] = []
 
     def keep(candidate: str | None) -> bool:
-        if candidate is None or _statement_key(candidate) in seen:
+        key = None if candidate is None else _statement_key(candidate)
+        if key is None or key in seen:
             return False
-        seen.add(_statement_key(candidate))
+        seen.add(key)
         results.append(candidate)
         return len(results) >= num
 

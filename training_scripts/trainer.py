@@ -127,9 +127,10 @@ class RegionMedCLIPTrainer(Trainer):
         self._term_counts: dict[str, int] = defaultdict(int)
         self._group_parameters: dict[str, list[nn.Parameter]] = defaultdict(list)
         # Read shapes now: the optimizer may be built after FSDP has flattened every parameter to 1-d.
-        self._low_dim_parameters = {bare_parameter_name(name) for name, parameter in self.model.named_parameters()
-                                    if parameter.ndim < 2}
+        self._low_dim_parameters: set[str] = set()
         for name, parameter in self.model.named_parameters():
+            if parameter.ndim < 2:
+                self._low_dim_parameters.add(bare_parameter_name(name))
             if parameter.requires_grad:
                 self._group_parameters[parameter_group_of(name)].append(parameter)
         self.add_callback(_ClampTemperatureCallback(self._group_parameters["temperature"]))
