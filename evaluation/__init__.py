@@ -1,5 +1,27 @@
-"""Evaluation of RegionMed-CLIP: retrieval, zero-shot classification and VQA metrics."""
+"""Evaluation of RegionMed-CLIP: retrieval, zero-shot classification, region probes and VQA metrics."""
 
+from .probe import (
+    auroc,
+    blank_crops,
+    mean_pairwise_cosine,
+    mirror_boxes,
+    region_negative_accuracy,
+    remove_box_geometry,
+    run_probe,
+    zero_shot_auroc,
+    zero_shot_scores,
+)
 from .retrieval import retrieval_recall_at_k
 
-__all__ = ["retrieval_recall_at_k"]
+__all__ = [
+    "auroc",
+    "blank_crops",
+    "mean_pairwise_cosine",
+    "mirror_boxes",
+    "region_negative_accuracy",
+    "remove_box_geometry",
+    "retrieval_recall_at_k",
+    "run_probe",
+    "zero_shot_auroc",
+    "zero_shot_scores",
+]

@@ -1,0 +1,724 @@
+"""A probe of what a trained RegionMed-CLIP model has learned, with controls that say WHY.
+
+Three families of numbers, each computed only from the model's forward outputs
+(`image_embeds`, `region_embeds`, `text_embeds`), so the probe does not depend on model internals:
+
+* **Box-free** (global view only, `model(pixel_values=...)`): zero-shot classification AUROC with
+  positive-vs-negative prompt pairs (CheXzero style), image<->report retrieval Recall@K, and the mean
+  pairwise cosine of image and report embeddings (1.0 = the embedding has collapsed).
+* **Regions**: for every lesion box, does the region embedding prefer its true caption over a hard
+  negative that changes one thing: the side (left<->right), the zone (upper<->lower) or the finding
+  type? Measured with the true inputs and three controls on the processor's batch:
+  `blank_crops` (the ROI crop carries nothing), `mirror_boxes` (the box coordinates point to the
+  mirrored site) and `remove_box_geometry` (every box is the whole view).
+* **Verdicts**: paired differences between the true condition and a control, per lesion, with a
+  standard error: the crop carries the type when blanking it lowers type accuracy; the coordinates
+  carry side / zone when mirroring the boxes lowers side / zone accuracy.
+
+Units: AUROC and region accuracies are fractions in [0, 1]; Recall@K is in percent (as
+`retrieval_recall_at_k`). A metric that cannot be computed (a class with no positive) is NaN in
+Python and `null` in JSON.
+"""
+
+import datetime
+import json
+import math
+import random
+import sys
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training_scripts.negatives import FINDINGS, apply_rule
+
+from .retrieval import retrieval_recall_at_k
+
+__all__ = [
+    "CONDITIONS",
+    "CONTROLS",
+    "NEGATIVE_KINDS",
+    "NEGATIVE_PROMPTS",
+    "NO_FINDING",
+    "PARTS",
+    "POSITIVE_PROMPTS",
+    "ProbeInputError",
+    "auroc",
+    "blank_crops",
+    "build_prompts",
+    "class_names",
+    "load_region_negatives",
+    "mean_pairwise_cosine",
+    "mirror_boxes",
+    "paired_difference",
+    "region_negative_accuracy",
+    "region_negative_outcomes",
+    "remove_box_geometry",
+    "rule_based_negatives",
+    "run_probe",
+    "zero_shot_auroc",
+    "zero_shot_scores",
+]
+
+# -- prompts (the one place they are defined) ----------------------------------------------------
+
+POSITIVE_PROMPTS: tuple[str, ...] = ("{c}.", "There is a {c}.", "A {c} is seen.", "Chest X-ray with {c}.")
+NEGATIVE_PROMPTS: tuple[str, ...] = ("No {c}.", "There is no {c}.", "No {c} is seen.", "Normal chest X-ray.")
+NO_FINDING = "No finding"
+
+# Region hard-negative kinds and the `training_scripts.negatives` rule that makes each when the
+# dataset has no sidecar: side = left<->right, zone = upper<->lower, type = another finding.
+NEGATIVE_KINDS: tuple[str, ...] = ("side", "zone", "type")
+FALLBACK_RULES: dict[str, str] = {"side": "laterality", "zone": "location", "type": "finding"}
+PARTS: tuple[str, ...] = ("zero_shot", "retrieval", "regions")
+
+
+class ProbeInputError(ValueError):
+    """A user error (missing folder, empty split, bad argument); the CLI turns it into exit code 2."""
+
+
+# -- metrics: pure functions of scores / embeddings ----------------------------------------------
+
+
+def _as_numpy(values: Any, name: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().double().numpy()
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    return array
+
+
+def auroc(scores: Any, labels: Any) -> float:
+    """Area under the ROC curve by the Mann-Whitney U statistic; a tie between a positive and a
+    negative counts 1/2. NaN when there is no positive or no negative.
+
+    scores `(N,)` (higher = more likely positive); labels `(N,)` bool / 0-1.
+    """
+    score_array = _as_numpy(scores, "scores")
+    label_array = _as_numpy(labels, "labels")
+    if score_array.shape != label_array.shape:
+        raise ValueError(f"scores {score_array.shape} and labels {label_array.shape} differ in shape")
+    if not np.isfinite(score_array).all():
+        raise ValueError("scores hold NaN or inf")
+    if not np.isin(label_array, (0.0, 1.0)).all():
+        raise ValueError("labels must be 0/1 or bool")
+    positive = label_array == 1.0
+    num_pos, num_neg = int(positive.sum()), int((~positive).sum())
+    if num_pos == 0 or num_neg == 0:
+        return float("nan")
+    # Average ranks (1-based) over tie groups: U = sum of positive ranks - n_pos (n_pos + 1) / 2.
+    _, inverse, counts = np.unique(score_array, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0
+    ranks = average_rank[inverse]
+    u_statistic = ranks[positive].sum() - num_pos * (num_pos + 1) / 2.0
+    return float(u_statistic / (num_pos * num_neg))
+
+
+def _normalise(embeds: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(embeds.double(), dim=-1)
+
+
+def _ensemble(prompt_embeds: torch.Tensor) -> torch.Tensor:
+    """`(P, D)` prompt embeddings -> `(D,)`: mean of the normalised rows, renormalised."""
+    if prompt_embeds.ndim != 2 or prompt_embeds.shape[0] == 0:
+        raise ValueError(f"prompt embeddings must be (P >= 1, D), got shape {tuple(prompt_embeds.shape)}")
+    return torch.nn.functional.normalize(_normalise(prompt_embeds).mean(0), dim=-1)
+
+
+def zero_shot_scores(
+    image_embeds: torch.Tensor,
+    positive_prompt_embeds: Mapping[str, torch.Tensor],
+    negative_prompt_embeds: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Per class, `cos(image, pos) - cos(image, neg)` `(N,)` (float64), where pos / neg are the
+    prompt ensembles (mean of the normalised prompt embeddings, renormalised).
+
+    image_embeds `(N, D)`; `{class: (P, D)}` positive and negative prompt embeddings (same classes).
+    """
+    if set(positive_prompt_embeds) != set(negative_prompt_embeds):
+        raise ValueError(
+            f"positive and negative prompts name different classes: {sorted(positive_prompt_embeds)} "
+            f"vs {sorted(negative_prompt_embeds)}"
+        )
+    images = _normalise(image_embeds)
+    return {
+        name: images @ _ensemble(positive_prompt_embeds[name]).to(images)
+        - images @ _ensemble(negative_prompt_embeds[name]).to(images)
+        for name in positive_prompt_embeds
+    }
+
+
+def zero_shot_auroc(scores: Mapping[str, Any], labels: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-class AUROC and the macro mean over the classes with both positives and negatives.
+
+    scores `{class: (N,)}`, labels `{class: (N,) bool}`. Returns `{"per_class": {class: {"auroc",
+    "positives", "negatives"}}, "macro_auroc", "classes_evaluated", "classes_skipped"}`;
+    `macro_auroc` is NaN when no class can be evaluated.
+    """
+    per_class, evaluated, skipped = {}, [], []
+    for name in scores:
+        label_array = _as_numpy(labels[name], f"labels[{name!r}]")
+        value = auroc(scores[name], label_array)
+        positives = int((label_array == 1.0).sum())
+        per_class[name] = {"auroc": value, "positives": positives, "negatives": int(label_array.size - positives)}
+        (skipped if math.isnan(value) else evaluated).append(name)
+    macro = float(np.mean([per_class[name]["auroc"] for name in evaluated])) if evaluated else float("nan")
+    return {"per_class": per_class, "macro_auroc": macro, "classes_evaluated": evaluated, "classes_skipped": skipped}
+
+
+def region_negative_outcomes(
+    region_embeds: torch.Tensor,
+    true_text: torch.Tensor,
+    negative_text: Mapping[str, torch.Tensor],
+    negative_valid: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per lesion and kind: did the region beat the negative? `{kind: {"correct": (N,) bool,
+    "valid": (N,) bool}}` plus `"all"` (beats every valid negative; valid where any kind is).
+
+    A win is `cos(region, true) > cos(region, negative)`, strictly: a tie is a failure. Rows of
+    `negative_text[kind]` where `negative_valid[kind]` is False (default: all valid) are ignored.
+    """
+    if region_embeds.shape != true_text.shape or region_embeds.ndim != 2:
+        raise ValueError(
+            f"region_embeds {tuple(region_embeds.shape)} and true_text {tuple(true_text.shape)} must both be (N, D)"
+        )
+    regions = _normalise(region_embeds)
+    true_cos = (regions * _normalise(true_text)).sum(-1)
+    outcomes: dict[str, dict[str, torch.Tensor]] = {}
+    count = regions.shape[0]
+    all_correct = torch.ones(count, dtype=torch.bool)
+    any_valid = torch.zeros(count, dtype=torch.bool)
+    for kind, negatives in negative_text.items():
+        if negatives.shape != region_embeds.shape:
+            raise ValueError(f"negative_text[{kind!r}] {tuple(negatives.shape)} must match region_embeds")
+        valid = torch.ones(count, dtype=torch.bool)
+        if negative_valid is not None and kind in negative_valid:
+            valid = torch.as_tensor(negative_valid[kind], dtype=torch.bool).cpu()
+            if valid.shape != (count,):
+                raise ValueError(f"negative_valid[{kind!r}] must be ({count},), got {tuple(valid.shape)}")
+        negative_cos = (regions * _normalise(torch.nan_to_num(negatives))).sum(-1)
+        correct = (true_cos > negative_cos).cpu() & valid
+        outcomes[kind] = {"correct": correct, "valid": valid}
+        all_correct &= correct | ~valid
+        any_valid |= valid
+    outcomes["all"] = {"correct": all_correct & any_valid, "valid": any_valid}
+    return outcomes
+
+
+def _summarise(outcome: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    valid = outcome["valid"]
+    count = int(valid.sum())
+    accuracy = float(outcome["correct"][valid].double().mean()) if count else float("nan")
+    return {"accuracy": accuracy, "n": count}
+
+
+def region_negative_accuracy(
+    region_embeds: torch.Tensor,
+    true_text: torch.Tensor,
+    negative_text: Mapping[str, torch.Tensor],
+    negative_valid: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """`{kind: {"accuracy": fraction of valid lesions won, "n": valid lesions}}` for every kind
+    and `"all"`; accuracy is NaN when n is 0. See `region_negative_outcomes`."""
+    outcomes = region_negative_outcomes(region_embeds, true_text, negative_text, negative_valid)
+    return {kind: _summarise(outcome) for kind, outcome in outcomes.items()}
+
+
+def paired_difference(
+    correct_a: torch.Tensor, correct_b: torch.Tensor, valid: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """Accuracy of A minus accuracy of B on the same lesions, with the paired standard error
+    `std(a - b) / sqrt(n)` (sample std, 0 for n < 2). `delta` is NaN when n is 0."""
+    a, b = torch.as_tensor(correct_a).double(), torch.as_tensor(correct_b).double()
+    if valid is not None:
+        mask = torch.as_tensor(valid, dtype=torch.bool)
+        a, b = a[mask], b[mask]
+    count = int(a.numel())
+    if count == 0:
+        return {"delta": float("nan"), "se": float("nan"), "n": 0}
+    diff = a - b
+    se = float(diff.std(unbiased=True) / math.sqrt(count)) if count > 1 else 0.0
+    return {"delta": float(diff.mean()), "se": se, "n": count}
+
+
+def mean_pairwise_cosine(embeds: torch.Tensor) -> float:
+    """Mean cosine similarity over distinct pairs of rows (1.0: every row points the same way).
+    NaN for fewer than 2 rows."""
+    if embeds.ndim != 2:
+        raise ValueError(f"embeds must be (N, D), got shape {tuple(embeds.shape)}")
+    count = embeds.shape[0]
+    if count < 2:
+        return float("nan")
+    unit = _normalise(embeds)
+    total = unit.sum(0)
+    # sum over all ordered pairs incl. i == j is |sum|^2; the diagonal contributes N
+    return float(((total @ total) - count) / (count * (count - 1)))
+
+
+# -- controls: pure functions on the processor's batch --------------------------------------------
+
+CONTROLS: tuple[str, ...] = ("crops_blanked", "boxes_mirrored", "box_geometry_removed")
+CONDITIONS: tuple[str, ...] = ("true", *CONTROLS)
+
+
+def _check_roi_batch(batch: Mapping[str, torch.Tensor]) -> None:
+    for key in ("roi_pixel_values", "roi_boxes", "roi_mask"):
+        if key not in batch:
+            raise KeyError(f"the batch has no {key!r}: controls need the processor's ROI outputs")
+
+
+def blank_crops(
+    batch: Mapping[str, torch.Tensor],
+    image_mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
+    image_std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
+    pixel_value: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A new batch whose every valid ROI crop is one constant image: the normalised value of a
+    uniform pixel of 8-bit intensity `pixel_value` (default 0, black: the same value the image
+    processor pads letterboxed crops with, so the crop shows "nothing"), per channel
+    `(pixel_value / 255 - mean) / std`. Pass the image processor's `image_mean` / `image_std`.
+    Padding slots, boxes, mask, pixel_values and text are left as they are.
+    """
+    _check_roi_batch(batch)
+    out = dict(batch)
+    crops = batch["roi_pixel_values"].clone()
+    mean = torch.tensor(list(image_mean), dtype=torch.float64)
+    std = torch.tensor(list(image_std), dtype=torch.float64)
+    value = ((pixel_value / 255.0 - mean) / std).to(crops.dtype).to(crops.device)  # (3,)
+    mask = batch["roi_mask"].to(torch.bool)
+    crops[mask] = value[:, None, None].expand(crops.shape[2:]).clone()
+    out["roi_pixel_values"] = crops
+    return out
+
+
+def mirror_boxes(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A new batch whose every valid box is point-reflected through the view centre:
+    `[x0, y0, x1, y1] -> [1 - x1, 1 - y1, 1 - x0, 1 - y0]` (left<->right and upper<->lower;
+    still x0 < x1, y0 < y1). Crops, padding boxes and everything else unchanged. Its own inverse."""
+    _check_roi_batch(batch)
+    out = dict(batch)
+    boxes = batch["roi_boxes"]
+    mirrored = torch.stack([1 - boxes[..., 2], 1 - boxes[..., 3], 1 - boxes[..., 0], 1 - boxes[..., 1]], dim=-1)
+    mask = batch["roi_mask"].to(torch.bool)[..., None]
+    out["roi_boxes"] = torch.where(mask, mirrored, boxes)
+    return out
+
+
+def remove_box_geometry(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A new batch whose every valid box is the whole view `[0, 0, 1, 1]`; padding boxes, crops
+    and everything else unchanged."""
+    _check_roi_batch(batch)
+    out = dict(batch)
+    boxes = batch["roi_boxes"]
+    whole = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=boxes.dtype, device=boxes.device).expand_as(boxes)
+    mask = batch["roi_mask"].to(torch.bool)[..., None]
+    out["roi_boxes"] = torch.where(mask, whole, boxes)
+    return out
+
+
+# -- prompts, classes and region negatives ----------------------------------------------------------
+
+
+def class_names(label_lists: Iterable[Sequence[str]]) -> list[str]:
+    """The sorted class names of a dataset's `labels` column, without "No finding"."""
+    return sorted({label for labels in label_lists for label in labels if label != NO_FINDING})
+
+
+def build_prompts(
+    classes: Sequence[str],
+    positive_templates: Sequence[str] = POSITIVE_PROMPTS,
+    negative_templates: Sequence[str] = NEGATIVE_PROMPTS,
+) -> dict[str, dict[str, list[str]]]:
+    """`{"positive": {class: [prompt, ...]}, "negative": {...}}` from the templates (`{c}` = class)."""
+    return {
+        "positive": {name: [template.format(c=name) for template in positive_templates] for name in classes},
+        "negative": {name: [template.format(c=name) for template in negative_templates] for name in classes},
+    }
+
+
+def rule_based_negatives(caption: str, vocabulary: Sequence[str] = FINDINGS, seed: int = 0) -> dict[str, str | None]:
+    """`{side, zone, type}` hard negatives of a region caption with `training_scripts.negatives`
+    rules (laterality, location, finding); None where the rule does not apply ("middle" zone has
+    no zone negative). Deterministic in (caption, vocabulary, seed)."""
+    return {
+        kind: apply_rule(caption, rule, random.Random(f"{seed}\x1f{rule}\x1f{caption}"), vocabulary)
+        for kind, rule in FALLBACK_RULES.items()
+    }
+
+
+def load_region_negatives(path: str | Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """Read a `region_negatives/{split}.json` sidecar into `{(image_id, region_index): record}`.
+
+    Each record: `{"image_id", "region_index", "caption", "label", "side", "zone",
+    "negatives": {"side", "zone", "type"}}`; a missing, null or empty negative means that kind is
+    not available for the lesion.
+    """
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ProbeInputError(f"region negatives sidecar {str(path)!r} is not valid JSON: {error}") from None
+    if not isinstance(records, list):
+        raise ProbeInputError(f"region negatives sidecar {str(path)!r} must hold a JSON list of records")
+    table: dict[tuple[str, int], dict[str, Any]] = {}
+    for index, record in enumerate(records):
+        where = f"{path.name}[{index}]"
+        if not isinstance(record, dict) or not {"image_id", "region_index", "caption", "negatives"} <= set(record):
+            raise ProbeInputError(f"{where} needs image_id, region_index, caption and negatives")
+        if not isinstance(record["region_index"], int) or record["region_index"] < 0:
+            raise ProbeInputError(f"{where}.region_index must be a non-negative int, got {record['region_index']!r}")
+        if not isinstance(record["negatives"], dict):
+            raise ProbeInputError(f"{where}.negatives must be an object with side / zone / type")
+        key = (str(record["image_id"]), record["region_index"])
+        if key in table:
+            raise ProbeInputError(f"{where}: a second record for image {key[0]!r} region {key[1]}")
+        table[key] = record
+    return table
+
+
+def _negative_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
+
+
+# -- running a model ------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def to_json(report: Mapping[str, Any]) -> str:
+    """The probe's report as JSON (NaN -> null)."""
+    return json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n"
+
+
+def _load(model_dir: Path, device: torch.device) -> tuple[Any, Any]:
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).to(device).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    return model, processor
+
+
+def _check_model_dir(model_dir: Path, name: str) -> None:
+    if not model_dir.is_dir():
+        raise ProbeInputError(f"{name}: model folder {str(model_dir)!r} does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise ProbeInputError(f"{name}: {str(model_dir)!r} has no config.json (not a saved model folder)")
+
+
+@torch.no_grad()
+def _encode_texts(model: Any, processor: Any, texts: Sequence[str], batch_size: int, device: torch.device) -> torch.Tensor:
+    """`(len(texts), D)` normalised text embeddings, `batch_size` captions per forward."""
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        encoded = processor(text=list(texts[start : start + batch_size]))
+        output = model(input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device))
+        chunks.append(output.text_embeds.float().cpu())
+    return torch.cat(chunks) if chunks else torch.zeros(0, 0)
+
+
+def _region_plan(
+    rows: Any, max_rois: int, sidecar: dict[tuple[str, int], dict[str, Any]] | None, vocabulary: Sequence[str]
+) -> dict[str, Any]:
+    """Per image the boxes fed to the processor (the first `max_rois`) and per kept lesion its true
+    caption and side / zone / type negatives (None where unavailable)."""
+    boxes, lesions = [], []
+    dropped = mismatches = 0
+    used_keys = set()
+    for image_id, regions in zip(rows["image_id"], rows["regions"], strict=True):
+        kept = regions[:max_rois]
+        dropped += len(regions) - len(kept)
+        boxes.append([region["bbox"] for region in kept])
+        for index, region in enumerate(kept):
+            if sidecar is not None:
+                record = sidecar.get((image_id, index))
+                if record is None:
+                    caption, negatives = region["caption"], dict.fromkeys(NEGATIVE_KINDS)
+                else:
+                    used_keys.add((image_id, index))
+                    caption = record["caption"]
+                    mismatches += caption != region["caption"]
+                    negatives = {kind: _negative_or_none(record["negatives"].get(kind)) for kind in NEGATIVE_KINDS}
+            else:
+                caption = region["caption"]
+                negatives = rule_based_negatives(caption, vocabulary)
+            lesions.append({"image_id": image_id, "region_index": index, "label": region["label"],
+                            "caption": caption, "negatives": negatives})
+    return {
+        "boxes": boxes,
+        "lesions": lesions,
+        "dropped": dropped,
+        "caption_mismatches": mismatches,
+        "sidecar_records_unused": (len(sidecar) - len(used_keys)) if sidecar is not None else 0,
+    }
+
+
+@torch.no_grad()
+def _embed_split(
+    model: Any, processor: Any, rows: Any, batch_size: int, device: torch.device, boxes: list | None, want_regions: bool
+) -> dict[str, Any]:
+    """Box-free image embeds, report embeds, and (with `want_regions`) region embeds `(L, D)` of
+    every valid ROI for each condition, in lesion order."""
+    image_embeds, text_embeds = [], []
+    region_embeds: dict[str, list[torch.Tensor]] = {condition: [] for condition in CONDITIONS}
+    image_processor = processor.image_processor
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        regions = boxes[start : start + batch_size] if boxes is not None else None
+        inputs = processor(images=batch["image"], text=batch["report_caption"], regions=regions)
+        pixel_values = inputs["pixel_values"].to(device)
+        image_embeds.append(model(pixel_values=pixel_values).image_embeds.float().cpu())
+        text_embeds.append(model(input_ids=inputs["input_ids"].to(device),
+                                 attention_mask=inputs["attention_mask"].to(device)).text_embeds.float().cpu())
+        if not want_regions or not bool(inputs["roi_mask"].any()):
+            continue
+        roi = {key: inputs[key] for key in ("roi_pixel_values", "roi_boxes", "roi_mask")}
+        variants = {
+            "true": roi,
+            "crops_blanked": blank_crops(roi, image_processor.image_mean, image_processor.image_std,
+                                         image_processor.pad_value),
+            "boxes_mirrored": mirror_boxes(roi),
+            "box_geometry_removed": remove_box_geometry(roi),
+        }
+        mask = roi["roi_mask"].to(torch.bool)
+        for condition, variant in variants.items():
+            output = model(pixel_values=pixel_values, **{key: value.to(device) for key, value in variant.items()})
+            region_embeds[condition].append(output.region_embeds.float().cpu()[mask])
+    result = {"image_embeds": torch.cat(image_embeds), "text_embeds": torch.cat(text_embeds)}
+    if want_regions:
+        result["region_embeds"] = {condition: torch.cat(chunks) if chunks else torch.zeros(0, 0)
+                                   for condition, chunks in region_embeds.items()}
+    return result
+
+
+def _retrieval(image_embeds: torch.Tensor, text_embeds: torch.Tensor, reports: list[str]) -> dict[str, Any]:
+    # Only films whose report is unique in the split: with two identical reports no model can
+    # tell which image a text belongs to (as training_scripts.demo does).
+    counts = Counter(reports)
+    unique = torch.tensor([counts[report] == 1 for report in reports], dtype=torch.bool)
+    count = int(unique.sum())
+    if count == 0:
+        return {"n_pairs": 0, "chance_R@1": float("nan")}
+    similarity = image_embeds[unique] @ text_embeds[unique].t()
+    scores = retrieval_recall_at_k(similarity, ks=(1, 5, 10))
+    return {**scores, "n_pairs": count, "chance_R@1": 100.0 / count}
+
+
+def _box_free(
+    model: Any, processor: Any, embeds: Mapping[str, torch.Tensor], rows_meta: Mapping[str, Any],
+    prompts: Mapping[str, Mapping[str, list[str]]], parts: Sequence[str], batch_size: int, device: torch.device,
+) -> dict[str, Any]:
+    block: dict[str, Any] = {}
+    if "zero_shot" in parts:
+        classes = list(prompts["positive"])
+        flat = sorted({text for side in prompts.values() for texts in side.values() for text in texts})
+        encoded = dict(zip(flat, _encode_texts(model, processor, flat, batch_size, device), strict=True))
+        positive = {name: torch.stack([encoded[text] for text in prompts["positive"][name]]) for name in classes}
+        negative = {name: torch.stack([encoded[text] for text in prompts["negative"][name]]) for name in classes}
+        scores = zero_shot_scores(embeds["image_embeds"], positive, negative)
+        labels = {name: torch.tensor([name in row_labels for row_labels in rows_meta["labels"]]) for name in classes}
+        block["zero_shot"] = zero_shot_auroc(scores, labels)
+    if "retrieval" in parts:
+        block["retrieval"] = _retrieval(embeds["image_embeds"], embeds["text_embeds"], rows_meta["reports"])
+    block["mean_pairwise_cosine"] = {
+        "image": mean_pairwise_cosine(embeds["image_embeds"]),
+        "text": mean_pairwise_cosine(embeds["text_embeds"]),
+    }
+    return block
+
+
+def _regions_block(
+    model: Any, processor: Any, plan: Mapping[str, Any], region_embeds: Mapping[str, torch.Tensor],
+    batch_size: int, device: torch.device,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    lesions = plan["lesions"]
+    block: dict[str, Any] = {"n_lesions": len(lesions), "lesions_dropped_over_max_rois": plan["dropped"],
+                             "chance_accuracy": 0.5, "conditions": {}}
+    if not lesions:
+        return block, {}
+    texts = sorted({lesion["caption"] for lesion in lesions}
+                   | {neg for lesion in lesions for neg in lesion["negatives"].values() if neg is not None})
+    encoded = dict(zip(texts, _encode_texts(model, processor, texts, batch_size, device), strict=True))
+    true_text = torch.stack([encoded[lesion["caption"]] for lesion in lesions])
+    negative_text, negative_valid = {}, {}
+    for kind in NEGATIVE_KINDS:
+        values = [lesion["negatives"][kind] for lesion in lesions]
+        negative_valid[kind] = torch.tensor([value is not None for value in values], dtype=torch.bool)
+        negative_text[kind] = torch.stack([encoded[value] if value is not None else torch.zeros_like(true_text[0])
+                                           for value in values])
+    outcomes = {}
+    for condition in CONDITIONS:
+        embeds = region_embeds[condition]
+        if embeds.shape[0] != len(lesions):
+            raise RuntimeError(f"{condition}: {embeds.shape[0]} region embeddings for {len(lesions)} lesions")
+        outcomes[condition] = region_negative_outcomes(embeds, true_text, negative_text, negative_valid)
+        block["conditions"][condition] = {kind: _summarise(outcome) for kind, outcome in outcomes[condition].items()}
+    return block, outcomes
+
+
+def _verdicts(outcomes: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]]) -> dict[str, Any]:
+    """Paired true-minus-control differences; `holds` is True when delta > 2 standard errors."""
+    checks = {
+        "crop_carries_type": ("type", "crops_blanked", "the ROI crop carries the finding type"),
+        "coordinates_carry_side": ("side", "boxes_mirrored", "the box coordinates carry the side (left/right)"),
+        "coordinates_carry_zone": ("zone", "boxes_mirrored", "the box coordinates carry the zone (upper/lower)"),
+        "box_geometry_carries_side": ("side", "box_geometry_removed", "removing box geometry costs side accuracy"),
+        "box_geometry_carries_zone": ("zone", "box_geometry_removed", "removing box geometry costs zone accuracy"),
+    }
+    verdicts: dict[str, Any] = {"rule": "holds when (true - control) accuracy > 2 paired standard errors"}
+    for name, (kind, control, claim) in checks.items():
+        if not outcomes:
+            verdicts[name] = {"kind": kind, "control": control, "delta": float("nan"), "se": float("nan"), "n": 0,
+                              "holds": None, "statement": f"no lesions: cannot say whether {claim}"}
+            continue
+        true, other = outcomes["true"][kind], outcomes[control][kind]
+        diff = paired_difference(true["correct"], other["correct"], true["valid"])
+        holds = None if diff["n"] == 0 else bool(diff["delta"] > 2 * diff["se"] and diff["delta"] > 0)
+        if holds is None:
+            statement = f"no lesion has a {kind} negative: cannot say whether {claim}"
+        else:
+            statement = (f"{'YES' if holds else 'NOT SHOWN'}: {claim} ({kind} accuracy true - {control} = "
+                         f"{diff['delta']:+.3f} +/- {diff['se']:.3f}, n={diff['n']})")
+        verdicts[name] = {"kind": kind, "control": control, **diff, "holds": holds, "statement": statement}
+    return verdicts
+
+
+def _load_rows(data_dir: Path, split: str, limit: int | None) -> Any:
+    from datasets.exceptions import DatasetNotFoundError
+
+    from training_scripts.data_schema import load_canonical
+
+    if not data_dir.is_dir():
+        raise ProbeInputError(f"--data: folder {str(data_dir)!r} does not exist")
+    try:
+        rows = load_canonical(data_dir, split)
+    except (FileNotFoundError, DatasetNotFoundError) as error:
+        raise ProbeInputError(f"--data: {error}") from None
+    except ValueError as error:
+        raise ProbeInputError(f"--split: {error}") from None
+    if limit is not None:
+        if limit <= 0:
+            raise ProbeInputError(f"--limit must be positive, got {limit}")
+        rows = rows.select(range(min(limit, len(rows))))
+    if len(rows) == 0:
+        raise ProbeInputError(f"--split: split {split!r} of {str(data_dir)!r} is empty")
+    return rows
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def run_probe(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    split: str = "test",
+    batch_size: int = 64,
+    limit: int | None = None,
+    baseline_dir: str | Path | None = None,
+    classes: Sequence[str] | None = None,
+    parts: Sequence[str] = PARTS,
+    device: str | torch.device | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run the probe; returns the report dict (see the module docstring and `evaluation/cli.py`).
+
+    `parts` picks among "zero_shot", "retrieval", "regions"; `classes` overrides the class names
+    (default: the split's `labels` without "No finding"). `device` defaults to CUDA when available.
+    """
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise ProbeInputError(f"parts must be a non-empty subset of {PARTS}, got {list(parts)}")
+    if batch_size <= 0:
+        raise ProbeInputError(f"--batch-size must be positive, got {batch_size}")
+    model_dir, data_dir = Path(model_dir), Path(data_dir)
+    _check_model_dir(model_dir, "--model")
+    if baseline_dir is not None:
+        baseline_dir = Path(baseline_dir)
+        _check_model_dir(baseline_dir, "--baseline")
+    rows = _load_rows(data_dir, split, limit)
+    device = _resolve_device(device)
+
+    # plain lists, read once (a datasets Column re-reads Arrow data on every pass)
+    rows_meta = {"labels": list(rows["labels"]), "reports": list(rows["report_caption"]),
+                 "image_ids": list(rows["image_id"]), "regions": list(rows["regions"])}
+    class_list = list(classes) if classes is not None else class_names(rows_meta["labels"])
+    if classes is not None and (not class_list or any(not name.strip() for name in class_list)):
+        raise ProbeInputError(f"--classes must name at least one non-empty class, got {list(classes)}")
+    if "zero_shot" in parts and not class_list:
+        raise ProbeInputError(f"--split: split {split!r} has no labels other than {NO_FINDING!r}; pass --classes")
+    prompts = build_prompts(class_list)
+
+    model, processor = _load(model_dir, device)
+    want_regions = "regions" in parts
+    plan = None
+    sidecar_path = data_dir / "region_negatives" / f"{split}.json"
+    if want_regions:
+        sidecar = load_region_negatives(sidecar_path) if sidecar_path.is_file() else None
+        vocabulary = sorted({region["label"] for regions in rows_meta["regions"] for region in regions})
+        plan = _region_plan({"image_id": rows_meta["image_ids"], "regions": rows_meta["regions"]},
+                            processor.image_processor.max_rois, sidecar, vocabulary if len(vocabulary) >= 2 else FINDINGS)
+    embeds = _embed_split(model, processor, rows, batch_size, device, plan["boxes"] if plan else None, want_regions)
+
+    box_free_parts = [part for part in parts if part != "regions"]
+    report: dict[str, Any] = {
+        "metadata": {
+            "model": str(model_dir.resolve()),
+            "data": str(data_dir.resolve()),
+            "split": split,
+            "n_images": len(rows),
+            "n_lesions": len(plan["lesions"]) if plan else None,
+            "parts": list(parts),
+            "classes": class_list,
+            "prompts": {"positive_templates": list(POSITIVE_PROMPTS), "negative_templates": list(NEGATIVE_PROMPTS),
+                        **prompts},
+            "units": {"auroc": "fraction", "region_accuracy": "fraction", "recall": "percent"},
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command if command is not None else " ".join(sys.argv),
+            "device": str(device),
+            "batch_size": batch_size,
+            "limit": limit,
+        }
+    }
+    if box_free_parts:
+        report["box_free"] = _box_free(model, processor, embeds, rows_meta, prompts, box_free_parts, batch_size, device)
+    if want_regions:
+        report["metadata"]["region_negatives"] = {
+            "source": str(sidecar_path) if sidecar_path.is_file() else "rule-based (training_scripts.negatives.apply_rule:"
+            " side=laterality, zone=location, type=finding)",
+            "sidecar_caption_mismatches": plan["caption_mismatches"],
+            "sidecar_records_unused": plan["sidecar_records_unused"],
+        }
+        block, outcomes = _regions_block(model, processor, plan, embeds["region_embeds"], batch_size, device)
+        report["regions"] = block
+        report["verdicts"] = _verdicts(outcomes)
+    del model
+
+    if baseline_dir is not None and box_free_parts:
+        base_model, base_processor = _load(baseline_dir, device)
+        base_embeds = _embed_split(base_model, base_processor, rows, batch_size, device, None, False)
+        base_block = _box_free(base_model, base_processor, base_embeds, rows_meta, prompts, box_free_parts,
+                               batch_size, device)
+        differences = {}
+        if "zero_shot" in box_free_parts:
+            differences["macro_auroc"] = (report["box_free"]["zero_shot"]["macro_auroc"]
+                                          - base_block["zero_shot"]["macro_auroc"])
+        if "retrieval" in box_free_parts and report["box_free"]["retrieval"]["n_pairs"]:
+            for key in ("image_to_text_R@1", "text_to_image_R@1"):
+                differences[key] = report["box_free"]["retrieval"][key] - base_block["retrieval"][key]
+        report["baseline"] = {"model": str(baseline_dir.resolve()), "box_free": base_block,
+                              "differences_model_minus_baseline": differences}
+    return report

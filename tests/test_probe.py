@@ -1,0 +1,434 @@
+"""The region-aware probe (evaluation/probe.py, evaluation/cli.py): metrics on planted embeddings with
+known answers, the controls on processor batches, the region negatives, and the CLI end to end."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation import retrieval_recall_at_k
+from evaluation.cli import main
+from evaluation.probe import (
+    NEGATIVE_KINDS,
+    _region_plan,
+    auroc,
+    blank_crops,
+    build_prompts,
+    class_names,
+    load_region_negatives,
+    mean_pairwise_cosine,
+    mirror_boxes,
+    paired_difference,
+    region_negative_accuracy,
+    remove_box_geometry,
+    rule_based_negatives,
+    zero_shot_auroc,
+    zero_shot_scores,
+)
+from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
+from training_scripts.data_schema import load_canonical
+from training_scripts.negatives import FINDINGS
+from training_scripts.synthetic import write_synthetic_dataset
+
+from conftest import tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def unit(index: int, dim: int = 8) -> torch.Tensor:
+    vector = torch.zeros(dim)
+    vector[index] = 1.0
+    return vector
+
+
+# -- auroc --------------------------------------------------------------------------------------------
+
+
+def test_auroc_known_cases():
+    assert auroc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert auroc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert auroc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5
+    # hand-computed: positives 0.35, 0.8 vs negatives 0.1, 0.4 -> wins 1 + 2 of 4 pairs
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    # a tie between a positive and a negative counts 1/2: pos {3, 2} vs neg {2, 1} -> (2 + 1.5) / 4
+    assert auroc(torch.tensor([3.0, 2.0, 2.0, 1.0]), torch.tensor([True, True, False, False])) == pytest.approx(0.875)
+
+
+def test_auroc_without_both_classes_is_nan_and_bad_input_raises():
+    assert math.isnan(auroc([0.1, 0.2], [1, 1]))
+    assert math.isnan(auroc([0.1, 0.2], [0, 0]))
+    with pytest.raises(ValueError, match="NaN"):
+        auroc([float("nan"), 0.2], [0, 1])
+    with pytest.raises(ValueError, match="shape"):
+        auroc([0.1, 0.2, 0.3], [0, 1])
+
+
+# -- zero-shot ------------------------------------------------------------------------------------------
+
+
+def test_zero_shot_on_planted_class_directions_is_perfect():
+    # class c lives along e_c; "no c" along e_{c+3}; images are normalised mixes of the present classes
+    present = [[0], [1], [0, 1], [2], [], [0, 2]]
+    images = torch.stack([torch.nn.functional.normalize(sum((unit(c) for c in row), unit(6)), dim=0)
+                          for row in present])
+    positive = {f"c{c}": torch.stack([unit(c) + 0.3 * unit(7), unit(c) - 0.3 * unit(7)]) for c in range(3)}
+    negative = {f"c{c}": torch.stack([unit(c + 3), 2 * unit(c + 3)]) for c in range(3)}
+    scores = zero_shot_scores(images, positive, negative)
+    labels = {f"c{c}": torch.tensor([c in row for row in present]) for c in range(3)}
+    result = zero_shot_auroc(scores, labels)
+    assert result["macro_auroc"] == 1.0
+    assert {name: entry["auroc"] for name, entry in result["per_class"].items()} == {"c0": 1.0, "c1": 1.0, "c2": 1.0}
+    assert result["per_class"]["c0"]["positives"] == 3 and result["per_class"]["c0"]["negatives"] == 3
+
+
+def test_zero_shot_scores_use_normalised_ensembles_and_a_known_intermediate_auroc():
+    # ensemble = mean of NORMALISED prompts: (2 e0, e1) -> (e0 + e1) / sqrt(2), not (2 e0 + e1) / sqrt(5)
+    scores = zero_shot_scores(unit(0)[None], {"a": torch.stack([2 * unit(0), unit(1)])}, {"a": unit(2)[None]})
+    assert scores["a"].item() == pytest.approx(1 / math.sqrt(2))
+    # image = a e0 + sqrt(1 - a^2) e3 with pos e0, neg e2 -> score exactly a
+    strengths = [0.9, 0.2, 0.5, 0.5, 0.1]
+    images = torch.stack([a * unit(0) + math.sqrt(1 - a * a) * unit(3) for a in strengths])
+    scores = zero_shot_scores(images, {"a": unit(0)[None], "b": unit(0)[None]}, {"a": unit(2)[None], "b": unit(2)[None]})
+    assert scores["a"].tolist() == pytest.approx(strengths)
+    # positives {0.9, 0.5} vs negatives {0.2, 0.5, 0.1}: 3 + (1 + 0.5 + 1) wins of 6 pairs
+    labels = {"a": torch.tensor([1, 0, 1, 0, 0]), "b": torch.zeros(5)}
+    result = zero_shot_auroc(scores, labels)
+    assert result["per_class"]["a"]["auroc"] == pytest.approx(5.5 / 6)
+    assert math.isnan(result["per_class"]["b"]["auroc"])  # no positive: skipped from the macro mean
+    assert result["classes_evaluated"] == ["a"] and result["classes_skipped"] == ["b"]
+    assert result["macro_auroc"] == pytest.approx(5.5 / 6)
+
+
+def test_class_names_and_prompts():
+    assert class_names([["No finding"], ["nodule", "mass"], ["mass"]]) == ["mass", "nodule"]
+    prompts = build_prompts(["nodule"])
+    assert "There is a nodule." in prompts["positive"]["nodule"]
+    assert "No nodule." in prompts["negative"]["nodule"] and "Normal chest X-ray." in prompts["negative"]["nodule"]
+
+
+# -- region hard negatives --------------------------------------------------------------------------------
+
+
+def test_region_negative_accuracy_planted_with_ties_and_missing_negatives():
+    regions = torch.stack([unit(0, 4), unit(0, 4), unit(1, 4), unit(2, 4)])
+    true = torch.stack([unit(0, 4), 0.6 * unit(0, 4) + 0.8 * unit(1, 4), unit(1, 4), 3 * unit(2, 4)])
+    nan = torch.full((4,), float("nan"))
+    negatives = {
+        # lesion 0 wins (cos 0 < 1); lesion 1 loses (cos 1 > 0.6); 2 and 3 have none (NaN rows)
+        "side": torch.stack([unit(1, 4), unit(0, 4), nan, nan]),
+        # lesion 0 ties its true caption exactly: a failure; lesion 1 wins
+        "zone": torch.stack([unit(0, 4), unit(2, 4), nan, nan]),
+        # lesions 1 and 2 win; 0 and 3 have none
+        "type": torch.stack([nan, unit(3, 4), unit(0, 4), nan]),
+    }
+    valid = {"side": torch.tensor([1, 1, 0, 0]), "zone": torch.tensor([1, 1, 0, 0]), "type": torch.tensor([0, 1, 1, 0])}
+    result = region_negative_accuracy(regions, true, negatives, valid)
+    assert result["side"] == {"accuracy": 0.5, "n": 2}
+    assert result["zone"] == {"accuracy": 0.5, "n": 2}
+    assert result["type"] == {"accuracy": 1.0, "n": 2}
+    # all: lesion 0 fails zone, lesion 1 fails side, lesion 2 wins its only negative, lesion 3 has none
+    assert result["all"]["n"] == 3 and result["all"]["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_region_negative_accuracy_with_no_valid_lesion_is_nan():
+    result = region_negative_accuracy(unit(0)[None], unit(0)[None], {"side": unit(1)[None]}, {"side": torch.tensor([0])})
+    assert result["side"]["n"] == 0 and math.isnan(result["side"]["accuracy"])
+
+
+def test_paired_difference():
+    result = paired_difference(torch.tensor([1, 1, 1, 0]), torch.tensor([0, 0, 1, 0]))
+    assert result["delta"] == 0.5 and result["n"] == 4
+    assert result["se"] == pytest.approx(float(torch.tensor([1.0, 1, 0, 0]).std()) / 2)
+    assert paired_difference(torch.tensor([1, 0]), torch.tensor([0, 0]), torch.tensor([False, True]))["delta"] == 0.0
+
+
+def test_mean_pairwise_cosine():
+    assert mean_pairwise_cosine(torch.ones(5, 3) * torch.tensor([[1.0], [2], [3], [4], [5]])) == pytest.approx(1.0)
+    assert mean_pairwise_cosine(torch.eye(4)) == pytest.approx(0.0)
+    # pairs (0, 1) = 1, (0, 2) = 0, (1, 2) = 0
+    assert mean_pairwise_cosine(torch.stack([unit(0), 2 * unit(0), unit(1)])) == pytest.approx(1 / 3)
+    assert math.isnan(mean_pairwise_cosine(unit(0)[None]))
+
+
+def test_rule_based_fallback_gives_side_zone_and_type_negatives():
+    caption = "small nodule in the left upper zone"
+    negatives = rule_based_negatives(caption)
+    assert negatives["side"] == "small nodule in the right upper zone"
+    assert negatives["zone"] == "small nodule in the left lower zone"
+    finding = negatives["type"].removeprefix("small ").removesuffix(" in the left upper zone")
+    assert finding in FINDINGS and finding != "nodule"
+    assert rule_based_negatives(caption) == negatives  # deterministic
+    assert rule_based_negatives(caption, vocabulary=["nodule", "mass"])["type"] == "small mass in the left upper zone"
+    assert rule_based_negatives("small mass in the right middle zone")["zone"] is None  # "middle" has no swap
+
+
+def test_sidecar_negatives_and_region_plan(tmp_path):
+    records = [
+        {"image_id": "a", "region_index": 0, "caption": "small nodule in the left upper zone", "label": "nodule",
+         "side": "left", "zone": "upper",
+         "negatives": {"side": "small nodule in the right upper zone", "zone": "small nodule in the left lower zone",
+                       "type": None}},
+        {"image_id": "a", "region_index": 2, "caption": "mass in the right lower zone", "label": "mass",
+         "side": "right", "zone": "lower", "negatives": {"side": "s", "zone": "z", "type": "t"}},
+        {"image_id": "zzz", "region_index": 0, "caption": "x", "label": "x", "side": "left", "zone": "upper",
+         "negatives": {"side": "s", "zone": "", "type": "t"}},
+    ]
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps(records))
+    sidecar = load_region_negatives(path)
+    assert set(sidecar) == {("a", 0), ("a", 2), ("zzz", 0)}
+    region = {"bbox": [0.0, 0.0, 4.0, 4.0], "label": "nodule"}
+    rows = {"image_id": ["a", "b"],
+            "regions": [[{**region, "caption": "small nodule in the left upper zone"},
+                         {**region, "caption": "other caption"}, {**region, "caption": "third"}], []]}
+    plan = _region_plan(rows, max_rois=2, sidecar=sidecar, vocabulary=FINDINGS)
+    assert plan["dropped"] == 1 and len(plan["boxes"][0]) == 2 and plan["boxes"][1] == []
+    first, second = plan["lesions"]
+    assert first["negatives"] == {"side": "small nodule in the right upper zone",
+                                  "zone": "small nodule in the left lower zone", "type": None}
+    assert second["negatives"] == dict.fromkeys(NEGATIVE_KINDS)  # no record for region 1: nothing to test
+    assert plan["caption_mismatches"] == 0 and plan["sidecar_records_unused"] == 2
+    path.write_text(json.dumps(records + [records[0]]))
+    with pytest.raises(ValueError, match="second record"):
+        load_region_negatives(path)
+
+
+# -- controls ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def roi_batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "pixel_values": torch.randn(2, 3, 16, 16, generator=generator),
+        "input_ids": torch.randint(0, 50, (2, 7), generator=generator),
+        "roi_pixel_values": torch.randn(2, 3, 3, 8, 8, generator=generator),
+        "roi_boxes": torch.tensor([[[0.1, 0.2, 0.4, 0.3], [0.5, 0.5, 0.9, 1.0], [0.3, 0.3, 0.6, 0.7]],
+                                   [[0.0, 0.0, 0.25, 0.5], [0.2, 0.2, 0.3, 0.3], [0.0, 0.0, 0.0, 0.0]]]),
+        "roi_mask": torch.tensor([[True, True, False], [True, False, False]]),
+    }
+
+
+def _copy(batch):
+    return {key: value.clone() for key, value in batch.items()}
+
+
+def _assert_same(batch, other, keys):
+    for key in keys:
+        assert torch.equal(batch[key], other[key]), key
+
+
+def test_blank_crops_makes_every_crop_constant_and_changes_nothing_else(roi_batch):
+    before = _copy(roi_batch)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+    out = blank_crops(roi_batch, mean, std)
+    _assert_same(roi_batch, before, before)  # the input is untouched
+    _assert_same(out, before, ("pixel_values", "input_ids", "roi_boxes", "roi_mask"))
+    expected = torch.tensor([(0 - m) / s for m, s in zip(mean, std, strict=True)])
+    mask = before["roi_mask"]
+    for crop in out["roi_pixel_values"][mask]:
+        assert torch.allclose(crop, expected[:, None, None].expand_as(crop))
+    assert torch.equal(out["roi_pixel_values"][~mask], before["roi_pixel_values"][~mask])  # padding slots untouched
+
+
+def test_blank_crop_equals_the_processor_output_for_a_black_region():
+    processor = RegionMedCLIPImageProcessor(image_size=32, roi_size=16, max_rois=2)
+    black = np.zeros((40, 40), dtype=np.uint8)
+    real = processor(black, regions=[[[5, 5, 20, 20]]], return_tensors="pt")
+    textured = {**real, "roi_pixel_values": torch.randn_like(real["roi_pixel_values"])}
+    blanked = blank_crops(textured, processor.image_mean, processor.image_std, processor.pad_value)
+    assert torch.allclose(blanked["roi_pixel_values"], real["roi_pixel_values"], atol=1e-6)
+
+
+def test_mirror_boxes_reflects_through_the_centre_and_is_an_involution(roi_batch):
+    before = _copy(roi_batch)
+    out = mirror_boxes(roi_batch)
+    _assert_same(roi_batch, before, before)
+    _assert_same(out, before, ("pixel_values", "input_ids", "roi_pixel_values", "roi_mask"))
+    assert torch.allclose(out["roi_boxes"][0, 0], torch.tensor([0.6, 0.7, 0.9, 0.8]))
+    assert torch.allclose(out["roi_boxes"][0, 1], torch.tensor([0.1, 0.0, 0.5, 0.5]))
+    assert torch.allclose(out["roi_boxes"][1, 0], torch.tensor([0.75, 0.5, 1.0, 1.0]))
+    # padding boxes unchanged; valid boxes keep x0 < x1 and y0 < y1
+    mask = before["roi_mask"]
+    assert torch.equal(out["roi_boxes"][~mask], before["roi_boxes"][~mask])
+    valid = out["roi_boxes"][mask]
+    assert (valid[:, 2] > valid[:, 0]).all() and (valid[:, 3] > valid[:, 1]).all()
+    assert torch.allclose(mirror_boxes(out)["roi_boxes"], before["roi_boxes"], atol=1e-7)
+
+
+def test_remove_box_geometry_sets_valid_boxes_to_the_whole_view(roi_batch):
+    before = _copy(roi_batch)
+    out = remove_box_geometry(roi_batch)
+    _assert_same(roi_batch, before, before)
+    _assert_same(out, before, ("pixel_values", "input_ids", "roi_pixel_values", "roi_mask"))
+    mask = before["roi_mask"]
+    assert torch.equal(out["roi_boxes"][mask], torch.tensor([[0.0, 0.0, 1.0, 1.0]] * int(mask.sum())))
+    assert torch.equal(out["roi_boxes"][~mask], before["roi_boxes"][~mask])
+
+
+def test_controls_need_roi_inputs():
+    with pytest.raises(KeyError, match="roi_boxes"):
+        mirror_boxes({"pixel_values": torch.zeros(1, 3, 4, 4), "roi_pixel_values": torch.zeros(1), "roi_mask": None})
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------
+
+
+def test_cli_user_errors_name_the_bad_argument(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    data_dir = tmp_path / "data"
+    write_synthetic_dataset(data_dir, n=5)  # rows 0-4: train only
+
+    def error_of(argv):
+        assert main(argv) == 2
+        return capsys.readouterr().err
+
+    assert "--model" in error_of(["probe", "--model", str(tmp_path / "nope"), "--data", str(data_dir)])
+    assert "--data" in error_of(["probe", "--model", str(model_dir), "--data", str(tmp_path / "nope")])
+    assert "--split" in error_of(["probe", "--model", str(model_dir), "--data", str(data_dir)])  # no test rows
+    assert "--limit" in error_of(["probe", "--model", str(model_dir), "--data", str(data_dir), "--split", "train",
+                                  "--limit", "0"])
+    assert "--classes" in error_of(["zero-shot", "--model", str(model_dir), "--data", str(data_dir), "--classes", ","])
+    assert "--model" in error_of(["probe", "--data", str(data_dir)])  # argparse: required
+
+
+def _build_fixture(tmp_path: Path) -> tuple[Path, Path, object, object]:
+    """A tiny untrained model + processor folder, a 40-row synthetic dataset (4 test rows), and the
+    in-memory model and processor that were saved."""
+    data_dir, model_dir = tmp_path / "data", tmp_path / "model"
+    write_synthetic_dataset(data_dir, n=40)
+    train = load_canonical(data_dir, "train").remove_columns("image")
+    corpus = [text for row in train for text in (row["report_caption"], row["summary_caption"],
+                                                 *[region["caption"] for region in row["regions"]])]
+    model = tiny_model()
+    config = model.config
+    tokenizer = build_tokenizer(corpus, vocab_size=config.text_config.vocab_size)
+    assert (tokenizer.pad_token_id, tokenizer.cls_token_id) == (config.text_config.pad_token_id,
+                                                                config.text_config.cls_token_id)
+    model.save_pretrained(model_dir)
+    processor = RegionMedCLIPProcessor(
+        RegionMedCLIPImageProcessor(image_size=config.vision_config.image_size, roi_size=config.roi_image_size,
+                                    max_rois=config.max_rois),
+        tokenizer,
+    )
+    processor.save_pretrained(model_dir)
+    return model_dir, data_dir, model, processor
+
+
+def _run_cli(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """`main(argv)` in a fresh process with its own HF_HOME, offline: only the folder supplies the code."""
+    env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    code = "import sys; from evaluation.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_probe_end_to_end_matches_direct_computation(tmp_path):
+    model_dir, data_dir, model, processor = _build_fixture(tmp_path)
+    output = tmp_path / "report.json"
+    result = _run_cli(tmp_path, ["probe", "--model", str(model_dir), "--data", str(data_dir), "--baseline",
+                                 str(model_dir), "--output", str(output), "--device", "cpu"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "zero-shot macro AUROC" in result.stdout and "box_geometry_removed" in result.stdout
+    assert (tmp_path / "hf_home" / "modules" / "transformers_modules").is_dir()
+    report = json.loads(output.read_text())
+    assert {"metadata", "box_free", "regions", "verdicts", "baseline"} <= set(report)
+
+    rows = load_canonical(data_dir, "test")
+    assert len(rows) == 4 == report["metadata"]["n_images"]
+    assert report["metadata"]["split"] == "test" and report["metadata"]["command"].startswith("regionmed-eval probe")
+    max_rois = processor.image_processor.max_rois
+    lesions = [region for regions in rows["regions"] for region in regions[:max_rois]]
+    assert report["metadata"]["n_lesions"] == report["regions"]["n_lesions"] == len(lesions) > 0
+    assert report["metadata"]["region_negatives"]["source"].startswith("rule-based")
+
+    # Recompute from the saved model's own forward outputs, the same batch as the probe (one of 4 films).
+    boxes = [[region["bbox"] for region in regions[:max_rois]] for regions in rows["regions"]]
+    with torch.no_grad():
+        inputs = processor(images=list(rows["image"]), text=list(rows["report_caption"]), regions=boxes)
+        images = model(pixel_values=inputs["pixel_values"]).image_embeds
+        texts = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).text_embeds
+    reports = list(rows["report_caption"])
+    unique = torch.tensor([reports.count(report) == 1 for report in reports])
+    expected = retrieval_recall_at_k(images[unique] @ texts[unique].t(), ks=(1, 5, 10))
+    retrieval = report["box_free"]["retrieval"]
+    for key, value in expected.items():
+        assert retrieval[key] == pytest.approx(value), key
+    assert retrieval["n_pairs"] == int(unique.sum()) and retrieval["chance_R@1"] == pytest.approx(100 / int(unique.sum()))
+    cosine = report["box_free"]["mean_pairwise_cosine"]
+    assert cosine["image"] == pytest.approx(mean_pairwise_cosine(images), abs=1e-6)
+    assert cosine["text"] == pytest.approx(mean_pairwise_cosine(texts), abs=1e-6)
+
+    # Zero-shot: the classes are the split's labels; counts and macro mean are consistent.
+    zero_shot = report["box_free"]["zero_shot"]
+    assert report["metadata"]["classes"] == class_names(rows["labels"]) == list(zero_shot["per_class"])
+    for name, entry in zero_shot["per_class"].items():
+        assert entry["positives"] == sum(name in labels for labels in rows["labels"])
+        assert entry["positives"] + entry["negatives"] == 4
+    evaluated = [zero_shot["per_class"][name]["auroc"] for name in zero_shot["classes_evaluated"]]
+    assert zero_shot["macro_auroc"] == pytest.approx(sum(evaluated) / len(evaluated))
+
+    # Regions: per-kind counts are the lesions whose rule-based negative exists.
+    vocabulary = sorted({region["label"] for region in lesions})
+    fallback = [rule_based_negatives(region["caption"], vocabulary if len(vocabulary) >= 2 else FINDINGS)
+                for region in lesions]
+    conditions = report["regions"]["conditions"]
+    assert set(conditions) == {"true", "crops_blanked", "boxes_mirrored", "box_geometry_removed"}
+    for condition in conditions.values():
+        for kind in NEGATIVE_KINDS:
+            assert condition[kind]["n"] == sum(negatives[kind] is not None for negatives in fallback), kind
+            assert condition[kind]["accuracy"] is None or 0 <= condition[kind]["accuracy"] <= 1
+
+    # Verdicts restate the region table: delta = true - control accuracy on the same lesions.
+    for name, control, kind in (("crop_carries_type", "crops_blanked", "type"),
+                                ("coordinates_carry_side", "boxes_mirrored", "side"),
+                                ("coordinates_carry_zone", "boxes_mirrored", "zone")):
+        verdict = report["verdicts"][name]
+        if conditions["true"][kind]["n"]:
+            assert verdict["delta"] == pytest.approx(conditions["true"][kind]["accuracy"]
+                                                     - conditions[control][kind]["accuracy"])
+            assert verdict["holds"] == (verdict["delta"] > 2 * verdict["se"] and verdict["delta"] > 0)
+
+    # The baseline is the same folder: the same box-free numbers and zero differences.
+    baseline = report["baseline"]
+    assert baseline["box_free"] == report["box_free"]
+    assert baseline["differences_model_minus_baseline"] == {"macro_auroc": 0.0, "image_to_text_R@1": 0.0,
+                                                            "text_to_image_R@1": 0.0}
+
+
+@pytest.mark.slow
+def test_cli_regions_subcommand_reads_the_sidecar(tmp_path):
+    model_dir, data_dir, _, _ = _build_fixture(tmp_path)
+    rows = load_canonical(data_dir, "test").remove_columns("image")
+    records = []
+    for row in rows:
+        for index, region in enumerate(row["regions"]):
+            records.append({"image_id": row["image_id"], "region_index": index, "caption": region["caption"],
+                            "label": region["label"], "side": "", "zone": "",
+                            # every side negative equals the true caption: a tie, so always a failure
+                            "negatives": {"side": region["caption"], "zone": "something else entirely",
+                                          "type": None if not records else "a different finding"}})
+    (data_dir / "region_negatives").mkdir()
+    (data_dir / "region_negatives" / "test.json").write_text(json.dumps(records))
+    output = tmp_path / "regions.json"
+    result = _run_cli(tmp_path, ["regions", "--model", str(model_dir), "--data", str(data_dir),
+                                 "--output", str(output), "--batch-size", "3", "--device", "cpu"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert "box_free" not in report and "baseline" not in report and "verdicts" in report
+    assert report["metadata"]["region_negatives"]["source"].endswith("region_negatives/test.json")
+    assert report["metadata"]["region_negatives"]["sidecar_caption_mismatches"] == 0
+    true = report["regions"]["conditions"]["true"]
+    assert true["side"] == {"accuracy": 0.0, "n": len(records)}  # ties count as failures
+    assert true["zone"]["n"] == len(records) and true["type"]["n"] == len(records) - 1
+    assert true["all"]["accuracy"] == 0.0
