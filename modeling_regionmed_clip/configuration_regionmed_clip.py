@@ -45,6 +45,18 @@ def _require_probability(config_name: str, **fields: Any) -> None:
             raise ValueError(f"{config_name}.{name} must be in [0, 1), got {value!r}")
 
 
+# How a tower turns its tokens into one feature: the first ([CLS]) token, as CLIP and BERT
+# checkpoints were trained, or the mean of the (valid) tokens. A randomly initialised tower pooled
+# at CLS maps every input to almost the same vector (mean pairwise cosine 0.99998 at init, tiny
+# preset), which starves contrastive learning; mean pooling starts spread out (docs/TRAINING.md).
+POOLING_MODES = ("cls", "mean")
+
+
+def _require_pooling(config_name: str, pooling: Any) -> None:
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"{config_name}.pooling must be one of {POOLING_MODES}, got {pooling!r}")
+
+
 class RegionMedCLIPVisionConfig(PreTrainedConfig):
     """ViT image encoder shared by the global view and the ROI crops.
 
@@ -69,6 +81,7 @@ class RegionMedCLIPVisionConfig(PreTrainedConfig):
         attention_dropout: float = 0.0,
         hidden_dropout: float = 0.0,
         pre_layernorm: bool = True,
+        pooling: str = "cls",
         initializer_range: float = 0.02,
         **kwargs: Any,
     ):
@@ -84,6 +97,7 @@ class RegionMedCLIPVisionConfig(PreTrainedConfig):
         self.attention_dropout = attention_dropout
         self.hidden_dropout = hidden_dropout
         self.pre_layernorm = pre_layernorm
+        self.pooling = pooling
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         self.validate()
@@ -103,6 +117,7 @@ class RegionMedCLIPVisionConfig(PreTrainedConfig):
         _require_divisible(name, "hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
         _require_divisible(name, "image_size", self.image_size, "patch_size", self.patch_size)
         _require_probability(name, attention_dropout=self.attention_dropout, hidden_dropout=self.hidden_dropout)
+        _require_pooling(name, self.pooling)
 
 
 class RegionMedCLIPTextConfig(PreTrainedConfig):
@@ -129,6 +144,7 @@ class RegionMedCLIPTextConfig(PreTrainedConfig):
         hidden_dropout: float = 0.1,
         pad_token_id: int = 0,
         cls_token_id: int = 2,
+        pooling: str = "cls",
         initializer_range: float = 0.02,
         **kwargs: Any,
     ):
@@ -144,6 +160,7 @@ class RegionMedCLIPTextConfig(PreTrainedConfig):
         self.attention_dropout = attention_dropout
         self.hidden_dropout = hidden_dropout
         self.cls_token_id = cls_token_id
+        self.pooling = pooling
         self.initializer_range = initializer_range
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         self.validate()
@@ -162,6 +179,7 @@ class RegionMedCLIPTextConfig(PreTrainedConfig):
         )
         _require_divisible(name, "hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
         _require_probability(name, attention_dropout=self.attention_dropout, hidden_dropout=self.hidden_dropout)
+        _require_pooling(name, self.pooling)
         for field in ("pad_token_id", "cls_token_id"):
             value = getattr(self, field)
             if not isinstance(value, int) or not 0 <= value < self.vocab_size:
@@ -237,6 +255,8 @@ class RegionMedCLIPConfig(PreTrainedConfig):
             `tanh(gate)` scales it, so 0 starts the ROI processor as the identity.
         region_pool_gate_init: initial value of the gate on the attention-pooled regions that
             are added to the global image embedding (0 => image embedding = global embedding).
+        roi_box_dropout: in training, the probability that a region's box embedding is dropped
+            (zeroed), so that regions cannot answer from the coordinates alone.
 
     Loss settings (see `loss_regionmed_clip.py`):
         local_loss: anchors are this rank's rows only, against every rank's candidates.
@@ -260,6 +280,7 @@ class RegionMedCLIPConfig(PreTrainedConfig):
         roi_fusion_heads: int = 12,
         roi_gate_init: float = 0.0,
         region_pool_gate_init: float = 0.0,
+        roi_box_dropout: float = 0.0,
         local_loss: bool = False,
         hard_negative_k: int = 3,
         hard_negative_weight: float = 2.0,
@@ -285,6 +306,7 @@ class RegionMedCLIPConfig(PreTrainedConfig):
         self.roi_fusion_heads = roi_fusion_heads
         self.roi_gate_init = roi_gate_init
         self.region_pool_gate_init = region_pool_gate_init
+        self.roi_box_dropout = roi_box_dropout
         self.local_loss = local_loss
         self.hard_negative_k = hard_negative_k
         self.hard_negative_weight = hard_negative_weight
@@ -303,6 +325,7 @@ class RegionMedCLIPConfig(PreTrainedConfig):
             roi_fusion_layers=self.roi_fusion_layers,
             roi_fusion_heads=self.roi_fusion_heads,
         )
+        _require_probability(name, roi_box_dropout=self.roi_box_dropout)
         if not isinstance(self.hard_negative_k, int) or self.hard_negative_k < 0:
             raise ValueError(f"{name}.hard_negative_k must be a non-negative integer, got {self.hard_negative_k!r}")
         if not isinstance(self.hard_negative_weight, (int, float)) or not self.hard_negative_weight >= 1.0:

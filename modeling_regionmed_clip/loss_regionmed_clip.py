@@ -261,9 +261,15 @@ def hard_negative_loss(
     return multi_positive_info_nce(logits, positives, denominator)
 
 
-LOSS_TERMS = ("global_report", "global_summary", "region", "hard_negative")
-# FG-CLIP-like defaults: the global loss leads, region and hard-negative terms refine it.
-DEFAULT_LOSS_WEIGHTS = {"global_report": 1.0, "global_summary": 0.5, "region": 0.5, "hard_negative": 0.5}
+LOSS_TERMS = ("global_report", "global_summary", "region", "dense_region", "hard_negative", "region_hard_negative")
+# FG-CLIP-like defaults: the global loss leads, region, dense-region and hard-negative terms refine it.
+DEFAULT_LOSS_WEIGHTS = {"global_report": 1.0, "global_summary": 0.5, "region": 0.5, "dense_region": 0.5,
+                        "hard_negative": 0.5, "region_hard_negative": 0.5}
+
+
+def _mean_over(anchor_sets: list[torch.Tensor], term) -> torch.Tensor:
+    """Mean of `term(anchors)` over the anchor sets (e.g. the box-free and the region-pooled images)."""
+    return sum(term(anchors) for anchors in anchor_sets) / len(anchor_sets)
 
 
 def regionmed_clip_loss(
@@ -281,8 +287,19 @@ def regionmed_clip_loss(
     negative_text_embeds: torch.Tensor | None = None,
     negative_mask: torch.Tensor | None = None,
     config: ContrastiveLossConfig = ContrastiveLossConfig(),
+    box_free_image_embeds: torch.Tensor | None = None,
+    dense_region_embeds: torch.Tensor | None = None,
+    region_negative_embeds: torch.Tensor | None = None,
+    region_negative_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the loss terms in `LOSS_TERMS`; terms with weight 0 are not computed.
+
+    `box_free_image_embeds (B, D)` (the global view alone, when `image_embeds` pools given regions)
+    join the image-level terms as a second anchor set, so the embedding that box-free inference uses
+    is trained too. `dense_region_embeds (B, K, D)` (regions pooled from the global patch grid) are
+    the `dense_region` term's anchors and join `region_hard_negative`, whose candidates are each
+    region's own negative captions `region_negative_embeds (B, K, M, D)` (valid where
+    `region_negative_mask (B, K, M)`) plus every region caption of the batch.
 
     Returns the total and each computed term (unweighted, detached) for logging. A term with a
     positive weight whose inputs are missing is an error naming the term and the inputs.
@@ -290,12 +307,18 @@ def regionmed_clip_loss(
     unknown = sorted(set(weights) - set(LOSS_TERMS))
     if unknown:
         raise ValueError(f"unknown loss terms {unknown}; known: {list(LOSS_TERMS)}")
+    region_inputs = (("region_text_embeds", region_text_embeds), ("roi_mask", roi_mask))
     needs = {
         "global_report": (),
         "global_summary": (("summary_text_embeds", summary_text_embeds),),
-        "region": (("region_embeds", region_embeds), ("region_text_embeds", region_text_embeds), ("roi_mask", roi_mask)),
+        "region": (("region_embeds", region_embeds), *region_inputs),
+        "dense_region": (("dense_region_embeds", dense_region_embeds), *region_inputs),
         "hard_negative": (("negative_text_embeds", negative_text_embeds), ("negative_mask", negative_mask)),
+        "region_hard_negative": (("region_embeds", region_embeds), *region_inputs,
+                                 ("region_negative_embeds", region_negative_embeds),
+                                 ("region_negative_mask", region_negative_mask)),
     }
+    image_sets = [image_embeds] if box_free_image_embeds is None else [image_embeds, box_free_image_embeds]
     total = image_embeds.new_zeros(())
     terms: dict[str, torch.Tensor] = {}
     for term, weight in weights.items():
@@ -305,15 +328,26 @@ def regionmed_clip_loss(
         if missing:
             raise ValueError(f"loss term {term!r} has weight {weight} but its inputs {missing} were not given")
         if term == "global_report":
-            value = global_contrastive_loss(image_embeds, text_embeds, logit_scale, text_groups, config)
+            value = _mean_over(image_sets, lambda images: global_contrastive_loss(
+                images, text_embeds, logit_scale, text_groups, config))
         elif term == "global_summary":
-            value = global_contrastive_loss(image_embeds, summary_text_embeds, logit_scale, summary_groups, config)
+            value = _mean_over(image_sets, lambda images: global_contrastive_loss(
+                images, summary_text_embeds, logit_scale, summary_groups, config))
         elif term == "region":
             value = region_contrastive_loss(region_embeds, region_text_embeds, roi_mask, logit_scale, region_groups, config)
+        elif term == "dense_region":
+            value = region_contrastive_loss(dense_region_embeds, region_text_embeds, roi_mask, logit_scale,
+                                            region_groups, config)
+        elif term == "hard_negative":
+            value = _mean_over(image_sets, lambda images: hard_negative_loss(
+                images, text_embeds, negative_text_embeds, negative_mask, logit_scale, text_groups, config))
         else:
-            value = hard_negative_loss(
-                image_embeds, text_embeds, negative_text_embeds, negative_mask, logit_scale, text_groups, config
-            )
+            region_sets = [region_embeds] if dense_region_embeds is None else [region_embeds, dense_region_embeds]
+            valid_groups = None if region_groups is None else region_groups[roi_mask]
+            # Regions are the anchors: each valid ROI against its own negatives (NegCLIP at region level).
+            value = _mean_over(region_sets, lambda regions, groups=valid_groups: hard_negative_loss(
+                regions[roi_mask], region_text_embeds[roi_mask], region_negative_embeds[roi_mask],
+                region_negative_mask[roi_mask], logit_scale, groups, config))
         terms[term] = value.detach()
         total = total + weight * value
     return total, terms

@@ -60,6 +60,8 @@ class RegionMedCLIPOutput(ModelOutput):
     global_image_embeds: `(B, D)` the global view alone (before region pooling).
     summary_text_embeds: `(B, D)`; region_text_embeds: `(B, K, D)` (zeros at padding slots);
     negative_text_embeds: `(B, M, D)` with `negative_mask (B, M)`.
+    dense_region_embeds: `(B, K, D)` each ROI's box pooled from the global patch grid alone (no
+    crop), zeros at padding; region_negative_text_embeds: `(B, K, M, D)` with `region_negative_mask (B, K, M)`.
     """
 
     loss: torch.Tensor | None = None
@@ -75,6 +77,9 @@ class RegionMedCLIPOutput(ModelOutput):
     region_text_embeds: torch.Tensor | None = None
     negative_text_embeds: torch.Tensor | None = None
     negative_mask: torch.Tensor | None = None
+    dense_region_embeds: torch.Tensor | None = None
+    region_negative_text_embeds: torch.Tensor | None = None
+    region_negative_mask: torch.Tensor | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
 
@@ -225,7 +230,8 @@ class RegionMedCLIPVisionEmbeddings(nn.Module):
 
 
 class RegionMedCLIPVisionTransformer(nn.Module):
-    """ViT. Returns post-LayerNorm tokens `(N, 1 + P, C)` and the CLS token `(N, C)` as pooler output."""
+    """ViT. Returns post-LayerNorm tokens `(N, 1 + P, C)` and, as pooler output `(N, C)`, the CLS
+    token or the mean of the patch tokens (`config.pooling`)."""
 
     def __init__(self, config: RegionMedCLIPVisionConfig):
         super().__init__()
@@ -242,7 +248,8 @@ class RegionMedCLIPVisionTransformer(nn.Module):
         hidden_states = self.encoder(self.pre_layrnorm(embeddings))
         # Normalise every token, not only CLS: the ROI processor reads the patch tokens as context.
         hidden_states = self.post_layernorm(hidden_states)
-        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0])
+        pooled = hidden_states[:, 0] if self.config.pooling == "cls" else hidden_states[:, 1:].mean(dim=1)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled)
 
 
 class RegionMedCLIPTextEmbeddings(nn.Module):
@@ -275,7 +282,7 @@ class RegionMedCLIPTextEmbeddings(nn.Module):
 
 
 class RegionMedCLIPTextTransformer(nn.Module):
-    """BERT-style encoder pooled at the first ([CLS]) token."""
+    """BERT-style encoder pooled at the first ([CLS]) token or by the mean of the valid tokens (`config.pooling`)."""
 
     def __init__(self, config: RegionMedCLIPTextConfig):
         super().__init__()
@@ -290,7 +297,14 @@ class RegionMedCLIPTextTransformer(nn.Module):
         if attention_mask is not None:
             additive_mask = additive_padding_mask(attention_mask, hidden_states.dtype)
         hidden_states = self.encoder(hidden_states, additive_mask)
-        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0])
+        if self.config.pooling == "cls":
+            pooled = hidden_states[:, 0]
+        elif attention_mask is None:
+            pooled = hidden_states.mean(dim=1)
+        else:
+            weights = attention_mask.to(hidden_states.dtype)[..., None]
+            pooled = (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled)
 
 
 def roi_align(feature_grid: torch.Tensor, boxes: torch.Tensor, output_size: int, sampling_ratio: int = 2) -> torch.Tensor:
@@ -362,8 +376,10 @@ class RegionMedCLIPROIProcessor(nn.Module):
         hidden = config.vision_config.hidden_size
         eps = config.vision_config.layer_norm_eps
         self.context_grid = config.roi_context_grid
+        self.box_dropout = config.roi_box_dropout
         self.box_embedding = nn.Sequential(nn.Linear(8, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.context_projection = nn.Linear(config.roi_context_grid**2 * hidden, hidden)
+        self.dense_layernorm = nn.LayerNorm(hidden, eps=eps)
         self.fusion_layers = nn.ModuleList([RegionMedCLIPFusionLayer(config) for _ in range(config.roi_fusion_layers)])
         self.region_layernorm = nn.LayerNorm(hidden, eps=eps)
         self.pool_query = nn.Linear(hidden, hidden)
@@ -378,20 +394,30 @@ class RegionMedCLIPROIProcessor(nn.Module):
         roi_mask: torch.Tensor,
         global_tokens: torch.Tensor,
         patch_grid: tuple[int, int],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Region features `(B, K, C)` (zeros where `roi_mask` is False) and the region pool `(B, C)`.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Region features `(B, K, C)` (zeros where `roi_mask` is False), the region pool `(B, C)`
+        and the dense region features `(B, K, C)`: the box pooled from the global patch grid alone.
 
-        crop_features `(B, K, C)` crop CLS features; roi_boxes `(B, K, 4)` normalised xyxy;
+        crop_features `(B, K, C)` crop features; roi_boxes `(B, K, 4)` normalised xyxy;
         roi_mask `(B, K)` bool; global_tokens `(B, 1 + P, C)`; patch_grid `(gh, gw)`.
         """
-        batch, _, hidden = crop_features.shape
+        batch, num_rois, hidden = crop_features.shape
         patch_tokens = global_tokens[:, 1:]
         feature_grid = patch_tokens.transpose(1, 2).reshape(batch, hidden, *patch_grid)
-        context = roi_align(feature_grid, roi_boxes, self.context_grid).flatten(2)  # (B, K, G*G*C)
-        region_states = crop_features + self.box_embedding(box_geometry(roi_boxes)) + self.context_projection(context)
+        context = self.context_projection(roi_align(feature_grid, roi_boxes, self.context_grid).flatten(2))
+        valid = roi_mask[..., None].to(context.dtype)
+        # Dense alignment (FG-CLIP): aligning this box-pooled patch feature with the region caption
+        # teaches the global tower itself where and what the lesions are, which box-free inference needs.
+        dense_features = self.dense_layernorm(context) * valid
+        box_features = self.box_embedding(box_geometry(roi_boxes))
+        if self.training and self.box_dropout > 0:
+            # Dropping the coordinates of some regions stops them from carrying everything: those
+            # regions must read the crop and the context pixels.
+            keep = torch.rand(batch, num_rois, 1, device=box_features.device) >= self.box_dropout
+            box_features = box_features * keep.to(box_features.dtype)
+        region_states = crop_features + box_features + context
         for layer in self.fusion_layers:
             region_states = layer(region_states, patch_tokens)
-        valid = roi_mask[..., None].to(region_states.dtype)
         region_features = self.region_layernorm(region_states) * valid
 
         # Attention pooling queried by the global CLS; finfo.min rather than -inf keeps an image
@@ -403,7 +429,7 @@ class RegionMedCLIPROIProcessor(nn.Module):
         # An image without a valid ROI gets nothing added (not the output layer's bias).
         has_regions = roi_mask.any(dim=-1, keepdim=True).to(scores.dtype)
         pooled = self.pool_output((weights[..., None] * region_features).sum(1)) * has_regions
-        return region_features, torch.tanh(self.pool_gate) * pooled
+        return region_features, torch.tanh(self.pool_gate) * pooled, dense_features
 
 
 class RegionMedCLIPPreTrainedModel(PreTrainedModel):
@@ -518,22 +544,23 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         roi_boxes: torch.Tensor,
         roi_mask: torch.Tensor,
         patch_grid: tuple[int, int],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Region features `(B, K, C)` and gated region pool `(B, C)` in the vision hidden space."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Region features `(B, K, C)`, gated region pool `(B, C)` and dense region features
+        `(B, K, C)` in the vision hidden space."""
         global_tokens = vision_output.last_hidden_state
         batch, num_rois = roi_mask.shape
         hidden = global_tokens.shape[-1]
         if num_rois == 0:
             # A batch in which no image has a region still runs the ROI modules on one empty slot:
             # under FSDP every rank must call the same modules, or the others wait for it forever.
-            features, pool = self._encode_regions(
+            features, pool, dense = self._encode_regions(
                 vision_output,
                 roi_pixel_values.new_zeros((batch, 1, *roi_pixel_values.shape[2:])),
                 roi_boxes.new_zeros((batch, 1, 4)),
                 roi_mask.new_zeros((batch, 1)),
                 patch_grid,
             )
-            return features[:, :0], pool
+            return features[:, :0], pool, dense[:, :0]
         # Encode only the valid crops, packed across the batch: padding costs no tower compute.
         crop_features = global_tokens.new_zeros(batch, num_rois, hidden)
         if roi_mask.any():
@@ -557,20 +584,22 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         vision_output = self.vision_model(pixel_values)
         global_features = vision_output.pooler_output
         image_features = global_features
-        region_embeds = None
+        region_embeds = dense_region_embeds = None
         if roi_mask is not None:
             patch = self.config.vision_config.patch_size
             patch_grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
-            region_features, region_pool = self._encode_regions(
+            region_features, region_pool, dense_features = self._encode_regions(
                 vision_output, roi_pixel_values, roi_boxes, roi_mask, patch_grid
             )
             image_features = global_features + region_pool
             region_embeds = self.visual_projection(region_features)
+            dense_region_embeds = self.visual_projection(dense_features)
         return {
             "vision_output": vision_output,
             "global_embeds": self.visual_projection(global_features),
             "image_embeds": self.visual_projection(image_features),
             "region_embeds": region_embeds,
+            "dense_region_embeds": dense_region_embeds,
             "roi_mask": roi_mask,
         }
 
@@ -625,6 +654,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         negative_input_ids: torch.Tensor | None = None,
         negative_attention_mask: torch.Tensor | None = None,
         negative_mask: torch.Tensor | None = None,
+        region_negative_input_ids: torch.Tensor | None = None,
+        region_negative_attention_mask: torch.Tensor | None = None,
+        region_negative_mask: torch.Tensor | None = None,
         return_loss: bool | None = None,
         loss_weights: dict[str, float] | None = None,
         return_dict: bool | None = None,
@@ -632,7 +664,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         """pixel_values `(B, 3, H, W)`; input_ids / attention_mask `(T, L)` report captions;
         roi_pixel_values `(B, K, 3, h, w)`; roi_boxes `(B, K, 4)` normalised xyxy on the global
         view; roi_mask `(B, K)` (default: all valid); summary_* `(B, L)`; region_* `(B, K, L)`
-        aligned with the ROI slots; negative_* `(B, M, L)` with negative_mask `(B, M)`.
+        aligned with the ROI slots; negative_* `(B, M, L)` with negative_mask `(B, M)`;
+        region_negative_* `(B, K, M, L)` with region_negative_mask `(B, K, M)`: negatives of each
+        region caption.
 
         `return_loss` needs `T == B` matched pairs. `loss_weights` (term -> weight, see
         `LOSS_TERMS`) picks the terms; by default every term whose inputs are given, with
@@ -650,6 +684,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             if vision["region_embeds"] is not None:
                 valid = vision["roi_mask"][..., None].to(vision["region_embeds"].dtype)
                 fields["region_embeds"] = nn.functional.normalize(vision["region_embeds"], dim=-1) * valid
+                fields["dense_region_embeds"] = nn.functional.normalize(vision["dense_region_embeds"], dim=-1) * valid
         elif roi_pixel_values is not None or roi_boxes is not None:
             raise ValueError("ROI inputs need pixel_values: regions are fused with the global view")
 
@@ -672,6 +707,21 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             if negative_mask.shape != negative_input_ids.shape[:2]:
                 raise ValueError(f"negative_mask {tuple(negative_mask.shape)} must be (B, M) of negative_input_ids")
             caption_sets["negative"] = (negative_input_ids[negative_mask], _optional_index(negative_attention_mask, negative_mask))
+        if region_negative_input_ids is not None:
+            if "region" not in caption_sets:
+                raise ValueError("region_negative_input_ids need region_input_ids: they are negatives of region captions")
+            if region_negative_mask is None:
+                region_negative_mask = torch.ones(region_negative_input_ids.shape[:3], dtype=torch.bool,
+                                                  device=region_negative_input_ids.device)
+            if region_negative_mask.shape != region_negative_input_ids.shape[:3] or \
+                    region_negative_mask.shape[:2] != fields["roi_mask"].shape:
+                raise ValueError(f"region_negative_input_ids {tuple(region_negative_input_ids.shape)} and "
+                                 f"region_negative_mask {tuple(region_negative_mask.shape)} must be (B, K, M, L) and "
+                                 "(B, K, M), aligned with the ROI inputs")
+            # Negatives of padding ROI slots are never encoded.
+            region_negative_mask = region_negative_mask.to(torch.bool) & fields["roi_mask"][..., None]
+            caption_sets["region_negative"] = (region_negative_input_ids[region_negative_mask],
+                                               _optional_index(region_negative_attention_mask, region_negative_mask))
         if caption_sets:
             encoded = dict(zip(caption_sets, self._encode_captions(list(caption_sets.values())), strict=True))
             fields["text_embeds"] = encoded.get("text")
@@ -681,6 +731,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             if "negative" in encoded:
                 fields["negative_text_embeds"] = _scatter_rows(encoded["negative"], negative_mask)
                 fields["negative_mask"] = negative_mask
+            if "region_negative" in encoded:
+                fields["region_negative_text_embeds"] = _scatter_rows(encoded["region_negative"], region_negative_mask)
+                fields["region_negative_mask"] = region_negative_mask
 
         if pixel_values is not None and input_ids is not None:
             logit_scale = clamped_logit_scale(self.logit_scale)
@@ -718,11 +771,14 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         region_attention_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if loss_weights is None:
+            has_regions = fields.get("region_text_embeds") is not None
             available = {
                 "global_report": True,
-                "global_summary": "summary_text_embeds" in fields and fields["summary_text_embeds"] is not None,
-                "region": fields.get("region_text_embeds") is not None,
+                "global_summary": fields.get("summary_text_embeds") is not None,
+                "region": has_regions,
+                "dense_region": has_regions,
                 "hard_negative": fields.get("negative_text_embeds") is not None,
+                "region_hard_negative": fields.get("region_negative_text_embeds") is not None,
             }
             loss_weights = {term: weight for term, weight in DEFAULT_LOSS_WEIGHTS.items() if available[term]}
         config = ContrastiveLossConfig(
@@ -749,6 +805,11 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             negative_text_embeds=fields.get("negative_text_embeds"),
             negative_mask=fields.get("negative_mask"),
             config=config,
+            # With regions given, the box-free embedding is trained beside the region-pooled one.
+            box_free_image_embeds=fields["global_image_embeds"] if fields.get("region_embeds") is not None else None,
+            dense_region_embeds=fields.get("dense_region_embeds"),
+            region_negative_embeds=fields.get("region_negative_text_embeds"),
+            region_negative_mask=fields.get("region_negative_mask"),
         )
 
     # -- starting from pretrained towers ---------------------------------------------------

@@ -48,7 +48,10 @@ class RegionMedCLIPProcessor(ProcessorMixin):
     - `region_input_ids`, `region_attention_mask (B, K, L)`: the caption of ROI slot k of image b,
       aligned with `roi_mask` (padding slots are all padding);
     - `negative_input_ids`, `negative_attention_mask (B, M, L)` and `negative_mask (B, M)` for the
-      per-image hard-negative captions (ragged counts, padded to the most in the batch).
+      per-image hard-negative captions (ragged counts, padded to the most in the batch);
+    - `region_negative_input_ids`, `region_negative_attention_mask (B, K, M, L)` and
+      `region_negative_mask (B, K, M)` for `region_negative_text`: per image, per region, that
+      region caption's negatives.
 
     Captions are padded to the longest in each group and truncated at the tokenizer's
     `model_max_length` (256 by default).
@@ -89,6 +92,7 @@ class RegionMedCLIPProcessor(ProcessorMixin):
         region_text: Sequence[Sequence[str]] | None = None,
         negative_text: Sequence[Sequence[str]] | None = None,
         summary_text: str | Sequence[str] | None = None,
+        region_negative_text: Sequence[Sequence[Sequence[str]]] | None = None,
         return_tensors: str | None = "pt",
         **image_kwargs: Any,
     ) -> BatchFeature:
@@ -100,7 +104,8 @@ class RegionMedCLIPProcessor(ProcessorMixin):
             data.update(self.image_processor(images, regions=regions, **image_kwargs))
             batch = data["pixel_values"].shape[0]
         else:
-            for name, value in (("regions", regions), ("region_text", region_text), ("negative_text", negative_text)):
+            for name, value in (("regions", regions), ("region_text", region_text), ("negative_text", negative_text),
+                                ("region_negative_text", region_negative_text)):
                 if value is not None:
                     raise ValueError(f"{name} needs images: they are per-image")
             if image_kwargs:
@@ -127,6 +132,8 @@ class RegionMedCLIPProcessor(ProcessorMixin):
             rows = [row[: self.image_processor.max_rois] for row in rows]
             grid = self._tokenize_grid(rows, data["roi_mask"].shape[1])
             data["region_input_ids"], data["region_attention_mask"] = grid["input_ids"], grid["attention_mask"]
+        if region_negative_text is not None:
+            data.update(self._region_negatives(region_negative_text, region_text, data["roi_mask"].shape[1]))
         if negative_text is not None:
             rows = _as_ragged(negative_text, "negative_text", batch)
             slots = max((len(row) for row in rows), default=0)
@@ -136,10 +143,38 @@ class RegionMedCLIPProcessor(ProcessorMixin):
             data["negative_mask"] = np.arange(slots)[None, :] < counts[:, None]
         return BatchFeature(data=dict(data), tensor_type=return_tensors)
 
+    def _region_negatives(
+        self, region_negative_text: Sequence[Sequence[Sequence[str]]], region_text: Any, slots: int
+    ) -> dict[str, np.ndarray]:
+        """Per image, per region, a list of negative captions -> `(B, K, M, L)` ids and masks and the
+        `(B, K, M)` validity mask, aligned with the region captions' slots."""
+        if region_text is None:
+            raise ValueError("region_negative_text needs region_text: its captions are negatives of region captions")
+        if isinstance(region_negative_text, str) or len(region_negative_text) != len(region_text):
+            raise ValueError(f"region_negative_text needs one list per image like region_text ({len(region_text)})")
+        per_region: list[list[str]] = []
+        for index, (negatives, captions) in enumerate(zip(region_negative_text, region_text, strict=True)):
+            if isinstance(negatives, str) or len(negatives) != len(captions):
+                raise ValueError(f"region_negative_text[{index}] needs one list of negatives per region "
+                                 f"({len(captions)}), got {negatives!r}")
+            rows = _as_ragged(negatives, f"region_negative_text[{index}]", len(captions))[: self.image_processor.max_rois]
+            per_region += rows + [[] for _ in range(slots - len(rows))]
+        most = max((len(row) for row in per_region), default=0)
+        grid = self._tokenize_grid(per_region, most)
+        batch = len(region_text)
+        counts = np.array([len(row) for row in per_region]).reshape(batch, slots)
+        shape = (batch, slots, most, grid["input_ids"].shape[-1])
+        return {
+            "region_negative_input_ids": grid["input_ids"].reshape(shape),
+            "region_negative_attention_mask": grid["attention_mask"].reshape(shape),
+            "region_negative_mask": np.arange(most)[None, None, :] < counts[..., None],
+        }
+
     @property
     def model_input_names(self) -> list[str]:
         return [
             "pixel_values", "roi_pixel_values", "roi_boxes", "roi_mask", "input_ids", "attention_mask",
             "summary_input_ids", "summary_attention_mask", "region_input_ids", "region_attention_mask",
             "negative_input_ids", "negative_attention_mask", "negative_mask",
+            "region_negative_input_ids", "region_negative_attention_mask", "region_negative_mask",
         ]

@@ -79,6 +79,12 @@ def test_open_pool_gate_mixes_regions_into_the_image_embedding():
     assert not torch.allclose(out.image_embeds, out.global_image_embeds, atol=1e-4)
 
 
+def _with_region_captions(inputs):
+    """Add region captions: they switch on the region and dense-region terms (the dense head feeds only the latter)."""
+    generator = torch.Generator().manual_seed(1)
+    return {**inputs, "region_input_ids": torch.randint(5, 100, (*inputs["roi_mask"].shape, 8), generator=generator)}
+
+
 def _grads(model, inputs):
     model.zero_grad(set_to_none=True)
     model(**inputs, return_loss=True).loss.backward()
@@ -88,14 +94,14 @@ def _grads(model, inputs):
 def test_gradients_reach_every_trainable_parameter_with_rois():
     # open gates: with the default closed gates the fused branch is scaled by tanh(0) = 0
     model = tiny_model(roi_gate_init=0.5, region_pool_gate_init=0.5).train()
-    grads = _grads(model, make_inputs(model.config, [4, 3]))
+    grads = _grads(model, _with_region_captions(make_inputs(model.config, [4, 3])))
     missing = [name for name, grad in grads.items() if grad is None or not torch.any(grad != 0)]
     assert missing == [], missing
 
 
 def test_closed_gates_still_train_the_gates():
     model = tiny_model().train()
-    grads = _grads(model, make_inputs(model.config, [4, 3]))
+    grads = _grads(model, _with_region_captions(make_inputs(model.config, [4, 3])))
     assert all(grad is not None for grad in grads.values())
     # the global loss sees the regions only through the pool, so its gate must learn to open
     assert grads["roi_processor.pool_gate"].abs() > 0

@@ -10,6 +10,10 @@ a pure function of the row and the epoch, so a resumed run samples exactly what 
 one would. Regions whose box does not overlap the decoded image, or has no area in the processor's
 global view (a centre-crop view cuts the image's edges off), are dropped and counted.
 
+Each sampled region also gets its caption's rule-based negatives (`negatives.region_hard_negatives`:
+side, zone, presence, size and finding edits; finding swaps drawn from `finding_vocabulary`, by
+default `negatives.FINDINGS`) for the region-level hard-negative loss.
+
 A batch in which no image decodes is replaced by the last good row; `prime(dataset)` decodes a
 first good row up front, so that holds for the very first batch of every DataLoader worker too.
 Use the default non-persistent DataLoader workers: persistent ones would keep the epoch of
@@ -30,6 +34,8 @@ from transformers.image_processing_utils import BatchFeature
 
 from processing import RegionMedCLIPProcessor
 from processing.image_processing_regionmed_clip import RegionMedCLIPImageProcessor
+
+from .negatives import FINDINGS, region_hard_negatives
 
 __all__ = ["RegionMedCLIPCollator"]
 
@@ -68,6 +74,8 @@ class RegionMedCLIPCollator:
         use_regions: bool = True,
         use_summary: bool = True,
         use_negatives: bool = True,
+        use_region_negatives: bool = True,
+        finding_vocabulary: Sequence[str] | None = None,
     ):
         self.processor = processor
         self.max_regions = max_regions or processor.image_processor.max_rois
@@ -78,6 +86,8 @@ class RegionMedCLIPCollator:
         self.use_regions = use_regions
         self.use_summary = use_summary
         self.use_negatives = use_negatives
+        self.use_region_negatives = use_region_negatives
+        self.finding_vocabulary = tuple(finding_vocabulary) if finding_vocabulary else FINDINGS
         self.skipped_rows = 0
         self.skipped_regions = 0
         self.skip_reasons: Counter[str] = Counter()
@@ -144,6 +154,12 @@ class RegionMedCLIPCollator:
             sampled = [self._sample_regions(row, image) for row, image in good]
             call["regions"] = [[region["bbox"] for region in regions] for regions in sampled]
             call["region_text"] = [[region["caption"] for region in regions] for regions in sampled]
+            if self.use_region_negatives:
+                call["region_negative_text"] = [
+                    [list(region_hard_negatives(region["caption"], self.seed, self.finding_vocabulary))
+                     for region in regions]
+                    for regions in sampled
+                ]
         if self.use_negatives:
             call["negative_text"] = [list(row["negative_captions"]) for row, _ in good]
         batch = self.processor(**call, return_tensors="pt")

@@ -68,7 +68,7 @@ import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 
-__all__ = ["FINDINGS", "RULES", "apply_rule", "make_hard_negatives"]
+__all__ = ["FINDINGS", "RULES", "apply_rule", "make_hard_negatives", "region_hard_negatives"]
 
 FINDINGS: tuple[str, ...] = (
     "nodule",
@@ -86,6 +86,7 @@ FINDINGS: tuple[str, ...] = (
     "infiltrate",
     "lesion",
     "cyst",
+    "cavity",
 )
 
 RULES: tuple[str, ...] = ("laterality", "location", "negation", "severity", "finding")
@@ -465,3 +466,27 @@ def make_hard_negatives(caption: str, num: int = 3, seed: int = 0, vocabulary: S
             if keep(apply_rule(singles[first], second, rng, vocabulary)):
                 return results
     return results
+
+
+@lru_cache(maxsize=65536)
+def region_hard_negatives(caption: str, seed: int = 0, vocabulary: tuple[str, ...] = FINDINGS,
+                          finding_swaps: int = 2) -> tuple[str, ...]:
+    """Every single-rule negative of a region caption (one per rule of `RULES` that applies, in that
+    order) plus `finding_swaps - 1` more finding swaps drawn with other seeds; distinct, deterministic.
+
+    A region caption is short ("small nodule in the left upper zone"), so each rule gives one edit of
+    one attribute: side, zone, presence, size, finding. Pass the dataset's own lesion labels as
+    `vocabulary` so that finding swaps name findings the images really show (harder than a random term).
+    """
+    _check_caption(caption)
+    _check_vocabulary(vocabulary)
+    seen = {_statement_key(caption)}
+    results: list[str] = []
+    attempts = [(rule, random.Random(f"{seed}\x1f{rule}\x1f{caption}")) for rule in RULES]
+    attempts += [("finding", random.Random(f"{seed}\x1ffinding{extra}\x1f{caption}")) for extra in range(1, finding_swaps)]
+    for rule, rng in attempts:
+        negative = apply_rule(caption, rule, rng, vocabulary)
+        if negative is not None and _statement_key(negative) not in seen:
+            seen.add(_statement_key(negative))
+            results.append(negative)
+    return tuple(results)

@@ -19,6 +19,7 @@ Writes to the output dir: `checkpoint-N/` (complete ones hold a marker), `tokeni
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from .plotting import plot_loss_curves
 from .schedule import DEFAULT_STAGES, StagedSchedule
 from .trainer import JsonlLogCallback, RegionMedCLIPTrainer, StageCallback, latest_complete_checkpoint
 
-__all__ = ["build_trainer", "main", "resolve_run_config"]
+__all__ = ["build_trainer", "finding_vocabulary", "main", "resolve_run_config"]
 
 logger = logging.getLogger("regionmed_clip.train")
 
@@ -105,6 +106,19 @@ def _caption_corpus(dataset) -> list[str]:
     return corpus
 
 
+def finding_vocabulary(dataset) -> list[str] | None:
+    """The dataset's region labels that region captions name (lower case), for finding swaps in region
+    negatives: swapping "nodule" for another finding these films show is harder than for any term.
+    None (use `negatives.FINDINGS`) when fewer than two labels are named in captions."""
+    named: set[str] = set()
+    for regions in dataset.remove_columns("image")["regions"]:
+        for region in regions:
+            label = region["label"].lower()
+            if label and re.search(rf"\b{re.escape(label)}\b", region["caption"].lower()):
+                named.add(label)
+    return sorted(named) if len(named) >= 2 else None
+
+
 def build_trainer(run: dict[str, Any], resume: bool = False) -> tuple[RegionMedCLIPTrainer, Path | None]:
     """Everything `main` needs: the trainer (model, processor, data, schedule) and the checkpoint to resume."""
     training_args = TrainingArguments(**run["training_args"])
@@ -149,7 +163,8 @@ def build_trainer(run: dict[str, Any], resume: bool = False) -> tuple[RegionMedC
         **_normalisation_of(model_spec.get("vision_path")),
     )
     processor = RegionMedCLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    collator = RegionMedCLIPCollator(processor, seed=training_args.seed)
+    collator = RegionMedCLIPCollator(processor, seed=training_args.seed,
+                                     finding_vocabulary=finding_vocabulary(train_dataset))
     collator.prime(train_dataset)
     schedule = StagedSchedule(run["schedule"], training_args.max_steps)
     trainer = RegionMedCLIPTrainer(

@@ -61,6 +61,9 @@ _TERM_INPUTS = {
     "global_summary": ("summary_input_ids", "summary_attention_mask"),
     "region": ("region_input_ids", "region_attention_mask"),
     "hard_negative": ("negative_input_ids", "negative_attention_mask", "negative_mask"),
+    "region_hard_negative": ("region_input_ids", "region_attention_mask", "region_negative_input_ids",
+                             "region_negative_attention_mask", "region_negative_mask"),
+    "dense_region": ("region_input_ids", "region_attention_mask"),
 }
 
 
@@ -201,7 +204,10 @@ class RegionMedCLIPTrainer(Trainer):
         outputs = model(**{key: inputs[key] for key in keys}, return_loss=True, loss_weights=dict(stage.loss_weights))
         for term, value in outputs.loss_terms.items():
             self._record(f"loss_{term}", value.item())
-        self._record("image_embed_mean_cosine", _mean_pairwise_cosine(outputs.image_embeds.detach()))
+        # The collapse monitor reads the box-free image embedding (what a user without boxes gets)
+        # and the report embeddings: pooled ground-truth regions would hide a collapsed global view.
+        self._record("box_free_image_mean_cosine", _mean_pairwise_cosine(outputs.global_image_embeds.detach()))
+        self._record("text_mean_cosine", _mean_pairwise_cosine(outputs.text_embeds.detach()))
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def _record(self, name: str, value: float) -> None:
