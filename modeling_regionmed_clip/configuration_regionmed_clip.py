@@ -186,17 +186,20 @@ class RegionMedCLIPTextConfig(PreTrainedConfig):
                 raise ValueError(f"{name}.{field} must be a token id in [0, vocab_size={self.vocab_size}), got {value!r}")
 
 
-# Presets are data. `tiny` is for unit tests and the CPU demo (< 1M parameters);
-# `base` is ViT-B/16 at 224 px with a PubMedBERT-sized (12 x 768) text tower.
+# Presets are data. `tiny` is for unit tests and the CPU demo (< 1M parameters): a 128 px global view
+# (at 64 px most synthetic lesions were 1-5 pixels across), mean pooling (a CLS-pooled fresh tower
+# starts collapsed) and box dropout (docs/TRAINING.md has the measurements); `base` is ViT-B/16 at
+# 224 px with a PubMedBERT-sized (12 x 768) text tower, CLS-pooled like the checkpoints it can load.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "vision_config": {
-            "image_size": 64,
+            "image_size": 128,
             "patch_size": 8,
             "hidden_size": 64,
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "intermediate_size": 128,
+            "pooling": "mean",
         },
         "text_config": {
             "vocab_size": 4096,
@@ -205,6 +208,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "num_attention_heads": 4,
             "intermediate_size": 128,
             "max_position_embeddings": 256,
+            "pooling": "mean",
         },
         "projection_dim": 64,
         "max_rois": 4,
@@ -212,6 +216,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "roi_context_grid": 2,
         "roi_fusion_layers": 1,
         "roi_fusion_heads": 4,
+        "roi_box_dropout": 0.5,
     },
     "base": {
         "vision_config": {
@@ -236,6 +241,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "roi_context_grid": 3,
         "roi_fusion_layers": 2,
         "roi_fusion_heads": 12,
+        "roi_box_dropout": 0.5,
     },
 }
 
@@ -257,6 +263,11 @@ class RegionMedCLIPConfig(PreTrainedConfig):
             are added to the global image embedding (0 => image embedding = global embedding).
         roi_box_dropout: in training, the probability that a region's box embedding is dropped
             (zeroed), so that regions cannot answer from the coordinates alone.
+        proposal_window_sizes: box-free proposals: sliding square windows of these sides (fractions
+            of the view side, stride half a side) are pooled from the global patch grid by the dense
+            head and log-sum-exp pooled into the image feature; empty turns them off (plain CLIP pooling).
+        box_free_center_momentum: EMA momentum of the running batch mean subtracted from the box-free
+            image feature (DINO-style centering, updated in training mode only); 0 disables the update.
 
     Loss settings (see `loss_regionmed_clip.py`):
         local_loss: anchors are this rank's rows only, against every rank's candidates.
@@ -281,6 +292,8 @@ class RegionMedCLIPConfig(PreTrainedConfig):
         roi_gate_init: float = 0.0,
         region_pool_gate_init: float = 0.0,
         roi_box_dropout: float = 0.0,
+        proposal_window_sizes: list[float] | tuple[float, ...] = (0.25, 0.5),
+        box_free_center_momentum: float = 0.9,
         local_loss: bool = False,
         hard_negative_k: int = 3,
         hard_negative_weight: float = 2.0,
@@ -307,6 +320,8 @@ class RegionMedCLIPConfig(PreTrainedConfig):
         self.roi_gate_init = roi_gate_init
         self.region_pool_gate_init = region_pool_gate_init
         self.roi_box_dropout = roi_box_dropout
+        self.proposal_window_sizes = [float(size) for size in proposal_window_sizes]
+        self.box_free_center_momentum = box_free_center_momentum
         self.local_loss = local_loss
         self.hard_negative_k = hard_negative_k
         self.hard_negative_weight = hard_negative_weight
@@ -325,7 +340,12 @@ class RegionMedCLIPConfig(PreTrainedConfig):
             roi_fusion_layers=self.roi_fusion_layers,
             roi_fusion_heads=self.roi_fusion_heads,
         )
-        _require_probability(name, roi_box_dropout=self.roi_box_dropout)
+        _require_probability(name, roi_box_dropout=self.roi_box_dropout,
+                             box_free_center_momentum=self.box_free_center_momentum)
+        for size in self.proposal_window_sizes:
+            if not 0 < size <= 1:
+                raise ValueError(f"{name}.proposal_window_sizes must hold fractions of the view side in (0, 1], "
+                                 f"got {self.proposal_window_sizes!r}")
         if not isinstance(self.hard_negative_k, int) or self.hard_negative_k < 0:
             raise ValueError(f"{name}.hard_negative_k must be a non-negative integer, got {self.hard_negative_k!r}")
         if not isinstance(self.hard_negative_weight, (int, float)) or not self.hard_negative_weight >= 1.0:

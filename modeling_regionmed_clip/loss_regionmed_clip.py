@@ -33,6 +33,7 @@ __all__ = [
     "gather_features",
     "global_contrastive_loss",
     "hard_negative_loss",
+    "image_region_loss",
     "multi_positive_info_nce",
     "pad_to_global_max",
     "region_contrastive_loss",
@@ -211,6 +212,41 @@ def region_contrastive_loss(
     return _symmetric_loss(region_embeds[roi_mask], region_text_embeds[roi_mask], logit_scale, groups, config)
 
 
+def image_region_loss(
+    image_embeds: torch.Tensor,
+    region_text_embeds: torch.Tensor,
+    roi_mask: torch.Tensor,
+    logit_scale: torch.Tensor,
+    text_groups: torch.Tensor | None = None,
+    config: ContrastiveLossConfig = ContrastiveLossConfig(),
+) -> torch.Tensor:
+    """Region caption -> image InfoNCE: every valid region caption `(B, K, D)` must pick its own
+    image `(B, D)` among the gathered batch's images (multi-positive: an image holding an identical
+    caption counts too). It teaches the image embedding, box-free, to hold each of its findings and
+    where they are: short captions are a direct signal that long reports are not. Zero without ROIs."""
+    if region_text_embeds.shape[:2] != roi_mask.shape or region_text_embeds.shape[0] != image_embeds.shape[0]:
+        raise ValueError(
+            f"region_text_embeds {tuple(region_text_embeds.shape)} and roi_mask {tuple(roi_mask.shape)} must be "
+            f"(B={image_embeds.shape[0]}, K, D) and (B, K)"
+        )
+    all_images, image_offset = gather_features(image_embeds, config.gather_with_grad)
+    batch, slots = roi_mask.shape
+    owners = (torch.arange(batch, device=roi_mask.device)[:, None].expand(batch, slots) + image_offset)[roi_mask]
+    captions = region_text_embeds[roi_mask]
+    all_captions, caption_offset = gather_features(captions, config.gather_with_grad)
+    all_owners, _ = gather_features(owners, gather_with_grad=False)
+    groups = None if text_groups is None else text_groups[roi_mask]
+    all_groups = _gathered_groups(groups, all_captions.shape[0], captions.device)
+    # positives[n, b]: image b holds a caption of caption n's group (its own image always does)
+    owner_onehot = torch.nn.functional.one_hot(all_owners, all_images.shape[0]).float()
+    positives = ((all_groups[:, None] == all_groups[None, :]).float() @ owner_onehot) > 0
+    if config.local_loss:
+        rows = slice(caption_offset, caption_offset + captions.shape[0])
+        logits = logit_scale * all_captions[rows] @ all_images.t()
+        return multi_positive_info_nce(logits, positives[rows], _local_denominator(all_captions.shape[0]))
+    return multi_positive_info_nce(logit_scale * all_captions @ all_images.t(), positives)
+
+
 def hard_negative_loss(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
@@ -261,10 +297,11 @@ def hard_negative_loss(
     return multi_positive_info_nce(logits, positives, denominator)
 
 
-LOSS_TERMS = ("global_report", "global_summary", "region", "dense_region", "hard_negative", "region_hard_negative")
+LOSS_TERMS = ("global_report", "global_summary", "image_region", "region", "dense_region", "hard_negative",
+              "region_hard_negative")
 # FG-CLIP-like defaults: the global loss leads, region, dense-region and hard-negative terms refine it.
-DEFAULT_LOSS_WEIGHTS = {"global_report": 1.0, "global_summary": 0.5, "region": 0.5, "dense_region": 0.5,
-                        "hard_negative": 0.5, "region_hard_negative": 0.5}
+DEFAULT_LOSS_WEIGHTS = {"global_report": 1.0, "global_summary": 0.5, "image_region": 0.5, "region": 0.5,
+                        "dense_region": 0.5, "hard_negative": 0.5, "region_hard_negative": 0.5}
 
 
 def _mean_over(anchor_sets: list[torch.Tensor], term) -> torch.Tensor:
@@ -311,6 +348,7 @@ def regionmed_clip_loss(
     needs = {
         "global_report": (),
         "global_summary": (("summary_text_embeds", summary_text_embeds),),
+        "image_region": region_inputs,
         "region": (("region_embeds", region_embeds), *region_inputs),
         "dense_region": (("dense_region_embeds", dense_region_embeds), *region_inputs),
         "hard_negative": (("negative_text_embeds", negative_text_embeds), ("negative_mask", negative_mask)),
@@ -333,6 +371,9 @@ def regionmed_clip_loss(
         elif term == "global_summary":
             value = _mean_over(image_sets, lambda images: global_contrastive_loss(
                 images, summary_text_embeds, logit_scale, summary_groups, config))
+        elif term == "image_region":
+            # On the box-free embedding only: one that pools the same regions would find them trivially.
+            value = image_region_loss(image_sets[-1], region_text_embeds, roi_mask, logit_scale, region_groups, config)
         elif term == "region":
             value = region_contrastive_loss(region_embeds, region_text_embeds, roi_mask, logit_scale, region_groups, config)
         elif term == "dense_region":

@@ -57,7 +57,8 @@ class RegionMedCLIPOutput(ModelOutput):
     text_embeds: `(T, D)` report captions.
     region_embeds: `(B, K, D)`, zeros where `roi_mask` is False; None without ROI inputs.
     roi_mask: `(B, K)` bool, which ROIs are real.
-    global_image_embeds: `(B, D)` the global view alone (before region pooling).
+    global_image_embeds: `(B, D)` box-free: the global view with its proposal windows pooled, before
+    any given region is pooled (what a user without boxes gets).
     summary_text_embeds: `(B, D)`; region_text_embeds: `(B, K, D)` (zeros at padding slots);
     negative_text_embeds: `(B, M, D)` with `negative_mask (B, M)`.
     dense_region_embeds: `(B, K, D)` each ROI's box pooled from the global patch grid alone (no
@@ -368,8 +369,48 @@ class RegionMedCLIPFusionLayer(GradientCheckpointingLayer):
         return region_states + torch.tanh(self.mlp_gate) * self.mlp(self.mlp_norm(region_states))
 
 
+def sliding_window_boxes(window_sizes: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`(P, 4)` normalised xyxy windows: for each size (a fraction of the view side), square windows
+    at a stride of half their side that tile the view, row-major."""
+    boxes = []
+    for size in window_sizes:
+        steps = round((1 - size) / (size / 2)) + 1
+        starts = torch.linspace(0, 1 - size, steps, device=device, dtype=dtype)
+        y0, x0 = torch.meshgrid(starts, starts, indexing="ij")
+        corners = torch.stack([x0.flatten(), y0.flatten()], dim=-1)
+        boxes.append(torch.cat([corners, corners + size], dim=-1))
+    return torch.cat(boxes)
+
+
+# Log-sum-exp pooling of window features: 1 would be near a mean, large values near a max. Window
+# features are LayerNorm-ed (unit scale), so 5 lets a channel's strongest windows dominate.
+_PROPOSAL_POOL_SHARPNESS = 5.0
+
+
+class RegionMedCLIPAttentionPool(nn.Module):
+    """Attention pooling of a set of features with one query per image (scaled dot product)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.output = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, query_features: torch.Tensor, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """query_features `(B, C)`, items `(B, K, C)`, mask `(B, K)` bool -> `(B, C)`, zero for an image
+        with no valid item (not the output layer's bias)."""
+        query = self.query(query_features)[:, None, :]  # (B, 1, C)
+        scores = (query * self.key(items)).sum(-1) / math.sqrt(items.shape[-1])  # (B, K)
+        # finfo.min rather than -inf keeps an image with no valid item finite (uniform weights, then zeroed).
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = scores.softmax(dim=-1) * mask.to(scores.dtype)
+        has_items = mask.any(dim=-1, keepdim=True).to(scores.dtype)
+        return self.output((weights[..., None] * items).sum(1)) * has_items
+
+
 class RegionMedCLIPROIProcessor(nn.Module):
-    """Fuses each ROI with global context and pools the regions into the image feature."""
+    """Fuses each ROI with global context and pools the regions into the image feature; pools
+    proposal windows of the global patch grid into the box-free image feature."""
 
     def __init__(self, config: RegionMedCLIPConfig):
         super().__init__()
@@ -382,9 +423,8 @@ class RegionMedCLIPROIProcessor(nn.Module):
         self.dense_layernorm = nn.LayerNorm(hidden, eps=eps)
         self.fusion_layers = nn.ModuleList([RegionMedCLIPFusionLayer(config) for _ in range(config.roi_fusion_layers)])
         self.region_layernorm = nn.LayerNorm(hidden, eps=eps)
-        self.pool_query = nn.Linear(hidden, hidden)
-        self.pool_key = nn.Linear(hidden, hidden)
-        self.pool_output = nn.Linear(hidden, hidden)
+        self.window_sizes = tuple(config.proposal_window_sizes)
+        self.region_pool = RegionMedCLIPAttentionPool(hidden)
         self.pool_gate = nn.Parameter(torch.full((1,), float(config.region_pool_gate_init)))  # (1,): FSDP needs >= 1-d
 
     def forward(
@@ -401,10 +441,9 @@ class RegionMedCLIPROIProcessor(nn.Module):
         crop_features `(B, K, C)` crop features; roi_boxes `(B, K, 4)` normalised xyxy;
         roi_mask `(B, K)` bool; global_tokens `(B, 1 + P, C)`; patch_grid `(gh, gw)`.
         """
-        batch, num_rois, hidden = crop_features.shape
+        batch, num_rois, _ = crop_features.shape
         patch_tokens = global_tokens[:, 1:]
-        feature_grid = patch_tokens.transpose(1, 2).reshape(batch, hidden, *patch_grid)
-        context = self.context_projection(roi_align(feature_grid, roi_boxes, self.context_grid).flatten(2))
+        context = self._box_context(global_tokens, roi_boxes, patch_grid)
         valid = roi_mask[..., None].to(context.dtype)
         # Dense alignment (FG-CLIP): aligning this box-pooled patch feature with the region caption
         # teaches the global tower itself where and what the lesions are, which box-free inference needs.
@@ -420,16 +459,28 @@ class RegionMedCLIPROIProcessor(nn.Module):
             region_states = layer(region_states, patch_tokens)
         region_features = self.region_layernorm(region_states) * valid
 
-        # Attention pooling queried by the global CLS; finfo.min rather than -inf keeps an image
-        # with no ROI finite (uniform weights, then zeroed by the mask).
-        query = self.pool_query(global_tokens[:, 0])[:, None, :]  # (B, 1, C)
-        scores = (query * self.pool_key(region_features)).sum(-1) / math.sqrt(hidden)  # (B, K)
-        scores = scores.masked_fill(~roi_mask, torch.finfo(scores.dtype).min)
-        weights = scores.softmax(dim=-1) * roi_mask.to(scores.dtype)
-        # An image without a valid ROI gets nothing added (not the output layer's bias).
-        has_regions = roi_mask.any(dim=-1, keepdim=True).to(scores.dtype)
-        pooled = self.pool_output((weights[..., None] * region_features).sum(1)) * has_regions
+        pooled = self.region_pool(global_tokens[:, 0], region_features, roi_mask)  # queried by the global CLS
         return region_features, torch.tanh(self.pool_gate) * pooled, dense_features
+
+    def _box_context(self, global_tokens: torch.Tensor, boxes: torch.Tensor, patch_grid: tuple[int, int]) -> torch.Tensor:
+        """RoIAlign of `boxes (B, K, 4)` on the patch grid of `global_tokens (B, 1 + P, C)`, projected: `(B, K, C)`."""
+        batch, _, hidden = global_tokens.shape
+        feature_grid = global_tokens[:, 1:].transpose(1, 2).reshape(batch, hidden, *patch_grid)
+        return self.context_projection(roi_align(feature_grid, boxes, self.context_grid).flatten(2))
+
+    def pool_proposals(self, global_tokens: torch.Tensor, patch_grid: tuple[int, int]) -> torch.Tensor:
+        """Box-free: dense features of sliding windows over the global patch grid (the same head the
+        dense-region loss aligns with region captions), log-sum-exp pooled per channel: `(B, C)`."""
+        batch = global_tokens.shape[0]
+        windows = sliding_window_boxes(self.window_sizes, global_tokens.device, global_tokens.dtype)
+        window_features = self.dense_layernorm(self._box_context(global_tokens, windows.expand(batch, -1, -1), patch_grid))
+        # A finding is present when SOME window shows it (multiple-instance learning): a soft max over
+        # windows keeps a lesion that fills one window of 58 at full strength, where a mean or an
+        # untrained attention pool dilutes it under the anatomy every film shares.
+        # Deviations from the image's own mean window: the anatomy every window (and film) shares cancels.
+        deviations = window_features - window_features.mean(dim=1, keepdim=True)
+        sharpness = _PROPOSAL_POOL_SHARPNESS
+        return (torch.logsumexp(sharpness * deviations, dim=1) - math.log(windows.shape[0])) / sharpness
 
 
 class RegionMedCLIPPreTrainedModel(PreTrainedModel):
@@ -469,6 +520,7 @@ class RegionMedCLIPPreTrainedModel(PreTrainedModel):
             init.constant_(module.pool_gate, self.config.region_pool_gate_init)
         elif isinstance(module, RegionMedCLIPModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            init.zeros_(module.box_free_center)
 
 
 def _optional_index(tensor: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
@@ -529,6 +581,10 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         # Shape (1,), not (): FSDP refuses 0-d parameters. Read it through `clamped_logit_scale`.
         self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init_value)))
+        # Running mean of the box-free feature over training batches, subtracted from it (DINO's
+        # centering): films share most of their anatomy, and that shared part would otherwise dominate
+        # every image embedding (mean pairwise cosine ~0.99) and drown the findings that tell films apart.
+        self.register_buffer("box_free_center", torch.zeros(config.vision_config.hidden_size))
         self.post_init()
 
     # -- features -------------------------------------------------------------------------
@@ -582,12 +638,22 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
     ) -> dict[str, Any]:
         roi_mask = _check_roi_inputs(pixel_values, roi_pixel_values, roi_boxes, roi_mask)
         vision_output = self.vision_model(pixel_values)
-        global_features = vision_output.pooler_output
+        patch = self.config.vision_config.patch_size
+        patch_grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        # Box-free feature: the pooled proposal windows of the global view (or, without windows, its pooled tokens).
+        if self.config.proposal_window_sizes:
+            global_features = self.roi_processor.pool_proposals(vision_output.last_hidden_state, patch_grid)
+        else:
+            global_features = vision_output.pooler_output
+        if self.training and self.config.box_free_center_momentum > 0:
+            with torch.no_grad():
+                batch_mean = global_features.detach().float().mean(dim=0)
+                self.box_free_center.lerp_(batch_mean.to(self.box_free_center.dtype),
+                                           1 - self.config.box_free_center_momentum)
+        global_features = global_features - self.box_free_center.to(global_features.dtype)
         image_features = global_features
         region_embeds = dense_region_embeds = None
         if roi_mask is not None:
-            patch = self.config.vision_config.patch_size
-            patch_grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
             region_features, region_pool, dense_features = self._encode_regions(
                 vision_output, roi_pixel_values, roi_boxes, roi_mask, patch_grid
             )
@@ -775,6 +841,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             available = {
                 "global_report": True,
                 "global_summary": fields.get("summary_text_embeds") is not None,
+                "image_region": has_regions,
                 "region": has_regions,
                 "dense_region": has_regions,
                 "hard_negative": fields.get("negative_text_embeds") is not None,

@@ -11,6 +11,7 @@ from modeling_regionmed_clip.loss_regionmed_clip import (
     ContrastiveLossConfig,
     global_contrastive_loss,
     hard_negative_loss,
+    image_region_loss,
     region_contrastive_loss,
 )
 
@@ -46,6 +47,7 @@ def losses(batch: dict[str, torch.Tensor], config: ContrastiveLossConfig) -> tor
     total = global_contrastive_loss(batch["image"], batch["text"], scale, batch["groups"], config)
     total = total + hard_negative_loss(batch["image"], batch["text"], batch["negatives"], batch["negative_mask"], scale,
                                        batch["groups"], config)
+    total = total + image_region_loss(batch["image"], batch["region_text"], batch["roi_mask"], scale, config=config)
     return total + region_contrastive_loss(batch["regions"], batch["region_text"], batch["roi_mask"], scale,
                                            config=config)
 

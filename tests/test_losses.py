@@ -11,6 +11,7 @@ from modeling_regionmed_clip.loss_regionmed_clip import (
     clamped_logit_scale,
     global_contrastive_loss,
     hard_negative_loss,
+    image_region_loss,
     multi_positive_info_nce,
     region_contrastive_loss,
     regionmed_clip_loss,
@@ -114,3 +115,25 @@ def test_weighted_sum_and_errors():
         regionmed_clip_loss({"region": 0.5}, scale, image, text)
     with pytest.raises(ValueError, match="unknown loss terms"):
         regionmed_clip_loss({"regoin": 1.0}, scale, image, text)
+
+
+def test_image_region_loss_is_caption_to_image_cross_entropy():
+    generator = torch.Generator().manual_seed(3)
+    images = torch.nn.functional.normalize(torch.randn(3, 8, generator=generator), dim=-1)
+    captions = torch.nn.functional.normalize(torch.randn(3, 2, 8, generator=generator), dim=-1)
+    roi_mask = torch.tensor([[True, True], [True, False], [False, False]])
+    scale = torch.tensor(5.0)
+    expected = torch.nn.functional.cross_entropy(scale * captions[roi_mask] @ images.t(), torch.tensor([0, 0, 1]))
+    torch.testing.assert_close(image_region_loss(images, captions, roi_mask, scale), expected)
+
+
+def test_image_region_loss_counts_an_image_with_the_same_caption_as_a_positive():
+    images = torch.eye(3)
+    captions = torch.stack([torch.eye(3)[[0, 2]], torch.eye(3)[[0, 1]], torch.eye(3)[[0, 1]]])  # (3, 2, 3)
+    roi_mask = torch.tensor([[True, False], [True, False], [False, False]])
+    groups = torch.tensor([[7, 0], [7, 0], [0, 0]])  # images 0 and 1 carry the same caption
+    scale = torch.tensor(4.0)
+    logits = scale * captions[roi_mask] @ images.t()
+    # each caption's positives are images 0 and 1: -log of their summed softmax mass
+    expected = -(logits.softmax(-1)[:, :2].sum(-1)).log().mean()
+    torch.testing.assert_close(image_region_loss(images, captions, roi_mask, scale, groups), expected)

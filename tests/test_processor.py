@@ -207,3 +207,21 @@ def test_words_not_in_the_vocabulary_fall_back_to_characters():
     assert tokens[:2] == ["nodule", "##s"] and "[UNK]" not in tokens
     with pytest.raises(ValueError, match="use at least"):
         build_tokenizer(CORPUS, vocab_size=20)
+
+
+def test_region_negatives_line_up_with_their_region_slots(processor):
+    region_negatives = [[["nodule right upper", "mass left upper"], []], [["left pleural effusion"]]]
+    out = processor(images=images(2), **FULL_CALL, region_negative_text=region_negatives, return_tensors="np")
+    batch, slots, most, length = out["region_negative_input_ids"].shape
+    assert (batch, slots, most) == (2, 2, 2) and out["region_negative_attention_mask"].shape == (2, 2, 2, length)
+    assert out["region_negative_mask"].tolist() == [[[True, True], [False, False]], [[True, False], [False, False]]]
+    alone = processor(text=["left pleural effusion"], return_tensors="np")["input_ids"][0]
+    np.testing.assert_array_equal(out["region_negative_input_ids"][1, 0, 0, : len(alone)], alone)
+    assert out["region_negative_attention_mask"][0, 1].sum() == 0  # a region without negatives is all padding
+
+
+def test_region_negatives_need_one_list_per_region(processor):
+    with pytest.raises(ValueError, match=r"region_negative_text\[1\] needs one list of negatives per region"):
+        processor(images=images(2), **FULL_CALL, region_negative_text=[[[], []], []])
+    with pytest.raises(ValueError, match="region_negative_text needs region_text"):
+        processor(images=images(2), regions=FULL_CALL["regions"], region_negative_text=[[[], []], [[]]])

@@ -1,12 +1,12 @@
 import pytest
 
-from training_scripts.schedule import DEFAULT_STAGES, PARAMETER_GROUPS, StagedSchedule, parameter_group_of
+from training_scripts.schedule import PARAMETER_GROUPS, PROGRESSIVE_STAGES, StagedSchedule, parameter_group_of
 
 from conftest import tiny_model
 
 
 def test_default_schedule_follows_the_paper_outline():
-    schedule = StagedSchedule(DEFAULT_STAGES, max_steps=100)
+    schedule = StagedSchedule(PROGRESSIVE_STAGES, max_steps=100)
     assert schedule.boundaries() == [("warmup", 0), ("refine", 10), ("roi", 20), ("joint", 60)]
     warmup, refine, roi, joint = (schedule.stage_at(step) for step in (0, 10, 20, 99))
     assert set(warmup.loss_weights) == {"global_report"} and not warmup.use_rois

@@ -44,7 +44,7 @@ logger = logging.getLogger("regionmed_clip.train")
 # Defaults chosen for the tiny preset on CPU; the YAML or flags override any of them.
 DEFAULT_TRAINING_ARGS: dict[str, Any] = {
     "per_device_train_batch_size": 32,
-    "learning_rate": 5e-4,
+    "learning_rate": 2e-3,
     "weight_decay": 0.05,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.05,

@@ -64,6 +64,7 @@ _TERM_INPUTS = {
     "region_hard_negative": ("region_input_ids", "region_attention_mask", "region_negative_input_ids",
                              "region_negative_attention_mask", "region_negative_mask"),
     "dense_region": ("region_input_ids", "region_attention_mask"),
+    "image_region": ("region_input_ids", "region_attention_mask"),
 }
 
 

@@ -1,0 +1,80 @@
+"""Box-free inference: proposal windows pooled from the global patch grid, and the dense-region head."""
+
+import pytest
+import torch
+
+from modeling_regionmed_clip import RegionMedCLIPConfig
+from modeling_regionmed_clip.modeling_regionmed_clip import sliding_window_boxes
+
+from conftest import make_inputs, tiny_model
+
+
+def test_sliding_windows_tile_the_view_at_half_a_side_stride():
+    boxes = sliding_window_boxes([0.5, 1.0], torch.device("cpu"), torch.float32)
+    assert boxes.shape == (9 + 1, 4)
+    starts = torch.tensor([0.0, 0.25, 0.5])
+    torch.testing.assert_close(boxes[:9, 0], starts.repeat(3))  # x0, row-major
+    torch.testing.assert_close(boxes[:9, 1], starts.repeat_interleave(3))  # y0
+    torch.testing.assert_close(boxes[:9, 2:] - boxes[:9, :2], torch.full((9, 2), 0.5))
+    torch.testing.assert_close(boxes[9], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+
+
+def test_window_sizes_outside_the_view_are_rejected_by_name():
+    with pytest.raises(ValueError, match="proposal_window_sizes"):
+        RegionMedCLIPConfig.from_preset("tiny", proposal_window_sizes=[0.25, 1.5])
+
+
+def test_box_free_embedding_pools_the_proposal_windows():
+    model = tiny_model()
+    pixel_values = make_inputs(model.config, [1, 1])["pixel_values"]
+    plain = tiny_model(proposal_window_sizes=[])
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        with_windows = model.get_image_features(pixel_values)
+        without = plain.get_image_features(pixel_values)
+        tokens = model.vision_model(pixel_values)
+        grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        windows = sliding_window_boxes(model.config.proposal_window_sizes, pixel_values.device, pixel_values.dtype)
+        window_features = model.roi_processor.dense_layernorm(
+            model.roi_processor._box_context(tokens.last_hidden_state, windows.expand(2, -1, -1), (grid, grid)))
+    # without windows the box-free feature is the tower's pooled output, projected
+    torch.testing.assert_close(without, model.visual_projection(tokens.pooler_output))
+    # with windows it is a soft maximum over windows of each channel's deviation from the image's mean window
+    deviations = window_features - window_features.mean(1, keepdim=True)
+    assert torch.all(model.visual_projection.weight.pinverse() @ with_windows.t() <= deviations.amax(1).t() + 1e-4)
+    assert torch.all(model.visual_projection.weight.pinverse() @ with_windows.t() >= deviations.mean(1).t() - 1e-4)
+
+
+def test_dense_region_embedding_reads_the_patch_grid_not_the_crop():
+    model = tiny_model()
+    inputs = make_inputs(model.config, [2, 1])
+    other_crops = {**inputs, "roi_pixel_values": torch.randn_like(inputs["roi_pixel_values"])}
+    moved = {**inputs, "roi_boxes": inputs["roi_boxes"].flip(-1).mul(-1).add(1)}  # point reflection
+    with torch.no_grad():
+        reference = model(**inputs)
+        crops_changed = model(**other_crops)
+        boxes_moved = model(**moved)
+    valid = inputs["roi_mask"]
+    torch.testing.assert_close(crops_changed.dense_region_embeds, reference.dense_region_embeds)
+    assert not torch.allclose(crops_changed.region_embeds[valid], reference.region_embeds[valid], atol=1e-4)
+    assert not torch.allclose(boxes_moved.dense_region_embeds[valid], reference.dense_region_embeds[valid], atol=1e-4)
+    assert torch.all(reference.dense_region_embeds[~valid] == 0)
+
+
+def test_box_dropout_acts_in_training_only():
+    model = tiny_model(roi_box_dropout=0.999, roi_gate_init=0.5, region_pool_gate_init=0.5)
+    inputs = make_inputs(model.config, [3, 2])
+    inputs["region_input_ids"] = torch.randint(5, 100, (*inputs["roi_mask"].shape, 8))
+    model.train()
+    torch.manual_seed(0)
+    model(**inputs, return_loss=True).loss.backward()
+    # every box embedding was dropped: the coordinates' MLP gets no gradient
+    assert all(torch.all(p.grad == 0) for p in model.roi_processor.box_embedding.parameters())
+    # at inference the coordinates are used: silencing their MLP changes the region embeddings
+    model.eval()
+    with torch.no_grad():
+        with_boxes = model(**inputs).region_embeds
+        model.roi_processor.box_embedding[-1].bias.add_(torch.randn(model.config.vision_config.hidden_size))
+        shifted = model(**inputs).region_embeds
+    valid = inputs["roi_mask"]
+    assert not torch.allclose(with_boxes[valid], shifted[valid], atol=1e-4)
