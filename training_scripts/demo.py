@@ -28,7 +28,7 @@ __all__ = ["main"]
 
 GLOBAL_ONLY_CONFIG = Path(__file__).parent / "configs" / "global_only.yaml"
 # Both trainings together fit the 10-minute budget of `make demo` on 2 cores.
-DEMO_STEPS = 400
+DEMO_STEPS = 450
 
 
 def _train_both(data_dir: Path, output_dir: Path, max_steps: int, seed: int) -> dict[str, Path]:

@@ -1,0 +1,147 @@
+"""The learning benchmark of issue 8: the default recipe against its global-only ablation, several
+seeds, same steps and data, each judged by the probe (`regionmed-eval probe --baseline`).
+
+For every seed it trains `regionmed-train --preset tiny` (the default recipe, no config file) and the
+global-only ablation (`training_scripts/configs/global_only.yaml`) on the same data for the same
+steps, `--jobs` trainings at a time with one thread each; then probes each full run on the test split
+with its ablation as the baseline, and writes the per-seed figures, their mean and standard deviation
+and the targets met. A run folder that already holds `final/` is reused (the command is the same).
+
+    regionmed-data synth --n 2000 --seed 0 --output data/synth
+    python benchmarks/bench_learning.py --data data/synth --runs runs/learning --seeds 0 1 2 --max-steps 1200 \\
+        --output benchmarks/results/bench_learning.json
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmark_report import write_report  # noqa: E402
+
+from evaluation.probe import run_probe, to_json  # noqa: E402
+
+GLOBAL_ONLY_CONFIG = Path(__file__).resolve().parents[1] / "training_scripts" / "configs" / "global_only.yaml"
+
+# Issue 8's targets (test split, tiny preset, mean of the seeds): figure -> (comparison, threshold).
+TARGETS = {
+    "region_type": (">=", 0.90),
+    "region_side": (">=", 0.95),
+    "region_zone": (">=", 0.95),
+    "region_all": (">=", 0.85),
+    "region_type_crops_blanked": ("<=", 0.65),
+    "box_free_macro_auroc": (">=", 0.85),
+    "box_free_macro_auroc_minus_global_only": (">=", 0.15),
+    "box_free_text_to_image_R@1_over_chance": (">=", 10.0),
+    "box_free_image_mean_cosine": ("<=", 0.7),
+}
+
+
+def _train(runs: Path, data: Path, seeds: list[int], max_steps: int, jobs: int) -> None:
+    """Train every (seed, variant) that has no `final/` yet, `jobs` at a time, one thread each."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    pending = []
+    for seed in seeds:
+        for variant, extra in (("full", []), ("global_only", ["--config", str(GLOBAL_ONLY_CONFIG)])):
+            run_dir = runs / f"{variant}_s{seed}"
+            if not (run_dir / "final").is_dir():
+                # `python -m training_scripts.train` is `regionmed-train`, without needing the venv on PATH
+                pending.append([sys.executable, "-m", "training_scripts.train", "--preset", "tiny", "--data", str(data), "--output-dir", str(run_dir),
+                                "--max-steps", str(max_steps), "--seed", str(seed), "--save-steps", str(max_steps),
+                                *extra])
+    running: list[tuple[subprocess.Popen, Any]] = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            command = pending.pop(0)
+            log = open(Path(command[command.index("--output-dir") + 1]).with_suffix(".log"), "w")
+            print("running:", " ".join(command), flush=True)
+            running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment), log))
+        process, log = running.pop(0)
+        if process.wait() != 0:
+            raise SystemExit(f"training failed (exit {process.returncode}): see {log.name}")
+        log.close()
+
+
+def _train_minutes(run_dir: Path) -> float:
+    """Training wall time of a run, from the Trainer's final log line."""
+    for line in reversed((run_dir / "train_log.jsonl").read_text().splitlines()):
+        entry = json.loads(line)
+        if "train_runtime" in entry:
+            return round(entry["train_runtime"] / 60, 2)
+    return float("nan")
+
+
+def _figures(report: dict[str, Any]) -> dict[str, float]:
+    box_free, baseline = report["box_free"], report["baseline"]["box_free"]
+    retrieval = box_free["retrieval"]
+    true, blanked = report["regions"]["conditions"]["true"], report["regions"]["conditions"]["crops_blanked"]
+    mirrored = report["regions"]["conditions"]["boxes_mirrored"]
+    removed = report["regions"]["conditions"]["box_geometry_removed"]
+    return {
+        "region_type": true["type"]["accuracy"],
+        "region_side": true["side"]["accuracy"],
+        "region_zone": true["zone"]["accuracy"],
+        "region_all": true["all"]["accuracy"],
+        "region_type_crops_blanked": blanked["type"]["accuracy"],
+        "region_side_boxes_mirrored": mirrored["side"]["accuracy"],
+        "region_zone_boxes_mirrored": mirrored["zone"]["accuracy"],
+        "region_type_boxes_mirrored": mirrored["type"]["accuracy"],
+        "region_side_box_geometry_removed": removed["side"]["accuracy"],
+        "region_zone_box_geometry_removed": removed["zone"]["accuracy"],
+        "box_free_macro_auroc": box_free["zero_shot"]["macro_auroc"],
+        "global_only_macro_auroc": baseline["zero_shot"]["macro_auroc"],
+        "box_free_macro_auroc_minus_global_only": box_free["zero_shot"]["macro_auroc"]
+        - baseline["zero_shot"]["macro_auroc"],
+        "box_free_text_to_image_R@1": retrieval["text_to_image_R@1"],
+        "box_free_image_to_text_R@1": retrieval["image_to_text_R@1"],
+        "global_only_text_to_image_R@1": baseline["retrieval"]["text_to_image_R@1"],
+        "chance_R@1": retrieval["chance_R@1"],
+        "box_free_text_to_image_R@1_over_chance": retrieval["text_to_image_R@1"] / retrieval["chance_R@1"],
+        "box_free_image_mean_cosine": box_free["mean_pairwise_cosine"]["image"],
+        "global_only_image_mean_cosine": baseline["mean_pairwise_cosine"]["image"],
+        **{f"auroc_{name}": entry["auroc"] for name, entry in box_free["zero_shot"]["per_class"].items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="canonical dataset (regionmed-data synth)")
+    parser.add_argument("--runs", type=Path, required=True, help="folder for the training runs and probe reports")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max-steps", type=int, default=1200)
+    parser.add_argument("--jobs", type=int, default=2, help="trainings at a time (one thread each)")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+    args.runs.mkdir(parents=True, exist_ok=True)
+    _train(args.runs, args.data, args.seeds, args.max_steps, args.jobs)
+    per_seed = {}
+    for seed in args.seeds:
+        report = run_probe(args.runs / f"full_s{seed}" / "final", args.data, split="test",
+                           baseline_dir=args.runs / f"global_only_s{seed}" / "final")
+        (args.runs / f"probe_s{seed}.json").write_text(to_json(report))
+        per_seed[seed] = {**_figures(report),
+                          "train_minutes": _train_minutes(args.runs / f"full_s{seed}"),
+                          "global_only_train_minutes": _train_minutes(args.runs / f"global_only_s{seed}")}
+    names = list(per_seed[args.seeds[0]])
+    mean = {name: statistics.fmean(per_seed[seed][name] for seed in args.seeds) for name in names}
+    spread = {name: statistics.pstdev(per_seed[seed][name] for seed in args.seeds) for name in names}
+    met = {name: (mean[name] >= threshold if comparison == ">=" else mean[name] <= threshold)
+           for name, (comparison, threshold) in TARGETS.items()}
+    for name, (comparison, threshold) in TARGETS.items():
+        print(f"{name:42s} {mean[name]:8.3f} +/- {spread[name]:.3f}   target {comparison} {threshold}  "
+              f"{'met' if met[name] else 'NOT met'}")
+    write_report({"data": str(args.data), "seeds": args.seeds, "max_steps": args.max_steps,
+                  "per_seed": {str(seed): figures for seed, figures in per_seed.items()},
+                  "mean": mean, "std": spread,
+                  "targets": {name: {"comparison": c, "threshold": t, "met": met[name]}
+                              for name, (c, t) in TARGETS.items()}}, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
