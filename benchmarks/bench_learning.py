@@ -103,6 +103,8 @@ def _figures(report: dict[str, Any]) -> dict[str, float]:
         "chance_R@1": retrieval["chance_R@1"],
         "box_free_text_to_image_R@1_over_chance": retrieval["text_to_image_R@1"] / retrieval["chance_R@1"],
         "box_free_image_mean_cosine": box_free["mean_pairwise_cosine"]["image"],
+        "with_boxes_macro_auroc": report["with_boxes"]["zero_shot"]["macro_auroc"],
+        "with_boxes_text_to_image_R@1": report["with_boxes"]["retrieval"]["text_to_image_R@1"],
         "global_only_image_mean_cosine": baseline["mean_pairwise_cosine"]["image"],
         **{f"auroc_{name}": entry["auroc"] for name, entry in box_free["zero_shot"]["per_class"].items()},
     }

@@ -69,6 +69,9 @@ def format_report(report: dict[str, Any]) -> str:
     if "box_free" in report:
         lines.append("box-free (global view only):")
         lines += _box_free_lines(report["box_free"])
+    if "with_boxes" in report:
+        lines.append("with the true boxes pooled into the image embedding:")
+        lines += _box_free_lines(report["with_boxes"])
     if "regions" in report:
         regions = report["regions"]
         lines.append(f"regions: hard-negative accuracy (fraction; chance {regions['chance_accuracy']} per kind), "

@@ -470,7 +470,7 @@ def _embed_split(
 ) -> dict[str, Any]:
     """Box-free image embeds, report embeds, and (with `want_regions`) region embeds `(L, D)` of
     every valid ROI for each condition, in lesion order."""
-    image_embeds, text_embeds = [], []
+    image_embeds, text_embeds, with_boxes = [], [], []
     region_embeds: dict[str, list[torch.Tensor]] = {condition: [] for condition in CONDITIONS}
     image_processor = processor.image_processor
     for start in range(0, len(rows), batch_size):
@@ -482,6 +482,7 @@ def _embed_split(
         text_embeds.append(model(input_ids=inputs["input_ids"].to(device),
                                  attention_mask=inputs["attention_mask"].to(device)).text_embeds.float().cpu())
         if not want_regions or not bool(inputs["roi_mask"].any()):
+            with_boxes.append(image_embeds[-1])  # no box to pool: the box-free embedding
             continue
         roi = {key: inputs[key] for key in ("roi_pixel_values", "roi_boxes", "roi_mask")}
         variants = {
@@ -495,8 +496,11 @@ def _embed_split(
         for condition, variant in variants.items():
             output = model(pixel_values=pixel_values, **{key: value.to(device) for key, value in variant.items()})
             region_embeds[condition].append(output.region_embeds.float().cpu()[mask])
+            if condition == "true":  # the image embedding with the true boxes pooled into it
+                with_boxes.append(output.image_embeds.float().cpu())
     result = {"image_embeds": torch.cat(image_embeds), "text_embeds": torch.cat(text_embeds)}
     if want_regions:
+        result["with_boxes_image_embeds"] = torch.cat(with_boxes)
         result["region_embeds"] = {condition: torch.cat(chunks) if chunks else torch.zeros(0, 0)
                                    for condition, chunks in region_embeds.items()}
     return result
@@ -702,6 +706,10 @@ def run_probe(
             "sidecar_caption_mismatches": plan["caption_mismatches"],
             "sidecar_records_unused": plan["sidecar_records_unused"],
         }
+        if box_free_parts:  # do user-given boxes still help the image-level tasks? the same figures with them
+            report["with_boxes"] = _box_free(
+                model, processor, {"image_embeds": embeds["with_boxes_image_embeds"], "text_embeds": embeds["text_embeds"]},
+                rows_meta, prompts, box_free_parts, batch_size, device)
         block, outcomes = _regions_block(model, processor, plan, embeds["region_embeds"], batch_size, device)
         report["regions"] = block
         report["verdicts"] = _verdicts(outcomes)

@@ -40,7 +40,7 @@ def _worker(rank: int, port: int, queue) -> None:
         fsdp = yaml.safe_load(CONFIG.read_text())["fsdp_config"]
         layer_classes = {getattr(modeling, name) for name in fsdp["fsdp_transformer_layer_cls_to_wrap"].split(",")}
         model = tiny_model(seed=0, roi_gate_init=0.1, region_pool_gate_init=0.1).train()
-        bare_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        bare_shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}  # weights + buffers
         roi_parameters = [p for name, p in model.named_parameters() if parameter_group_of(name) == "roi"]
         roi_before = [p.detach().clone() for p in roi_parameters]
         wrapped = FSDP(

@@ -56,5 +56,5 @@ def test_short_training_moves_box_free_embeddings_out_of_collapse(tmp_path):
     assert mean_pairwise_cosine(before) > 0.95
     assert mean_pairwise_cosine(after) < COLLAPSED
     # ... and the spread is about the findings: a region caption finds its own film better than by chance
-    chance_rank = (len(rows) - 1) / 2
+    chance_rank = (len(rows["image"]) - 1) / 2
     assert ranks_after.mean() < min(RANK_FRACTION * chance_rank, ranks_before.mean())

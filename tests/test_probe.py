@@ -4,6 +4,7 @@ known answers, the controls on processor batches, the region negatives, and the 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -305,6 +306,8 @@ def _build_fixture(tmp_path: Path) -> tuple[Path, Path, object, object]:
     in-memory model and processor that were saved."""
     data_dir, model_dir = tmp_path / "data", tmp_path / "model"
     write_synthetic_dataset(data_dir, n=40)
+    # without the generator's sidecar the probe falls back to rule-made negatives; tests add their own
+    shutil.rmtree(data_dir / "region_negatives")
     train = load_canonical(data_dir, "train").remove_columns("image")
     corpus = [text for row in train for text in (row["report_caption"], row["summary_caption"],
                                                  *[region["caption"] for region in row["regions"]])]
@@ -342,7 +345,7 @@ def test_cli_probe_end_to_end_matches_direct_computation(tmp_path):
     assert "zero-shot macro AUROC" in result.stdout and "box_geometry_removed" in result.stdout
     assert (tmp_path / "hf_home" / "modules" / "transformers_modules").is_dir()
     report = json.loads(output.read_text())
-    assert {"metadata", "box_free", "regions", "verdicts", "baseline"} <= set(report)
+    assert {"metadata", "box_free", "with_boxes", "regions", "verdicts", "baseline"} <= set(report)
 
     rows = load_canonical(data_dir, "test")
     assert len(rows) == 4 == report["metadata"]["n_images"]
@@ -365,6 +368,14 @@ def test_cli_probe_end_to_end_matches_direct_computation(tmp_path):
     for key, value in expected.items():
         assert retrieval[key] == pytest.approx(value), key
     assert retrieval["n_pairs"] == int(unique.sum()) and retrieval["chance_R@1"] == pytest.approx(100 / int(unique.sum()))
+    # With boxes: the same retrieval from the image embeddings with the true boxes pooled into them.
+    with torch.no_grad():
+        pooled = model(**{key: inputs[key] for key in ("pixel_values", "roi_pixel_values", "roi_boxes", "roi_mask")})
+    expected_with_boxes = retrieval_recall_at_k(pooled.image_embeds[unique] @ texts[unique].t(), ks=(1, 5, 10))
+    for key, value in expected_with_boxes.items():
+        assert report["with_boxes"]["retrieval"][key] == pytest.approx(value), key
+    assert report["with_boxes"]["mean_pairwise_cosine"]["image"] == pytest.approx(
+        mean_pairwise_cosine(pooled.image_embeds), abs=1e-6)
     cosine = report["box_free"]["mean_pairwise_cosine"]
     assert cosine["image"] == pytest.approx(mean_pairwise_cosine(images), abs=1e-6)
     assert cosine["text"] == pytest.approx(mean_pairwise_cosine(texts), abs=1e-6)
