@@ -10,8 +10,9 @@ differ between rows mostly by WHERE they are, and a model that ignores locality 
 
 It is also built so that a global view alone is not enough to tell WHAT a lesion is. Two pairs of
 types are look-alikes (`LOOKALIKE_TYPES`): they share the size range, envelope and integrated
-brightness, so at the global view's resolution (the 256 px film resized to 64 px) they are nearly
-the same blob, and differ only in fine structure that a native-resolution region crop shows:
+brightness, so in a downsampled global view (measured with the 256 px film resized to 64 px; the
+tiny preset's 128 px view halves the resolution) they are nearly the same blob, and differ only in
+fine structure that a native-resolution region crop shows:
 - "nodule": a solid, smooth disc; "cavity": the same envelope with a lucent (dark) centre inside a
   bright wall, scaled per lesion to the nodule's integrated brightness.
 - "mass": a solid, smooth disc; "consolidation": the same envelope and mean intensity, but mottled
