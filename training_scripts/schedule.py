@@ -1,4 +1,4 @@
-"""The progressive training schedule, as data.
+"""The training schedule, as data: one joint stage by default, the paper's progressive stages on request.
 
 A schedule is a list of stages (plain dicts, e.g. from YAML):
 

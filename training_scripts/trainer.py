@@ -13,7 +13,8 @@
   multiplier is 0 has lr 0 AND its gradients are dropped after backward (after DDP's all-reduce),
   so the optimizer skips it: its weights do not move and its Adam moments do not change.
 - The loss terms of the current stage are computed by the model (`loss_weights`), each term and
-  the stage are logged, with the mean pairwise cosine of the image embeddings (a collapse alarm).
+  the stage are logged, with the mean pairwise cosine of the box-free image embeddings and of the report
+  embeddings (a collapse alarm that pooled ground-truth regions cannot hide).
 - A non-finite loss skips the optimizer step (all gradients dropped, on every rank; with gradient
   accumulation, the whole window) and is counted; `max_consecutive_nonfinite` skipped steps in a
   row save a checkpoint and stop with a clear error.
