@@ -14,9 +14,7 @@ and the targets met. A run folder that already holds `final/` is reused (the com
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark_report import write_report  # noqa: E402
 
 from evaluation.probe import run_probe, to_json  # noqa: E402
-
-GLOBAL_ONLY_CONFIG = Path(__file__).resolve().parents[1] / "training_scripts" / "configs" / "global_only.yaml"
+from training_scripts.launch import GLOBAL_ONLY_CONFIG, train_in_subprocesses  # noqa: E402
 
 # Issue 8's targets (test split, tiny preset, mean of the seeds): figure -> (comparison, threshold).
 TARGETS = {
@@ -44,27 +41,14 @@ TARGETS = {
 
 def _train(runs: Path, data: Path, seeds: list[int], max_steps: int, jobs: int) -> None:
     """Train every (seed, variant) that has no `final/` yet, `jobs` at a time, one thread each."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    pending = []
+    pending = {}
     for seed in seeds:
         for variant, extra in (("full", []), ("global_only", ["--config", str(GLOBAL_ONLY_CONFIG)])):
             run_dir = runs / f"{variant}_s{seed}"
             if not (run_dir / "final").is_dir():
-                # `python -m training_scripts.train` is `regionmed-train`, without needing the venv on PATH
-                pending.append([sys.executable, "-m", "training_scripts.train", "--preset", "tiny", "--data", str(data), "--output-dir", str(run_dir),
-                                "--max-steps", str(max_steps), "--seed", str(seed), "--save-steps", str(max_steps),
-                                *extra])
-    running: list[tuple[subprocess.Popen, Any]] = []
-    while pending or running:
-        while pending and len(running) < jobs:
-            command = pending.pop(0)
-            log = open(Path(command[command.index("--output-dir") + 1]).with_suffix(".log"), "w")
-            print("running:", " ".join(command), flush=True)
-            running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment), log))
-        process, log = running.pop(0)
-        if process.wait() != 0:
-            raise SystemExit(f"training failed (exit {process.returncode}): see {log.name}")
-        log.close()
+                pending[run_dir] = ["--preset", "tiny", "--data", str(data), "--max-steps", str(max_steps),
+                                    "--seed", str(seed), "--save-steps", str(max_steps), *extra]
+    train_in_subprocesses(pending, jobs)
 
 
 def _train_minutes(run_dir: Path) -> float:

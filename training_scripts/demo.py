@@ -12,9 +12,7 @@
 """
 
 import argparse
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,35 +20,21 @@ from pathlib import Path
 from evaluation.cli import format_report
 from evaluation.probe import run_probe, to_json
 
+from .launch import GLOBAL_ONLY_CONFIG, train_in_subprocesses
 from .synthetic import write_synthetic_dataset
 
 __all__ = ["main"]
 
-GLOBAL_ONLY_CONFIG = Path(__file__).parent / "configs" / "global_only.yaml"
 # Both trainings together fit the 10-minute budget of `make demo` on 2 cores.
 DEMO_STEPS = 450
 
 
 def _train_both(data_dir: Path, output_dir: Path, max_steps: int, seed: int) -> dict[str, Path]:
     """Train the default recipe and the global-only ablation side by side; returns their run folders."""
-    runs = {"run": [], "global_only": ["--config", str(GLOBAL_ONLY_CONFIG)]}
     common = ["--preset", "tiny", "--data", str(data_dir), "--max-steps", str(max_steps), "--seed", str(seed),
               "--save-steps", str(max_steps), "--logging-steps", str(max(1, min(20, max_steps // 20)))]
-    # One thread each: two trainings with the default two threads each slow each other down ~5x on 2 cores.
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    processes = {}
-    for name, extra in runs.items():
-        run_dir = output_dir / name
-        log = (output_dir / f"{name}.log").open("w")
-        command = [sys.executable, "-m", "training_scripts.train", *common, *extra, "--output-dir", str(run_dir)]
-        processes[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment), log)
-    failed = []
-    for name, (process, log) in processes.items():
-        if process.wait() != 0:
-            failed.append(f"{name} (exit {process.returncode}, log {output_dir / f'{name}.log'})")
-        log.close()
-    if failed:
-        raise RuntimeError(f"training failed: {', '.join(failed)}")
+    runs = {"run": common, "global_only": [*common, "--config", str(GLOBAL_ONLY_CONFIG)]}
+    train_in_subprocesses({output_dir / name: args for name, args in runs.items()}, jobs=2)
     return {name: output_dir / name for name in runs}
 
 
