@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from training_scripts.negatives import FINDINGS, RULES, apply_rule, make_hard_negatives
+from training_scripts.negatives import FINDINGS, RULES, apply_rule, make_hard_negatives, region_hard_negatives
 
 
 def rng() -> random.Random:
@@ -260,3 +260,39 @@ def test_bad_input():
         make_hard_negatives("Left nodule.", num=-1)
     with pytest.raises(ValueError, match="rule"):
         apply_rule("Left nodule.", "colour", rng())
+
+
+# --- region captions: one edit per rule, plus distinct finding swaps ------------------------------
+
+_LESIONS = ("nodule", "cavity", "mass", "consolidation", "effusion", "calcification")
+
+
+def _swapped_findings(negatives: tuple[str, ...]) -> set[str]:
+    """The finding named by each negative that keeps "small ... in the left upper zone" but changes the finding."""
+    pattern = re.compile(r"small (\w+) in the left upper zone")
+    return {m.group(1) for m in map(pattern.fullmatch, negatives) if m and m.group(1) != "nodule"}
+
+
+def test_region_hard_negatives_edit_one_attribute_each():
+    negatives = region_hard_negatives("small nodule in the left upper zone", 0, _LESIONS)
+    assert negatives[:4] == ("small nodule in the right upper zone", "small nodule in the left lower zone",
+                             "no nodule in the left upper zone", "large nodule in the left upper zone")
+    assert len(_swapped_findings(negatives)) == 2  # the default: two distinct finding swaps
+    assert len(set(negatives)) == len(negatives)
+
+
+def test_region_hard_negatives_can_swap_to_every_other_finding():
+    caption = "small nodule in the left upper zone"
+    every = region_hard_negatives(caption, 0, _LESIONS, finding_swaps=len(_LESIONS) - 1)
+    assert _swapped_findings(every) == set(_LESIONS) - {"nodule"}  # the look-alike "cavity" included
+    # asking for more swaps than the vocabulary has stops at the vocabulary
+    assert region_hard_negatives(caption, 0, _LESIONS, finding_swaps=50) == every
+    # deterministic, and the seed changes which two swaps the default draws, not how many
+    assert region_hard_negatives(caption, 3, _LESIONS) == region_hard_negatives(caption, 3, _LESIONS)
+    assert len(_swapped_findings(region_hard_negatives(caption, 3, _LESIONS))) == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_region_hard_negatives_reject_a_bad_swap_count(bad):
+    with pytest.raises(ValueError, match="finding_swaps"):
+        region_hard_negatives("small nodule in the left upper zone", 0, _LESIONS, finding_swaps=bad)

@@ -76,6 +76,7 @@ class RegionMedCLIPCollator:
         use_negatives: bool = True,
         use_region_negatives: bool = True,
         finding_vocabulary: Sequence[str] | None = None,
+        region_finding_swaps: int = 2,
     ):
         self.processor = processor
         self.max_regions = max_regions or processor.image_processor.max_rois
@@ -88,6 +89,7 @@ class RegionMedCLIPCollator:
         self.use_negatives = use_negatives
         self.use_region_negatives = use_region_negatives
         self.finding_vocabulary = tuple(finding_vocabulary) if finding_vocabulary else FINDINGS
+        self.region_finding_swaps = region_finding_swaps
         self.skipped_rows = 0
         self.skipped_regions = 0
         self.skip_reasons: Counter[str] = Counter()
@@ -156,7 +158,8 @@ class RegionMedCLIPCollator:
             call["region_text"] = [[region["caption"] for region in regions] for regions in sampled]
             if self.use_region_negatives:
                 call["region_negative_text"] = [
-                    [list(region_hard_negatives(region["caption"], self.seed, self.finding_vocabulary))
+                    [list(region_hard_negatives(region["caption"], self.seed, self.finding_vocabulary,
+                                                self.region_finding_swaps))
                      for region in regions]
                     for regions in sampled
                 ]

@@ -472,21 +472,35 @@ def make_hard_negatives(caption: str, num: int = 3, seed: int = 0, vocabulary: S
 def region_hard_negatives(caption: str, seed: int = 0, vocabulary: tuple[str, ...] = FINDINGS,
                           finding_swaps: int = 2) -> tuple[str, ...]:
     """Every single-rule negative of a region caption (one per rule of `RULES` that applies, in that
-    order) plus `finding_swaps - 1` more finding swaps drawn with other seeds; distinct, deterministic.
+    order), with up to `finding_swaps` DISTINCT finding swaps in all; distinct, deterministic.
 
     A region caption is short ("small nodule in the left upper zone"), so each rule gives one edit of
     one attribute: side, zone, presence, size, finding. Pass the dataset's own lesion labels as
-    `vocabulary` so that finding swaps name findings the images really show (harder than a random term).
+    `vocabulary` so that finding swaps name findings the images really show (harder than a random term);
+    `finding_swaps = len(vocabulary) - 1` gives every other finding, so a look-alike is never left out.
     """
     _check_caption(caption)
     _check_vocabulary(vocabulary)
+    if isinstance(finding_swaps, bool) or not isinstance(finding_swaps, int) or finding_swaps < 1:
+        raise ValueError(f"finding_swaps must be a positive int, got {finding_swaps!r}")
     seen = {_statement_key(caption)}
     results: list[str] = []
-    attempts = [(rule, random.Random(f"{seed}\x1f{rule}\x1f{caption}")) for rule in RULES]
-    attempts += [("finding", random.Random(f"{seed}\x1ffinding{extra}\x1f{caption}")) for extra in range(1, finding_swaps)]
-    for rule, rng in attempts:
+
+    def add(rule: str, rng: random.Random) -> bool:
         negative = apply_rule(caption, rule, rng, vocabulary)
-        if negative is not None and _statement_key(negative) not in seen:
-            seen.add(_statement_key(negative))
-            results.append(negative)
+        if negative is None or _statement_key(negative) in seen:
+            return False
+        seen.add(_statement_key(negative))
+        results.append(negative)
+        return True
+
+    swaps = 0
+    for rule in RULES:
+        added = add(rule, random.Random(f"{seed}\x1f{rule}\x1f{caption}"))
+        swaps += added and rule == "finding"
+    # More swaps with other seeds; a draw may repeat an earlier one, so allow a few draws per swap.
+    for extra in range(1, 4 * len(vocabulary) + 1):
+        if swaps >= finding_swaps:
+            break
+        swaps += add("finding", random.Random(f"{seed}\x1ffinding{extra}\x1f{caption}"))
     return tuple(results)

@@ -16,7 +16,7 @@ fine structure that a native-resolution region crop shows:
 - "nodule": a solid, smooth disc; "cavity": the same envelope with a lucent (dark) centre inside a
   bright wall, scaled per lesion to the nodule's integrated brightness.
 - "mass": a solid, smooth disc; "consolidation": the same envelope and mean intensity, but mottled
-  and crossed by dark branching air-bronchogram lines (structure ~1-2 px wide).
+  (5-7 px plane waves) and crossed by dark branching air-bronchogram lines (~1-2 px wide).
 
 Wording varies so that memorised strings do not work: region captions use one of
 `REGION_TEMPLATES`, report sentences one of `REPORT_TEMPLATES`, with size synonyms (`SIZE_WORDS`),
@@ -276,20 +276,25 @@ def _lesion_profile(
     if kind in ("nodule", "mass"):
         return _disc(distance, radius)
     if kind == "cavity":
-        # The nodule's envelope (a little tighter) with a lucent centre inside a bright wall, scaled to
-        # the nodule's integrated brightness: the two differ only in structure finer than ~4 px.
+        # The nodule's envelope (a little tighter) with a lucent centre (radius 0.38 of the lesion's,
+        # 2-4 px) inside a bright wall, scaled to the nodule's integrated brightness: resolved in a
+        # crop, about one pixel in a 64 px view.
         solid = _disc(distance, radius)
-        wall = np.clip((distance / radius - 0.35) / 0.1, 0, 1)
-        profile = _disc(distance, 0.8 * radius) * (0.2 + 0.8 * wall)
+        wall = np.clip((distance / radius - 0.38) / 0.1, 0, 1)
+        profile = _disc(distance, 0.85 * radius) * (0.15 + 0.85 * wall)
         return profile * (solid.sum() / max(float(profile.sum()), 1e-6))
     if kind == "consolidation":
-        # The mass's envelope and mean intensity, mottled (fine plane waves, zero mean) and crossed by
-        # dark branching air-bronchogram lines ~1-2 px wide.
+        # The mass's envelope and mean intensity, mottled (plane waves of 5-7 px, zero mean) and crossed
+        # by dark branching air-bronchogram lines ~1-2 px wide. The mottle's wavelength is above what
+        # the film's blur erases (sigma up to 1.6 px wiped out the 2.5-4 px mottle of an earlier
+        # version: a label-supervised CNN on the crops told mass from consolidation 0.67 of the time)
+        # and resolved in a 32 px crop of a mass (~1.5 px per crop pixel), but below a 64 px view's
+        # resolution (4 px per pixel).
         solid = _disc(distance, radius)
         scale = size / 256
         mottle = np.zeros_like(xx)
         for _ in range(5):
-            wavelength = rng.uniform(2.5, 4.0) * scale
+            wavelength = rng.uniform(5.0, 7.0) * scale
             angle, phase = rng.uniform(0, 2 * np.pi, 2)
             mottle += np.cos(2 * np.pi / wavelength * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)
         nearest = np.full_like(xx, np.inf)  # distance to the nearest air-bronchogram segment
@@ -306,7 +311,7 @@ def _lesion_profile(
         # A dark lumen between brighter walls, zero-mean across the line, so a coarse view averages it out.
         width = 0.6 * max(scale, 0.5)
         lines = np.exp(-((nearest / width) ** 2) / 2) - 0.5 * np.exp(-((nearest / (2 * width)) ** 2) / 2)
-        profile = solid * np.clip(1 + 0.5 * mottle / np.sqrt(2.5), 0, None) * np.clip(1 - 1.4 * lines, 0, None)
+        profile = solid * np.clip(1 + 0.8 * mottle / np.sqrt(2.5), 0, None) * np.clip(1 - 1.4 * lines, 0, None)
         return profile * (solid.sum() / max(float(profile.sum()), 1e-6))
     if kind == "calcification":
         return (distance <= radius).astype(np.float32)

@@ -164,7 +164,8 @@ def build_trainer(run: dict[str, Any], resume: bool = False) -> tuple[RegionMedC
     )
     processor = RegionMedCLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     collator = RegionMedCLIPCollator(processor, seed=training_args.seed,
-                                     finding_vocabulary=finding_vocabulary(train_dataset))
+                                     finding_vocabulary=finding_vocabulary(train_dataset),
+                                     region_finding_swaps=run["data"].get("region_finding_swaps", 2))
     collator.prime(train_dataset)
     schedule = StagedSchedule(run["schedule"], training_args.max_steps)
     trainer = RegionMedCLIPTrainer(
