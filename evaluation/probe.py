@@ -36,6 +36,7 @@ import torch
 from training_scripts.negatives import FINDINGS, apply_rule
 
 from .retrieval import retrieval_recall_at_k
+from .scoring import as_float_array, auroc
 
 __all__ = [
     "CONDITIONS",
@@ -46,7 +47,6 @@ __all__ = [
     "PARTS",
     "POSITIVE_PROMPTS",
     "ProbeInputError",
-    "auroc",
     "blank_crops",
     "build_prompts",
     "class_names",
@@ -81,41 +81,6 @@ class ProbeInputError(ValueError):
 
 
 # -- metrics: pure functions of scores / embeddings ----------------------------------------------
-
-
-def _as_numpy(values: Any, name: str) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().double().numpy()
-    array = np.asarray(values, dtype=np.float64)
-    if array.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
-    return array
-
-
-def auroc(scores: Any, labels: Any) -> float:
-    """Area under the ROC curve by the Mann-Whitney U statistic; a tie between a positive and a
-    negative counts 1/2. NaN when there is no positive or no negative.
-
-    scores `(N,)` (higher = more likely positive); labels `(N,)` bool / 0-1.
-    """
-    score_array = _as_numpy(scores, "scores")
-    label_array = _as_numpy(labels, "labels")
-    if score_array.shape != label_array.shape:
-        raise ValueError(f"scores {score_array.shape} and labels {label_array.shape} differ in shape")
-    if not np.isfinite(score_array).all():
-        raise ValueError("scores hold NaN or inf")
-    if not np.isin(label_array, (0.0, 1.0)).all():
-        raise ValueError("labels must be 0/1 or bool")
-    positive = label_array == 1.0
-    num_pos, num_neg = int(positive.sum()), int((~positive).sum())
-    if num_pos == 0 or num_neg == 0:
-        return float("nan")
-    # Average ranks (1-based) over tie groups: U = sum of positive ranks - n_pos (n_pos + 1) / 2.
-    _, inverse, counts = np.unique(score_array, return_inverse=True, return_counts=True)
-    average_rank = np.cumsum(counts) - (counts - 1) / 2.0
-    ranks = average_rank[inverse]
-    u_statistic = ranks[positive].sum() - num_pos * (num_pos + 1) / 2.0
-    return float(u_statistic / (num_pos * num_neg))
 
 
 def _normalise(embeds: torch.Tensor) -> torch.Tensor:
@@ -161,7 +126,7 @@ def zero_shot_auroc(scores: Mapping[str, Any], labels: Mapping[str, Any]) -> dic
     """
     per_class, evaluated, skipped = {}, [], []
     for name in scores:
-        label_array = _as_numpy(labels[name], f"labels[{name!r}]")
+        label_array = as_float_array(labels[name], f"labels[{name!r}]")
         value = auroc(scores[name], label_array)
         positives = int((label_array == 1.0).sum())
         per_class[name] = {"auroc": value, "positives": positives, "negatives": int(label_array.size - positives)}

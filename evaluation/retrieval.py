@@ -1,10 +1,40 @@
-"""Image-text retrieval Recall@K from a similarity matrix."""
+"""Image-text retrieval: ranks of the true items, Recall@K and median rank."""
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["retrieval_recall_at_k"]
+__all__ = ["best_positive_ranks", "rank_summary", "retrieval_recall_at_k"]
+
+
+def best_positive_ranks(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Zero-based rank of each query's best-scoring positive candidate among all candidates.
+
+    scores `(Q, C)`; positives `(Q, C)` bool, at least one per row. Ties rank the positive last among
+    the candidates it ties with (no optimism); other positives of the same query do not push it
+    down. Returns `(Q,)` int64.
+    """
+    if scores.ndim != 2 or positives.shape != scores.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and positives {tuple(positives.shape)} must be the same (Q, C)")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores hold NaN or inf")
+    positives = positives.to(device=scores.device, dtype=torch.bool)
+    if not positives.any(1).all():
+        raise ValueError("every query needs at least one positive candidate")
+    best = scores.masked_fill(~positives, float("-inf")).max(1).values
+    return ((scores >= best[:, None]) & ~positives).sum(1)
+
+
+def rank_summary(ranks: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """`{"R@K": percent of ranks < K, ..., "median_rank": 1-based median}` of zero-based `ranks` `(Q,)`."""
+    if any(k <= 0 for k in ks):
+        raise ValueError(f"ks must be positive, got {list(ks)}")
+    if ranks.numel() == 0:
+        raise ValueError("no ranks to summarise")
+    summary = {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in ks}
+    summary["median_rank"] = float(np.median(ranks.cpu().numpy() + 1))  # mean of the middle two when even
+    return summary
 
 
 def retrieval_recall_at_k(
@@ -29,19 +59,12 @@ def retrieval_recall_at_k(
         raise ValueError(f"text_to_image must hold {num_texts} image indices in [0, {num_images})")
     if any(k <= 0 for k in ks):
         raise ValueError(f"ks must be positive, got {list(ks)}")
-    if not torch.isfinite(similarity).all():
-        raise ValueError("similarity holds NaN or inf")
-
-    # text -> image: rank of the true image = number of images scoring at least as high, minus one.
-    true_scores = similarity[text_to_image, torch.arange(num_texts)]
-    text_ranks = (similarity >= true_scores[None, :]).sum(0) - 1  # (N_texts,)
-    # image -> text: best rank among the image's own texts.
     positives = text_to_image[None, :] == torch.arange(num_images, device=similarity.device)[:, None]
-    best_true = similarity.masked_fill(~positives, float("-inf")).max(1).values  # (N_images,)
-    image_ranks = (similarity >= best_true[:, None]).sum(1) - positives.sum(1).clamp(max=1)
     has_text = positives.any(1)
+    image_ranks = best_positive_ranks(similarity[has_text], positives[has_text])
+    text_ranks = best_positive_ranks(similarity.t(), positives.t())
     results = {}
     for k in ks:
-        results[f"image_to_text_R@{k}"] = 100.0 * (image_ranks[has_text] < k).float().mean().item()
+        results[f"image_to_text_R@{k}"] = 100.0 * (image_ranks < k).float().mean().item()
         results[f"text_to_image_R@{k}"] = 100.0 * (text_ranks < k).float().mean().item()
     return results

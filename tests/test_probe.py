@@ -18,7 +18,6 @@ from evaluation.cli import main
 from evaluation.probe import (
     NEGATIVE_KINDS,
     _region_plan,
-    auroc,
     blank_crops,
     build_prompts,
     class_names,
@@ -32,6 +31,7 @@ from evaluation.probe import (
     zero_shot_auroc,
     zero_shot_scores,
 )
+from evaluation.scoring import auroc
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
 from training_scripts.data_schema import load_canonical
 from training_scripts.negatives import FINDINGS
