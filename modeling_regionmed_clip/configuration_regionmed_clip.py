@@ -273,6 +273,9 @@ class RegionMedCLIPConfig(PreTrainedConfig):
         local_loss: anchors are this rank's rows only, against every rank's candidates.
         hard_negative_k / hard_negative_weight: in-batch mining of the hard-negative term: the
             k hardest non-matching captions of each image have their exp(logit) multiplied by the weight.
+        negative_text_margin: cosine above which a region caption and one of its own negatives are
+            pushed apart by the `negative_text_margin` term (the text tower must not merge a
+            statement with its falsification).
     """
 
     model_type = "regionmed_clip"
@@ -297,6 +300,7 @@ class RegionMedCLIPConfig(PreTrainedConfig):
         local_loss: bool = False,
         hard_negative_k: int = 3,
         hard_negative_weight: float = 2.0,
+        negative_text_margin: float = 0.7,
         initializer_range: float = 0.02,
         **kwargs: Any,
     ):
@@ -325,6 +329,7 @@ class RegionMedCLIPConfig(PreTrainedConfig):
         self.local_loss = local_loss
         self.hard_negative_k = hard_negative_k
         self.hard_negative_weight = hard_negative_weight
+        self.negative_text_margin = negative_text_margin
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         self.validate()
@@ -350,6 +355,9 @@ class RegionMedCLIPConfig(PreTrainedConfig):
             raise ValueError(f"{name}.hard_negative_k must be a non-negative integer, got {self.hard_negative_k!r}")
         if not isinstance(self.hard_negative_weight, (int, float)) or not self.hard_negative_weight >= 1.0:
             raise ValueError(f"{name}.hard_negative_weight must be >= 1 (an up-weighting), got {self.hard_negative_weight!r}")
+        if isinstance(self.negative_text_margin, bool) or not isinstance(self.negative_text_margin, (int, float)) \
+                or not -1.0 <= self.negative_text_margin <= 1.0:
+            raise ValueError(f"{name}.negative_text_margin must be a cosine in [-1, 1], got {self.negative_text_margin!r}")
         patch = self.vision_config.patch_size
         if self.roi_image_size % patch != 0:
             raise ValueError(

@@ -846,12 +846,14 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                 "dense_region": has_regions,
                 "hard_negative": fields.get("negative_text_embeds") is not None,
                 "region_hard_negative": fields.get("region_negative_text_embeds") is not None,
+                "negative_text_margin": fields.get("region_negative_text_embeds") is not None,
             }
             loss_weights = {term: weight for term, weight in DEFAULT_LOSS_WEIGHTS.items() if available[term]}
         config = ContrastiveLossConfig(
             local_loss=self.config.local_loss,
             hardest_k=self.config.hard_negative_k,
             hard_negative_weight=self.config.hard_negative_weight,
+            negative_text_margin=self.config.negative_text_margin,
         )
         return regionmed_clip_loss(
             loss_weights,

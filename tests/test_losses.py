@@ -13,6 +13,7 @@ from modeling_regionmed_clip.loss_regionmed_clip import (
     hard_negative_loss,
     image_region_loss,
     multi_positive_info_nce,
+    negative_text_margin_loss,
     region_contrastive_loss,
     regionmed_clip_loss,
 )
@@ -137,3 +138,30 @@ def test_image_region_loss_counts_an_image_with_the_same_caption_as_a_positive()
     # each caption's positives are images 0 and 1: -log of their summed softmax mass
     expected = -(logits.softmax(-1)[:, :2].sum(-1)).log().mean()
     torch.testing.assert_close(image_region_loss(images, captions, roi_mask, scale, groups), expected)
+
+
+def test_negative_text_margin_by_hand():
+    unit = torch.eye(3)
+    captions = unit[:2]  # two captions, e1 and e2
+    close = torch.nn.functional.normalize(torch.tensor([1.0, 0.1, 0.0]), dim=0)  # cos 0.995 with e1
+    negatives = torch.stack([torch.stack([close, unit[2]]), torch.stack([unit[1], -unit[1]])])  # (2, 2, 3)
+    mask = torch.tensor([[True, True], [True, False]])
+    # hardest valid negative per caption: cos 0.995 (over the margin by 0.295; e3 at cos 0 is easier)
+    # and cos 1 (over by 0.3; -e2 is masked out)
+    expected = (float(close[0]) - 0.7 + 0.3) / 2
+    assert negative_text_margin_loss(captions, negatives, mask, 0.7).item() == pytest.approx(expected, abs=1e-6)
+    # nothing over the margin, or nothing valid: zero
+    assert negative_text_margin_loss(captions, -negatives, mask, 0.7).item() == 0.0
+    assert negative_text_margin_loss(captions, negatives, torch.zeros_like(mask), 0.7).item() == 0.0
+
+
+def test_negative_text_margin_pushes_only_the_hardest_negative_over_the_margin():
+    captions = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1).requires_grad_()
+    near = torch.nn.functional.normalize(captions.detach() + 0.3 * torch.randn(4, 8), dim=-1)
+    negatives = torch.stack([captions.detach(), near, -captions.detach()], dim=1).requires_grad_()  # cos 1, ~0.9, -1
+    loss = negative_text_margin_loss(captions, negatives, torch.ones(4, 3, dtype=torch.bool), 0.7)
+    loss.backward()
+    assert negatives.grad[:, 0].abs().sum() > 0  # the identical (hardest) negative is pushed
+    assert negatives.grad[:, 1:].abs().sum() == 0  # the others are not the hardest: untouched
+    with pytest.raises(ValueError, match="negative_embeds"):
+        negative_text_margin_loss(captions, negatives[:3], torch.ones(3, 2, dtype=torch.bool), 0.7)

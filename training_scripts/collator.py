@@ -76,7 +76,7 @@ class RegionMedCLIPCollator:
         use_negatives: bool = True,
         use_region_negatives: bool = True,
         finding_vocabulary: Sequence[str] | None = None,
-        region_finding_swaps: int = 2,
+        region_finding_swaps: int = 5,
     ):
         self.processor = processor
         self.max_regions = max_regions or processor.image_processor.max_rois

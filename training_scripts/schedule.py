@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 PARAMETER_GROUPS = ("vision", "text", "roi", "projections", "temperature")
 
 _ALL_LOSSES = {"global_report": 1.0, "global_summary": 0.5, "image_region": 1.0, "region": 0.5, "dense_region": 0.5,
-               "hard_negative": 0.5, "region_hard_negative": 0.5}
+               "hard_negative": 0.5, "region_hard_negative": 0.5, "negative_text_margin": 5.0}
 
 # Default: every term from the first step, regions on. Measured (docs/TRAINING.md): the global-only
 # objective of the paper's warm-up stages learns nothing in 600 steps from scratch (report loss

@@ -163,9 +163,9 @@ def build_trainer(run: dict[str, Any], resume: bool = False) -> tuple[RegionMedC
         **_normalisation_of(model_spec.get("vision_path")),
     )
     processor = RegionMedCLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    swaps = {"region_finding_swaps": run["data"]["region_finding_swaps"]} if "region_finding_swaps" in run["data"] else {}
     collator = RegionMedCLIPCollator(processor, seed=training_args.seed,
-                                     finding_vocabulary=finding_vocabulary(train_dataset),
-                                     region_finding_swaps=run["data"].get("region_finding_swaps", 2))
+                                     finding_vocabulary=finding_vocabulary(train_dataset), **swaps)
     collator.prime(train_dataset)
     schedule = StagedSchedule(run["schedule"], training_args.max_steps)
     trainer = RegionMedCLIPTrainer(

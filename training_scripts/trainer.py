@@ -64,6 +64,8 @@ _TERM_INPUTS = {
     "hard_negative": ("negative_input_ids", "negative_attention_mask", "negative_mask"),
     "region_hard_negative": ("region_input_ids", "region_attention_mask", "region_negative_input_ids",
                              "region_negative_attention_mask", "region_negative_mask"),
+    "negative_text_margin": ("region_input_ids", "region_attention_mask", "region_negative_input_ids",
+                             "region_negative_attention_mask", "region_negative_mask"),
     "dense_region": ("region_input_ids", "region_attention_mask"),
     "image_region": ("region_input_ids", "region_attention_mask"),
 }
