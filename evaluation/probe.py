@@ -37,18 +37,16 @@ from training_scripts.negatives import FINDINGS, apply_rule
 
 from .retrieval import retrieval_recall_at_k
 from .scoring import as_float_array, auroc
+from .zero_shot import DEFAULT_PROMPTS, load_prompt_templates, prompts_for
 
 __all__ = [
     "CONDITIONS",
     "CONTROLS",
     "NEGATIVE_KINDS",
-    "NEGATIVE_PROMPTS",
     "NO_FINDING",
     "PARTS",
-    "POSITIVE_PROMPTS",
     "ProbeInputError",
     "blank_crops",
-    "build_prompts",
     "class_names",
     "load_region_negatives",
     "mean_pairwise_cosine",
@@ -63,10 +61,8 @@ __all__ = [
     "zero_shot_scores",
 ]
 
-# -- prompts (the one place they are defined) ----------------------------------------------------
+# -- constants (the prompt templates are evaluation/prompts/chest_xray.yaml) -----------------------
 
-POSITIVE_PROMPTS: tuple[str, ...] = ("{c}.", "There is a {c}.", "A {c} is seen.", "Chest X-ray with {c}.")
-NEGATIVE_PROMPTS: tuple[str, ...] = ("No {c}.", "There is no {c}.", "No {c} is seen.", "Normal chest X-ray.")
 NO_FINDING = "No finding"
 
 # Region hard-negative kinds and the `training_scripts.negatives` rule that makes each when the
@@ -291,18 +287,6 @@ def remove_box_geometry(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 def class_names(label_lists: Iterable[Sequence[str]]) -> list[str]:
     """The sorted class names of a dataset's `labels` column, without "No finding"."""
     return sorted({label for labels in label_lists for label in labels if label != NO_FINDING})
-
-
-def build_prompts(
-    classes: Sequence[str],
-    positive_templates: Sequence[str] = POSITIVE_PROMPTS,
-    negative_templates: Sequence[str] = NEGATIVE_PROMPTS,
-) -> dict[str, dict[str, list[str]]]:
-    """`{"positive": {class: [prompt, ...]}, "negative": {...}}` from the templates (`{c}` = class)."""
-    return {
-        "positive": {name: [template.format(c=name) for template in positive_templates] for name in classes},
-        "negative": {name: [template.format(c=name) for template in negative_templates] for name in classes},
-    }
 
 
 def rule_based_negatives(caption: str, vocabulary: Sequence[str] = FINDINGS, seed: int = 0) -> dict[str, str | None]:
@@ -629,7 +613,8 @@ def run_probe(
         raise ProbeInputError(f"--classes must name at least one non-empty class, got {list(classes)}")
     if "zero_shot" in parts and not class_list:
         raise ProbeInputError(f"--split: split {split!r} has no labels other than {NO_FINDING!r}; pass --classes")
-    prompts = build_prompts(class_list)
+    templates = load_prompt_templates(DEFAULT_PROMPTS)
+    prompts = prompts_for(templates, class_list)
 
     model, processor = _load(model_dir, device)
     want_regions = "regions" in parts
@@ -652,8 +637,7 @@ def run_probe(
             "n_lesions": len(plan["lesions"]) if plan else None,
             "parts": list(parts),
             "classes": class_list,
-            "prompts": {"positive_templates": list(POSITIVE_PROMPTS), "negative_templates": list(NEGATIVE_PROMPTS),
-                        **prompts},
+            "prompts": {"templates": str(DEFAULT_PROMPTS.name), **prompts},
             "units": {"auroc": "fraction", "region_accuracy": "fraction", "recall": "percent"},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command if command is not None else " ".join(sys.argv),

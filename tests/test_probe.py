@@ -19,7 +19,6 @@ from evaluation.probe import (
     NEGATIVE_KINDS,
     _region_plan,
     blank_crops,
-    build_prompts,
     class_names,
     load_region_negatives,
     mean_pairwise_cosine,
@@ -32,6 +31,7 @@ from evaluation.probe import (
     zero_shot_scores,
 )
 from evaluation.scoring import auroc
+from evaluation.zero_shot import load_prompt_templates, prompts_for
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
 from training_scripts.data_schema import load_canonical
 from training_scripts.negatives import FINDINGS
@@ -108,7 +108,7 @@ def test_zero_shot_scores_use_normalised_ensembles_and_a_known_intermediate_auro
 
 def test_class_names_and_prompts():
     assert class_names([["No finding"], ["nodule", "mass"], ["mass"]]) == ["mass", "nodule"]
-    prompts = build_prompts(["nodule"])
+    prompts = prompts_for(load_prompt_templates(), ["nodule"])
     assert "There is a nodule." in prompts["positive"]["nodule"]
     assert "No nodule." in prompts["negative"]["nodule"] and "Normal chest X-ray." in prompts["negative"]["nodule"]
 

@@ -35,7 +35,7 @@ from transformers.image_processing_utils import BatchFeature
 from processing import RegionMedCLIPProcessor
 from processing.image_processing_regionmed_clip import RegionMedCLIPImageProcessor
 
-from .negatives import FINDINGS, region_hard_negatives
+from .negatives import FINDINGS, REGION_FINDING_SWAPS, region_hard_negatives
 
 __all__ = ["RegionMedCLIPCollator"]
 
@@ -76,7 +76,7 @@ class RegionMedCLIPCollator:
         use_negatives: bool = True,
         use_region_negatives: bool = True,
         finding_vocabulary: Sequence[str] | None = None,
-        region_finding_swaps: int = 5,
+        region_finding_swaps: int = REGION_FINDING_SWAPS,
     ):
         self.processor = processor
         self.max_regions = max_regions or processor.image_processor.max_rois

@@ -68,7 +68,7 @@ import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 
-__all__ = ["FINDINGS", "RULES", "apply_rule", "make_hard_negatives", "region_hard_negatives"]
+__all__ = ["FINDINGS", "REGION_FINDING_SWAPS", "RULES", "apply_rule", "make_hard_negatives", "region_hard_negatives"]
 
 FINDINGS: tuple[str, ...] = (
     "nodule",
@@ -468,9 +468,14 @@ def make_hard_negatives(caption: str, num: int = 3, seed: int = 0, vocabulary: S
     return results
 
 
+# Finding swaps per region caption in training: with five, a finding's look-alike is among its
+# negatives in a small vocabulary, and the hardest one drives `negative_text_margin` (docs/TRAINING.md, 11).
+REGION_FINDING_SWAPS = 5
+
+
 @lru_cache(maxsize=65536)
 def region_hard_negatives(caption: str, seed: int = 0, vocabulary: tuple[str, ...] = FINDINGS,
-                          finding_swaps: int = 2) -> tuple[str, ...]:
+                          finding_swaps: int = REGION_FINDING_SWAPS) -> tuple[str, ...]:
     """Every single-rule negative of a region caption (one per rule of `RULES` that applies, in that
     order), with up to `finding_swaps` DISTINCT finding swaps in all; distinct, deterministic.
 
