@@ -42,8 +42,10 @@ TARGETS = {
 def _train(runs: Path, data: Path, seeds: list[int], max_steps: int, jobs: int) -> None:
     """Train every (seed, variant) that has no `final/` yet, `jobs` at a time, one thread each."""
     pending = {}
-    for seed in seeds:
-        for variant, extra in (("full", []), ("global_only", ["--config", str(GLOBAL_ONLY_CONFIG)])):
+    # Every seed's default run first, then the ablations: the two longest runs share the machine
+    # first, and the shorter ablations pair up at the end instead of idling a core beside a long run.
+    for variant, extra in (("full", []), ("global_only", ["--config", str(GLOBAL_ONLY_CONFIG)])):
+        for seed in seeds:
             run_dir = runs / f"{variant}_s{seed}"
             if not (run_dir / "final").is_dir():
                 pending[run_dir] = ["--preset", "tiny", "--data", str(data), "--max-steps", str(max_steps),

@@ -84,6 +84,12 @@ def format_report(report: dict[str, Any]) -> str:
                 entry = regions["conditions"][condition]
                 lines.append("  " + f"{condition:22s}" + "".join(
                     f"{_number(entry[kind]['accuracy']):>7s} n={entry[kind]['n']:<3d}" for kind in kinds))
+        by_label = regions.get("by_label")
+        if by_label:
+            lines.append("  type accuracy by lesion label (true / crops blanked): " + "  ".join(
+                f"{label} {_number(entry['type']['accuracy'], 2)}/"
+                f"{_number(by_label['crops_blanked'][label]['type']['accuracy'], 2)}"
+                for label, entry in by_label["true"].items() if entry["type"]["n"]))
         for name, verdict in report.get("verdicts", {}).items():
             if isinstance(verdict, dict):
                 lines.append(f"  verdict {name}: {verdict['statement']}")

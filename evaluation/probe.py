@@ -46,6 +46,7 @@ __all__ = [
     "NO_FINDING",
     "PARTS",
     "ProbeInputError",
+    "accuracy_by_label",
     "blank_crops",
     "class_names",
     "load_region_negatives",
@@ -175,6 +176,21 @@ def _summarise(outcome: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     count = int(valid.sum())
     accuracy = float(outcome["correct"][valid].double().mean()) if count else float("nan")
     return {"accuracy": accuracy, "n": count}
+
+
+def accuracy_by_label(
+    outcomes: Mapping[str, Mapping[str, torch.Tensor]], labels: Sequence[str]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """`{label: {kind: {"accuracy", "n"}}}` of `region_negative_outcomes` split by each lesion's label
+    (`labels[i]` for lesion i). Two look-alike labels whose type accuracies sum to ~1 mark a region
+    embedding that cannot tell them apart and sits nearer one caption: the overall mean hides it."""
+    names = np.asarray(labels, dtype=object)
+    result: dict[str, dict[str, dict[str, Any]]] = {}
+    for label in sorted(set(labels)):
+        chosen = torch.from_numpy(names == label)
+        result[label] = {kind: _summarise({"correct": outcome["correct"], "valid": outcome["valid"] & chosen})
+                         for kind, outcome in outcomes.items()}
+    return result
 
 
 def region_negative_accuracy(
@@ -517,6 +533,9 @@ def _regions_block(
             raise RuntimeError(f"{condition}: {embeds.shape[0]} region embeddings for {len(lesions)} lesions")
         outcomes[condition] = region_negative_outcomes(embeds, true_text, negative_text, negative_valid)
         block["conditions"][condition] = {kind: _summarise(outcome) for kind, outcome in outcomes[condition].items()}
+    labels = [lesion["label"] for lesion in lesions]
+    block["by_label"] = {condition: accuracy_by_label(outcomes[condition], labels)
+                         for condition in ("true", "crops_blanked")}
     return block, outcomes
 
 

@@ -18,6 +18,7 @@ from evaluation.cli import main
 from evaluation.probe import (
     NEGATIVE_KINDS,
     _region_plan,
+    accuracy_by_label,
     blank_crops,
     class_names,
     load_region_negatives,
@@ -443,3 +444,13 @@ def test_cli_regions_subcommand_reads_the_sidecar(tmp_path):
     assert true["side"] == {"accuracy": 0.0, "n": len(records)}  # ties count as failures
     assert true["zone"]["n"] == len(records) and true["type"]["n"] == len(records) - 1
     assert true["all"]["accuracy"] == 0.0
+
+
+def test_accuracy_by_label_exposes_a_pair_the_mean_hides():
+    # Four lesions: "a" always wins its type negative, "b" never; the mean (0.5) says nothing of that.
+    outcomes = {"type": {"correct": torch.tensor([True, True, False, False]), "valid": torch.ones(4, dtype=torch.bool)},
+                "side": {"correct": torch.tensor([True, False, True, True]),
+                         "valid": torch.tensor([True, True, True, False])}}
+    table = accuracy_by_label(outcomes, ["a", "a", "b", "b"])
+    assert table["a"]["type"] == {"accuracy": 1.0, "n": 2} and table["b"]["type"] == {"accuracy": 0.0, "n": 2}
+    assert table["a"]["side"] == {"accuracy": 0.5, "n": 2} and table["b"]["side"] == {"accuracy": 1.0, "n": 1}
