@@ -57,14 +57,10 @@ def retrieval_recall_at_k(
     text_to_image = text_to_image.to(similarity.device)
     if text_to_image.shape != (num_texts,) or text_to_image.min() < 0 or text_to_image.max() >= num_images:
         raise ValueError(f"text_to_image must hold {num_texts} image indices in [0, {num_images})")
-    if any(k <= 0 for k in ks):
-        raise ValueError(f"ks must be positive, got {list(ks)}")
     positives = text_to_image[None, :] == torch.arange(num_images, device=similarity.device)[:, None]
     has_text = positives.any(1)
     image_ranks = best_positive_ranks(similarity[has_text], positives[has_text])
     text_ranks = best_positive_ranks(similarity.t(), positives.t())
-    results = {}
-    for k in ks:
-        results[f"image_to_text_R@{k}"] = 100.0 * (image_ranks < k).float().mean().item()
-        results[f"text_to_image_R@{k}"] = 100.0 * (text_ranks < k).float().mean().item()
-    return results
+    image_side, text_side = rank_summary(image_ranks, ks), rank_summary(text_ranks, ks)
+    return {f"{direction}_R@{k}": side[f"R@{k}"]
+            for k in ks for direction, side in (("image_to_text", image_side), ("text_to_image", text_side))}

@@ -249,6 +249,15 @@ def image_region_loss(
     return multi_positive_info_nce(logit_scale * all_captions @ all_images.t(), positives)
 
 
+def _check_negatives(anchors: torch.Tensor, negative_embeds: torch.Tensor, negative_mask: torch.Tensor) -> None:
+    """Each of the N anchors `(N, D)` has M negatives `(N, M, D)` with a validity mask `(N, M)`."""
+    if negative_embeds.shape[:2] != negative_mask.shape or negative_embeds.shape[0] != anchors.shape[0]:
+        raise ValueError(
+            f"negative_embeds {tuple(negative_embeds.shape)} and negative_mask {tuple(negative_mask.shape)} "
+            f"must be (N={anchors.shape[0]}, M, D) and (N, M)"
+        )
+
+
 def hard_negative_loss(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
@@ -264,11 +273,7 @@ def hard_negative_loss(
 
     image_embeds, text_embeds `(B, D)`; negative_embeds `(B, M, D)`; negative_mask `(B, M)` bool.
     """
-    if negative_embeds.shape[:2] != negative_mask.shape or negative_embeds.shape[0] != image_embeds.shape[0]:
-        raise ValueError(
-            f"negative_embeds {tuple(negative_embeds.shape)} and negative_mask {tuple(negative_mask.shape)} "
-            f"must be (B={image_embeds.shape[0]}, M, D) and (B, M)"
-        )
+    _check_negatives(image_embeds, negative_embeds, negative_mask)
     all_texts, offset = gather_features(text_embeds, config.gather_with_grad)
     count = image_embeds.shape[0]
     groups = _gathered_groups(text_groups, all_texts.shape[0], text_embeds.device)
@@ -316,11 +321,7 @@ def negative_text_margin_loss(
     text_embeds `(N, D)` L2-normalised; negative_embeds `(N, M, D)`; negative_mask `(N, M)` bool.
     Local: it couples no two examples, so no gathering.
     """
-    if negative_embeds.shape[:2] != negative_mask.shape or negative_embeds.shape[0] != text_embeds.shape[0]:
-        raise ValueError(
-            f"negative_embeds {tuple(negative_embeds.shape)} and negative_mask {tuple(negative_mask.shape)} "
-            f"must be (N={text_embeds.shape[0]}, M, D) and (N, M)"
-        )
+    _check_negatives(text_embeds, negative_embeds, negative_mask)
     cosine = torch.einsum("nd,nmd->nm", text_embeds, negative_embeds)
     excess = torch.relu(cosine - margin) * negative_mask  # (N, M), >= 0
     if excess.shape[1] == 0:  # no negatives at all
