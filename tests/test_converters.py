@@ -4,6 +4,7 @@ The annotation files are committed; the images are generated per test (tiny PNG/
 with pydicom), including a missing and a corrupt image where a format's skip handling is checked.
 """
 
+import gzip
 import json
 import logging
 import shutil
@@ -19,6 +20,9 @@ from training_scripts.converters import CONVERTERS, ConversionStats, SkipCounter
 from training_scripts.data_schema import SPLITS, load_canonical, validate_row
 
 FIXTURES = Path(__file__).parent / "fixtures" / "formats"
+# Formats whose captions may be ones no hard-negative rule applies to: ROCO's own text, "Chest X-ray." for a
+# labeler row without a positive class.
+NEGATIVES_OPTIONAL = {"roco", "chexpert", "mimic-cxr"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -78,15 +82,15 @@ def run(fmt: str, input_path: Path, images_dir: Path | None, out: Path, **option
                 rows[row["image_id"]] = row
     assert len(rows) == sum(stats.rows_written.values())
     for row in rows.values():
-        check_row(row)
+        check_row(row, negatives_required=fmt not in NEGATIVES_OPTIONAL)
     return stats, rows
 
 
-def check_row(row: dict) -> None:
-    """What every converted row must satisfy (ROCO captions are the dataset's text: no rule may apply)."""
+def check_row(row: dict, negatives_required: bool = True) -> None:
+    """What every converted row must satisfy."""
     validate_row(row)
     assert row["summary_caption"].strip() and row["report_caption"].strip()
-    assert row["negative_captions"] or row["modality"] == "radiology", row["report_caption"]
+    assert row["negative_captions"] or not negatives_required, row["report_caption"]
     assert all(negative != row["report_caption"] for negative in row["negative_captions"])
     for region in row["regions"]:
         assert region["caption"].strip() and region["label"].strip()
@@ -272,6 +276,187 @@ def test_chestxray14_bbox_header_quirk(tmp_path, trailing):
     assert boxes(second) == [[40, 8, 46.5, 14.5], [10, 40, 30, 52]]
     assert second["labels"] == ["Nodule", "Mass"]
     assert second["summary_caption"] == "Chest X-ray with nodule and mass."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CheXpert
+# ---------------------------------------------------------------------------------------------------------------
+
+CHEXPERT = FIXTURES / "chexpert/CheXpert-v1.0-small"
+
+
+def chexpert_paths() -> list[str]:
+    """Every `Path` of the fixture CSVs but patient00007's (its image is the missing one)."""
+    paths = [line.split(",")[0] for name in ("train.csv", "valid.csv")
+             for line in (CHEXPERT / name).read_text().splitlines()[1:]]
+    return [path for path in paths if "patient00007" not in path]
+
+
+def chexpert_row(patient: str, study: str = "study1", view: str = "view1_frontal", split: str = "train") -> str:
+    return f"CheXpert-v1.0-small/{split}/{patient}/{study}/{view}.jpg"
+
+
+def test_chexpert_folder_with_images_beside_the_csvs(tmp_path):
+    """The input is the CheXpert-v1.0-small folder; images default to it: `Path` minus its first folder."""
+    root = shutil.copytree(CHEXPERT, tmp_path / "CheXpert-v1.0-small")
+    for path in chexpert_paths():
+        write_image(root / Path(path).relative_to("CheXpert-v1.0-small"))
+    stats, rows = run("chexpert", root, None, tmp_path / "out")
+    assert stats.rows_written == {"train": 6, "validation": 1}
+    assert reasons(stats) == {"unknown label value Edema='2.0'": 1, "missing image": 1}
+
+    def labels(patient, **where):
+        row = rows[chexpert_row(patient, **where)]
+        return row["labels"], row["uncertain_labels"]
+
+    # 1.0 / 0.0 / blank: positives only; "No Finding" is the dataset's own class
+    assert labels("patient00001") == (["No Finding", "Support Devices"], [])
+    assert labels("patient00002", study="study2") == (
+        ["Lung Opacity", "Fracture"], ["Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion"])
+    assert labels("patient00002", view="view2_lateral") == (["Lung Opacity", "Fracture"], [])
+    assert labels("patient00003") == (["Edema"], [])
+    assert labels("patient00004") == (["Lung Opacity"], ["Edema"])  # written 0 / 1 / -1
+    assert labels("patient00005") == ([], ["Pneumonia"])
+    assert labels("patient64541", split="valid") == (["No Finding"], [])
+
+    first = rows[chexpert_row("patient00001")]
+    assert (first["modality"], first["regions"], first["image"].size) == ("chest_xray", [], (64, 64))
+    assert first["summary_caption"] == first["report_caption"] == "Chest X-ray with support devices."
+    uncertain = rows[chexpert_row("patient00002", study="study2")]
+    assert uncertain["summary_caption"] == "Chest X-ray with lung opacity and fracture."
+    assert uncertain["report_caption"] == uncertain["summary_caption"]  # the uncertain classes are not named
+    edema = rows[chexpert_row("patient00003")]
+    assert edema["summary_caption"] == "Chest X-ray with edema." and edema["negative_captions"]
+    # nothing positive is not "no finding"; a "No Finding" row is
+    only_uncertain = rows[chexpert_row("patient00005")]
+    assert only_uncertain["summary_caption"] == only_uncertain["report_caption"] == "Chest X-ray."
+    normal = rows[chexpert_row("patient64541", split="valid")]
+    assert (normal["split"], normal["summary_caption"], normal["report_caption"]) == (
+        "validation", "Chest X-ray with no finding.", "No abnormality is seen.")
+
+
+def test_chexpert_file_with_images_under_the_parent_folder(tmp_path):
+    """`Path` as written, relative to the folder that holds CheXpert-v1.0-small; a lateral view kept by default."""
+    images = tmp_path / "chexpert"
+    for path in chexpert_paths():
+        write_image(images / path, size=(40, 32))
+    stats, rows = run("chexpert", CHEXPERT / "train.csv", images, tmp_path / "out")
+    assert stats.rows_written == {"train": 6} and stats.rows_skipped == 2
+    lateral = rows[chexpert_row("patient00002", view="view2_lateral")]
+    assert lateral["image"].size == (40, 32) and lateral["labels"] == ["Lung Opacity", "Fracture"]
+
+
+def test_chexpert_frontal_only_and_unknown_values(tmp_path):
+    lines = (CHEXPERT / "valid.csv").read_text().splitlines()
+    lines += [lines[1].replace("1.0,0.0,", f"{value},0.0,", 1).replace("patient64541", f"patient9{index}")
+              for index, value in enumerate(["yes", "1.00", "nan"])]
+    csv_path = tmp_path / "valid.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    images = tmp_path / "images"
+    for path in [*chexpert_paths(), *(chexpert_row(f"patient9{index}", split="valid") for index in range(3))]:
+        write_image(images / path)
+    stats, rows = run("chexpert", csv_path, images, tmp_path / "out")
+    assert list(rows) == [chexpert_row("patient64541", split="valid")]
+    assert reasons(stats) == {"unknown label value No Finding='yes'": 1, "unknown label value No Finding='1.00'": 1,
+                              "unknown label value No Finding='nan'": 1}
+
+    stats, rows = run("chexpert", CHEXPERT / "train.csv", images, tmp_path / "frontal", frontal_only=True)
+    assert stats.rows_written == {"train": 5} and chexpert_row("patient00002", view="view2_lateral") not in rows
+    assert reasons(stats) == {"not a frontal view": 1, "unknown label value Edema='2.0'": 1, "missing image": 1}
+
+
+def test_chexpert_labels_parsing():
+    row = dict.fromkeys(converters._CHEXPERT_CLASSES, "")
+    assert converters._chexpert_labels(row) == ([], [])
+    row.update({"Edema": "1", "Atelectasis": "-1.0", "Fracture": "0", "Cardiomegaly": "-1", "Pneumonia": "1.0"})
+    assert converters._chexpert_labels(row) == (["Edema", "Pneumonia"], ["Cardiomegaly", "Atelectasis"])
+    with pytest.raises(ValueError, match=r"unknown label value Fracture='0.5'"):
+        converters._chexpert_labels({**row, "Fracture": "0.5"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MIMIC-CXR-JPG
+# ---------------------------------------------------------------------------------------------------------------
+
+MIMIC = FIXTURES / "mimic_cxr"
+MIMIC_FILES = ("mimic-cxr-2.0.0-chexpert.csv", "mimic-cxr-2.0.0-metadata.csv", "mimic-cxr-2.0.0-split.csv")
+# dicom_id -> the image's folder under files/; a1e3b1a2's image is missing
+MIMIC_IMAGES = {
+    "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014": "p10/p10000032/s50414267",
+    "174413ec-4ec4c1f7-34ea26b7-c5f994f8-79ef1962": "p10/p10000032/s50414267",
+    "fffabebf-74fd3a1f-673b6b41-96ec0ac9-2ab69818": "p10/p10000764/s57375967",
+    "b2f4c2b3-1c5d2f6e-0c9b8d7e-6f5a4b3c-2d1e0f9a": "p10/p10000764/s57375967",
+    "c3a5d3c4-2d6e3a7f-1d0c9e8f-7a6b5c4d-3e2f1a0b": "p10/p10000898/s50771383",
+    "d4b6e4d5-3e7f4b8a-2e1d0f9a-8b7c6d5e-4f3a2b1c": "p10/p10000935/s50578979",
+    "e5c7f5e6-4f8a5c9b-3f2e1a0b-9c8d7e6f-5a4b3c2d": "p10/p10001176/s53186264",
+}
+MIMIC_SKIPS = {
+    "missing image": 1,
+    "image not in the split file": 1,  # b2f4c2b3
+    "unknown label value Pleural Effusion='1.5'": 1,  # study 50578979, counted once
+    "study without images in the metadata": 1,  # study 51967283
+    "image of a study without labels": 1,  # e5c7f5e6
+}
+
+
+@pytest.fixture
+def mimic_root(tmp_path: Path) -> Path:
+    """The MIMIC-CXR-JPG layout: the CSVs beside files/."""
+    root = shutil.copytree(MIMIC, tmp_path / "mimic-cxr-jpg")
+    for dicom_id, folder in MIMIC_IMAGES.items():
+        write_image(root / "files" / folder / f"{dicom_id}.jpg")
+    return root
+
+
+@pytest.mark.parametrize("gzipped", [False, True], ids=["csv", "csv.gz"])
+def test_mimic_cxr_study_labels_fan_out_to_images(tmp_path, mimic_root, gzipped):
+    label_file = mimic_root / MIMIC_FILES[0]
+    if gzipped:  # as PhysioNet ships them
+        for name in MIMIC_FILES:
+            with open(mimic_root / name, "rb") as source, gzip.open(mimic_root / f"{name}.gz", "wb") as target:
+                shutil.copyfileobj(source, target)
+            (mimic_root / name).unlink()
+        label_file = mimic_root / f"{MIMIC_FILES[0]}.gz"
+    stats, rows = run("mimic-cxr", label_file, None, tmp_path / "out")
+    assert stats.rows_written == {"train": 2, "validation": 1, "test": 1}
+    assert reasons(stats) == MIMIC_SKIPS
+    assert {image_id: (row["split"], row["labels"], row["uncertain_labels"]) for image_id, row in rows.items()} == {
+        # both images of study 50414267 (PA and lateral) get its labels
+        "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014": ("train", ["No Finding"], []),
+        "174413ec-4ec4c1f7-34ea26b7-c5f994f8-79ef1962": ("train", ["No Finding"], []),
+        # 1.0 / -1.0 / 0.0 / blank; "validate" -> validation
+        "fffabebf-74fd3a1f-673b6b41-96ec0ac9-2ab69818": ("validation", ["Consolidation"], ["Pneumonia"]),
+        # 1 / -1 / 0
+        "c3a5d3c4-2d6e3a7f-1d0c9e8f-7a6b5c4d-3e2f1a0b": ("test", ["Edema"], ["Cardiomegaly"]),
+    }
+    assert rows["02aa804e-bde0afdd-112c0b34-7bc16630-4e384014"]["report_caption"] == "No abnormality is seen."
+    assert rows["fffabebf-74fd3a1f-673b6b41-96ec0ac9-2ab69818"]["summary_caption"] == "Chest X-ray with consolidation."
+
+
+def test_mimic_cxr_without_split_file_and_frontal_only(tmp_path, mimic_root):
+    stats, rows = run("mimic-cxr", mimic_root / MIMIC_FILES[0], mimic_root, tmp_path / "out", frontal_only=True)
+    assert sorted(rows) == ["02aa804e-bde0afdd-112c0b34-7bc16630-4e384014",
+                            "c3a5d3c4-2d6e3a7f-1d0c9e8f-7a6b5c4d-3e2f1a0b",
+                            "fffabebf-74fd3a1f-673b6b41-96ec0ac9-2ab69818"]
+    # the LATERAL and LL views are counted; the missing image is the LL one, not looked for any more
+    frontal_skips = {key: count for key, count in MIMIC_SKIPS.items() if key != "missing image"}
+    assert reasons(stats) == {**frontal_skips, "not a frontal view": 2}
+
+    (mimic_root / MIMIC_FILES[2]).unlink()
+    stats, rows = run("mimic-cxr", mimic_root / MIMIC_FILES[0], None, tmp_path / "no_split")
+    assert stats.rows_written == {"train": 5}  # b2f4c2b3 is kept now
+    assert reasons(stats) == {key: count for key, count in MIMIC_SKIPS.items() if key != "image not in the split file"}
+
+
+def test_mimic_cxr_needs_the_metadata_and_one_label_row_per_study(tmp_path, mimic_root):
+    lines = (MIMIC / MIMIC_FILES[0]).read_text().splitlines()
+    (mimic_root / MIMIC_FILES[0]).write_text("\n".join([*lines, lines[1].replace(",1.0,", ",0.0,")]) + "\n")
+    stats, rows = run("mimic-cxr", mimic_root / MIMIC_FILES[0], None, tmp_path / "out")
+    assert "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014" not in rows  # two label rows disagree: not guessed
+    assert reasons(stats)["several label rows for one study"] == 1
+    (mimic_root / MIMIC_FILES[1]).unlink()
+    with pytest.raises(FileNotFoundError, match="mimic-cxr-2.0.0-metadata.csv"):
+        list(iter_rows("mimic-cxr", mimic_root / MIMIC_FILES[0], None, skipped=SkipCounter()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -501,6 +686,7 @@ def test_coco(tmp_path, coco_images):
     assert a["modality"] == "unknown" and a["summary_caption"] == "Medical image with nodule and effusion."
     assert boxes(rows["b.png"]) == [[10, 20, 30, 30]]  # declared 128x128, stored 64x64
     assert rows["c.png"]["labels"] == ["No finding"] and rows["c.png"]["regions"] == []
+    assert all(row["uncertain_labels"] == [] for row in rows.values())  # written by the shared row step
 
 
 def test_coco_options(tmp_path, coco_images):
@@ -517,8 +703,8 @@ def test_coco_options(tmp_path, coco_images):
 
 
 def test_registry_and_errors(tmp_path):
-    assert set(CONVERTERS) == {"ms-cxr", "vindr-cxr", "rsna-pneumonia", "chestxray14", "siim-acr", "slake", "roco",
-                               "coco"}
+    assert set(CONVERTERS) == {"ms-cxr", "vindr-cxr", "rsna-pneumonia", "chestxray14", "chexpert", "mimic-cxr",
+                               "siim-acr", "slake", "roco", "coco"}
     with pytest.raises(ValueError, match="unknown format"):
         iter_rows("nope", FIXTURES, None, skipped=SkipCounter())
     with pytest.raises(FileNotFoundError):

@@ -1,9 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from training_scripts.data_cli import main
 from training_scripts.data_schema import load_canonical
+
+FIXTURES = Path(__file__).parent / "fixtures" / "formats"
 
 
 def test_synth_and_to_disk(tmp_path, capsys):
@@ -37,3 +40,24 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["convert", "--format", "not-a-format", "--input", "x", "--output", "y"])
+
+
+
+def test_convert_chexpert_frontal_only(tmp_path, capsys):
+    from PIL import Image
+
+    header, frontal = (FIXTURES / "chexpert/CheXpert-v1.0-small/valid.csv").read_text().splitlines()
+    lateral = frontal.replace("view1_frontal", "view2_lateral").replace(",Frontal,AP,", ",Lateral,,")
+    root = tmp_path / "CheXpert-v1.0-small"
+    for line in (frontal, lateral):
+        image = root / line.split(",")[0].removeprefix("CheXpert-v1.0-small/")
+        image.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (40, 30)).save(image)
+    (root / "valid.csv").write_text("\n".join([header, frontal, lateral]) + "\n")
+    code = main(["convert", "--format", "chexpert", "--input", str(root), "--output", str(tmp_path / "out"),
+                 "--frontal-only"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == {"validation": 1} and summary["skip_reasons"] == {"not a frontal view": 1}
+    row = load_canonical(tmp_path / "out", "validation")[0]
+    assert row["image_id"].endswith("view1_frontal.jpg") and row["labels"] == ["No Finding"]

@@ -1,10 +1,11 @@
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from datasets import IterableDataset, load_from_disk
+from datasets import IterableDataset, load_dataset, load_from_disk
 from PIL import Image
 
 from training_scripts.data_schema import (
+    CANONICAL_FEATURES,
     ShardedParquetWriter,
     export_to_disk,
     load_canonical,
@@ -23,6 +24,7 @@ def make_row(index: int, split: str = "train", image=None) -> dict:
         "regions": [{"bbox": [1.0, 2.0, 5.0, 6.0], "caption": "small nodule in the left upper zone", "label": "nodule"}],
         "negative_captions": ["There is a small nodule in the right upper zone."],
         "labels": ["nodule"],
+        "uncertain_labels": [],
         "split": split,
     }
 
@@ -81,6 +83,8 @@ def test_undecoded_images_for_the_collator(tmp_path):
         ({"split": "dev"}, "split must be one of"),
         ({"image_id": ""}, "image_id is empty"),
         ({"labels": "nodule"}, "labels must be a list of str"),
+        ({"uncertain_labels": [1]}, "uncertain_labels must be a list of str"),
+        ({"uncertain_labels": ["edema", "nodule"]}, r"\['nodule'\] both in labels and uncertain_labels"),
         ({"regions": [{"bbox": [5, 2, 1, 6], "caption": "c", "label": "l"}]}, r"regions\[0\].bbox .* inverted"),
         ({"regions": [{"bbox": [1, 2, 3], "caption": "c", "label": "l"}]}, r"regions\[0\].bbox must be 4"),
         ({"regions": [{"bbox": [1, 2, 3, float("nan")], "caption": "c", "label": "l"}]}, "finite"),
@@ -103,3 +107,35 @@ def test_missing_split_is_named(tmp_path):
     write_rows([make_row(0)], tmp_path)
     with pytest.raises(ValueError, match="split 'test' not found.*train"):
         load_canonical(tmp_path, "test")
+
+
+def test_uncertain_labels_round_trip(tmp_path):
+    write_rows([{**make_row(0), "uncertain_labels": ["edema", "atelectasis"]}, make_row(1)], tmp_path)
+    assert load_canonical(tmp_path)["uncertain_labels"] == [["edema", "atelectasis"], []]
+
+
+def write_old_format(rows: list[dict], path) -> None:
+    """Shards as written before `uncertain_labels` existed: the canonical shards without that column."""
+    write_rows(rows, path, rows_per_shard=2)
+    for shard in path.glob("*.parquet"):
+        table = pq.read_table(shard).drop_columns(["uncertain_labels"])
+        pq.write_table(table.replace_schema_metadata(None), shard)
+    assert all("uncertain_labels" not in pq.read_schema(shard).names for shard in path.glob("*.parquet"))
+
+
+def test_old_datasets_without_uncertain_labels_still_load(tmp_path):
+    write_old_format([make_row(i) for i in range(3)], tmp_path / "old")
+    loaded = load_canonical(tmp_path / "old")
+    assert loaded.features["uncertain_labels"] == CANONICAL_FEATURES["uncertain_labels"]
+    assert loaded["uncertain_labels"] == [[], [], []] and loaded["labels"] == [["nodule"]] * 3
+    assert loaded[2]["image"].size == (30, 20) and loaded[2]["image_id"] == "img-2"
+    stream = load_canonical(tmp_path / "old", streaming=True, decode_images=False)
+    assert [(row["image_id"], row["uncertain_labels"]) for row in stream] == [("img-0", []), ("img-1", []),
+                                                                              ("img-2", [])]
+    assert next(iter(stream))["image"]["bytes"].startswith(b"\x89PNG")
+    # an old save_to_disk folder, and one exported now from old shards
+    old_arrow = load_dataset("parquet", data_files={"train": str(tmp_path / "old" / "train-*.parquet")}, split="train")
+    old_arrow.save_to_disk(str(tmp_path / "old_arrow"))
+    assert load_canonical(tmp_path / "old_arrow")["uncertain_labels"] == [[], [], []]
+    export_to_disk(tmp_path / "old", tmp_path / "exported")
+    assert load_from_disk(str(tmp_path / "exported"))["train"]["uncertain_labels"] == [[], [], []]

@@ -58,6 +58,7 @@ def test_captions_are_derived_from_the_lesions():
     seen_sites, seen_kinds = set(), set()
     for row, vqa in generate_rows(40, seed=1):
         validate_row(row)
+        assert row["uncertain_labels"] == []  # every lesion drawn is certain
         for region in row["regions"]:
             parsed = parse_region_caption(region["caption"])
             assert parsed is not None and parsed["kind"] == region["label"], region["caption"]

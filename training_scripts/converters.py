@@ -6,6 +6,10 @@ Formats (keys of `CONVERTERS`; layouts as in the datasets' public releases):
     vindr-cxr       VinBigData train.csv, images `{image_id}.dicom|.dcm|.png|.jpg|.jpeg`
     rsna-pneumonia  stage_2_train_labels.csv (+ stage_2_detailed_class_info.csv beside it), images `{patientId}.dcm`
     chestxray14     BBox_List_2017.csv, images `Image Index`
+    chexpert        train.csv / valid.csv / test.csv (or their folder), images `Path`, as written or without its
+                    first folder
+    mimic-cxr       mimic-cxr-2.0.0-chexpert.csv or -negbio.csv (+ -metadata.csv, optionally -split.csv, beside it;
+                    each may be .csv.gz), images `files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg`
     siim-acr        train-rle.csv, images `{ImageId}.dcm|.png`
     slake           train.json / validate.json / test.json (or their folder), images `imgs/{img_name}`
     roco            captions.txt (or a folder searched for captions.txt), dlinks.txt beside it; images
@@ -23,7 +27,9 @@ memory holds one image's annotations (plus the writer's one shard), whatever the
 Bad input never raises and never ends a run; everything left out is counted in a `SkipCounter`:
 
 * a whole ROW is skipped for a missing or undecodable image, an annotation without an image id, a malformed
-  ROCO line, COCO annotations of an unknown image id, or a row failing `validate_row` (e.g. an unknown split);
+  ROCO line, COCO annotations of an unknown image id, a CheXpert label value other than 1 / 0 / -1 / blank (the
+  reason names the column and value), a MIMIC-CXR study without images or image without labels, a lateral view
+  with `frontal_only`, or a row failing `validate_row` (e.g. an unknown split);
 * a single REGION is dropped (the row is kept, with its labels) for missing or unparsable coordinates, a
   zero-area or inverted box, a box wholly outside the image, an invalid or empty SIIM RLE mask, a COCO
   category that is not declared, or a malformed SLAKE detection.json entry.
@@ -36,7 +42,9 @@ file, then clipped to the image.
 Caption templates (the dataset's own text wins where there is one):
 
 * summary: "{Modality} with {findings}." ("Chest X-ray with pleural effusion and nodule/mass.",
-  "Chest X-ray with no finding."); ROCO: the caption's first sentence; SLAKE: "{Modality} of the {location}.";
+  "Chest X-ray with no finding."); CheXpert / MIMIC-CXR the positive classes only (uncertain ones are in
+  `uncertain_labels`, never in a caption), "Chest X-ray." when none is positive; ROCO: the caption's first
+  sentence; SLAKE: "{Modality} of the {location}.";
 * report: MS-CXR the `label_text` phrases as sentences; ROCO the caption; SLAKE "The liver, the spleen and the left
   kidney are seen." (the detection.json organs, else "The {location} is seen."); otherwise the region captions as sentences, "No abnormality is seen." for a
   no-finding image, or the summary;
@@ -51,6 +59,7 @@ import collections
 import contextlib
 import csv
 import functools
+import gzip
 import itertools
 import json
 import logging
@@ -90,7 +99,10 @@ _MODALITY_NAMES = {
 }
 _NO_FINDING_LABELS = frozenset({"no finding", "normal"})
 # Dataset class names that do not read as a finding phrase once lower-cased.
-_LABEL_PHRASES = {"No Lung Opacity / Not Normal": "no lung opacity but another abnormality"}
+_LABEL_PHRASES = {
+    "No Lung Opacity / Not Normal": "no lung opacity but another abnormality",
+    "Pleural Other": "another pleural abnormality",
+}
 _SPLIT_ALIASES = {
     "train": "train",
     "training": "train",
@@ -160,7 +172,8 @@ def iter_rows(
     """Stream the canonical rows of one dataset in `format` (a key of `CONVERTERS`).
 
     Every converter accepts `split=` (force one split for all rows); `coco` also `modality=` (default
-    "unknown"), `slake` also `vqa_dir=` (where `{split}.json` VQA records are written; none when omitted).
+    "unknown"), `slake` also `vqa_dir=` (where `{split}.json` VQA records are written; none when omitted),
+    `chexpert` and `mimic-cxr` also `frontal_only=` (skip lateral views, counted; default False).
     Unknown formats and missing inputs raise at once; bad rows are counted in `skipped`.
     """
     if format not in CONVERTERS:
@@ -245,6 +258,7 @@ class _Draft:
     split: str
     modality: str = CXR
     labels: list[str] = field(default_factory=list)
+    uncertain_labels: list[str] = field(default_factory=list)  # classes the source marks uncertain (CheXpert -1)
     boxes: _BoxSource = field(default_factory=list)
     summary: str | None = None  # the dataset's own text, else a template
     report: str | None = None
@@ -323,6 +337,7 @@ def _to_row(draft: _Draft, image: _LoadedImage, skipped: SkipCounter, seed: int)
         "regions": regions,
         "negative_captions": make_hard_negatives(report, num=NUM_NEGATIVES, seed=seed),
         "labels": draft.labels,
+        "uncertain_labels": draft.uncertain_labels,
         "split": draft.split,
     }
     try:
@@ -454,11 +469,13 @@ def _split_from_path(path: Path) -> str:
 
 
 def _read_csv(path: Path, required: Sequence[str]) -> Iterator[dict[str, str]]:
-    """Stream a CSV's rows as dicts with stripped header names and values (SIIM writes `ImageId, EncodedPixels`).
+    """Stream a CSV's rows as dicts with stripped header names and values (SIIM writes `ImageId, EncodedPixels`);
+    a `.gz` file is read as gzip (MIMIC-CXR-JPG ships its CSVs so).
 
     Raises ValueError when a required column is missing: the file is not in the expected format.
     """
-    with open(path, newline="", encoding="utf-8-sig") as handle:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = [name.strip() for name in next(reader, [])]
         missing = [name for name in required if name not in header]
@@ -710,6 +727,155 @@ def _chestxray14(input_path: Path, images_dir: Path, *, skipped: SkipCounter) ->
         )
 
 
+# The 14 classes of the CheXpert labeler, as CheXpert's and MIMIC-CXR-JPG's label files name their columns.
+_CHEXPERT_CLASSES = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture",
+    "Support Devices",
+)
+# Labeler values: 1 positive, 0 negative, -1 uncertain, blank not mentioned (read as negative). The releases write
+# floats; other exports (pandas integer columns) write integers.
+_CHEXPERT_VALUES = {"1.0": 1, "1": 1, "0.0": 0, "0": 0, "": 0, "-1.0": -1, "-1": -1}
+_CHEXPERT_FILES = ("train.csv", "valid.csv", "test.csv")
+
+
+def _chexpert_labels(row: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(positive classes, uncertain classes) of a labeler row; ValueError naming the column for any other value."""
+    positive, uncertain = [], []
+    for name in _CHEXPERT_CLASSES:
+        value = _CHEXPERT_VALUES.get(row[name])
+        if value is None:
+            raise ValueError(f"unknown label value {name}={row[name]!r}")
+        if value == 1:
+            positive.append(name)
+        elif value == -1:
+            uncertain.append(name)
+    return positive, uncertain
+
+
+def _labelled_draft(image_id: str, candidates: list[Path], split: str, labels: tuple[list[str], list[str]]) -> _Draft:
+    """A chest X-ray known only by its labeler classes; captions name the positive ones, never the uncertain ones."""
+    positive, uncertain = labels
+    return _Draft(
+        image_id,
+        candidates,
+        split=split,
+        labels=positive,
+        uncertain_labels=uncertain,
+        # Nothing positive (only uncertain or unmentioned classes) is not "no finding": the caption claims nothing.
+        summary=None if positive else f"{_modality_name(CXR)}.",
+    )
+
+
+@_converter
+def _chexpert(
+    input_path: Path, images_dir: Path, *, skipped: SkipCounter, frontal_only: bool = False
+) -> Iterator[_Draft]:
+    """CheXpert train.csv / valid.csv / test.csv (or their folder): one row per image, split from the file name.
+
+    `Path` ("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg") is looked for in `images_dir` as
+    written, then without its first folder (`images_dir` = the CheXpert-v1.0-small folder itself). A label value
+    other than 1 / 0 / -1 / blank skips the row; `frontal_only` skips lateral views (both counted).
+    """
+    files = [input_path / name for name in _CHEXPERT_FILES] if input_path.is_dir() else [input_path]
+    required = ("Path", *_CHEXPERT_CLASSES, *(["Frontal/Lateral"] if frontal_only else []))
+    for path in filter(Path.is_file, files):
+        split = _split_from_path(path)
+        for row in _read_csv(path, required):
+            image_id = row["Path"]
+            if not image_id:
+                skipped.skip_row("annotation without an image id", json.dumps(row))
+                continue
+            if frontal_only and row["Frontal/Lateral"] != "Frontal":
+                skipped.skip_row("not a frontal view", image_id)
+                continue
+            try:
+                labels = _chexpert_labels(row)
+            except ValueError as error:
+                skipped.skip_row(str(error), image_id)
+                continue
+            relative = Path(image_id)
+            candidates = [images_dir / relative]
+            if len(relative.parts) > 1:
+                candidates.append(images_dir.joinpath(*relative.parts[1:]))
+            yield _labelled_draft(image_id, candidates, split, labels)
+
+
+_MIMIC_METADATA = "mimic-cxr-2.0.0-metadata.csv"
+_MIMIC_SPLIT = "mimic-cxr-2.0.0-split.csv"
+_MIMIC_FRONTAL = frozenset({"PA", "AP"})  # ViewPosition values of frontal films
+
+
+def _beside(path: Path, name: str) -> Path | None:
+    """`name` or `name.gz` (as PhysioNet ships it) in the folder of `path`; None when neither is there."""
+    return next((file for file in (path.parent / name, path.parent / f"{name}.gz") if file.is_file()), None)
+
+
+@_converter
+def _mimic_cxr(
+    input_path: Path, images_dir: Path, *, skipped: SkipCounter, frontal_only: bool = False
+) -> Iterator[_Draft]:
+    """MIMIC-CXR-JPG: labels per study from mimic-cxr-2.0.0-chexpert.csv or -negbio.csv (the input), given to every
+    image of the study in mimic-cxr-2.0.0-metadata.csv (required beside the input), stored at
+    `files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg`; image id = dicom_id. Split per image from
+    mimic-cxr-2.0.0-split.csv when it is beside the input ("validate" -> validation), else "train". Each file may
+    also be `.csv.gz`.
+
+    Counted skips, once per study: an unknown label value, several label rows, no image in the metadata; once per
+    image: its study has no label row, it is not in the split file, or (`frontal_only`) its ViewPosition is not
+    PA / AP.
+    """
+    metadata = _beside(input_path, _MIMIC_METADATA)
+    if metadata is None:
+        raise FileNotFoundError(f"{_MIMIC_METADATA} (or .gz) must be beside {str(input_path)!r}")
+    split_file = _beside(input_path, _MIMIC_SPLIT)
+
+    def label_records() -> Iterator[tuple[str, dict[str, Any]]]:
+        for row in _read_csv(input_path, ("study_id", *_CHEXPERT_CLASSES)):
+            try:
+                positive, uncertain = _chexpert_labels(row)
+            except ValueError as error:
+                yield row["study_id"], {"kind": "labels", "invalid": str(error)}
+                continue
+            yield row["study_id"], {"kind": "labels", "invalid": None, "positive": positive, "uncertain": uncertain}
+
+    image_records = (
+        (row["study_id"], {"kind": "image", **{key: row[key] for key in ("dicom_id", "subject_id", "ViewPosition")}})
+        for row in _read_csv(metadata, ("dicom_id", "subject_id", "study_id", "ViewPosition"))
+    )
+    split_records = (
+        (row["study_id"], {"kind": "split", "dicom_id": row["dicom_id"], "split": row["split"]})
+        for row in (_read_csv(split_file, ("dicom_id", "study_id", "split")) if split_file is not None else ())
+    )
+    for study_id, group in _grouped(itertools.chain(label_records(), image_records, split_records), skipped):
+        label_rows = [record for record in group if record["kind"] == "labels"]
+        study_images = [record for record in group if record["kind"] == "image"]
+        image_splits = {record["dicom_id"]: record["split"] for record in group if record["kind"] == "split"}
+        if not label_rows:
+            for image in study_images:
+                skipped.skip_row("image of a study without labels", image["dicom_id"])
+            continue
+        if len(label_rows) > 1:
+            skipped.skip_row("several label rows for one study", study_id)
+            continue
+        [study] = label_rows
+        if study["invalid"] or not study_images:
+            skipped.skip_row(study["invalid"] or "study without images in the metadata", study_id)
+            continue
+        for image in study_images:
+            dicom_id, subject_id = image["dicom_id"], image["subject_id"]
+            if frontal_only and image["ViewPosition"] not in _MIMIC_FRONTAL:
+                skipped.skip_row("not a frontal view", dicom_id)
+                continue
+            if split_file is not None and dicom_id not in image_splits:
+                skipped.skip_row("image not in the split file", dicom_id)
+                continue
+            folder = images_dir / "files" / f"p{subject_id[:2]}" / f"p{subject_id}" / f"s{study_id}"
+            split = _split_name(image_splits.get(dicom_id, "train"))
+            labels = (study["positive"], study["uncertain"])
+            yield _labelled_draft(dicom_id, [folder / f"{dicom_id}.jpg"], split, labels)
+
+
 _SIIM_LABEL = "pneumothorax"
 
 
@@ -954,6 +1120,8 @@ CONVERTERS: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {
     "vindr-cxr": _vindr_cxr,
     "rsna-pneumonia": _rsna_pneumonia,
     "chestxray14": _chestxray14,
+    "chexpert": _chexpert,
+    "mimic-cxr": _mimic_cxr,
     "siim-acr": _siim_acr,
     "slake": _slake,
     "roco": _roco,

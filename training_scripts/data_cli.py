@@ -2,6 +2,7 @@
 
     regionmed-data synth --n 2000 --seed 0 --output data/synth
     regionmed-data convert --format vindr-cxr --input train.csv --images train_png/ --output data/vindr
+    regionmed-data convert --format chexpert --input CheXpert-v1.0-small/ --output data/chexpert --frontal-only
     regionmed-data to-disk --input data/synth --output data/synth_arrow     # for datasets.load_from_disk
 """
 
@@ -25,6 +26,8 @@ def _convert(args: argparse.Namespace) -> dict:
     from .converters import convert
 
     options = {name: getattr(args, name) for name in ("split", "modality") if getattr(args, name) is not None}
+    if args.frontal_only:
+        options["frontal_only"] = True
     stats = convert(args.format, args.input, args.images, args.output, rows_per_shard=args.rows_per_shard,
                     seed=args.seed, **options)
     return {
@@ -69,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--split", choices=["train", "validation", "test"], default=None,
                          help="force one split for every row (default: from the source where it has one)")
     convert.add_argument("--modality", default=None, help="modality of every row (coco only; default 'unknown')")
+    convert.add_argument("--frontal-only", action="store_true",
+                         help="keep frontal views only, the others counted as skipped (chexpert and mimic-cxr only)")
     convert.set_defaults(run=_convert)
 
     to_disk = commands.add_parser("to-disk", help="export parquet shards as a datasets save_to_disk folder")

@@ -10,6 +10,7 @@ One row is one image with its captions at four levels (see docs/DATA.md):
     regions            list of {bbox: [x0, y0, x1, y1] pixels of the stored image, caption: str, label: str}
     negative_captions  list of str, hard negatives of the report
     labels             list of str, class names present (for zero-shot evaluation)
+    uncertain_labels   list of str, classes the source marks uncertain (CheXpert -1); never also in labels
     split              "train" | "validation" | "test"
 """
 
@@ -50,9 +51,13 @@ CANONICAL_FEATURES = Features(
         ),
         "negative_captions": List(Value("string")),
         "labels": List(Value("string")),
+        "uncertain_labels": List(Value("string")),
         "split": Value("string"),
     }
 )
+
+# Added to the schema after datasets were written without it: such a dataset reads it as empty lists.
+_LATER_COLUMN = "uncertain_labels"
 
 _STRING_FIELDS = ("image_id", "modality", "summary_caption", "report_caption", "split")
 
@@ -91,10 +96,13 @@ def validate_row(row: Mapping[str, Any], where: str = "row") -> None:
         raise ValueError(f"{where}.image_id is empty")
     if row["split"] not in SPLITS:
         raise ValueError(f"{where}.split must be one of {SPLITS}, got {row['split']!r}")
-    for field in ("negative_captions", "labels"):
+    for field in ("negative_captions", "labels", "uncertain_labels"):
         values = row[field]
         if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
             raise ValueError(f"{where}.{field} must be a list of str")
+    both = sorted(set(row["labels"]) & set(row["uncertain_labels"]))
+    if both:
+        raise ValueError(f"{where}: {both} both in labels and uncertain_labels")
     if not isinstance(row["regions"], (list, tuple)):
         raise ValueError(f"{where}.regions must be a list")
     for index, region in enumerate(row["regions"]):
@@ -180,13 +188,30 @@ def _data_files(path: Path) -> dict[str, str]:
     return files
 
 
+def _with_later_column(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
+    """A dataset written before `uncertain_labels` existed, with that column as empty lists; others unchanged."""
+    if _LATER_COLUMN in (dataset.column_names or ()):
+        return dataset
+    if isinstance(dataset, IterableDataset):
+        column_type = CANONICAL_FEATURES.arrow_schema.field(_LATER_COLUMN).type
+
+        def add(batch: pa.Table) -> pa.Table:
+            return batch.append_column(_LATER_COLUMN, pa.array([[]] * len(batch), column_type))
+
+        # On arrow batches: a row-wise map would decode (and re-encode) every image on the way.
+        return dataset.with_format("arrow").map(add, batched=True, features=CANONICAL_FEATURES).with_format(None)
+    # add_column joins an in-memory column to the memory-mapped table: the data (images) is not rewritten.
+    return dataset.add_column(_LATER_COLUMN, [[]] * len(dataset), feature=CANONICAL_FEATURES[_LATER_COLUMN])
+
+
 def load_canonical(
     path: str | Path, split: str = "train", streaming: bool = False, decode_images: bool = True
 ) -> Dataset | IterableDataset:
     """Load one split of a canonical dataset from parquet shards or a `save_to_disk` folder.
 
     `decode_images=False` leaves images as `{"bytes", "path"}` so a training collator can decode
-    them and skip a corrupt one instead of failing inside the DataLoader.
+    them and skip a corrupt one instead of failing inside the DataLoader. A dataset written before
+    `uncertain_labels` was added reads it as empty lists.
     """
     path = Path(path)
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
@@ -200,9 +225,14 @@ def load_canonical(
         files = _data_files(path)
         if split not in files:
             raise ValueError(f"split {split!r} not found in {str(path)!r}; available: {sorted(files)}")
+        features = CANONICAL_FEATURES
+        if _LATER_COLUMN not in pq.read_schema(min(path.glob(f"{split}-*.parquet"))).names:
+            # Asked for, a column the shards lack would read as None rather than []: add it after loading instead.
+            features = Features({name: value for name, value in features.items() if name != _LATER_COLUMN})
         dataset = load_dataset(
-            "parquet", data_files={split: files[split]}, split=split, features=CANONICAL_FEATURES, streaming=streaming
+            "parquet", data_files={split: files[split]}, split=split, features=features, streaming=streaming
         )
+    dataset = _with_later_column(dataset)
     return dataset if decode_images else dataset.cast_column("image", ImageFeature(decode=False))
 
 
@@ -210,7 +240,5 @@ def export_to_disk(parquet_dir: str | Path, output_dir: str | Path) -> None:
     """Convert parquet shards into a `DatasetDict.save_to_disk` folder (for `datasets.load_from_disk`)."""
     from datasets import DatasetDict
 
-    files = _data_files(Path(parquet_dir))
-    splits = {split: load_dataset("parquet", data_files={split: pattern}, split=split, features=CANONICAL_FEATURES)
-              for split, pattern in files.items()}
+    splits = {split: load_canonical(parquet_dir, split) for split in _data_files(Path(parquet_dir))}
     DatasetDict(splits).save_to_disk(str(output_dir))

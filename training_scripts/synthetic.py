@@ -540,6 +540,7 @@ def _generate(n: int, seed: int, image_size: int) -> Iterator[tuple[dict[str, An
                         for lesion, caption in zip(lesions, captions, strict=True)],
             "negative_captions": make_hard_negatives(report, num=3, seed=seed),
             "labels": sorted({lesion.kind for lesion in lesions}) or ["No finding"],
+            "uncertain_labels": [],
             "split": _split(index),
         }
         records = _vqa_records(image_id, lesions, text_rng, qid)
