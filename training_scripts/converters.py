@@ -12,17 +12,23 @@ Formats (keys of `CONVERTERS`; layouts as in the datasets' public releases):
                     each may be .csv.gz), images `files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg`
     siim-acr        train-rle.csv, images `{ImageId}.dcm|.png`
     slake           train.json / validate.json / test.json (or their folder), images `imgs/{img_name}`
+    vqa-rad         VQA_RAD Dataset Public.json (or its folder), images `{image_name}` in `VQA_RAD Image Folder/`
     roco            captions.txt (or a folder searched for captions.txt), dlinks.txt beside it; images
                     `{PMCid}_{name}|{name}|{ROCO_xxxxx}.jpg|.png` in `images/` beside captions.txt
     coco            a COCO detection JSON, images `file_name`
 
 `images_dir` defaults to the input's folder (the input itself when it is a folder); for ROCO, to each
-captions.txt's `images/` folder.
+captions.txt's `images/` folder; for VQA-RAD, to `VQA_RAD Image Folder` beside the JSON.
 
 Streaming: CSV and text files are read row by row. Formats with several annotation rows per image are grouped
 by spilling the parsed annotations into a temporary on-disk sqlite database read back `ORDER BY image_id`, so
 memory holds one image's annotations (plus the writer's one shard), whatever the dataset size. JSON formats
-(SLAKE, COCO) are single documents and are loaded whole, then grouped the same way.
+(SLAKE, VQA-RAD, COCO) are single documents and are loaded whole, then grouped the same way.
+
+VQA formats (SLAKE, VQA-RAD) also write their questions, with `vqa_dir`, to `vqa_dir/{split}.json`: a JSON list of
+VQA-RAD-style records `{qid, image_name, question, answer, answer_type, question_type, phrase_type, image_organ}`
+whose `image_name` is the `image_id` of the canonical row of that split the question is about
+(`training_scripts.vqa_data` reads them back).
 
 Bad input never raises and never ends a run; everything left out is counted in a `SkipCounter`:
 
@@ -32,7 +38,10 @@ Bad input never raises and never ends a run; everything left out is counted in a
   with `frontal_only`, or a row failing `validate_row` (e.g. an unknown split);
 * a single REGION is dropped (the row is kept, with its labels) for missing or unparsable coordinates, a
   zero-area or inverted box, a box wholly outside the image, an invalid or empty SIIM RLE mask, a COCO
-  category that is not declared, or a malformed SLAKE detection.json entry.
+  category that is not declared, or a malformed SLAKE detection.json entry;
+* a single QUESTION (VQA formats) is left out of the VQA records when its image's row was skipped (the reason
+  names the image) or, VQA-RAD, when it has no qid, image_name, question text or answer, or an answer_type other
+  than OPEN / CLOSED.
 
 Boxes end up as [x0, y0, x1, y1] pixels of the STORED image: DICOMs become 8-bit PNGs of the same size
 (`load_medical_image`, windowed), other files are embedded as their own bytes; boxes are rescaled when a format
@@ -44,10 +53,10 @@ Caption templates (the dataset's own text wins where there is one):
 * summary: "{Modality} with {findings}." ("Chest X-ray with pleural effusion and nodule/mass.",
   "Chest X-ray with no finding."); CheXpert / MIMIC-CXR the positive classes only (uncertain ones are in
   `uncertain_labels`, never in a caption), "Chest X-ray." when none is positive; ROCO: the caption's first
-  sentence; SLAKE: "{Modality} of the {location}.";
+  sentence; SLAKE and VQA-RAD: "{Modality} of the {location}." (VQA-RAD: "Radiology image of the chest.");
 * report: MS-CXR the `label_text` phrases as sentences; ROCO the caption; SLAKE "The liver, the spleen and the left
-  kidney are seen." (the detection.json organs, else "The {location} is seen."); otherwise the region captions as sentences, "No abnormality is seen." for a
-  no-finding image, or the summary;
+  kidney are seen." (the detection.json organs, else "The {location} is seen."); VQA-RAD "The {organ} is seen.";
+  otherwise the region captions as sentences, "No abnormality is seen." for a no-finding image, or the summary;
 * region caption: MS-CXR `label_text`; chest X-rays "{finding} in the {right|left} {upper|middle|lower} zone"
   (patient's side: the image's left half is the patient's right; zones are thirds of the image height);
   other modalities "{label} in the {upper|middle|lower} {left|centre|right} of the image";
@@ -60,6 +69,7 @@ import contextlib
 import csv
 import functools
 import gzip
+import hashlib
 import itertools
 import json
 import logging
@@ -78,10 +88,10 @@ import numpy as np
 from PIL import Image
 
 from processing.medical_image_io import is_dicom_file, load_medical_image
-from training_scripts.data_schema import ShardedParquetWriter, validate_row
+from training_scripts.data_schema import SPLITS, ShardedParquetWriter, validate_row
 from training_scripts.negatives import make_hard_negatives
 
-__all__ = ["CONVERTERS", "ConversionStats", "SkipCounter", "convert", "iter_rows"]
+__all__ = ["CONVERTERS", "VQA_RAD_VALIDATION_FRACTION", "ConversionStats", "SkipCounter", "convert", "iter_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +99,9 @@ CXR = "chest_xray"
 NO_FINDING = "No finding"
 NUM_NEGATIVES = 3
 FUSION_IOU = 0.4  # VinDr-CXR: same-class boxes of different readers overlapping this much are one finding
+VQA_RAD_VALIDATION_FRACTION = 0.1  # VQA-RAD: share of the non-test paraphrase groups made validation (by hash)
 
+_VQA_FORMATS = frozenset({"slake", "vqa-rad"})  # formats that also write `vqa/{split}.json`
 _MODALITY_NAMES = {
     CXR: "Chest X-ray",
     "xray": "X-ray",
@@ -121,15 +133,17 @@ _SPLIT_TOKEN = re.compile(r"(?<![a-z])(training|train|validation|validate|valid|
 
 
 class SkipCounter:
-    """Counts what a conversion leaves out, by reason: whole rows and single regions.
+    """Counts what a conversion leaves out, by reason: whole rows, single regions and single VQA questions.
 
-    Region reasons are stored as "region dropped: {reason}" in the same `reasons` counter.
+    Region and question reasons are stored as "region dropped: {reason}" and "question skipped: {reason}" in the
+    same `reasons` counter.
     """
 
     def __init__(self) -> None:
         self.reasons: collections.Counter[str] = collections.Counter()
         self.rows = 0
         self.regions = 0
+        self.questions = 0
 
     def skip_row(self, reason: str, where: str) -> None:
         """Count one skipped row; `where` identifies it in the debug log."""
@@ -143,16 +157,24 @@ class SkipCounter:
         self.reasons[f"region dropped: {reason}"] += 1
         logger.debug("dropped a region of %s: %s", where, reason)
 
+    def skip_question(self, reason: str, where: str) -> None:
+        """Count one VQA question left out of the VQA records (its image's row may still be written)."""
+        self.questions += 1
+        self.reasons[f"question skipped: {reason}"] += 1
+        logger.debug("skipped question %s: %s", where, reason)
+
 
 @dataclass
 class ConversionStats:
-    """What `convert` did: rows written per split, rows skipped and regions dropped (by reason), time taken."""
+    """What `convert` did: rows written per split, rows skipped, regions dropped and VQA questions skipped (all by
+    reason, in `skip_reasons`), time taken."""
 
     rows_written: dict[str, int]
     rows_skipped: int
     skip_reasons: collections.Counter[str]
     seconds: float
     regions_dropped: int = 0
+    questions_skipped: int = 0
 
     @property
     def rows_per_second(self) -> float:
@@ -172,8 +194,9 @@ def iter_rows(
     """Stream the canonical rows of one dataset in `format` (a key of `CONVERTERS`).
 
     Every converter accepts `split=` (force one split for all rows); `coco` also `modality=` (default
-    "unknown"), `slake` also `vqa_dir=` (where `{split}.json` VQA records are written; none when omitted),
-    `chexpert` and `mimic-cxr` also `frontal_only=` (skip lateral views, counted; default False).
+    "unknown"), `slake` and `vqa-rad` also `vqa_dir=` (where `{split}.json` VQA records are written; none when
+    omitted), `vqa-rad` also `validation_fraction=` (default `VQA_RAD_VALIDATION_FRACTION`), `chexpert` and
+    `mimic-cxr` also `frontal_only=` (skip lateral views, counted; default False).
     Unknown formats and missing inputs raise at once; bad rows are counted in `skipped`.
     """
     if format not in CONVERTERS:
@@ -197,11 +220,12 @@ def convert(
 ) -> ConversionStats:
     """Convert one dataset into canonical parquet shards in `output_dir`; logs and returns the statistics.
 
-    `options` go to the converter (see `iter_rows`). For `slake`, English VQA records go to `output_dir/vqa`.
+    `options` go to the converter (see `iter_rows`). For `slake` (English only) and `vqa-rad`, VQA records go to
+    `output_dir/vqa`.
     """
     output_dir = Path(output_dir)
-    if format == "slake":
-        # SLAKE's questions are a second output, written next to the shards as the synthetic set does.
+    if format in _VQA_FORMATS:
+        # The questions are a second output, written next to the shards as the synthetic set does.
         options.setdefault("vqa_dir", output_dir / "vqa")
     skipped = SkipCounter()
     start = time.perf_counter()
@@ -215,11 +239,12 @@ def convert(
         skip_reasons=collections.Counter(skipped.reasons),
         seconds=time.perf_counter() - start,
         regions_dropped=skipped.regions,
+        questions_skipped=skipped.questions,
     )
     logger.info(
-        "%s: wrote %s to %s in %.1f s (%.0f rows/s); skipped %d rows, dropped %d regions",
+        "%s: wrote %s to %s in %.1f s (%.0f rows/s); skipped %d rows, dropped %d regions, skipped %d questions",
         format, stats.rows_written, output_dir, stats.seconds, stats.rows_per_second,
-        stats.rows_skipped, stats.regions_dropped,
+        stats.rows_skipped, stats.regions_dropped, stats.questions_skipped,
     )
     if stats.skip_reasons:
         summary = ", ".join(f"{reason}: {count}" for reason, count in stats.skip_reasons.most_common())
@@ -263,7 +288,7 @@ class _Draft:
     summary: str | None = None  # the dataset's own text, else a template
     report: str | None = None
     declared_size: tuple[float, float] | None = None  # (W, H) the boxes refer to, when the format says
-    kept: bool = False  # set once its row was yielded (SLAKE writes VQA records only for images it kept)
+    kept: bool = False  # set once its row was yielded (VQA records are written only about kept rows)
 
 
 @dataclass
@@ -430,6 +455,16 @@ def _summary(modality: str, labels: Sequence[str]) -> str:
     return f"{_modality_name(modality)} with {_join(findings) if findings else 'no finding'}."
 
 
+def _organ_captions(modality: str, location: str, organs: Sequence[str] = ()) -> tuple[str, str | None]:
+    """(summary, report) of an image known by the body part it shows: "{Modality} of the {location}." and "The
+    liver and the spleen are seen." (the `organs`), else "The {location} is seen."; report None if neither is known."""
+    seen = [f"the {_phrase(name)}" for name in organs] or ([f"the {location}"] if location else [])
+    summary = f"{_modality_name(modality)} of the {location}." if location else f"{_modality_name(modality)}."
+    # "... is/are seen." reads as a statement the negation rules can flip ("is not seen")
+    report = _sentence(f"{_join(seen)} {'are' if len(seen) > 1 else 'is'} seen") if seen else None
+    return summary, report
+
+
 def _default_report(regions: Sequence[dict[str, Any]], labels: Sequence[str], summary: str) -> str:
     """The region captions as sentences; a fixed sentence for a no-finding image; else the summary."""
     if regions:
@@ -540,6 +575,56 @@ class _JsonArrayWriter:
             self._partial.replace(self._path)
         else:
             self._partial.unlink()
+
+
+def _vqa_question(
+    qid: Any, question: Any, answer: Any, answer_type: Any, question_type: Any, phrase_type: Any, image_organ: Any
+) -> dict[str, Any]:
+    """One VQA record's fields but `image_name`, which `_VQAWriter` sets to the image_id of the row it is about."""
+    return {
+        "qid": qid,
+        "question": question,
+        "answer": answer,
+        "answer_type": answer_type,
+        "question_type": question_type,
+        "phrase_type": phrase_type,
+        "image_organ": image_organ,
+    }
+
+
+class _VQAWriter:
+    """The VQA records of a converter: `folder/{split}.json`, one `_JsonArrayWriter` per split opened on first use.
+
+    With `folder` None nothing is written or counted. Use as a context manager around the draft loop.
+    """
+
+    def __init__(self, folder: Path | None, skipped: SkipCounter) -> None:
+        self._folder = Path(folder) if folder is not None else None
+        self._skipped = skipped
+        self._files: dict[str, _JsonArrayWriter] = {}
+        self._stack = contextlib.ExitStack()
+
+    def write(self, draft: _Draft, questions: Iterable[dict[str, Any]]) -> None:
+        """Write `questions` (from `_vqa_question`) about the row of `draft`, once it was yielded: `image_name` is its
+        image_id, the file its split. A question about a skipped row is counted instead, so none points at nothing."""
+        if self._folder is None:
+            return
+        if not draft.kept:
+            for question in questions:
+                reason = f"no row for image {draft.image_id!r} (missing or undecodable)"
+                self._skipped.skip_question(reason, f"qid {question['qid']}")
+            return
+        if draft.split not in self._files:
+            writer = _JsonArrayWriter(self._folder / f"{draft.split}.json")
+            self._files[draft.split] = self._stack.enter_context(writer)
+        for question in questions:
+            self._files[draft.split].write({"qid": question["qid"], "image_name": draft.image_id} | question)
+
+    def __enter__(self) -> "_VQAWriter":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stack.__exit__(*exc_info)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -930,19 +1015,18 @@ def _slake_organs(path: Path) -> list[_Box]:
 
 
 def _slake_vqa(question: dict[str, Any]) -> dict[str, Any] | None:
-    """An English SLAKE question as a VQA-RAD-style record; None for other languages."""
+    """An English SLAKE question as VQA record fields; None for other languages."""
     if question.get("q_lang") != "en":
         return None
-    return {
-        "qid": question.get("qid"),
-        "image_name": question.get("img_name"),
-        "question": question.get("question"),
-        "answer": question.get("answer"),
-        "answer_type": question.get("answer_type"),
-        "question_type": question.get("content_type"),
-        "phrase_type": "freeform",
-        "image_organ": question.get("location"),
-    }
+    return _vqa_question(
+        qid=question.get("qid"),
+        question=question.get("question"),
+        answer=question.get("answer"),
+        answer_type=question.get("answer_type"),
+        question_type=question.get("content_type"),
+        phrase_type="freeform",
+        image_organ=question.get("location"),
+    )
 
 
 @_converter
@@ -951,7 +1035,7 @@ def _slake(
 ) -> Iterator[_Draft]:
     """SLAKE: one row per image (questions grouped by `img_name`), split from the file name; regions and labels are
     the detection.json organs. With `vqa_dir`, the English questions of every KEPT image go to
-    `vqa_dir/{split}.json` (one file per split with rows), so no question points at a skipped image."""
+    `vqa_dir/{split}.json` (one file per split with rows); those of a skipped image are counted."""
     files = [input_path / name for name in _SLAKE_FILES] if input_path.is_dir() else [input_path]
 
     def records() -> Iterator[tuple[str, dict[str, Any]]]:
@@ -964,15 +1048,14 @@ def _slake(
                 about = {key: question.get(key) or "" for key in ("modality", "location")}
                 yield question.get("img_name") or "", {"split": split, "vqa": _slake_vqa(question), **about}
 
-    with contextlib.ExitStack() as files_open:
-        vqa_files: dict[str, _JsonArrayWriter] = {}
+    with _VQAWriter(vqa_dir, skipped) as vqa:
         for img_name, group in _grouped(records(), skipped):
             first = group[0]
             location = first["location"].replace("_", " ").lower()
             modality = _slake_modality(first["modality"], location)
             organs = _slake_organs(images_dir / "imgs" / Path(img_name).parent / "detection.json")
             names = _unique(box.label for box in organs)
-            seen = [f"the {_phrase(name)}" for name in names] or ([f"the {location}"] if location else [])
+            summary, report = _organ_captions(modality, location, names)
             draft = _Draft(
                 img_name,
                 [images_dir / "imgs" / img_name],
@@ -980,18 +1063,134 @@ def _slake(
                 modality=modality,
                 labels=names,
                 boxes=organs,
-                summary=f"{_modality_name(modality)} of the {location}." if location else f"{_modality_name(modality)}.",
-                # "... is/are seen." reads as a statement the negation rules can flip ("is not seen")
-                report=_sentence(f"{_join(seen)} {'are' if len(seen) > 1 else 'is'} seen") if seen else None,
+                summary=summary,
+                report=report,
             )
             yield draft
-            if vqa_dir is None or not draft.kept:
+            vqa.write(draft, [record["vqa"] for record in group if record["vqa"] is not None])
+
+
+_VQA_RAD_FILE = "VQA_RAD Dataset Public.json"
+_VQA_RAD_IMAGES = "VQA_RAD Image Folder"
+_VQA_RAD_ORGANS = {"HEAD": "head", "CHEST": "chest", "ABD": "abdomen"}
+_VQA_RAD_MODALITY = "radiology"  # image_organ names a body part, not a modality: CHEST holds X-rays and CTs
+_VQA_ANSWER_TYPES = frozenset({"OPEN", "CLOSED"})
+_NO_LINKED_ID = frozenset({"", "null", "none", "nan"})
+
+
+def _vqa_rad_group(record: dict[str, Any]) -> str:
+    """A question's paraphrase group: its `qid_linked_id`, or "qid:{qid}" (a group of its own) when that is blank."""
+    linked = str(record.get("qid_linked_id") or "").strip()
+    return f"qid:{record.get('qid')}" if linked.lower() in _NO_LINKED_ID else linked
+
+
+def _hash_fraction(key: str) -> float:
+    """A uniform number in [0, 1) fixed by `key` (its SHA-256): the same on every machine and Python run."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def _vqa_rad_fields(record: Any) -> dict[str, Any] | str:
+    """One VQA-RAD question as VQA record fields (answer and question stripped, answer_type upper-cased), or the
+    reason it is left out."""
+    if not isinstance(record, dict):
+        return "record is not a JSON object"
+    # None is absent; anything else is read as text (a numeric answer such as 2 becomes "2")
+    qid, image_name, question, answer, answer_type = (
+        "" if record.get(key) is None else str(record[key]).strip()
+        for key in ("qid", "image_name", "question", "answer", "answer_type")
+    )
+    if not qid:
+        return "question without a qid"
+    if not image_name:
+        return "question without an image_name"
+    if not question:
+        return "question without text"
+    if not answer:
+        return "question without an answer"
+    if answer_type.upper() not in _VQA_ANSWER_TYPES:
+        return f"answer_type {record.get('answer_type')!r} is not OPEN or CLOSED"
+    organ = str(record.get("image_organ") or "").strip()
+    # qid as the release gives it (an int): the records' ids stay the release's
+    return _vqa_question(record["qid"], question, answer, answer_type.upper(), record.get("question_type"),
+                         record.get("phrase_type"), organ)
+
+
+@_converter
+def _vqa_rad_drafts(
+    input_path: Path,
+    images_dir: Path,
+    *,
+    skipped: SkipCounter,
+    forced_split: str | None = None,
+    vqa_dir: Path | None = None,
+    validation_fraction: float = VQA_RAD_VALIDATION_FRACTION,
+) -> Iterator[_Draft]:
+    """VQA-RAD drafts: one per (image, split with questions on it); see `_vqa_rad` for the split rule."""
+    with open(input_path, encoding="utf-8") as handle:
+        records = json.load(handle)  # one document of ~2,200 questions
+    if not isinstance(records, list):
+        raise ValueError(f"{str(input_path)!r} is not VQA-RAD: expected a JSON list of question records")
+    # Over every record, kept or not: a group is test when the release made any of its questions a test question.
+    test_groups = {
+        _vqa_rad_group(record)
+        for record in records
+        if isinstance(record, dict) and str(record.get("phrase_type") or "").strip().lower().startswith("test")
+    }
+
+    def split_of(group: str) -> str:
+        if forced_split is not None:
+            return forced_split
+        if group in test_groups:
+            return "test"
+        return "validation" if _hash_fraction(group) < validation_fraction else "train"
+
+    def questions() -> Iterator[tuple[str, dict[str, Any]]]:
+        for index, record in enumerate(records):
+            fields = _vqa_rad_fields(record)
+            if isinstance(fields, str):
+                skipped.skip_question(fields, f"{input_path}[{index}]")
                 continue
-            if draft.split not in vqa_files:
-                vqa_files[draft.split] = files_open.enter_context(_JsonArrayWriter(Path(vqa_dir) / f"{draft.split}.json"))
-            for record in group:
-                if record["vqa"] is not None:
-                    vqa_files[draft.split].write(record["vqa"])
+            yield str(record["image_name"]).strip(), {"split": split_of(_vqa_rad_group(record)), "vqa": fields}
+
+    with _VQAWriter(vqa_dir, skipped) as vqa:
+        for image_name, group in _grouped(questions(), skipped):
+            organ = next((record["vqa"]["image_organ"] for record in group if record["vqa"]["image_organ"]), "")
+            summary, report = _organ_captions(_VQA_RAD_MODALITY, _VQA_RAD_ORGANS.get(organ.upper(), organ.lower()))
+            for split in SPLITS:
+                asked = [record["vqa"] for record in group if record["split"] == split]
+                if not asked:
+                    continue
+                draft = _Draft(
+                    f"{split}/{image_name}",  # unique within the dataset: the image may have a row in every split
+                    [images_dir / image_name],
+                    split=split,
+                    modality=_VQA_RAD_MODALITY,
+                    summary=summary,
+                    report=report,
+                )
+                yield draft
+                vqa.write(draft, asked)
+
+
+def _vqa_rad(
+    input_path: Path, images_dir: Path | None, *, split: str | None = None, **options: Any
+) -> Iterator[dict[str, Any]]:
+    """VQA-RAD `VQA_RAD Dataset Public.json` (or its folder): a canonical row per image and split with questions on
+    it, no regions, no labels, image id "{split}/{image_name}"; images in `images_dir`, by default
+    `VQA_RAD Image Folder` beside the JSON.
+
+    Split per paraphrase group (`qid_linked_id`; a blank or NULL id is a group of its own, keyed by qid): "test" when
+    any question of the group has a `phrase_type` starting with "test" (test_freeform, test_para: the release's test
+    set), else "validation" when SHA-256 of the group id puts it in the first `validation_fraction` (0.1), else
+    "train". So paraphrases never cross splits, and the split does not depend on the seed. `split=` forces one
+    split for every question.
+    """
+    json_path = input_path / _VQA_RAD_FILE if input_path.is_dir() else input_path
+    if not json_path.is_file():
+        raise FileNotFoundError(f"no {_VQA_RAD_FILE!r} in {str(input_path)!r}")
+    images = images_dir if images_dir is not None else json_path.parent / _VQA_RAD_IMAGES
+    forced = _split_name(split) if split is not None else None
+    return _vqa_rad_drafts(json_path, images, split=split, forced_split=forced, **options)
 
 
 _ROCO_ARCHIVE = re.compile(r"([^/\s]+)\.tar\.gz\b")
@@ -1124,6 +1323,7 @@ CONVERTERS: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {
     "mimic-cxr": _mimic_cxr,
     "siim-acr": _siim_acr,
     "slake": _slake,
+    "vqa-rad": _vqa_rad,
     "roco": _roco,
     "coco": _coco,
 }
