@@ -22,7 +22,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark_report import write_report  # noqa: E402
 
-from evaluation.probe import run_probe, to_json  # noqa: E402
+from evaluation.probe import run_probe  # noqa: E402
+from evaluation.results import to_json  # noqa: E402
 from training_scripts.launch import GLOBAL_ONLY_CONFIG, train_in_subprocesses  # noqa: E402
 
 # Issue 8's targets (test split, tiny preset, mean of the seeds): figure -> (comparison, threshold).

@@ -1,14 +1,22 @@
-"""`regionmed-eval`: probe a trained RegionMed-CLIP model folder on a canonical dataset split.
+"""`regionmed-eval`: evaluate a saved RegionMed-CLIP model folder on a canonical dataset split.
 
-    regionmed-eval probe     --model DIR --data DIR [--split test] [--baseline DIR] [--output OUT.json]
-                             [--batch-size N] [--limit N] [--classes a,b,c] [--device cpu|cuda]
-    regionmed-eval zero-shot ...   (box-free zero-shot AUROC only; same flags)
-    regionmed-eval regions   ...   (region hard-negative accuracy under the controls, and the verdicts)
-    regionmed-eval retrieval ...   (box-free image<->report Recall@K only)
+    regionmed-eval zero-shot --model DIR --data DIR --output OUT [--classes a,b] [--prompts YAML]
+                             [--mode auto|multilabel|multiclass] [--uncertain ignore|positive|negative] [--regions]
+    regionmed-eval region    --model DIR --data DIR --output OUT [--classes a,b] [--prompts YAML]
+    regionmed-eval grounding --model DIR --data DIR --output OUT [--window-sizes 0.125,0.25] [--stride 0.5] [--iou 0.5]
+    regionmed-eval retrieval --model DIR --data DIR --output OUT [--captions report,summary] [--ks 1,5,10]
+    regionmed-eval vqa       --model VQA_DIR --data DIR --output OUT [--regions]
+    regionmed-eval report    OUT [OUT ...] [--output table.md]
+    regionmed-eval probe     --model DIR --data DIR [--baseline DIR] [--parts zero_shot,retrieval,regions]
+                             [--output probe.json]
 
-Prints a compact table and writes the JSON report (default: OUT = probe.json in the current folder
-for `probe`, `{subcommand}.json` otherwise). Exit code 0, or 2 on a user error (the message names
-the bad argument). See `evaluation/probe.py` for what every number means.
+Every task also takes [--split test] [--batch-size N] [--device cpu|cuda] [--limit N] [--cache-dir DIR]
+[--resamples N] [--seed N] [--no-progress], writes OUT/results.json and its PNG figures (see
+`evaluation/results.py` for the fields, `evaluation/tasks.py` for what each number means) and keeps
+the embeddings in OUT/embeddings (or --cache-dir) so that re-scoring does not re-encode. `report`
+merges results into markdown tables. `probe` is the region-aware diagnostic with its controls
+(`evaluation/probe.py`); it writes one JSON report. Exit code 0, or 2 on a user error (the message
+names the bad argument).
 """
 
 import argparse
@@ -18,18 +26,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .probe import CONDITIONS, PARTS, ProbeInputError, run_probe, to_json
+from .probe import CONDITIONS, PARTS, ProbeInputError, run_probe
+from .results import load_results, markdown_report, to_json, write_results
+from .tasks import (
+    CAPTION_COLUMNS,
+    ZERO_SHOT_MODES,
+    EvalSettings,
+    run_grounding,
+    run_region,
+    run_retrieval,
+    run_vqa,
+    run_zero_shot,
+)
+from .zero_shot import DEFAULT_PROMPTS, UNCERTAIN_POLICIES
 
 __all__ = ["format_report", "main"]
 
-SUBCOMMANDS = {
-    "probe": PARTS,
-    "zero-shot": ("zero_shot",),
-    "regions": ("regions",),
-    "retrieval": ("retrieval",),
-}
-
-
+TASKS = ("zero-shot", "region", "grounding", "retrieval", "vqa")
 def _number(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -104,54 +117,129 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _names(text: str, flag: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not names or any(not name for name in names):
+        raise ProbeInputError(f"{flag} must be comma-separated non-empty names, got {text!r}")
+    return names
+
+
+def _numbers(text: str, flag: str, kind: type) -> list[Any]:
+    try:
+        return [kind(value) for value in _names(text, flag)]
+    except ValueError:
+        raise ProbeInputError(f"{flag} must be comma-separated {kind.__name__}s, got {text!r}") from None
+
+
+def _common(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--model", type=Path, required=True, help="saved model folder (AutoModel/AutoProcessor)")
+    sub.add_argument("--data", type=Path, required=True, help="canonical dataset folder (parquet shards)")
+    sub.add_argument("--split", default="test")
+    sub.add_argument("--batch-size", type=int, default=32)
+    sub.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
+    sub.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regionmed-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
-    for name in SUBCOMMANDS:
-        sub = commands.add_parser(name, help=f"run the {name} part" if name != "probe" else "run every part")
-        sub.add_argument("--model", type=Path, required=True, help="saved model folder (AutoModel/AutoProcessor)")
-        sub.add_argument("--data", type=Path, required=True, help="canonical dataset folder (parquet shards)")
-        sub.add_argument("--split", default="test")
-        sub.add_argument("--baseline", type=Path, default=None,
-                         help="a second model folder (e.g. the global-only ablation) for the box-free comparison")
-        sub.add_argument("--output", type=Path, default=None, help="JSON report path")
-        sub.add_argument("--batch-size", type=int, default=64)
-        sub.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
-        sub.add_argument("--classes", default=None, help="comma-separated class names (default: the split's labels)")
-        sub.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in TASKS:
+        sub = commands.add_parser(name, help=f"the {name} task (writes OUT/results.json and figures)")
+        _common(sub)
+        sub.add_argument("--output", type=Path, required=True, help="output folder")
+        sub.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default OUT/embeddings)")
+        sub.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+        sub.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+        sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name in ("zero-shot", "region"):
+            sub.add_argument("--classes", default=None, help="comma-separated class names (default: the split's)")
+            sub.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="prompt-template YAML")
+        if name == "zero-shot":
+            sub.add_argument("--mode", choices=ZERO_SHOT_MODES, default="auto")
+            sub.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="ignore",
+                             help="policy for uncertain labels (CheXpert -1)")
+            sub.add_argument("--regions", action="store_true", help="also score with the dataset's boxes pooled in")
+        if name == "vqa":
+            sub.add_argument("--regions", action="store_true", help="give the dataset's boxes as ROI inputs")
+        if name == "grounding":
+            sub.add_argument("--window-sizes", default="0.125,0.25", help="proposal window sides (fractions)")
+            sub.add_argument("--stride", type=float, default=0.5, help="window step as a fraction of its side")
+            sub.add_argument("--iou", type=float, default=0.5, help="IoU threshold for a top-1 hit")
+        if name == "retrieval":
+            sub.add_argument("--captions", default="report", help=f"caption levels among {sorted(CAPTION_COLUMNS)}")
+            sub.add_argument("--ks", default="1,5,10", help="the K of Recall@K")
+    report = commands.add_parser("report", help="merge results into markdown tables")
+    report.add_argument("results", type=Path, nargs="+", help="results.json files or the folders holding them")
+    report.add_argument("--output", type=Path, default=None, help="write the markdown here too")
+    probe = commands.add_parser("probe", help="the region-aware diagnostic with controls (one JSON report)")
+    _common(probe)
+    probe.set_defaults(batch_size=64)
+    probe.add_argument("--baseline", type=Path, default=None,
+                       help="a second model folder (e.g. the global-only ablation) for the box-free comparison")
+    probe.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated among {list(PARTS)}")
+    probe.add_argument("--classes", default=None, help="comma-separated class names (default: the split's labels)")
+    probe.add_argument("--output", type=Path, default=Path("probe.json"), help="JSON report path")
     return parser
+
+
+def _run_task(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    settings = EvalSettings(args.model, args.data, args.output, split=args.split, batch_size=args.batch_size,
+                            device=args.device, limit=args.limit, cache_dir=args.cache_dir,
+                            progress=not args.no_progress, resamples=args.resamples, seed=args.seed, command=command)
+    if args.command == "zero-shot":
+        classes = None if args.classes is None else _names(args.classes, "--classes")
+        return run_zero_shot(settings, classes, args.prompts, args.mode, args.uncertain, args.regions)
+    if args.command == "region":
+        classes = None if args.classes is None else _names(args.classes, "--classes")
+        return run_region(settings, classes, args.prompts)
+    if args.command == "grounding":
+        return run_grounding(settings, _numbers(args.window_sizes, "--window-sizes", float), args.stride, args.iou)
+    if args.command == "vqa":
+        return run_vqa(settings, args.regions)
+    return run_retrieval(settings, _names(args.captions, "--captions"), _numbers(args.ks, "--ks", int))
+
+
+def _run_probe(args: argparse.Namespace, command: str) -> int:
+    if args.output.is_dir():
+        raise ProbeInputError(f"--output {str(args.output)!r} is a folder")
+    classes = None if args.classes is None else _names(args.classes, "--classes")
+    report = run_probe(args.model, args.data, split=args.split, batch_size=args.batch_size, limit=args.limit,
+                       baseline_dir=args.baseline, classes=classes, parts=_names(args.parts, "--parts"),
+                       device=args.device, command=command)
+    print(format_report(report))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(to_json(report))
+    print(f"report: {args.output}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        args = _parser().parse_args(argv)
     except SystemExit as exit_:  # argparse already printed the message
         return int(exit_.code or 0) if exit_.code in (0, None) else 2
-    classes = None
-    if args.classes is not None:
-        classes = [name.strip() for name in args.classes.split(",")]
-        if not any(classes) or any(not name for name in classes):
-            print(f"regionmed-eval: error: --classes must be comma-separated non-empty names, got {args.classes!r}",
-                  file=sys.stderr)
-            return 2
-    output = args.output if args.output is not None else Path(f"{args.command}.json")
-    if output.exists() and output.is_dir():
-        print(f"regionmed-eval: error: --output {str(output)!r} is a folder", file=sys.stderr)
-        return 2
+    command = shlex.join(["regionmed-eval", *argv])
     try:
-        report = run_probe(args.model, args.data, split=args.split, batch_size=args.batch_size, limit=args.limit,
-                           baseline_dir=args.baseline, classes=classes, parts=SUBCOMMANDS[args.command],
-                           device=args.device, command=shlex.join(["regionmed-eval", *argv]))
+        if args.command == "probe":
+            return _run_probe(args, command)
+        if args.command == "report":
+            try:
+                table = markdown_report([load_results(path) for path in args.results])
+            except (FileNotFoundError, ValueError) as error:
+                raise ProbeInputError(f"results: {error}") from None
+            print(table, end="")
+            if args.output is not None:
+                args.output.write_text(table)
+            return 0
+        record = _run_task(args, command)
     except ProbeInputError as error:
         print(f"regionmed-eval: error: {error}", file=sys.stderr)
         return 2
-    print(format_report(report))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(to_json(report))
-    print(f"report: {output}")
+    path = write_results(args.output, record)
+    print(markdown_report([record]), end="")
+    print(f"results: {path}" + "".join(f"\nfigure: {args.output / name}" for name in record["figures"]))
     return 0
 
 

@@ -35,6 +35,7 @@ import torch
 
 from training_scripts.negatives import FINDINGS, apply_rule
 
+from .embeddings import encode_texts
 from .retrieval import retrieval_recall_at_k
 from .scoring import as_float_array, auroc
 from .zero_shot import DEFAULT_PROMPTS, load_prompt_templates, prompts_for
@@ -352,25 +353,11 @@ def _negative_or_none(value: Any) -> str | None:
 # -- running a model ------------------------------------------------------------------------------------
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else value
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    return value
+def _load(model_dir: Path, device: torch.device, auto_class: str = "AutoModel") -> tuple[Any, Any]:
+    import transformers
+    from transformers import AutoProcessor
 
-
-def to_json(report: Mapping[str, Any]) -> str:
-    """The probe's report as JSON (NaN -> null)."""
-    return json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n"
-
-
-def _load(model_dir: Path, device: torch.device) -> tuple[Any, Any]:
-    from transformers import AutoModel, AutoProcessor
-
-    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).to(device).eval()
+    model = getattr(transformers, auto_class).from_pretrained(model_dir, trust_remote_code=True).to(device).eval()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     return model, processor
 
@@ -380,17 +367,6 @@ def _check_model_dir(model_dir: Path, name: str) -> None:
         raise ProbeInputError(f"{name}: model folder {str(model_dir)!r} does not exist")
     if not (model_dir / "config.json").is_file():
         raise ProbeInputError(f"{name}: {str(model_dir)!r} has no config.json (not a saved model folder)")
-
-
-@torch.no_grad()
-def _encode_texts(model: Any, processor: Any, texts: Sequence[str], batch_size: int, device: torch.device) -> torch.Tensor:
-    """`(len(texts), D)` normalised text embeddings, `batch_size` captions per forward."""
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        encoded = processor(text=list(texts[start : start + batch_size]))
-        output = model(input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device))
-        chunks.append(output.text_embeds.float().cpu())
-    return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
 
 def _region_plan(
@@ -492,7 +468,7 @@ def _box_free(
     if "zero_shot" in parts:
         classes = list(prompts["positive"])
         flat = sorted({text for side in prompts.values() for texts in side.values() for text in texts})
-        encoded = dict(zip(flat, _encode_texts(model, processor, flat, batch_size, device), strict=True))
+        encoded = dict(zip(flat, encode_texts(model, processor, flat, batch_size, device), strict=True))
         positive = {name: torch.stack([encoded[text] for text in prompts["positive"][name]]) for name in classes}
         negative = {name: torch.stack([encoded[text] for text in prompts["negative"][name]]) for name in classes}
         scores = zero_shot_scores(embeds["image_embeds"], positive, negative)
@@ -518,7 +494,7 @@ def _regions_block(
         return block, {}
     texts = sorted({lesion["caption"] for lesion in lesions}
                    | {neg for lesion in lesions for neg in lesion["negatives"].values() if neg is not None})
-    encoded = dict(zip(texts, _encode_texts(model, processor, texts, batch_size, device), strict=True))
+    encoded = dict(zip(texts, encode_texts(model, processor, texts, batch_size, device), strict=True))
     true_text = torch.stack([encoded[lesion["caption"]] for lesion in lesions])
     negative_text, negative_valid = {}, {}
     for kind in NEGATIVE_KINDS:

@@ -276,6 +276,10 @@ class RegionMedCLIPConfig(PreTrainedConfig):
         negative_text_margin: cosine above which a region caption and one of its own negatives are
             pushed apart by the `negative_text_margin` term (the text tower must not merge a
             statement with its falsification).
+
+    VQA head settings (`RegionMedCLIPForVQA`; the answers are `id2label`):
+        vqa_fusion_layers / vqa_fusion_heads: blocks in which the question tokens cross-attend to
+            the image tokens, in the shared `projection_dim` space.
     """
 
     model_type = "regionmed_clip"
@@ -301,6 +305,8 @@ class RegionMedCLIPConfig(PreTrainedConfig):
         hard_negative_k: int = 3,
         hard_negative_weight: float = 2.0,
         negative_text_margin: float = 0.7,
+        vqa_fusion_layers: int = 2,
+        vqa_fusion_heads: int = 8,
         initializer_range: float = 0.02,
         **kwargs: Any,
     ):
@@ -330,6 +336,8 @@ class RegionMedCLIPConfig(PreTrainedConfig):
         self.hard_negative_k = hard_negative_k
         self.hard_negative_weight = hard_negative_weight
         self.negative_text_margin = negative_text_margin
+        self.vqa_fusion_layers = vqa_fusion_layers
+        self.vqa_fusion_heads = vqa_fusion_heads
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         self.validate()
@@ -344,7 +352,12 @@ class RegionMedCLIPConfig(PreTrainedConfig):
             roi_context_grid=self.roi_context_grid,
             roi_fusion_layers=self.roi_fusion_layers,
             roi_fusion_heads=self.roi_fusion_heads,
+            vqa_fusion_layers=self.vqa_fusion_layers,
+            vqa_fusion_heads=self.vqa_fusion_heads,
         )
+        if self.projection_dim % self.vqa_fusion_heads != 0:
+            raise ValueError(f"{name}.projection_dim ({self.projection_dim}) must be divisible by "
+                             f"{name}.vqa_fusion_heads ({self.vqa_fusion_heads})")
         _require_probability(name, roi_box_dropout=self.roi_box_dropout,
                              box_free_center_momentum=self.box_free_center_momentum)
         for size in self.proposal_window_sizes:

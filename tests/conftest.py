@@ -1,11 +1,16 @@
 """Shared fixtures: tiny configs and deterministic model inputs."""
 
+import shutil
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 
 from modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel
+from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
+from training_scripts.data_schema import load_canonical
+from training_scripts.synthetic import write_synthetic_dataset
 
 
 def tiny_config(**overrides) -> RegionMedCLIPConfig:
@@ -72,3 +77,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def build_saved_model(tmp_path: Path, n: int = 40) -> tuple[Path, Path, object, object]:
+    """A tiny untrained model + processor folder, an `n`-row synthetic dataset (n / 10 test rows), and the
+    in-memory model and processor that were saved."""
+    data_dir, model_dir = tmp_path / "data", tmp_path / "model"
+    write_synthetic_dataset(data_dir, n=n)
+    # without the generator's sidecar the probe falls back to rule-made negatives; tests add their own
+    shutil.rmtree(data_dir / "region_negatives")
+    train = load_canonical(data_dir, "train").remove_columns("image")
+    corpus = [text for row in train for text in (row["report_caption"], row["summary_caption"],
+                                                 *[region["caption"] for region in row["regions"]])]
+    model = tiny_model()
+    config = model.config
+    tokenizer = build_tokenizer(corpus, vocab_size=config.text_config.vocab_size)
+    assert (tokenizer.pad_token_id, tokenizer.cls_token_id) == (config.text_config.pad_token_id,
+                                                                config.text_config.cls_token_id)
+    model.save_pretrained(model_dir)
+    processor = RegionMedCLIPProcessor(
+        RegionMedCLIPImageProcessor(image_size=config.vision_config.image_size, roi_size=config.roi_image_size,
+                                    max_rois=config.max_rois),
+        tokenizer,
+    )
+    processor.save_pretrained(model_dir)
+    return model_dir, data_dir, model, processor

@@ -4,7 +4,6 @@ known answers, the controls on processor batches, the region negatives, and the 
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,12 +32,12 @@ from evaluation.probe import (
 )
 from evaluation.scoring import auroc
 from evaluation.zero_shot import load_prompt_templates, prompts_for
-from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
+from processing import RegionMedCLIPImageProcessor
 from training_scripts.data_schema import load_canonical
 from training_scripts.negatives import FINDINGS
 from training_scripts.synthetic import write_synthetic_dataset
 
-from conftest import tiny_model
+from conftest import build_saved_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -298,33 +297,9 @@ def test_cli_user_errors_name_the_bad_argument(tmp_path, capsys):
     assert "--split" in error_of(["probe", "--model", str(model_dir), "--data", str(data_dir)])  # no test rows
     assert "--limit" in error_of(["probe", "--model", str(model_dir), "--data", str(data_dir), "--split", "train",
                                   "--limit", "0"])
-    assert "--classes" in error_of(["zero-shot", "--model", str(model_dir), "--data", str(data_dir), "--classes", ","])
+    assert "--classes" in error_of(["probe", "--model", str(model_dir), "--data", str(data_dir), "--classes", ","])
+    assert "--parts" in error_of(["probe", "--model", str(model_dir), "--data", str(data_dir), "--parts", "regions,"])
     assert "--model" in error_of(["probe", "--data", str(data_dir)])  # argparse: required
-
-
-def _build_fixture(tmp_path: Path) -> tuple[Path, Path, object, object]:
-    """A tiny untrained model + processor folder, a 40-row synthetic dataset (4 test rows), and the
-    in-memory model and processor that were saved."""
-    data_dir, model_dir = tmp_path / "data", tmp_path / "model"
-    write_synthetic_dataset(data_dir, n=40)
-    # without the generator's sidecar the probe falls back to rule-made negatives; tests add their own
-    shutil.rmtree(data_dir / "region_negatives")
-    train = load_canonical(data_dir, "train").remove_columns("image")
-    corpus = [text for row in train for text in (row["report_caption"], row["summary_caption"],
-                                                 *[region["caption"] for region in row["regions"]])]
-    model = tiny_model()
-    config = model.config
-    tokenizer = build_tokenizer(corpus, vocab_size=config.text_config.vocab_size)
-    assert (tokenizer.pad_token_id, tokenizer.cls_token_id) == (config.text_config.pad_token_id,
-                                                                config.text_config.cls_token_id)
-    model.save_pretrained(model_dir)
-    processor = RegionMedCLIPProcessor(
-        RegionMedCLIPImageProcessor(image_size=config.vision_config.image_size, roi_size=config.roi_image_size,
-                                    max_rois=config.max_rois),
-        tokenizer,
-    )
-    processor.save_pretrained(model_dir)
-    return model_dir, data_dir, model, processor
 
 
 def _run_cli(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess:
@@ -338,7 +313,7 @@ def _run_cli(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_cli_probe_end_to_end_matches_direct_computation(tmp_path):
-    model_dir, data_dir, model, processor = _build_fixture(tmp_path)
+    model_dir, data_dir, model, processor = build_saved_model(tmp_path)
     output = tmp_path / "report.json"
     result = _run_cli(tmp_path, ["probe", "--model", str(model_dir), "--data", str(data_dir), "--baseline",
                                  str(model_dir), "--output", str(output), "--device", "cpu"])
@@ -419,8 +394,8 @@ def test_cli_probe_end_to_end_matches_direct_computation(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_regions_subcommand_reads_the_sidecar(tmp_path):
-    model_dir, data_dir, _, _ = _build_fixture(tmp_path)
+def test_cli_probe_regions_part_reads_the_sidecar(tmp_path):
+    model_dir, data_dir, _, _ = build_saved_model(tmp_path)
     rows = load_canonical(data_dir, "test").remove_columns("image")
     records = []
     for row in rows:
@@ -433,7 +408,7 @@ def test_cli_regions_subcommand_reads_the_sidecar(tmp_path):
     (data_dir / "region_negatives").mkdir()
     (data_dir / "region_negatives" / "test.json").write_text(json.dumps(records))
     output = tmp_path / "regions.json"
-    result = _run_cli(tmp_path, ["regions", "--model", str(model_dir), "--data", str(data_dir),
+    result = _run_cli(tmp_path, ["probe", "--parts", "regions", "--model", str(model_dir), "--data", str(data_dir),
                                  "--output", str(output), "--batch-size", "3", "--device", "cpu"])
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(output.read_text())

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from evaluation.cli import format_report
-from evaluation.probe import run_probe, to_json
+from evaluation.probe import run_probe
+from evaluation.results import to_json
 
 from .launch import GLOBAL_ONLY_CONFIG, train_in_subprocesses
 from .synthetic import write_synthetic_dataset

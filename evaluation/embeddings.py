@@ -1,0 +1,162 @@
+"""Encoding a dataset split once: image, text and region embeddings, cached to disk as safetensors.
+
+Every evaluation task scores embeddings, never pixels, so encoding is the expensive step and
+re-scoring (another prompt set, another uncertain-label policy, another K) should not repeat it.
+`EmbeddingCache` stores each named set of tensors in `<folder>/<name>.safetensors` together with a
+key (model weights and config hashes, data file hashes, split, limit, processor settings, what was
+encoded); a file whose key differs is recomputed, never silently reused.
+
+All embeddings returned here are L2-normalised float32 on the CPU.
+"""
+
+import copy
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+__all__ = [
+    "EmbeddingCache",
+    "ROI_KEYS",
+    "encode_images",
+    "encode_regions",
+    "encode_texts",
+    "processor_with_max_rois",
+]
+
+logger = logging.getLogger(__name__)
+
+ROI_KEYS: tuple[str, ...] = ("roi_pixel_values", "roi_boxes", "roi_mask")
+_KEY_FIELD = "regionmed_eval_key"
+
+
+class EmbeddingCache:
+    """Named tensor sets under `folder`, each valid for one `key` (a JSON-able mapping); `folder=None`
+    computes every time."""
+
+    def __init__(self, folder: str | Path | None, key: Mapping[str, Any]):
+        self.folder = None if folder is None else Path(folder)
+        self.key = dict(key)
+
+    def path(self, name: str) -> Path | None:
+        return None if self.folder is None else self.folder / f"{name}.safetensors"
+
+    def get_or_compute(self, name: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The tensors stored under `name` when the file's key equals this cache's key (plus the name),
+        else `compute()`'s result, written for next time. Returns `{tensor name: tensor}`."""
+        key = json.dumps({**self.key, "name": name}, sort_keys=True)
+        path = self.path(name)
+        if path is not None and path.is_file():
+            with safe_open(str(path), framework="pt") as handle:
+                stored_key = (handle.metadata() or {}).get(_KEY_FIELD)
+                if stored_key == key:
+                    logger.info("embeddings %r read from %s", name, path)
+                    return {tensor: handle.get_tensor(tensor) for tensor in handle.keys()}
+            logger.info("embeddings %r in %s were made from other inputs; re-encoding", name, path)
+        tensors = compute()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(path.name + ".partial")  # a kill mid-write never leaves a readable cache
+            save_file({name_: value.contiguous() for name_, value in tensors.items()}, str(partial),
+                      metadata={_KEY_FIELD: key})
+            partial.replace(path)
+        return tensors
+
+
+def _normalised(embeds: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(embeds.float(), dim=-1).cpu()
+
+
+def _progress(total: int, description: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=description, unit="img", disable=not enabled, leave=False)
+
+
+@torch.no_grad()
+def encode_texts(
+    model: Any, processor: Any, texts: Sequence[str], batch_size: int, device: torch.device, progress: bool = False
+) -> torch.Tensor:
+    """`(len(texts), D)` normalised text embeddings, `batch_size` texts per forward."""
+    chunks = []
+    with tqdm(total=len(texts), desc="texts", unit="text", disable=not progress, leave=False) as bar:
+        for start in range(0, len(texts), batch_size):
+            encoded = processor(text=list(texts[start : start + batch_size]))
+            chunks.append(_normalised(model.get_text_features(
+                input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device))))
+            bar.update(len(chunks[-1]))
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.config.projection_dim)
+
+
+@torch.no_grad()
+def encode_images(
+    model: Any,
+    processor: Any,
+    images: Sequence[Any],
+    batch_size: int,
+    device: torch.device,
+    boxes: Sequence[Sequence[Sequence[float]]] | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """`(N, D)` normalised image embeddings: box-free (the global view and its proposal windows), or with
+    `boxes[i]` (xyxy pixels, may be empty) pooled into image i's embedding."""
+    chunks = []
+    with _progress(len(images), "images" if boxes is None else "images + boxes", progress) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = list(images[start : start + batch_size])
+            regions = None if boxes is None else [list(b) for b in boxes[start : start + batch_size]]
+            inputs = processor(images=batch, regions=regions)
+            roi = {key: inputs[key].to(device) for key in ROI_KEYS if key in inputs}
+            chunks.append(_normalised(model.get_image_features(pixel_values=inputs["pixel_values"].to(device), **roi)))
+            bar.update(len(batch))
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.config.projection_dim)
+
+
+def processor_with_max_rois(processor: Any, max_rois: int) -> Any:
+    """A copy of `processor` whose image processor keeps up to `max_rois` regions per image (the
+    saved processor keeps the training `max_rois`; proposal windows and long box lists need more)."""
+    if max_rois <= processor.image_processor.max_rois:
+        return processor
+    widened = copy.copy(processor)
+    widened.image_processor = copy.copy(processor.image_processor)
+    widened.image_processor.max_rois = max_rois
+    return widened
+
+
+@torch.no_grad()
+def encode_regions(
+    model: Any,
+    processor: Any,
+    images: Sequence[Any],
+    boxes: Sequence[Sequence[Sequence[float]]],
+    batch_size: int,
+    device: torch.device,
+    transforms: Mapping[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] | None = None,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Normalised region embeddings `(L, D)` of every box in `boxes` (per image, xyxy pixels), in
+    order, once per entry of `transforms` (`{"true": identity}` by default): each transform maps the
+    processor's ROI batch (`ROI_KEYS`) to a changed one, e.g. the probe's controls. Every box is kept
+    (the processor is widened past its `max_rois` when an image has more)."""
+    transforms = transforms or {"true": lambda roi: roi}
+    widest = max((len(image_boxes) for image_boxes in boxes), default=0)
+    processor = processor_with_max_rois(processor, widest)
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in transforms}
+    with _progress(len(images), "regions", progress) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = list(images[start : start + batch_size])
+            inputs = processor(images=batch, regions=[list(b) for b in boxes[start : start + batch_size]])
+            pixel_values = inputs["pixel_values"].to(device)
+            roi = {key: inputs[key] for key in ROI_KEYS}
+            mask = roi["roi_mask"].to(torch.bool)
+            if mask.any():
+                for name, transform in transforms.items():
+                    changed = {key: value.to(device) for key, value in transform(roi).items()}
+                    chunks[name].append(_normalised(model.get_region_features(pixel_values=pixel_values, **changed)[mask.to(device)]))
+            bar.update(len(batch))
+    dim = model.config.projection_dim
+    return {name: torch.cat(parts) if parts else torch.zeros(0, dim) for name, parts in chunks.items()}

@@ -1,0 +1,113 @@
+"""RegionMed-CLIP for visual question answering: answers classified over a fixed answer set.
+
+The question's token states (text tower, projected into the shared embedding space) cross-attend
+to the image's tokens in the same space: the image embedding (box-free, or with the given regions
+pooled in), the projected global patch tokens and, when ROI inputs are given, the region tokens.
+The attended question is pooled over its valid tokens and classified over `config.id2label`, the
+answers of the training set (closed yes / no and open answers alike).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .attention_regionmed_clip import additive_padding_mask
+from .configuration_regionmed_clip import RegionMedCLIPConfig
+from .modeling_regionmed_clip import (
+    RegionMedCLIPAttention,
+    RegionMedCLIPMLP,
+    RegionMedCLIPModel,
+    RegionMedCLIPPreTrainedModel,
+)
+
+__all__ = ["RegionMedCLIPForVQA", "RegionMedCLIPVQAOutput"]
+
+
+@dataclass
+class RegionMedCLIPVQAOutput(ModelOutput):
+    """loss: cross-entropy over the answers (when `labels` are given); logits: `(B, A)` answer scores;
+    question_states: `(B, L, D)` the question tokens after fusion."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    question_states: torch.Tensor | None = None
+
+
+class RegionMedCLIPVQAFusionLayer(GradientCheckpointingLayer):
+    """Question tokens cross-attend to the image tokens (padding regions masked out), then an MLP;
+    pre-LayerNorm residuals."""
+
+    def __init__(self, config: RegionMedCLIPConfig):
+        super().__init__()
+        dim, eps = config.projection_dim, config.vision_config.layer_norm_eps
+        self.query_norm = nn.LayerNorm(dim, eps=eps)
+        self.context_norm = nn.LayerNorm(dim, eps=eps)
+        self.cross_attn = RegionMedCLIPAttention(config, dim, config.vqa_fusion_heads, config.vision_config.attention_dropout)
+        self.mlp_norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = RegionMedCLIPMLP(dim, 4 * dim, config.vision_config.hidden_act)
+
+    def forward(self, question: torch.Tensor, image_tokens: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+        """question `(B, L, D)`, image_tokens `(B, T, D)`, image_mask `(B, 1, 1, T)` additive -> `(B, L, D)`."""
+        attended, _ = self.cross_attn(self.query_norm(question), image_mask, key_value_states=self.context_norm(image_tokens))
+        question = question + attended
+        return question + self.mlp(self.mlp_norm(question))
+
+
+class RegionMedCLIPForVQA(RegionMedCLIPPreTrainedModel):
+    """A RegionMed-CLIP backbone (`self.regionmed_clip`, loadable from a pretrained RegionMed-CLIP
+    folder) with a question-to-image fusion head and an answer classifier over `config.id2label`."""
+
+    _no_split_modules = [*RegionMedCLIPPreTrainedModel._no_split_modules, "RegionMedCLIPVQAFusionLayer"]
+
+    def __init__(self, config: RegionMedCLIPConfig):
+        super().__init__(config)
+        self.regionmed_clip = RegionMedCLIPModel(config)
+        dim = config.projection_dim
+        self.fusion_layers = nn.ModuleList([RegionMedCLIPVQAFusionLayer(config) for _ in range(config.vqa_fusion_layers)])
+        self.answer_norm = nn.LayerNorm(dim, eps=config.vision_config.layer_norm_eps)
+        self.classifier = nn.Linear(dim, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        roi_pixel_values: torch.Tensor | None = None,
+        roi_boxes: torch.Tensor | None = None,
+        roi_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> RegionMedCLIPVQAOutput | tuple:
+        """pixel_values `(B, 3, H, W)`; input_ids / attention_mask `(B, L)` the questions; optional ROI
+        inputs as in `RegionMedCLIPModel`; labels `(B,)` answer indices (-100 = ignored)."""
+        if input_ids.shape[0] != pixel_values.shape[0]:
+            raise ValueError(f"one question per image: input_ids {tuple(input_ids.shape)} vs pixel_values "
+                             f"{tuple(pixel_values.shape)}")
+        clip = self.regionmed_clip
+        vision = clip._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask)
+        patch_tokens = clip.visual_projection(vision["vision_output"].last_hidden_state[:, 1:])  # (B, P, D)
+        image_tokens = [vision["image_embeds"][:, None], patch_tokens]
+        token_mask = [torch.ones(patch_tokens.shape[0], 1 + patch_tokens.shape[1], dtype=torch.bool,
+                                 device=patch_tokens.device)]
+        if vision["region_embeds"] is not None:
+            image_tokens.append(vision["region_embeds"])
+            token_mask.append(vision["roi_mask"])
+        image_tokens = torch.cat(image_tokens, dim=1)
+        image_mask = additive_padding_mask(torch.cat(token_mask, dim=1), image_tokens.dtype)
+
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.text_config.pad_token_id).long()
+        question = clip.text_projection(clip.text_model(input_ids, attention_mask).last_hidden_state)  # (B, L, D)
+        for layer in self.fusion_layers:
+            question = layer(question, image_tokens, image_mask)
+        weights = attention_mask.to(question.dtype)[..., None]
+        pooled = (question * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        logits = self.classifier(self.answer_norm(pooled))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels.to(logits.device))
+        output = RegionMedCLIPVQAOutput(loss=loss, logits=logits, question_states=question)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()

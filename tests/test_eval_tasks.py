@@ -1,0 +1,306 @@
+"""The evaluation tasks (evaluation/tasks.py), their results files, figures and embedding cache, and
+`regionmed-eval` end to end: planted answers for the pure parts, equality with a direct computation
+from the model's outputs for the tasks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluation.tasks as tasks
+from evaluation.embeddings import EmbeddingCache, encode_images, encode_regions, encode_texts
+from evaluation.figures import plot_roc_curves, roc_curve_points
+from evaluation.probe import _load, blank_crops, zero_shot_scores
+from evaluation.results import RESULTS_FIELDS, load_results, markdown_report, results_record, write_results
+from evaluation.retrieval import retrieval_recall_at_k
+from evaluation.scoring import auroc
+from evaluation.tasks import EvalSettings, box_iou, grounding_outcomes, proposal_windows
+from evaluation.zero_shot import load_prompt_templates, prompts_for
+from modeling_regionmed_clip import RegionMedCLIPForVQA
+from training_scripts.data_schema import load_canonical, write_rows
+
+from conftest import build_saved_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- pure parts -----------------------------------------------------------------------------------
+
+
+def test_proposal_windows_cover_every_pixel_flush_with_the_edges():
+    windows = proposal_windows(100, 60, sizes=[0.5, 1.0], stride=0.5)
+    # side 30 (half the shorter side), step 15: x starts 0..70 (6), y starts 0, 15, 30 (3); side 60: x 0, 30, 40 (3)
+    small = [w for w in windows if w[2] - w[0] == 30]
+    large = [w for w in windows if w[2] - w[0] == 60]
+    assert len(small) == 6 * 3 and len(large) == 3 * 1
+    assert max(w[2] for w in windows) == 100 and max(w[3] for w in windows) == 60
+    covered = np.zeros((60, 100), dtype=bool)
+    for x0, y0, x1, y1 in small:
+        covered[int(y0) : int(y1), int(x0) : int(x1)] = True
+    assert covered.all()
+    with pytest.raises(ValueError, match="window sizes"):
+        proposal_windows(100, 60, sizes=[0.0])
+    with pytest.raises(ValueError, match="stride"):
+        proposal_windows(100, 60, sizes=[0.5], stride=1.5)
+
+
+def test_box_iou_by_hand():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 15.0], [20.0, 20.0, 30.0, 30.0]])
+    iou = box_iou(boxes, torch.tensor([0.0, 0.0, 10.0, 10.0]))
+    assert iou.tolist() == pytest.approx([1.0, 25 / 175, 0.0])
+
+
+def test_grounding_outcomes_on_planted_embeddings():
+    # Three candidates; phrase 0 matches candidate 1 (inside its box), phrase 1 matches candidate 2 (elsewhere).
+    candidates = torch.eye(3, dtype=torch.float64)
+    candidate_boxes = torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], dtype=torch.float64)
+    phrases = torch.tensor([[0.1, 1.0, 0.0], [0.0, 0.2, 1.0]], dtype=torch.float64)
+    true_boxes = torch.tensor([[19, 19, 31, 31], [0, 0, 12, 12]], dtype=torch.float64)
+    outcome = grounding_outcomes(phrases, candidates, candidate_boxes, true_boxes, iou_threshold=0.5)
+    assert outcome["top"].tolist() == [1, 2]
+    assert outcome["pointing"].tolist() == [True, False] and outcome["iou_hit"].tolist() == [True, False]
+    # one of the three candidates would point into (and overlap) each true box
+    assert outcome["pointing_chance"].tolist() == pytest.approx([1 / 3, 1 / 3])
+    assert outcome["iou_chance"].tolist() == pytest.approx([1 / 3, 1 / 3])
+
+
+def test_roc_curve_area_equals_auroc_with_ties():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.normal(size=200), 1)  # many ties
+    labels = (rng.random(200) < 0.3 + 0.4 * (scores > 0)).astype(float)
+    points = roc_curve_points(scores, labels)
+    assert points[0] == (0.0, 0.0) and points[-1] == pytest.approx((1.0, 1.0))
+    x, y = np.array(points).T
+    assert np.trapezoid(y, x) == pytest.approx(auroc(scores, labels))
+    assert roc_curve_points(scores, np.zeros(200)) == []
+
+
+def test_roc_figure_is_a_png(tmp_path):
+    path = plot_roc_curves({"a": ([0.9, 0.1, 0.8], [1, 0, 0]), "b": ([0.2, 0.3], [1, 1])},
+                           {"a": 0.5, "b": float("nan")}, tmp_path / "roc.png", "test")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (900, 520)
+
+
+def _record(task: str, value: float, model: str = "/runs/a/final") -> dict:
+    return results_record(task, {"name": "synth", "path": "/data/synth", "split": "test", "files": [], "revision": None},
+                          10, {"x": float("nan")}, {"figure": {"value": value, "low": value - 0.1, "high": value + 0.1}},
+                          {"path": model, "config_sha256": "c", "weights_sha256": "w"}, "regionmed-eval x", {})
+
+
+def test_results_round_trip_with_nan_as_null_and_every_field(tmp_path):
+    path = write_results(tmp_path / "out", _record("zero-shot", 0.75))
+    text = path.read_text()
+    assert "NaN" not in text and json.loads(text)["metrics"]["x"] is None
+    record = load_results(tmp_path / "out")
+    assert set(RESULTS_FIELDS) <= set(record) and record["versions"]["torch"] == torch.__version__
+    with pytest.raises(ValueError, match="lacks the fields"):
+        write_results(tmp_path / "bad", {"task": "x"})
+    (tmp_path / "junk.json").write_text('{"task": 1}')
+    with pytest.raises(ValueError, match="not a regionmed-eval results file"):
+        load_results(tmp_path / "junk.json")
+
+
+def test_markdown_report_one_table_per_task_with_intervals():
+    table = markdown_report([_record("zero-shot", 0.75), _record("retrieval", 12.5, "/runs/b/final"),
+                             _record("zero-shot", 0.5, "/runs/c/final")])
+    assert table.count("### ") == 2 and table.index("### zero-shot") < table.index("### retrieval")
+    assert "| a/final | synth | test | 10 | 0.750 [0.650, 0.850] |" in table
+    assert "| c/final | synth | test | 10 | 0.500 [0.400, 0.600] |" in table
+    assert "| b/final | synth | test | 10 | 12.5 [12.4, 12.6] |" in table
+
+
+def test_embedding_cache_reuses_only_a_matching_key(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"embeds": torch.arange(6.0).reshape(2, 3)}
+
+    first = EmbeddingCache(tmp_path, {"model": "a"}).get_or_compute("images", compute)
+    again = EmbeddingCache(tmp_path, {"model": "a"}).get_or_compute("images", compute)
+    assert len(calls) == 1 and torch.equal(first["embeds"], again["embeds"])
+    EmbeddingCache(tmp_path, {"model": "b"}).get_or_compute("images", compute)  # other inputs: re-encoded
+    assert len(calls) == 2 and not list(tmp_path.glob("*.partial"))
+    EmbeddingCache(None, {"model": "a"}).get_or_compute("images", compute)  # no folder: never cached
+    assert len(calls) == 3
+
+
+# -- tasks on a tiny saved model ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("eval")
+    model_dir, data_dir, _, _ = build_saved_model(tmp_path, n=60)
+    model, processor = _load(model_dir, torch.device("cpu"))
+    rows = load_canonical(data_dir, "test")
+    return {"model_dir": model_dir, "data_dir": data_dir, "model": model, "processor": processor, "rows": rows,
+            "tmp": tmp_path}
+
+
+def _settings(saved, name: str, **overrides) -> EvalSettings:
+    return EvalSettings(saved["model_dir"], saved["data_dir"], saved["tmp"] / name, batch_size=4, device="cpu",
+                        resamples=20, **overrides)
+
+
+def test_zero_shot_equals_direct_computation_and_rescoring_reads_the_cache(saved, monkeypatch):
+    record = tasks.run_zero_shot(_settings(saved, "zs"), use_regions=True)
+    rows, model, processor = saved["rows"], saved["model"], saved["processor"]
+    classes = record["settings"]["classes"]
+    assert record["metrics"]["mode"] == "multilabel" and "No finding" not in classes
+    images = encode_images(model, processor, rows["image"], 4, torch.device("cpu"))
+    prompts = prompts_for(load_prompt_templates(), classes)
+    embed = lambda texts: encode_texts(model, processor, texts, 8, torch.device("cpu"))  # noqa: E731
+    scores = zero_shot_scores(images, {c: embed(prompts["positive"][c]) for c in classes},
+                              {c: embed(prompts["negative"][c]) for c in classes})
+    for name in classes:
+        expected = auroc(scores[name], [name in labels for labels in rows["labels"]])
+        got = record["metrics"]["box_free"]["per_class"][name]["auroc"]
+        assert (np.isnan(expected) and np.isnan(got)) or got == pytest.approx(expected)
+    assert "macro_auroc_with_regions" in record["headline"]
+    assert record["metrics"]["with_regions"]["images_with_boxes"] == sum(1 for r in rows["regions"] if r)
+    assert (saved["tmp"] / "zs" / "embeddings" / "images.safetensors").is_file()
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("re-scoring re-encoded the images")
+
+    monkeypatch.setattr(tasks, "encode_images", no_encoding)
+    rescored = tasks.run_zero_shot(_settings(saved, "zs"), use_regions=True, uncertain_policy="negative")
+    aurocs = lambda report: [entry["auroc"] for entry in report["metrics"]["box_free"]["per_class"].values()]  # noqa: E731
+    assert aurocs(rescored) == pytest.approx(aurocs(record), nan_ok=True)
+
+
+def test_zero_shot_uncertain_labels_follow_the_policy(saved, tmp_path):
+    # The test films with one class moved from `labels` to `uncertain_labels` on its first two positives.
+    rows = [dict(row) for row in load_canonical(saved["data_dir"], "test", decode_images=False)]
+    name = next(label for row in rows for label in row["labels"] if label != "No finding")
+    moved = [row for row in rows if name in row["labels"]][:2]
+    for row in moved:
+        row["labels"] = [label for label in row["labels"] if label != name] or ["No finding"]
+        row["uncertain_labels"] = [name]
+    write_rows(rows, tmp_path / "data")
+    positives = sum(name in row["labels"] for row in rows)
+    settings = lambda policy: EvalSettings(saved["model_dir"], tmp_path / "data", tmp_path / policy,  # noqa: E731
+                                           batch_size=4, device="cpu", resamples=0)
+    counts = {policy: tasks.run_zero_shot(settings(policy), classes=[name], uncertain_policy=policy)
+              ["metrics"]["box_free"]["per_class"][name] for policy in ("ignore", "positive", "negative")}
+    assert (counts["ignore"]["ignored"], counts["ignore"]["positives"]) == (2, positives)
+    assert (counts["positive"]["ignored"], counts["positive"]["positives"]) == (0, positives + 2)
+    assert (counts["negative"]["positives"], counts["negative"]["negatives"]) == (positives, len(rows) - positives)
+
+
+def test_zero_shot_multiclass_needs_one_label_per_image(saved):
+    with pytest.raises(tasks.ProbeInputError, match="exactly one label per image"):
+        tasks.run_zero_shot(_settings(saved, "mc"), mode="multiclass")
+    with pytest.raises(tasks.ProbeInputError, match="--mode"):
+        tasks.run_zero_shot(_settings(saved, "mc"), mode="binary")
+
+
+def test_region_task_equals_direct_computation_and_the_controls_change_it(saved):
+    record = tasks.run_region(_settings(saved, "region"))
+    rows, model, processor = saved["rows"], saved["model"], saved["processor"]
+    classes = record["settings"]["classes"]
+    boxes = [[r["bbox"] for r in regions if r["label"] in classes] for regions in rows["regions"]]
+    truth = [r["label"] for regions in rows["regions"] for r in regions if r["label"] in classes]
+    image_processor = processor.image_processor
+    embeds = encode_regions(model, processor, rows["image"], boxes, 4, torch.device("cpu"), {
+        "true": lambda roi: roi,
+        "crops_blanked": lambda roi: blank_crops(roi, image_processor.image_mean, image_processor.image_std)})
+    prompts = prompts_for(load_prompt_templates(), classes)["positive"]
+    class_embeds = torch.nn.functional.normalize(torch.stack([
+        torch.nn.functional.normalize(encode_texts(model, processor, prompts[c], 8, torch.device("cpu")), dim=-1)
+        .mean(0) for c in classes]), dim=-1)
+    for condition in ("true", "crops_blanked"):
+        predicted = (embeds[condition] @ class_embeds.t()).argmax(1)
+        expected = float(np.mean([classes[k] == label for k, label in zip(predicted.tolist(), truth, strict=True)]))
+        assert record["metrics"]["conditions"][condition]["accuracy"] == pytest.approx(expected)
+    assert record["n_examples"] == len(truth) > 0
+    assert not torch.allclose(embeds["true"], embeds["crops_blanked"])  # the control changed the input
+    assert set(record["figures"]) == {"roc_curves.png", "region_overlays.png"}
+
+
+def test_grounding_counts_every_phrase_and_its_chance(saved):
+    record = tasks.run_grounding(_settings(saved, "grounding"), window_sizes=[0.25], stride=1.0)
+    rows = saved["rows"]
+    phrases = sum(len(regions) for regions in rows["regions"])
+    multi = sum(len(regions) for regions in rows["regions"] if len(regions) >= 2)
+    metrics = record["metrics"]
+    assert record["n_examples"] == metrics["proposals"]["pointing_accuracy"]["n"] == phrases
+    assert metrics["among_boxes"]["pointing_accuracy"]["n"] == multi
+    # a 4 x 4 grid of non-overlapping windows: chance of pointing is the fraction of window centres in the box
+    assert metrics["proposals"]["windows_per_image"] == 16
+    chances = []
+    for image, regions in zip(rows["image"], rows["regions"], strict=True):
+        side = min(image.size) / 4
+        centres = [(side * (i + 0.5), side * (j + 0.5)) for i in range(4) for j in range(4)]
+        chances += [np.mean([x0 <= x <= x1 and y0 <= y <= y1 for x, y in centres])
+                    for x0, y0, x1, y1 in (region["bbox"] for region in regions)]
+    assert metrics["proposals"]["pointing_chance"] == pytest.approx(np.mean(chances))
+
+
+def test_retrieval_equals_the_full_matrix_and_leaves_out_shared_texts(saved):
+    record = tasks.run_retrieval(_settings(saved, "retrieval"), captions=["report", "summary"])
+    rows, model, processor = saved["rows"], saved["model"], saved["processor"]
+    images = encode_images(model, processor, rows["image"], 4, torch.device("cpu"))
+    owners: dict[str, set] = {}
+    for column in ("report_caption", "summary_caption"):
+        for index, text in enumerate(rows[column]):
+            owners.setdefault(text, set()).add(index)
+    texts = [text for text, who in owners.items() if len(who) == 1]
+    texts_embeds = encode_texts(model, processor, texts, 8, torch.device("cpu"))
+    full = retrieval_recall_at_k(images @ texts_embeds.t(), text_to_image=torch.tensor([min(owners[t]) for t in texts]))
+    for direction in ("image_to_text", "text_to_image"):
+        for k in (1, 5, 10):
+            assert record["metrics"][direction][f"R@{k}"] == pytest.approx(full[f"{direction}_R@{k}"])
+    assert record["metrics"]["texts"] == len(texts)
+    assert record["metrics"]["texts_shared_by_several_images"] == sum(len(w) > 1 for w in owners.values()) > 0
+
+
+# -- the CLI end to end ---------------------------------------------------------------------------
+
+
+def _run_cli(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    code = "import sys; from evaluation.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_every_task_writes_complete_results_and_report_merges_them(saved):
+    tmp = saved["tmp"] / "cli"
+    common = ["--model", str(saved["model_dir"]), "--data", str(saved["data_dir"]), "--batch-size", "4",
+              "--resamples", "10", "--no-progress", "--device", "cpu"]
+    extra = {"zero-shot": ["--regions"], "region": [], "grounding": ["--window-sizes", "0.25"], "retrieval": []}
+    for task, flags in extra.items():
+        result = _run_cli(saved["tmp"], [task, *common, "--output", str(tmp / task), *flags])
+        assert result.returncode == 0, result.stderr[-3000:]
+        record = json.loads((tmp / task / "results.json").read_text())
+        assert set(RESULTS_FIELDS) <= set(record) and record["task"] == task
+        assert record["command"].startswith(f"regionmed-eval {task}") and record["n_examples"] > 0
+        assert record["dataset"]["files"] and len(record["dataset"]["files"][0]["sha256"]) == 64
+        assert record["model"]["config_sha256"] and record["settings"]["device"] == "cpu"
+        for figure in record["figures"]:
+            with Image.open(tmp / task / figure) as image:
+                assert image.format == "PNG"
+    # vqa: a VQA folder made from the saved model (untrained head: the fields, not the accuracy, are under test)
+    vqa = RegionMedCLIPForVQA.from_pretrained(saved["model_dir"], id2label={0: "no", 1: "yes"}, label2id={"no": 0, "yes": 1})
+    vqa.save_pretrained(tmp / "vqa_model")
+    saved["processor"].save_pretrained(tmp / "vqa_model")
+    result = _run_cli(saved["tmp"], ["vqa", *common, "--model", str(tmp / "vqa_model"), "--output", str(tmp / "vqa")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(RESULTS_FIELDS) <= set(json.loads((tmp / "vqa" / "results.json").read_text()))
+    extra["vqa"] = []
+    report = _run_cli(saved["tmp"], ["report", *(str(tmp / task) for task in extra), "--output", str(tmp / "t.md")])
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert all(f"### {task}" in report.stdout for task in extra) and (tmp / "t.md").read_text() == report.stdout
+    bad = _run_cli(saved["tmp"], ["retrieval", *common, "--output", str(tmp / "bad"), "--captions", "findings"])
+    assert bad.returncode == 2 and "--captions" in bad.stderr
