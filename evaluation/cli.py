@@ -5,7 +5,7 @@
     regionmed-eval region    --model DIR --data DIR --output OUT [--classes a,b] [--prompts YAML]
     regionmed-eval grounding --model DIR --data DIR --output OUT [--window-sizes 0.125,0.25] [--stride 0.5] [--iou 0.5]
     regionmed-eval retrieval --model DIR --data DIR --output OUT [--captions report,summary] [--ks 1,5,10]
-    regionmed-eval vqa       --model VQA_DIR --data DIR --output OUT [--regions]
+    regionmed-eval vqa       --model VQA_DIR --data DIR --output OUT [--regions] [--blank-images]
     regionmed-eval report    OUT [OUT ...] [--output table.md]
     regionmed-eval probe     --model DIR --data DIR [--baseline DIR] [--parts zero_shot,retrieval,regions]
                              [--output probe.json]
@@ -162,6 +162,8 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--regions", action="store_true", help="also score with the dataset's boxes pooled in")
         if name == "vqa":
             sub.add_argument("--regions", action="store_true", help="give the dataset's boxes as ROI inputs")
+            sub.add_argument("--blank-images", action="store_true",
+                             help="the question-only control: every image replaced by a black one")
         if name == "grounding":
             sub.add_argument("--window-sizes", default="0.125,0.25", help="proposal window sides (fractions)")
             sub.add_argument("--stride", type=float, default=0.5, help="window step as a fraction of its side")
@@ -196,7 +198,7 @@ def _run_task(args: argparse.Namespace, command: str) -> dict[str, Any]:
     if args.command == "grounding":
         return run_grounding(settings, _numbers(args.window_sizes, "--window-sizes", float), args.stride, args.iou)
     if args.command == "vqa":
-        return run_vqa(settings, args.regions)
+        return run_vqa(settings, args.regions, args.blank_images)
     return run_retrieval(settings, _names(args.captions, "--captions"), _numbers(args.ks, "--ks", int))
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .embeddings import EmbeddingCache, encode_images, encode_regions, encode_texts
 from .figures import COLOURS, confusion_grid, overlay_regions, plot_roc_curves, retrieval_grid, save_figure
@@ -606,11 +607,13 @@ _CONFUSION_ANSWERS = 12  # the most frequent reference answers drawn in the VQA 
 
 
 @torch.no_grad()
-def run_vqa(settings: EvalSettings, use_regions: bool = False) -> dict[str, Any]:
+def run_vqa(settings: EvalSettings, use_regions: bool = False, blank_images: bool = False) -> dict[str, Any]:
     """Answer every question of the split about its (first `--limit`) images with a VQA model folder
     (`regionmed-train-vqa`); accuracy of the normalised answers, closed / open / overall, with
     intervals. A reference answer outside the model's answer set can never be right: those are
-    counted. With `use_regions` the dataset's boxes are given as ROI inputs (as in training)."""
+    counted. With `use_regions` the dataset's boxes are given as ROI inputs (as in training).
+    `blank_images` is the question-only control: every image is replaced by a black one of its size,
+    so what accuracy remains comes from the questions' wording, not the pixels."""
     from training_scripts.vqa_data import load_vqa_examples, vqa_path
 
     auto_map = json.loads((settings.model_dir / "config.json").read_text()).get("auto_map", {})
@@ -633,7 +636,10 @@ def run_vqa(settings: EvalSettings, use_regions: bool = False) -> dict[str, Any]
         batch = examples[start : start + settings.batch_size]
         indices = [row_of[example.image_id] for example in batch]
         regions = [[region["bbox"] for region in boxes[index]] for index in indices] if use_regions else None
-        inputs = run.processor(images=[run.images[index] for index in indices],
+        images = [run.images[index] for index in indices]
+        if blank_images:
+            images = [Image.new("L", image.size) for image in images]
+        inputs = run.processor(images=images,
                                text=[example.question for example in batch], regions=regions)
         keys = ["pixel_values", "input_ids", "attention_mask"] + (["roi_pixel_values", "roi_boxes", "roi_mask"]
                                                                    if use_regions else [])
@@ -653,7 +659,8 @@ def run_vqa(settings: EvalSettings, use_regions: bool = False) -> dict[str, Any]
         headline[f"{kind}_accuracy"] = headline_entry(entry["value"], entry)
     metrics["majority_answer_accuracy"] = _majority_baseline(run.model.config.id2label[0], references, types)
     figures = _vqa_figure(run, predictions, references)
-    record = run.record("vqa", len(examples), metrics, headline, {"use_regions": use_regions}, None, figures)
+    record = run.record("vqa", len(examples), metrics, headline, {"use_regions": use_regions,
+                                                                  "blank_images": blank_images}, None, figures)
     sidecar = vqa_path(settings.data_dir, settings.split)
     record["dataset"]["files"].append({"name": sidecar.relative_to(settings.data_dir).as_posix(),
                                        "bytes": sidecar.stat().st_size, "sha256": file_sha256(sidecar)})

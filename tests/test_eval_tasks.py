@@ -22,7 +22,6 @@ from evaluation.retrieval import retrieval_recall_at_k
 from evaluation.scoring import auroc
 from evaluation.tasks import EvalSettings, box_iou, grounding_outcomes, proposal_windows
 from evaluation.zero_shot import load_prompt_templates, prompts_for
-from modeling_regionmed_clip import RegionMedCLIPForVQA
 from training_scripts.data_schema import load_canonical, write_rows
 
 from conftest import build_saved_model
@@ -266,41 +265,48 @@ def test_retrieval_equals_the_full_matrix_and_leaves_out_shared_texts(saved):
 # -- the CLI end to end ---------------------------------------------------------------------------
 
 
-def _run_cli(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess:
+def _run_module(tmp_path: Path, module: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """`module`'s `main(argv)` in a fresh offline process: only the model folders supply the model code."""
     env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    code = "import sys; from evaluation.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = f"import sys; from {module} import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
 
 
 @pytest.mark.slow
-def test_cli_every_task_writes_complete_results_and_report_merges_them(saved):
-    tmp = saved["tmp"] / "cli"
-    common = ["--model", str(saved["model_dir"]), "--data", str(saved["data_dir"]), "--batch-size", "4",
-              "--resamples", "10", "--no-progress", "--device", "cpu"]
-    extra = {"zero-shot": ["--regions"], "region": [], "grounding": ["--window-sizes", "0.25"], "retrieval": []}
-    for task, flags in extra.items():
-        result = _run_cli(saved["tmp"], [task, *common, "--output", str(tmp / task), *flags])
+def test_cli_every_task_on_a_tiny_trained_model_and_report_merges_them(saved):
+    """The user's path: regionmed-train, regionmed-eval of each task, regionmed-train-vqa, regionmed-eval vqa,
+    regionmed-eval report; every results.json complete, every figure a PNG."""
+    tmp, data = saved["tmp"] / "cli", str(saved["data_dir"])
+    trained = _run_module(saved["tmp"], "training_scripts.train", [
+        "--preset", "tiny", "--data", data, "--output-dir", str(tmp / "run"), "--max-steps", "12", "--batch-size", "8"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    vqa_trained = _run_module(saved["tmp"], "training_scripts.vqa", [
+        "--model", str(tmp / "run" / "final"), "--data", data, "--output-dir", str(tmp / "vqa_run"), "--max-steps", "6",
+        "--batch-size", "8"])
+    assert vqa_trained.returncode == 0, vqa_trained.stderr[-3000:]
+    common = ["--data", data, "--batch-size", "4", "--resamples", "10", "--no-progress", "--device", "cpu"]
+    tasks_flags = {"zero-shot": ["--regions"], "region": [], "grounding": ["--window-sizes", "0.25"], "retrieval": [],
+                   "vqa": ["--blank-images"]}
+    for task, flags in tasks_flags.items():
+        model = tmp / ("vqa_run" if task == "vqa" else "run") / "final"
+        result = _run_module(saved["tmp"], "evaluation.cli", [task, "--model", str(model), *common,
+                                                              "--output", str(tmp / task), *flags])
         assert result.returncode == 0, result.stderr[-3000:]
         record = json.loads((tmp / task / "results.json").read_text())
         assert set(RESULTS_FIELDS) <= set(record) and record["task"] == task
         assert record["command"].startswith(f"regionmed-eval {task}") and record["n_examples"] > 0
         assert record["dataset"]["files"] and len(record["dataset"]["files"][0]["sha256"]) == 64
         assert record["model"]["config_sha256"] and record["settings"]["device"] == "cpu"
+        assert record["headline"] and all(entry["value"] is not None for entry in record["headline"].values())
         for figure in record["figures"]:
             with Image.open(tmp / task / figure) as image:
                 assert image.format == "PNG"
-    # vqa: a VQA folder made from the saved model (untrained head: the fields, not the accuracy, are under test)
-    vqa = RegionMedCLIPForVQA.from_pretrained(saved["model_dir"], id2label={0: "no", 1: "yes"}, label2id={"no": 0, "yes": 1})
-    vqa.save_pretrained(tmp / "vqa_model")
-    saved["processor"].save_pretrained(tmp / "vqa_model")
-    result = _run_cli(saved["tmp"], ["vqa", *common, "--model", str(tmp / "vqa_model"), "--output", str(tmp / "vqa")])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert set(RESULTS_FIELDS) <= set(json.loads((tmp / "vqa" / "results.json").read_text()))
-    extra["vqa"] = []
-    report = _run_cli(saved["tmp"], ["report", *(str(tmp / task) for task in extra), "--output", str(tmp / "t.md")])
+    report = _run_module(saved["tmp"], "evaluation.cli", ["report", *(str(tmp / task) for task in tasks_flags),
+                                                          "--output", str(tmp / "t.md")])
     assert report.returncode == 0, report.stderr[-3000:]
-    assert all(f"### {task}" in report.stdout for task in extra) and (tmp / "t.md").read_text() == report.stdout
-    bad = _run_cli(saved["tmp"], ["retrieval", *common, "--output", str(tmp / "bad"), "--captions", "findings"])
+    assert all(f"### {task}" in report.stdout for task in tasks_flags) and (tmp / "t.md").read_text() == report.stdout
+    bad = _run_module(saved["tmp"], "evaluation.cli", ["retrieval", "--model", str(tmp / "run" / "final"), *common,
+                                                       "--output", str(tmp / "bad"), "--captions", "findings"])
     assert bad.returncode == 2 and "--captions" in bad.stderr

@@ -143,3 +143,28 @@ def test_vqa_task_on_planted_answers(saved, tmp_path):
     assert record["dataset"]["files"][-1]["name"] == "vqa/test.json" and record["figures"] == ["vqa_confusion.png"]
     with pytest.raises(tasks.ProbeInputError, match="not a VQA model folder"):
         tasks.run_vqa(EvalSettings(saved["model_dir"], saved["data_dir"], tmp_path / "clip", device="cpu"))
+
+
+def test_vqa_blank_images_control_feeds_constant_images(saved, tmp_path, monkeypatch):
+    import evaluation.probe as probe
+
+    vqa = _vqa_model(saved["model_dir"])
+    vqa.save_pretrained(tmp_path / "vqa")
+    saved["processor"].save_pretrained(tmp_path / "vqa")
+    seen = []
+    forward = vqa.forward
+
+    def spy(**inputs):
+        pixels = inputs["pixel_values"]
+        seen.append((pixels - pixels[:1]).abs().amax(dim=(1, 2, 3)))  # how far each image is from the first
+        return forward(**inputs)
+
+    monkeypatch.setattr(vqa, "forward", spy)
+    monkeypatch.setattr(probe, "_load", lambda model_dir, device, auto_class: (vqa, saved["processor"]))
+    settings = EvalSettings(tmp_path / "vqa", saved["data_dir"], tmp_path / "out", batch_size=8, device="cpu", resamples=0)
+    tasks.run_vqa(settings, blank_images=True)
+    assert seen and all(torch.all(distance == 0) for distance in seen)
+    seen.clear()
+    record = tasks.run_vqa(settings)
+    # (consecutive questions often share an image, so only some rows differ from the first)
+    assert torch.cat(seen).max() > 0.1 and record["settings"]["blank_images"] is False
