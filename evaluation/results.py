@@ -204,8 +204,8 @@ def _cell(entry: Mapping[str, Any] | None) -> str:
 
 
 def markdown_report(records: Sequence[Mapping[str, Any]]) -> str:
-    """One markdown table per task: a row per results file (model, dataset, split, n) and a column per
-    headline figure, with its 95% interval where there is one."""
+    """One markdown table per task: a row per results file (model, with the boolean settings that are on,
+    e.g. a control; dataset, split, n) and a column per headline figure, with its 95% interval."""
     if not records:
         raise ValueError("markdown_report needs at least one results record")
     sections = []
@@ -218,6 +218,9 @@ def markdown_report(records: Sequence[Mapping[str, Any]]) -> str:
             model_name = Path(record["model"]["path"]).name
             if model_name in ("final", "model"):  # a run folder's final/ says less than the run's name
                 model_name = "/".join(Path(record["model"]["path"]).parts[-2:])
+            switches = [name for name, value in record["settings"].items() if value is True]  # e.g. a control
+            if switches:
+                model_name += f" ({', '.join(switches)})"
             cells = [model_name, record["dataset"]["name"], record["dataset"]["split"], str(record["n_examples"]),
                      *(_cell(record["headline"].get(name)) for name in figures)]
             lines.append("| " + " | ".join(cells) + " |")

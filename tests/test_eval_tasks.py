@@ -107,11 +107,12 @@ def test_results_round_trip_with_nan_as_null_and_every_field(tmp_path):
 
 
 def test_markdown_report_one_table_per_task_with_intervals():
-    table = markdown_report([_record("zero-shot", 0.75), _record("retrieval", 12.5, "/runs/b/final"),
-                             _record("zero-shot", 0.5, "/runs/c/final")])
+    control = _record("zero-shot", 0.5, "/runs/c/final")
+    control["settings"] = {"use_regions": True, "limit": 3}
+    table = markdown_report([_record("zero-shot", 0.75), _record("retrieval", 12.5, "/runs/b/final"), control])
     assert table.count("### ") == 2 and table.index("### zero-shot") < table.index("### retrieval")
     assert "| a/final | synth | test | 10 | 0.750 [0.650, 0.850] |" in table
-    assert "| c/final | synth | test | 10 | 0.500 [0.400, 0.600] |" in table
+    assert "| c/final (use_regions) | synth | test | 10 | 0.500 [0.400, 0.600] |" in table
     assert "| b/final | synth | test | 10 | 12.5 [12.4, 12.6] |" in table
 
 
