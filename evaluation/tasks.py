@@ -176,6 +176,13 @@ def _classes(label_lists: Sequence[Sequence[str]], requested: Sequence[str] | No
     return classes
 
 
+def _templates(prompts_path: str | Path) -> dict[str, Any]:
+    try:
+        return load_prompt_templates(prompts_path)
+    except (OSError, ValueError) as error:
+        raise ProbeInputError(f"--prompts: {error}") from None
+
+
 def _prompt_embeds(run: _Run, prompts: dict[str, dict[str, list[str]]]) -> dict[str, dict[str, torch.Tensor]]:
     """`{"positive"|"negative": {class: (P, D)}}` normalised prompt embeddings (each text encoded once)."""
     texts = sorted({text for side in prompts.values() for group in side.values() for text in group})
@@ -247,10 +254,7 @@ def run_zero_shot(
         raise ProbeInputError(f"--mode must be one of {ZERO_SHOT_MODES}, got {mode!r}")
     if uncertain_policy not in UNCERTAIN_POLICIES:
         raise ProbeInputError(f"--uncertain must be one of {UNCERTAIN_POLICIES}, got {uncertain_policy!r}")
-    try:
-        templates = load_prompt_templates(prompts_path)
-    except (OSError, ValueError) as error:
-        raise ProbeInputError(f"--prompts: {error}") from None
+    templates = _templates(prompts_path)
     run = _Run(settings)
     label_lists = run.column("labels")
     uncertain = run.column("uncertain_labels") if "uncertain_labels" in run.rows.column_names else None
@@ -338,10 +342,7 @@ def run_region(
     embedding against the class prompt ensembles (multi-class), with the true inputs and the three
     controls. The controls say what the number rests on: crops blanked -> the crop pixels; boxes
     mirrored or geometry removed -> the box coordinates."""
-    try:
-        templates = load_prompt_templates(prompts_path)
-    except (OSError, ValueError) as error:
-        raise ProbeInputError(f"--prompts: {error}") from None
+    templates = _templates(prompts_path)
     run = _Run(settings)
     regions = run.column("regions")
     class_list = _classes([[region["label"] for region in image_regions] for image_regions in regions], classes)
