@@ -567,7 +567,13 @@ def _load_rows(data_dir: Path, split: str, limit: int | None) -> Any:
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ProbeInputError(f"--device: {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ProbeInputError(f"--device {device!r}: CUDA is not available on this machine")
+    return resolved
 
 
 def run_probe(

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .embeddings import EmbeddingCache, encode_images, encode_regions, encode_texts
 from .figures import COLOURS, confusion_grid, overlay_regions, plot_roc_curves, retrieval_grid, save_figure
@@ -633,6 +634,7 @@ def run_vqa(settings: EvalSettings, use_regions: bool = False, blank_images: boo
     boxes = run.column("regions") if use_regions else None
     id2label = run.model.config.id2label
     predictions = []
+    progress = tqdm(total=len(examples), desc="questions", unit="q", disable=not settings.progress, leave=False)
     for start in range(0, len(examples), settings.batch_size):
         batch = examples[start : start + settings.batch_size]
         indices = [row_of[example.image_id] for example in batch]
@@ -646,6 +648,8 @@ def run_vqa(settings: EvalSettings, use_regions: bool = False, blank_images: boo
                                                                    if use_regions else [])
         logits = run.model(**{key: inputs[key].to(run.device) for key in keys}).logits
         predictions += [id2label[int(index)] for index in logits.argmax(-1).tolist()]
+        progress.update(len(batch))
+    progress.close()
     references = [example.answer for example in examples]
     types = [example.answer_type for example in examples]
     correct = np.array([normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True)])

@@ -196,6 +196,14 @@ def test_zero_shot_uncertain_labels_follow_the_policy(saved, tmp_path):
     assert (counts["negative"]["positives"], counts["negative"]["negatives"]) == (positives, len(rows) - positives)
 
 
+def test_device_errors_name_the_flag(saved):
+    with pytest.raises(tasks.ProbeInputError, match="--device"):
+        tasks.run_retrieval(EvalSettings(saved["model_dir"], saved["data_dir"], saved["tmp"] / "d", device="gpu7"))
+    if not torch.cuda.is_available():
+        with pytest.raises(tasks.ProbeInputError, match="CUDA is not available"):
+            tasks.run_retrieval(EvalSettings(saved["model_dir"], saved["data_dir"], saved["tmp"] / "d", device="cuda"))
+
+
 def test_zero_shot_multiclass_needs_one_label_per_image(saved):
     with pytest.raises(tasks.ProbeInputError, match="exactly one label per image"):
         tasks.run_zero_shot(_settings(saved, "mc"), mode="multiclass")
