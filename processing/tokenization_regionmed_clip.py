@@ -8,11 +8,14 @@ from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
 
-__all__ = ["DEFAULT_MAX_LENGTH", "SPECIAL_TOKENS", "build_tokenizer", "load_tokenizer"]
+__all__ = ["DEFAULT_MAX_LENGTH", "SPECIAL_TOKENS", "TEXT_INPUT_NAMES", "build_tokenizer", "load_tokenizer", "without_token_type_ids"]
 
 DEFAULT_MAX_LENGTH = 256
 # The order fixes the ids [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, which the text config defaults expect.
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# What the text tower takes: it has no token types, so the tokenizer never emits token_type_ids
+# (transformers' pipelines call the tokenizer directly and pass everything it returns to forward).
+TEXT_INPUT_NAMES = ("input_ids", "attention_mask")
 
 
 def build_tokenizer(
@@ -55,12 +58,12 @@ def build_tokenizer(
     known = set(vocab)
     words = sorted((w for w, n in counts.items() if n >= min_frequency and w not in known), key=lambda w: (-counts[w], w))
     vocab += words[: vocab_size - len(vocab)]
-    return BertTokenizer(
+    return without_token_type_ids(BertTokenizer(
         vocab={token: index for index, token in enumerate(vocab)},
         do_lower_case=lowercase,
         strip_accents=lowercase,
         model_max_length=model_max_length,
-    )
+    ))
 
 
 def load_tokenizer(path: str | Path, model_max_length: int = DEFAULT_MAX_LENGTH) -> PreTrainedTokenizerBase:
@@ -78,4 +81,12 @@ def load_tokenizer(path: str | Path, model_max_length: int = DEFAULT_MAX_LENGTH)
     for token in ("pad_token", "cls_token"):
         if getattr(tokenizer, token) is None:
             raise ValueError(f"the tokenizer in {str(path)!r} has no {token}; a BERT-style tokenizer is required")
+    return without_token_type_ids(tokenizer)  # a BERT folder would also emit token_type_ids
+
+
+def without_token_type_ids(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """`tokenizer`, now emitting only `TEXT_INPUT_NAMES`, and saving itself so (the init kwargs are
+    what `save_pretrained` writes)."""
+    tokenizer.model_input_names = list(TEXT_INPUT_NAMES)
+    tokenizer.init_kwargs["model_input_names"] = list(TEXT_INPUT_NAMES)
     return tokenizer

@@ -139,3 +139,18 @@ def test_old_datasets_without_uncertain_labels_still_load(tmp_path):
     assert load_canonical(tmp_path / "old_arrow")["uncertain_labels"] == [[], [], []]
     export_to_disk(tmp_path / "old", tmp_path / "exported")
     assert load_from_disk(str(tmp_path / "exported"))["train"]["uncertain_labels"] == [[], [], []]
+
+
+def test_provenance_says_whether_the_data_is_real(tmp_path):
+    from training_scripts.data_schema import read_provenance, write_provenance
+    from training_scripts.synthetic import write_synthetic_dataset
+
+    assert read_provenance(tmp_path) is None  # a folder written before provenance was recorded
+    write_provenance(tmp_path, "chexpert", real_patient_data=True, input="CheXpert-v1.0-small", rows={"train": 3})
+    record = read_provenance(tmp_path)
+    assert (record["source"], record["real_patient_data"], record["rows"]) == ("chexpert", True, {"train": 3})
+    synthetic = tmp_path / "synth"
+    write_synthetic_dataset(synthetic, n=12, seed=3)
+    record = read_provenance(synthetic)
+    assert (record["source"], record["real_patient_data"], record["seed"], record["n"]) == (
+        "regionmed-data synth", False, 3, 12)

@@ -88,7 +88,7 @@ import numpy as np
 from PIL import Image
 
 from processing.medical_image_io import is_dicom_file, load_medical_image
-from training_scripts.data_schema import SPLITS, ShardedParquetWriter, validate_row
+from training_scripts.data_schema import SPLITS, ShardedParquetWriter, validate_row, write_provenance
 from training_scripts.negatives import make_hard_negatives
 
 __all__ = ["CONVERTERS", "VQA_RAD_VALIDATION_FRACTION", "ConversionStats", "SkipCounter", "convert", "iter_rows"]
@@ -233,6 +233,8 @@ def convert(
     with ShardedParquetWriter(output_dir, rows_per_shard) as writer:
         for row in rows:
             writer.write(row)
+    write_provenance(output_dir, format, real_patient_data=True, input=str(input_path),
+                     images=None if images_dir is None else str(images_dir), rows=dict(writer.counts))
     stats = ConversionStats(
         rows_written=dict(writer.counts),
         rows_skipped=skipped.rows,

@@ -14,7 +14,9 @@ One row is one image with its captions at four levels (see docs/DATA.md):
     split              "train" | "validation" | "test"
 """
 
+import datetime
 import io
+import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -32,8 +34,11 @@ __all__ = [
     "ShardedParquetWriter",
     "encode_image",
     "export_to_disk",
+    "PROVENANCE_FILE",
     "load_canonical",
+    "read_provenance",
     "validate_row",
+    "write_provenance",
     "write_rows",
 ]
 
@@ -202,6 +207,27 @@ def _with_later_column(dataset: Dataset | IterableDataset) -> Dataset | Iterable
         return dataset.with_format("arrow").map(add, batched=True, features=CANONICAL_FEATURES).with_format(None)
     # add_column joins an in-memory column to the memory-mapped table: the data (images) is not rewritten.
     return dataset.add_column(_LATER_COLUMN, [[]] * len(dataset), feature=CANONICAL_FEATURES[_LATER_COLUMN])
+
+
+PROVENANCE_FILE = "provenance.json"
+
+
+def write_provenance(output_dir: str | Path, source: str, real_patient_data: bool, **details: Any) -> Path:
+    """Record where a canonical dataset came from, next to its shards: `{"source": the generator or
+    converter format, "real_patient_data": bool, "created": ISO date, ...details}`. Model cards
+    (`regionmed-export`) state the training data from it."""
+    record = {"source": source, "real_patient_data": real_patient_data,
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **details}
+    path = Path(output_dir) / PROVENANCE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return path
+
+
+def read_provenance(data_dir: str | Path) -> dict[str, Any] | None:
+    """The dataset's provenance record, or None for a folder written before it was recorded."""
+    path = Path(data_dir) / PROVENANCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_canonical(

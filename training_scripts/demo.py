@@ -8,19 +8,31 @@
    the probe (`regionmed-eval probe`) on the test split: box-free zero-shot AUROC and retrieval
    against the global-only ablation, and region hard-negative accuracy per kind with the controls
    (crops blanked, boxes mirrored, box geometry removed);
-4. prints where the models, logs, loss plots and the probe report are.
+4. evaluates the default recipe with `regionmed-eval zero-shot --regions` and `region`, and exports
+   it with those results to a Hub folder (`regionmed-export`);
+5. reloads the export in a fresh offline process through `AutoModel` (same embeddings) and the
+   zero-shot pipeline, then prints a summary table: stage times, figures and output paths.
 """
 
 import argparse
+import json
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from evaluation.cli import format_report
 from evaluation.probe import run_probe
-from evaluation.results import to_json
+from evaluation.results import to_json, write_results
+from evaluation.tasks import EvalSettings, run_region, run_zero_shot
 
+from .data_schema import load_canonical
+from .export import export_model
 from .launch import GLOBAL_ONLY_CONFIG, train_in_subprocesses
 from .synthetic import write_synthetic_dataset
 
@@ -39,6 +51,54 @@ def _train_both(data_dir: Path, output_dir: Path, max_steps: int, seed: int) -> 
     return {name: output_dir / name for name in runs}
 
 
+def _evaluate_and_export(model_dir: Path, data_dir: Path, output_dir: Path, command: str) -> dict[str, Any]:
+    """`regionmed-eval zero-shot --regions` and `region` on the test split, then `regionmed-export` with
+    their results; returns the two records and the export summary."""
+    records = {}
+    for task, run in (("zero-shot", lambda s: run_zero_shot(s, use_regions=True)), ("region", run_region)):
+        settings = EvalSettings(model_dir, data_dir, output_dir / "eval" / task, batch_size=64, device="cpu",
+                                resamples=200, command=f"{command} (regionmed-eval {task})")
+        records[task] = run(settings)
+        write_results(settings.output_dir, records[task])
+    export = export_model(model_dir, output_dir / "hub", [output_dir / "eval" / task for task in records],
+                          model_name="regionmed-clip-demo")
+    return {"records": records, "export": export}
+
+
+_RELOAD_SCRIPT = """
+import json, sys, torch
+from transformers import AutoModel, AutoProcessor, pipeline
+hub, film, labels = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+model = AutoModel.from_pretrained(hub, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(hub, trust_remote_code=True)
+with torch.no_grad():
+    embeds = model(**processor(images=[film])).image_embeds[0].tolist()
+ranked = pipeline("zero-shot-image-classification", model=hub, trust_remote_code=True)(film, candidate_labels=labels)
+print(json.dumps({"embeds": embeds, "pipeline": ranked, "module": type(model).__module__}))
+"""
+
+
+def _reload_check(model_dir: Path, hub_dir: Path, film: Path, labels: list[str]) -> dict[str, Any]:
+    """Load the export in a fresh offline process as a user would; its box-free embedding of `film`
+    must equal the trained model's. Returns the largest difference and the pipeline's ranking."""
+    from transformers import AutoModel, AutoProcessor
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-c", _RELOAD_SCRIPT, str(hub_dir), str(film), ",".join(labels)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"the exported folder did not reload in a fresh process:\n{result.stderr[-2000:]}")
+    reloaded = json.loads(result.stdout.strip().splitlines()[-1])
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    with torch.no_grad():
+        original = model(**processor(images=[str(film)])).image_embeds[0]
+    difference = (original - torch.tensor(reloaded["embeds"])).abs().max().item()
+    if difference > 1e-4:
+        raise RuntimeError(f"the reloaded export's embedding differs from the trained model's by {difference:.2e}")
+    return {"max_difference": difference, "pipeline": reloaded["pipeline"], "module": reloaded["module"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="regionmed-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,28 +109,56 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     data_dir = args.output_dir / "data"
-    for name in ("data", "run", "global_only"):  # the demo always starts fresh
+    for name in ("data", "run", "global_only", "eval", "hub"):  # the demo always starts fresh
         shutil.rmtree(args.output_dir / name, ignore_errors=True)
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
     summary = write_synthetic_dataset(data_dir, n=args.n, seed=args.seed)
-    print(f"[1/3] generated {summary['rows']} synthetic films in {summary['seconds']}s -> {data_dir}", flush=True)
+    times["generate data"] = time.perf_counter() - start
+    print(f"[1/5] generated {summary['rows']} synthetic films in {summary['seconds']}s -> {data_dir}", flush=True)
     try:
         runs = _train_both(data_dir, args.output_dir, args.max_steps, args.seed)
     except RuntimeError as error:
         print(f"regionmed-demo: {error}", file=sys.stderr)
         return 1
-    print(f"[2/3] trained the default recipe and the global-only ablation ({args.max_steps} steps each) "
+    print(f"[2/5] trained the default recipe and the global-only ablation ({args.max_steps} steps each) "
           f"in {time.perf_counter() - start:.0f}s so far", flush=True)
+    times["train (both, in parallel)"] = time.perf_counter() - start - sum(times.values())
+    command = " ".join(["regionmed-demo", *(argv if argv is not None else sys.argv[1:])])
     report = run_probe(runs["run"] / "final", data_dir, split="test", baseline_dir=runs["global_only"] / "final",
-                       command=" ".join(["regionmed-demo", *(argv if argv is not None else sys.argv[1:])]))
+                       command=command)
     report_path = args.output_dir / "probe.json"
     report_path.write_text(to_json(report))
-    print("[3/3] probe on the test split (regionmed-eval probe --baseline <global-only>):")
-    print(format_report(report))
-    print(f"\nmodel + processor (Hub remote code): {runs['run'] / 'final'}   global-only ablation: "
-          f"{runs['global_only'] / 'final'}")
-    print(f"loss curves: {runs['run'] / 'loss_curves.png'}   loss log: {runs['run'] / 'train_log.jsonl'}")
-    print(f"probe report: {report_path}   total time: {time.perf_counter() - start:.0f}s")
+    print("[3/5] probe on the test split (regionmed-eval probe --baseline <global-only>):")
+    print(format_report(report), flush=True)
+    times["probe"] = time.perf_counter() - start - sum(times.values())
+    evaluated = _evaluate_and_export(runs["run"] / "final", data_dir, args.output_dir, command)
+    times["evaluate + export"] = time.perf_counter() - start - sum(times.values())
+    print(f"[4/5] evaluated and exported {len(evaluated['export']['files'])} files -> {args.output_dir / 'hub'}",
+          flush=True)
+    test_row = load_canonical(data_dir, "test")[0]
+    film = args.output_dir / "example_film.png"
+    test_row["image"].save(film)
+    labels = report["metadata"]["classes"]
+    reload = _reload_check(runs["run"] / "final", args.output_dir / "hub", film, labels)
+    times["fresh-process reload"] = time.perf_counter() - start - sum(times.values())
+    print(f"[5/5] the export reloads in a fresh offline process ({reload['module'].split('.')[0]}): same "
+          f"embedding (max difference {reload['max_difference']:.1e}); the zero-shot pipeline on one test film "
+          f"(labels {test_row['labels']}): " + ", ".join(f"{entry['label']} {entry['score']:.2f}"
+                                                         for entry in reload["pipeline"][:3]))
+    zero_shot, region = evaluated["records"]["zero-shot"], evaluated["records"]["region"]
+    rows = [(f"stage: {name}", f"{seconds:.0f} s") for name, seconds in times.items()]
+    rows += [("box-free zero-shot macro AUROC", f"{zero_shot['headline']['macro_auroc']['value']:.3f}"),
+             ("  with the boxes pooled in", f"{zero_shot['headline']['macro_auroc_with_regions']['value']:.3f}"),
+             ("region zero-shot accuracy (crops blanked)", f"{region['headline']['accuracy']['value']:.3f} "
+              f"({region['headline']['accuracy_crops_blanked']['value']:.3f})"),
+             ("model + processor", str(runs["run"] / "final")), ("global-only ablation", str(runs["global_only"] / "final")),
+             ("Hub folder (regionmed-push --dry-run)", str(args.output_dir / "hub")),
+             ("probe report", str(report_path)), ("evaluation results", str(args.output_dir / "eval")),
+             ("loss curves", str(runs["run"] / "loss_curves.png")),
+             ("total time", f"{time.perf_counter() - start:.0f} s")]
+    width = max(len(name) for name, _ in rows)
+    print("\n" + "\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     return 0
 
 

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .data_schema import ShardedParquetWriter
+from .data_schema import ShardedParquetWriter, write_provenance
 from .negatives import make_hard_negatives
 
 __all__ = [
@@ -571,6 +571,8 @@ def write_synthetic_dataset(output_dir: str | Path, n: int, seed: int = 0, image
         (output_dir / directory).mkdir(exist_ok=True)
         for split, records in per_split.items():
             (output_dir / directory / f"{split}.json").write_text(json.dumps(records, indent=1))
+    write_provenance(output_dir, "regionmed-data synth", real_patient_data=False, n=n, seed=seed,
+                     image_size=image_size, rows=dict(writer.counts))
     return {
         "rows": writer.counts,
         "vqa_questions": {split: len(records) for split, records in vqa.items()},
