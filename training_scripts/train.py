@@ -7,6 +7,7 @@
 The YAML holds four optional sections (command-line flags win over it):
 
     model:          {preset: base, overrides: {max_rois: 8}, vision_path: ..., text_path: ..., tokenizer: ...}
+                    or {pretrained: RUN/final} to continue from a saved RegionMed-CLIP folder
     data:           {path: data/synth, split: train}
     schedule:       [list of stages, see training_scripts/schedule.py]; default DEFAULT_STAGES
     training_args:  any transformers.TrainingArguments field (per_device_train_batch_size, bf16, ...)
@@ -21,6 +22,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +121,14 @@ def finding_vocabulary(dataset) -> list[str] | None:
     return sorted(named) if len(named) >= 2 else None
 
 
-def build_trainer(run: dict[str, Any], resume: bool = False) -> tuple[RegionMedCLIPTrainer, Path | None]:
-    """Everything `main` needs: the trainer (model, processor, data, schedule) and the checkpoint to resume."""
+def build_trainer(
+    run: dict[str, Any], resume: bool = False, model_wrapper: Callable[[RegionMedCLIPModel], Any] | None = None
+) -> tuple[RegionMedCLIPTrainer, Path | None]:
+    """Everything `main` needs: the trainer (model, processor, data, schedule) and the checkpoint to resume.
+
+    `run["model"]` is a preset (a new model), towers to start from (`vision_path` / `text_path`), or a
+    saved RegionMed-CLIP folder to continue from (`pretrained`, with its own processor and tokenizer).
+    `model_wrapper` wraps the model before training (e.g. `peft.get_peft_model`)."""
     training_args = TrainingArguments(**run["training_args"])
     output_dir = Path(training_args.output_dir)
     set_seed(training_args.seed)
@@ -132,7 +140,7 @@ def build_trainer(run: dict[str, Any], resume: bool = False) -> tuple[RegionMedC
     with training_args.main_process_first(desc="tokenizer"):
         if training_args.process_index == 0 and not tokenizer_dir.is_dir():
             # A pretrained text tower needs its own vocabulary: default to the BERT folder's tokenizer.
-            source = model_spec.get("tokenizer") or model_spec.get("text_path")
+            source = model_spec.get("tokenizer") or model_spec.get("text_path") or model_spec.get("pretrained")
             if source:
                 tokenizer = load_tokenizer(source)
             else:
@@ -142,7 +150,9 @@ def build_trainer(run: dict[str, Any], resume: bool = False) -> tuple[RegionMedC
         tokenizer = load_tokenizer(tokenizer_dir)
 
     overrides = dict(model_spec.get("overrides") or {})
-    if model_spec.get("vision_path") or model_spec.get("text_path"):
+    if model_spec.get("pretrained"):
+        model = RegionMedCLIPModel.from_pretrained(model_spec["pretrained"], **overrides)
+    elif model_spec.get("vision_path") or model_spec.get("text_path"):
         model = RegionMedCLIPModel.from_vision_text_pretrained(model_spec["vision_path"], model_spec["text_path"],
                                                                **overrides)
     else:
@@ -158,10 +168,13 @@ def build_trainer(run: dict[str, Any], resume: bool = False) -> tuple[RegionMedC
                          f"{model.config.text_config.vocab_size} embeddings")
 
     config = model.config
-    image_processor = RegionMedCLIPImageProcessor(
-        image_size=config.vision_config.image_size, roi_size=config.roi_image_size, max_rois=config.max_rois,
-        **_normalisation_of(model_spec.get("vision_path")),
-    )
+    if model_spec.get("pretrained"):  # keep the saved preprocessing: the weights were trained with it
+        image_processor = RegionMedCLIPProcessor.from_pretrained(model_spec["pretrained"]).image_processor
+    else:
+        image_processor = RegionMedCLIPImageProcessor(
+            image_size=config.vision_config.image_size, roi_size=config.roi_image_size, max_rois=config.max_rois,
+            **_normalisation_of(model_spec.get("vision_path")),
+        )
     processor = RegionMedCLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     swaps = {"region_finding_swaps": run["data"]["region_finding_swaps"]} if "region_finding_swaps" in run["data"] else {}
     collator = RegionMedCLIPCollator(processor, seed=training_args.seed,
@@ -169,7 +182,7 @@ def build_trainer(run: dict[str, Any], resume: bool = False) -> tuple[RegionMedC
     collator.prime(train_dataset)
     schedule = StagedSchedule(run["schedule"], training_args.max_steps)
     trainer = RegionMedCLIPTrainer(
-        model=model,
+        model=model if model_wrapper is None else model_wrapper(model),
         args=training_args,
         train_dataset=train_dataset,
         data_collator=collator,
