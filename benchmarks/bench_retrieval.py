@@ -22,8 +22,6 @@ its recalls must equal the chunked ones.
 """
 
 import argparse
-import ctypes
-import ctypes.util
 import datetime
 import gc
 import json
@@ -39,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmark_report import write_report  # noqa: E402
+from benchmark_report import cpu_model, proc_status_bytes, release_free_heap, reset_peak_rss, write_report  # noqa: E402
 
 from evaluation.retrieval import (  # noqa: E402
     DEFAULT_MEMORY_BUDGET_BYTES,
@@ -51,33 +49,6 @@ from evaluation.retrieval import (  # noqa: E402
 KS = (1, 5, 10)
 BLOCK_ROWS = 8192
 TARGET_SIZE, TARGET_EXTRA_BYTES = 100_000, 2 * 2**30  # 100k x 100k with < 2 GiB extra memory
-
-
-def proc_status_bytes(field: str) -> int:
-    """A `/proc/self/status` memory field (VmRSS, VmHWM) in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # kB
-    raise KeyError(field)
-
-
-def release_free_heap() -> bool:
-    """glibc `malloc_trim(0)`: hand freed heap pages back, so the call cannot reuse pages counted in VmRSS."""
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def make_embeddings(n_images: int, dim: int, texts_per_image: int, noise: float, seed: int
@@ -143,17 +114,6 @@ def worker(path: str, n_images: int, dim: int, texts_per_image: int, noise: floa
         "hwm_minus_rss_before_call_bytes": hwm_before - rss_before,
         "recalls": metrics,
     }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,8 @@
-"""The JSON report every benchmark writes: its figures, the command that made them, the machine."""
+"""The JSON report every benchmark writes (its figures, the command that made them, the machine), and
+the process-memory probes the memory benchmarks share (Linux `/proc`)."""
 
+import ctypes
+import ctypes.util
 import json
 import platform
 import shlex
@@ -7,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_report"]
+__all__ = ["cpu_model", "proc_status_bytes", "release_free_heap", "reset_peak_rss", "write_report"]
 
 
 def write_report(figures: dict[str, Any], output: Path | None) -> dict[str, Any]:
@@ -22,3 +25,41 @@ def write_report(figures: dict[str, Any], output: Path | None) -> dict[str, Any]
         output.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {output}")
     return report
+
+
+def proc_status_bytes(field: str) -> int:
+    """A `/proc/self/status` memory field (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise KeyError(field)
+
+
+def release_free_heap() -> bool:
+    """glibc `malloc_trim(0)`: hand freed heap pages back, so the call cannot reuse pages counted in VmRSS."""
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

@@ -587,6 +587,27 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         self.register_buffer("box_free_center", torch.zeros(config.vision_config.hidden_size))
         self.post_init()
 
+    # -- embeddings (PEFT, resize_token_embeddings, gradient checkpointing) ------------------
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The text tower's token embeddings `(vocab_size, hidden)`."""
+        return self.text_model.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.text_model.embeddings.word_embeddings = value
+
+    def enable_input_require_grads(self) -> None:
+        """Make both towers' embedding outputs require grad, so that reentrant gradient checkpointing
+        with frozen weights (LoRA) still back-propagates into the adapters of EVERY layer; the base
+        class would hook the token embeddings only and leave the vision tower's layers without gradient."""
+
+        def require_grads(module: nn.Module, inputs: Any, output: Any) -> None:
+            (output[0] if isinstance(output, tuple) else output).requires_grad_(True)
+
+        self._require_grads_hooks = [self.text_model.embeddings.register_forward_hook(require_grads),
+                                     self.vision_model.embeddings.register_forward_hook(require_grads)]
+        self._require_grads_hook = self._require_grads_hooks[0]  # the attribute older transformers code reads
+
     # -- features -------------------------------------------------------------------------
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -227,3 +227,16 @@ def test_an_image_without_valid_rois_gets_nothing_from_the_pool():
     out = model(**make_inputs(model.config, [3, 0]))
     torch.testing.assert_close(out.image_embeds[1], out.global_image_embeds[1])
     assert not torch.allclose(out.image_embeds[0], out.global_image_embeds[0])
+
+
+def test_input_embeddings_are_the_text_tokens_and_resize_keeps_them():
+    model = tiny_model()
+    embeddings = model.get_input_embeddings()
+    assert embeddings is model.text_model.embeddings.word_embeddings
+    before = embeddings.weight.detach().clone()
+    model.resize_token_embeddings(before.shape[0] + 7)
+    after = model.get_input_embeddings().weight
+    assert after.shape[0] == model.config.text_config.vocab_size == before.shape[0] + 7
+    assert torch.equal(after[: before.shape[0]], before)
+    ids = torch.tensor([[model.config.text_config.cls_token_id, before.shape[0] + 6]])  # a new token works
+    assert torch.isfinite(model.get_text_features(ids)).all()

@@ -58,12 +58,13 @@ PROGRESSIVE_STAGES: list[dict[str, Any]] = [
 ]
 
 # Prefixes that wrappers put in front of parameter names (FSDP, activation checkpointing, DDP,
-# torch.compile); the schedule groups are defined on the bare model's names.
-_WRAPPER_PREFIXES = re.compile(r"(_fsdp_wrapped_module\.|_checkpoint_wrapped_module\.|_orig_mod\.|^module\.)")
+# torch.compile, PEFT); the schedule groups are defined on the bare model's names.
+_WRAPPER_PREFIXES = re.compile(
+    r"(_fsdp_wrapped_module\.|_checkpoint_wrapped_module\.|_orig_mod\.|^module\.|^base_model\.model\.)")
 
 
 def bare_parameter_name(parameter_name: str) -> str:
-    """The name on the bare `RegionMedCLIPModel`, without the prefixes of DDP, FSDP, checkpointing, compile."""
+    """The name on the bare `RegionMedCLIPModel`, without the prefixes of DDP, FSDP, checkpointing, compile, PEFT."""
     return _WRAPPER_PREFIXES.sub("", parameter_name)
 
 

@@ -169,7 +169,7 @@ def build_trainer(
 
     config = model.config
     if model_spec.get("pretrained"):  # keep the saved preprocessing: the weights were trained with it
-        image_processor = RegionMedCLIPProcessor.from_pretrained(model_spec["pretrained"]).image_processor
+        image_processor = RegionMedCLIPImageProcessor.from_pretrained(model_spec["pretrained"])
     else:
         image_processor = RegionMedCLIPImageProcessor(
             image_size=config.vision_config.image_size, roi_size=config.roi_image_size, max_rois=config.max_rois,

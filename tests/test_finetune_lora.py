@@ -1,0 +1,98 @@
+"""PEFT LoRA fine-tuning (training_scripts/finetune_lora.py): which modules get adapters, gradients under
+both gradient-checkpointing modes, and the saved adapter reloaded onto the remote-code AutoModel and merged."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from modeling_regionmed_clip import RegionMedCLIPModel
+from training_scripts.finetune_lora import lora_config, lora_target_regex, main
+
+from conftest import build_saved_model, make_inputs, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_lora_targets_only_the_chosen_towers_attention_projections():
+    model = tiny_model()
+    lora = get_peft_model(model, lora_config(["vision"], modules_to_save=["projections"]))
+    adapted = {name.split(".lora_A")[0] for name, _ in lora.named_parameters() if ".lora_A." in name}
+    layers = model.config.vision_config.num_hidden_layers
+    assert len(adapted) == 4 * layers and all("vision_model.encoder.layers." in name for name in adapted)
+    assert not any("roi_processor" in name or "text_model" in name for name in adapted)  # fusion cross-attn excluded
+    trainable = {name for name, p in lora.named_parameters() if p.requires_grad}
+    assert all(".lora_" in name or "_projection.modules_to_save" in name for name in trainable)
+    both = get_peft_model(tiny_model(), lora_config(["vision", "text"]))
+    assert sum(".lora_A." in name for name, _ in both.named_parameters()) == 4 * (
+        layers + model.config.text_config.num_hidden_layers)
+    with pytest.raises(ValueError, match="--towers"):
+        lora_target_regex(["audio"])
+    with pytest.raises(ValueError, match="--modules-to-save"):
+        lora_config(["text"], modules_to_save=["heads"])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_every_lora_tensor_gets_a_gradient_under_checkpointing(reentrant):
+    model = tiny_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+    lora = get_peft_model(model, lora_config(["vision", "text"]))
+    lora.train()
+    inputs = make_inputs(model.config, [2, 1])
+    lora(**inputs, return_loss=True).loss.backward()
+    missing = [name for name, p in lora.named_parameters() if ".lora_" in name and (p.grad is None or not p.grad.any())]
+    # lora_B starts at zero, so lora_A's gradient is zero at step 0: only B must move now
+    assert not [name for name in missing if ".lora_B." in name], missing
+
+
+@pytest.mark.slow
+def test_finetune_saves_an_adapter_that_reloads_on_automodel_and_merges(tmp_path):
+    model_dir, data_dir, _, _ = build_saved_model(tmp_path, n=40)
+    output = tmp_path / "lora"
+    assert main(["--model", str(model_dir), "--data", str(data_dir), "--output-dir", str(output), "--max-steps", "4",
+                 "--batch-size", "8", "--learning-rate", "0.01", "--merge",
+                 "--gradient-checkpointing", "reentrant"]) == 0
+    summary = json.loads((output / "lora_summary.json").read_text())
+    assert 0 < summary["trainable_share"] < 0.5
+    assert {path.name for path in (output / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    # under reentrant checkpointing every layer's adapter of both towers trained (lora_B starts at zero)
+    lora_b = {name: value for name, value in load_file(output / "adapter" / "adapter_model.safetensors").items()
+              if ".lora_B." in name}
+    assert len(lora_b) == 4 * 4 and all(value.abs().sum() > 0 for value in lora_b.values()), sorted(lora_b)
+
+    inputs = make_inputs(RegionMedCLIPModel.from_pretrained(model_dir).config, [1, 2])
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        base = RegionMedCLIPModel.from_pretrained(model_dir).eval()
+        expected_base = base(**inputs).image_embeds
+        adapted = PeftModel.from_pretrained(RegionMedCLIPModel.from_pretrained(model_dir), str(output / "adapter")).eval()
+        expected = adapted(**inputs).image_embeds
+    assert not torch.allclose(expected, expected_base, atol=1e-4)  # the adapter learned something
+    script = f"""
+import torch
+from peft import PeftModel
+from transformers import AutoModel
+inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+base = AutoModel.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
+adapted = PeftModel.from_pretrained(base, {str(output / "adapter")!r}).eval()
+merged = AutoModel.from_pretrained({str(output / "merged")!r}, trust_remote_code=True).eval()
+with torch.no_grad():
+    torch.save({{"adapted": adapted(**inputs).image_embeds, "merged": merged(**inputs).image_embeds,
+                "module": type(merged).__module__}}, {str(tmp_path / "out.pt")!r})
+"""
+    env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert out["module"].startswith("transformers_modules.")
+    torch.testing.assert_close(out["adapted"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["merged"], expected, atol=1e-4, rtol=1e-4)

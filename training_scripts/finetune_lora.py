@@ -1,0 +1,155 @@
+"""`regionmed-finetune`: PEFT LoRA fine-tuning of a saved RegionMed-CLIP folder with the staged Trainer.
+
+    regionmed-finetune --model RUN/final --data DATA --output-dir OUT [--towers vision,text] [--rank 8]
+                       [--alpha 16] [--dropout 0.05] [--modules-to-save projections,roi_processor]
+                       [--max-steps 300] [--batch-size 32] [--learning-rate 1e-3]
+                       [--gradient-checkpointing off|reentrant|non-reentrant] [--config RUN.yaml] [--merge]
+
+LoRA adapters go on the attention projections (q / k / v / out) of the chosen towers, picked by a
+regex on the module names (`lora_target_regex`); `--modules-to-save` trains full copies of the
+projections and / or the ROI processor. PEFT's `task_type` is None: RegionMed-CLIP is no PEFT task
+model. Training is `regionmed-train`'s (the run YAML's schedule and loss weights, or the default
+stage) starting from the saved folder. Writes `OUT/adapter/` (`adapter_config.json`,
+`adapter_model.safetensors`), `OUT/lora_summary.json` (trainable parameters and share) and, with
+`--merge`, `OUT/merged/`: the adapter merged into the weights, a plain model + processor folder
+that loads with `AutoModel.from_pretrained(..., trust_remote_code=True)`.
+
+Reload an adapter onto the remote-code model (`AutoPeftModel` cannot: it knows only PEFT's task
+classes and transformers' own architectures, not remote code):
+
+    base = AutoModel.from_pretrained(BASE, trust_remote_code=True)
+    model = PeftModel.from_pretrained(base, "OUT/adapter")
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from modeling_regionmed_clip import RegionMedCLIPModel
+from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, load_tokenizer
+
+from .schedule import DEFAULT_STAGES
+from .train import DEFAULT_TRAINING_ARGS, build_trainer
+
+__all__ = ["CHECKPOINTING_MODES", "SAVABLE_MODULES", "TOWERS", "lora_config", "lora_target_regex", "main", "merge_adapter"]
+
+TOWERS: dict[str, str] = {"vision": "vision_model", "text": "text_model"}  # --towers name -> module prefix
+SAVABLE_MODULES: dict[str, list[str]] = {
+    "projections": ["visual_projection", "text_projection"],
+    "roi_processor": ["roi_processor"],
+}
+CHECKPOINTING_MODES = ("off", "reentrant", "non-reentrant")
+
+
+def lora_target_regex(towers: Sequence[str]) -> str:
+    """A regex PEFT matches against full module names: the attention projections of `towers`' encoder layers."""
+    unknown = sorted(set(towers) - set(TOWERS))
+    if unknown or not towers:
+        raise ValueError(f"--towers must be among {sorted(TOWERS)}, got {list(towers)}")
+    prefixes = "|".join(TOWERS[tower] for tower in towers)
+    return rf"^({prefixes})\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$"
+
+
+def lora_config(towers: Sequence[str], rank: int = 8, alpha: int = 16, dropout: float = 0.05,
+                modules_to_save: Sequence[str] = ()) -> LoraConfig:
+    unknown = sorted(set(modules_to_save) - set(SAVABLE_MODULES))
+    if unknown:
+        raise ValueError(f"--modules-to-save must be among {sorted(SAVABLE_MODULES)}, got {list(modules_to_save)}")
+    saved = [module for name in modules_to_save for module in SAVABLE_MODULES[name]]
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(towers),
+                      modules_to_save=saved or None, task_type=None)
+
+
+def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, output_dir: str | Path) -> Path:
+    """The base folder's model with the adapter merged into its weights, saved with its processor as a
+    plain RegionMed-CLIP folder (remote code, `auto_map`)."""
+    model = PeftModel.from_pretrained(RegionMedCLIPModel.from_pretrained(base_dir), str(adapter_dir)).merge_and_unload()
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    RegionMedCLIPProcessor(RegionMedCLIPImageProcessor.from_pretrained(base_dir), load_tokenizer(base_dir)).save_pretrained(
+        output_dir)
+    return output_dir
+
+
+def _trainable(model: Any) -> dict[str, Any]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_parameters": trainable, "all_parameters": total, "trainable_share": trainable / total}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="regionmed-finetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="saved RegionMed-CLIP folder")
+    parser.add_argument("--data", type=Path, required=True, help="canonical dataset folder")
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--towers", default="vision,text", help="comma-separated among vision, text")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--alpha", type=int, default=16)
+    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--modules-to-save", default="projections", help="comma-separated among "
+                        f"{sorted(SAVABLE_MODULES)}, or 'none'")
+    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_TRAINING_ARGS["per_device_train_batch_size"])
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gradient-checkpointing", choices=CHECKPOINTING_MODES, default="off")
+    parser.add_argument("--config", type=Path, default=None, help="run YAML: schedule and training_args")
+    parser.add_argument("--merge", action="store_true", help="also write the merged model to OUT/merged")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import yaml
+
+    args = _parser().parse_args(argv)
+    if not (args.model / "config.json").is_file():
+        print(f"regionmed-finetune: error: --model {str(args.model)!r} is not a saved model folder", file=sys.stderr)
+        return 2
+    saved = [] if args.modules_to_save == "none" else [name.strip() for name in args.modules_to_save.split(",")]
+    try:
+        config = lora_config([tower.strip() for tower in args.towers.split(",")], args.rank, args.alpha,
+                             args.dropout, saved)
+    except ValueError as error:
+        print(f"regionmed-finetune: error: {error}", file=sys.stderr)
+        return 2
+    run_yaml = yaml.safe_load(args.config.read_text()) if args.config else {}
+    training_args = {**DEFAULT_TRAINING_ARGS, **(run_yaml.get("training_args") or {}),
+                     "output_dir": str(args.output_dir), "max_steps": args.max_steps, "seed": args.seed,
+                     "per_device_train_batch_size": args.batch_size, "learning_rate": args.learning_rate,
+                     "save_strategy": "no"}
+    if args.gradient_checkpointing != "off":
+        training_args["gradient_checkpointing"] = True
+        training_args["gradient_checkpointing_kwargs"] = {"use_reentrant": args.gradient_checkpointing == "reentrant"}
+    run = {"model": {"pretrained": str(args.model)}, "data": {"path": str(args.data), "split": "train"},
+           "schedule": run_yaml.get("schedule") or DEFAULT_STAGES, "training_args": training_args}
+    def wrap(model: RegionMedCLIPModel) -> PeftModel:
+        if args.gradient_checkpointing == "reentrant":
+            # Reentrant checkpointing back-propagates only through segments whose input requires grad;
+            # with the towers frozen, none would, and no LoRA layer inside them would learn.
+            model.enable_input_require_grads()
+        return get_peft_model(model, config)
+
+    trainer, _ = build_trainer(run, model_wrapper=wrap)
+    summary = _trainable(trainer.model)
+    print(f"LoRA on {args.towers}: {summary['trainable_parameters']:,} of {summary['all_parameters']:,} parameters "
+          f"trainable ({100 * summary['trainable_share']:.2f}%)", flush=True)
+    trainer.train()
+    adapter = args.output_dir / "adapter"
+    trainer.model.save_pretrained(adapter)
+    (args.output_dir / "lora_summary.json").write_text(json.dumps(
+        {**summary, "towers": args.towers, "rank": args.rank, "modules_to_save": saved,
+         "gradient_checkpointing": args.gradient_checkpointing, "max_steps": args.max_steps}, indent=2) + "\n")
+    print(f"adapter: {adapter}")
+    if args.merge:
+        print(f"merged model: {merge_adapter(args.model, adapter, args.output_dir / 'merged')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
