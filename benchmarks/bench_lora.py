@@ -5,7 +5,7 @@ and each variant (full fine-tuning; LoRA r=8 on both towers' attention projectio
 projections saved, as `regionmed-finetune` defaults; the same with gradient checkpointing,
 reentrant and not), a fresh interpreter builds the model, runs one warm-up step, resets the
 process's peak-RSS mark, then runs `--steps` AdamW steps on a fixed random batch (B images with 4
-ROIs each, B report captions) and reports the trainable parameters; `state_mib`, the RSS after the
+ROIs each, B report captions; the training objective's terms that these inputs allow) and reports the trainable parameters; `state_mib`, the RSS after the
 warm-up above the interpreter's before the model was built (weights, gradients, optimizer state);
 `peak_extra_mib`, the peak RSS of the measured steps above that (activations); `peak_total_mib`,
 their sum; and the median step time. Memory is /proc VmRSS / VmHWM (Linux).
@@ -29,6 +29,7 @@ from benchmark_report import cpu_model, proc_status_bytes, release_free_heap, re
 
 from modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel  # noqa: E402
 from training_scripts.finetune_lora import lora_config  # noqa: E402
+from training_scripts.losses import training_loss  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"preset": "tiny", "overrides": {}, "batch": 16},
@@ -76,7 +77,8 @@ def worker(size: str, variant: str, steps: int) -> dict[str, Any]:
     def step() -> float:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        model(**batch, return_loss=True).loss.backward()
+        outputs = model(**batch)
+        training_loss(outputs, batch, outputs.logit_scale, config.text_config.pad_token_id)[0].backward()
         optimizer.step()
         return time.perf_counter() - start
 

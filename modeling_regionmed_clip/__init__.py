@@ -7,7 +7,6 @@ from .configuration_regionmed_clip import (
     RegionMedCLIPTextConfig,
     RegionMedCLIPVisionConfig,
 )
-from .loss_regionmed_clip import DEFAULT_LOSS_WEIGHTS, LOSS_TERMS, regionmed_clip_loss
 from .modeling_regionmed_clip import RegionMedCLIPModel, RegionMedCLIPOutput, RegionMedCLIPPreTrainedModel
 from .modeling_regionmed_clip_vqa import RegionMedCLIPForVQA, RegionMedCLIPVQAOutput
 
@@ -27,7 +26,4 @@ __all__ = [
     "RegionMedCLIPTextConfig",
     "RegionMedCLIPVQAOutput",
     "RegionMedCLIPVisionConfig",
-    "DEFAULT_LOSS_WEIGHTS",
-    "LOSS_TERMS",
-    "regionmed_clip_loss",
 ]

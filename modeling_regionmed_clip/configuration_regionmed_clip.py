@@ -269,14 +269,6 @@ class RegionMedCLIPConfig(PreTrainedConfig):
         box_free_center_momentum: EMA momentum of the running batch mean subtracted from the box-free
             image feature (DINO-style centering, updated in training mode only); 0 disables the update.
 
-    Loss settings (see `loss_regionmed_clip.py`):
-        local_loss: anchors are this rank's rows only, against every rank's candidates.
-        hard_negative_k / hard_negative_weight: in-batch mining of the hard-negative term: the
-            k hardest non-matching captions of each image have their exp(logit) multiplied by the weight.
-        negative_text_margin: cosine above which a region caption and one of its own negatives are
-            pushed apart by the `negative_text_margin` term (the text tower must not merge a
-            statement with its falsification).
-
     VQA head settings (`RegionMedCLIPForVQA`; the answers are `id2label`):
         vqa_fusion_layers / vqa_fusion_heads: blocks in which the question tokens cross-attend to
             the image tokens, in the shared `projection_dim` space.
@@ -301,10 +293,6 @@ class RegionMedCLIPConfig(PreTrainedConfig):
         roi_box_dropout: float = 0.0,
         proposal_window_sizes: list[float] | tuple[float, ...] = (0.25, 0.5),
         box_free_center_momentum: float = 0.9,
-        local_loss: bool = False,
-        hard_negative_k: int = 3,
-        hard_negative_weight: float = 2.0,
-        negative_text_margin: float = 0.7,
         vqa_fusion_layers: int = 2,
         vqa_fusion_heads: int = 8,
         initializer_range: float = 0.02,
@@ -332,10 +320,6 @@ class RegionMedCLIPConfig(PreTrainedConfig):
         self.roi_box_dropout = roi_box_dropout
         self.proposal_window_sizes = [float(size) for size in proposal_window_sizes]
         self.box_free_center_momentum = box_free_center_momentum
-        self.local_loss = local_loss
-        self.hard_negative_k = hard_negative_k
-        self.hard_negative_weight = hard_negative_weight
-        self.negative_text_margin = negative_text_margin
         self.vqa_fusion_layers = vqa_fusion_layers
         self.vqa_fusion_heads = vqa_fusion_heads
         self.initializer_range = initializer_range
@@ -364,13 +348,6 @@ class RegionMedCLIPConfig(PreTrainedConfig):
             if not 0 < size <= 1:
                 raise ValueError(f"{name}.proposal_window_sizes must hold fractions of the view side in (0, 1], "
                                  f"got {self.proposal_window_sizes!r}")
-        if not isinstance(self.hard_negative_k, int) or self.hard_negative_k < 0:
-            raise ValueError(f"{name}.hard_negative_k must be a non-negative integer, got {self.hard_negative_k!r}")
-        if not isinstance(self.hard_negative_weight, (int, float)) or not self.hard_negative_weight >= 1.0:
-            raise ValueError(f"{name}.hard_negative_weight must be >= 1 (an up-weighting), got {self.hard_negative_weight!r}")
-        if isinstance(self.negative_text_margin, bool) or not isinstance(self.negative_text_margin, (int, float)) \
-                or not -1.0 <= self.negative_text_margin <= 1.0:
-            raise ValueError(f"{name}.negative_text_margin must be a cosine in [-1, 1], got {self.negative_text_margin!r}")
         patch = self.vision_config.patch_size
         if self.roi_image_size % patch != 0:
             raise ValueError(

@@ -28,31 +28,45 @@ from .configuration_regionmed_clip import (
     RegionMedCLIPTextConfig,
     RegionMedCLIPVisionConfig,
 )
-from .loss_regionmed_clip import (
-    DEFAULT_LOSS_WEIGHTS,
-    ContrastiveLossConfig,
-    caption_groups,
-    clamped_logit_scale,
-    regionmed_clip_loss,
-)
 
 __all__ = [
+    "LOGIT_SCALE_MAX",
     "RegionMedCLIPModel",
     "RegionMedCLIPOutput",
     "RegionMedCLIPPreTrainedModel",
     "RegionMedCLIPROIProcessor",
     "RegionMedCLIPTextTransformer",
     "RegionMedCLIPVisionTransformer",
+    "clamped_logit_scale",
+    "clip_loss",
     "roi_align",
 ]
+
+# CLIP clamps the learnable temperature so logits never exceed 100 x cosine similarity.
+LOGIT_SCALE_MAX = 100.0
+
+
+def clamped_logit_scale(log_logit_scale: torch.Tensor) -> torch.Tensor:
+    """`exp(log_logit_scale)` clamped to `LOGIT_SCALE_MAX`, as a 0-d tensor (from a `()` or `(1,)` parameter)."""
+    return log_logit_scale.exp().clamp(max=LOGIT_SCALE_MAX).reshape(())
+
+
+def clip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy of `(N, N)` matched logits (text i belongs to image i), as
+    transformers' CLIPModel computes it. The multi-level objective is training-side
+    (`training_scripts/losses.py`)."""
+    targets = torch.arange(len(logits_per_text), device=logits_per_text.device)
+    return (nn.functional.cross_entropy(logits_per_text, targets)
+            + nn.functional.cross_entropy(logits_per_text.t(), targets)) / 2
 
 
 @dataclass
 class RegionMedCLIPOutput(ModelOutput):
     """Output of `RegionMedCLIPModel.forward`. Embeddings are L2-normalised.
 
-    loss: weighted sum of the loss terms (when `return_loss`); `loss_terms` holds each term.
+    loss: CLIP's contrastive loss of the report captions and images (when `return_loss`).
     logits_per_image: `(B, T)` scaled cosine similarities; `logits_per_text` is its transpose.
+    logit_scale: `()` the clamped temperature they were scaled by (the training objective reuses it).
     image_embeds: `(B, D)` global embedding plus the gated pool of the regions.
     text_embeds: `(T, D)` report captions.
     region_embeds: `(B, K, D)`, zeros where `roi_mask` is False; None without ROI inputs.
@@ -66,9 +80,9 @@ class RegionMedCLIPOutput(ModelOutput):
     """
 
     loss: torch.Tensor | None = None
-    loss_terms: dict[str, torch.Tensor] | None = None
     logits_per_image: torch.Tensor | None = None
     logits_per_text: torch.Tensor | None = None
+    logit_scale: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
     region_embeds: torch.Tensor | None = None
@@ -745,7 +759,6 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         region_negative_attention_mask: torch.Tensor | None = None,
         region_negative_mask: torch.Tensor | None = None,
         return_loss: bool | None = None,
-        loss_weights: dict[str, float] | None = None,
         return_dict: bool | None = None,
     ) -> RegionMedCLIPOutput | tuple:
         """pixel_values `(B, 3, H, W)`; input_ids / attention_mask `(T, L)` report captions;
@@ -755,9 +768,8 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         region_negative_* `(B, K, M, L)` with region_negative_mask `(B, K, M)`: negatives of each
         region caption.
 
-        `return_loss` needs `T == B` matched pairs. `loss_weights` (term -> weight, see
-        `LOSS_TERMS`) picks the terms; by default every term whose inputs are given, with
-        `DEFAULT_LOSS_WEIGHTS`.
+        `return_loss` needs `T == B` matched pairs: CLIP's loss, as transformers' CLIPModel; the
+        multi-level objective of training is `training_scripts.losses.training_loss`.
         """
         if pixel_values is None and input_ids is None:
             raise ValueError("forward needs pixel_values, input_ids, or both")
@@ -826,81 +838,18 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             logit_scale = clamped_logit_scale(self.logit_scale)
             logits_per_text = logit_scale * fields["text_embeds"] @ fields["image_embeds"].t()
             fields["logits_per_text"] = logits_per_text
+            fields["logit_scale"] = logit_scale
             fields["logits_per_image"] = logits_per_text.t()
             if return_loss:
-                fields["loss"], fields["loss_terms"] = self._loss(fields, logit_scale, loss_weights, input_ids,
-                                                                  attention_mask, summary_input_ids,
-                                                                  summary_attention_mask, region_input_ids,
-                                                                  region_attention_mask)
+                if logits_per_text.shape[0] != logits_per_text.shape[1]:
+                    raise ValueError(f"return_loss needs one report caption per image, got logits "
+                                     f"{tuple(logits_per_text.shape)}")
+                fields["loss"] = clip_loss(logits_per_text)
         elif return_loss:
             raise ValueError("return_loss needs both pixel_values and input_ids")
         output = RegionMedCLIPOutput(**fields)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
-
-    def _padding_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """The given mask, or one derived from the pad id, so identical captions padded to different
-        lengths (on different ranks) still hash to the same caption group."""
-        if attention_mask is not None:
-            return attention_mask
-        return (input_ids != self.config.text_config.pad_token_id).long()
-
-    def _loss(
-        self,
-        fields: dict[str, Any],
-        logit_scale: torch.Tensor,
-        loss_weights: dict[str, float] | None,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        summary_input_ids: torch.Tensor | None,
-        summary_attention_mask: torch.Tensor | None,
-        region_input_ids: torch.Tensor | None,
-        region_attention_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if loss_weights is None:
-            has_regions = fields.get("region_text_embeds") is not None
-            available = {
-                "global_report": True,
-                "global_summary": fields.get("summary_text_embeds") is not None,
-                "image_region": has_regions,
-                "region": has_regions,
-                "dense_region": has_regions,
-                "hard_negative": fields.get("negative_text_embeds") is not None,
-                "region_hard_negative": fields.get("region_negative_text_embeds") is not None,
-                "negative_text_margin": fields.get("region_negative_text_embeds") is not None,
-            }
-            loss_weights = {term: weight for term, weight in DEFAULT_LOSS_WEIGHTS.items() if available[term]}
-        config = ContrastiveLossConfig(
-            local_loss=self.config.local_loss,
-            hardest_k=self.config.hard_negative_k,
-            hard_negative_weight=self.config.hard_negative_weight,
-            negative_text_margin=self.config.negative_text_margin,
-        )
-        return regionmed_clip_loss(
-            loss_weights,
-            logit_scale,
-            fields["image_embeds"],
-            fields["text_embeds"],
-            text_groups=caption_groups(input_ids, self._padding_mask(input_ids, attention_mask)),
-            summary_text_embeds=fields.get("summary_text_embeds"),
-            summary_groups=None if summary_input_ids is None else caption_groups(
-                summary_input_ids, self._padding_mask(summary_input_ids, summary_attention_mask)
-            ),
-            region_embeds=fields.get("region_embeds"),
-            region_text_embeds=fields.get("region_text_embeds"),
-            roi_mask=fields.get("roi_mask"),
-            region_groups=None if region_input_ids is None else caption_groups(
-                region_input_ids, self._padding_mask(region_input_ids, region_attention_mask)
-            ),
-            negative_text_embeds=fields.get("negative_text_embeds"),
-            negative_mask=fields.get("negative_mask"),
-            config=config,
-            # With regions given, the box-free embedding is trained beside the region-pooled one.
-            box_free_image_embeds=fields["global_image_embeds"] if fields.get("region_embeds") is not None else None,
-            dense_region_embeds=fields.get("dense_region_embeds"),
-            region_negative_embeds=fields.get("region_negative_text_embeds"),
-            region_negative_mask=fields.get("region_negative_mask"),
-        )
 
     # -- starting from pretrained towers ---------------------------------------------------
 

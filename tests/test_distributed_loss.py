@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from modeling_regionmed_clip.loss_regionmed_clip import (
+from training_scripts.losses import (
     ContrastiveLossConfig,
     global_contrastive_loss,
     hard_negative_loss,

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
+from training_scripts.losses import training_loss
 from training_scripts.schedule import parameter_group_of
 from training_scripts.trainer import mean_over_ranks
 
@@ -63,7 +64,8 @@ def _worker(rank: int, port: int, queue) -> None:
         weights = {"global_report": 1.0, "global_summary": 0.5, "region": 0.5}
         losses = []
         for _ in range(2):
-            loss = wrapped(**inputs, return_loss=True, loss_weights=weights).loss
+            outputs = wrapped(**inputs)
+            loss, _ = training_loss(outputs, inputs, outputs.logit_scale, config.text_config.pad_token_id, weights)
             loss.backward()
             for parameter in roi_parameters:  # a frozen group, dropped as the trainer does after backward
                 parameter.grad = None

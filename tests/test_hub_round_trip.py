@@ -31,7 +31,13 @@ def test_remote_code_round_trip_in_a_fresh_offline_process(tmp_path):
     model.save_pretrained(model_dir)
     saved = sorted(os.listdir(model_dir))
     assert {"config.json", "model.safetensors", "modeling_regionmed_clip.py", "configuration_regionmed_clip.py",
-            "attention_regionmed_clip.py", "loss_regionmed_clip.py"} <= set(saved)
+            "attention_regionmed_clip.py"} <= set(saved)
+    # inference only: no training objective, no torch.distributed, no training knobs in config.json
+    assert not [name for name in saved if "loss" in name]
+    shipped_code = "".join((model_dir / name).read_text() for name in saved if name.endswith(".py"))
+    assert "torch.distributed" not in shipped_code
+    config = json.loads((model_dir / "config.json").read_text())
+    assert not {"local_loss", "hard_negative_k", "hard_negative_weight", "negative_text_margin"} & set(config)
     auto_map = json.loads((model_dir / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModel"] == "modeling_regionmed_clip.RegionMedCLIPModel"
 

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from modeling_regionmed_clip.loss_regionmed_clip import (
+from modeling_regionmed_clip.modeling_regionmed_clip import clamped_logit_scale
+from training_scripts.losses import (
     ContrastiveLossConfig,
     caption_groups,
-    clamped_logit_scale,
     global_contrastive_loss,
     hard_negative_loss,
     image_region_loss,
@@ -165,3 +165,30 @@ def test_negative_text_margin_pushes_only_the_hardest_negative_over_the_margin()
     assert negatives.grad[:, 1:].abs().sum() == 0  # the others are not the hardest: untouched
     with pytest.raises(ValueError, match="negative_embeds"):
         negative_text_margin_loss(captions, negatives[:3], torch.ones(3, 2, dtype=torch.bool), 0.7)
+
+
+def test_training_loss_takes_the_terms_the_batch_allows_and_equals_the_pure_functions():
+    from training_scripts.losses import DEFAULT_LOSS_WEIGHTS, training_loss
+
+    from conftest import make_inputs, tiny_model
+
+    model = tiny_model()
+    config = model.config
+    inputs = make_inputs(config, [2, 1])
+    texts = make_inputs(config, [1, 1], seed=3)
+    inputs.update(region_input_ids=texts["input_ids"][:, None].expand(-1, 2, -1).clone(),
+                  region_attention_mask=texts["attention_mask"][:, None].expand(-1, 2, -1).clone())
+    outputs = model(**inputs)
+    pad = config.text_config.pad_token_id
+    total, terms = training_loss(outputs, inputs, outputs.logit_scale, pad)
+    # no summary or negative captions in the batch: only the terms their inputs allow
+    assert set(terms) == {"global_report", "image_region", "region", "dense_region"}
+    assert total.item() == pytest.approx(sum(DEFAULT_LOSS_WEIGHTS[t] * v.item() for t, v in terms.items()), rel=1e-5)
+    only_global, global_terms = training_loss(outputs, inputs, outputs.logit_scale, pad, {"global_report": 1.0})
+    groups = caption_groups(inputs["input_ids"], inputs["attention_mask"])
+    expected = (global_contrastive_loss(outputs.image_embeds, outputs.text_embeds, outputs.logit_scale, groups)
+                + global_contrastive_loss(outputs.global_image_embeds, outputs.text_embeds, outputs.logit_scale,
+                                          groups)) / 2  # the box-free embedding is a second anchor set
+    assert only_global.item() == pytest.approx(expected.item(), rel=1e-5) and set(global_terms) == {"global_report"}
+    with pytest.raises(ValueError, match="loss.hard_negative_weight"):
+        ContrastiveLossConfig(hard_negative_weight=0.5)

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -240,3 +242,16 @@ def test_input_embeddings_are_the_text_tokens_and_resize_keeps_them():
     assert torch.equal(after[: before.shape[0]], before)
     ids = torch.tensor([[model.config.text_config.cls_token_id, before.shape[0] + 6]])  # a new token works
     assert torch.isfinite(model.get_text_features(ids)).all()
+
+
+def test_return_loss_is_clips_symmetric_cross_entropy(config):
+    model = tiny_model()
+    out = model(**make_inputs(config, [2, 0, 1]), return_loss=True)
+    targets = torch.arange(3)
+    expected = (torch.nn.functional.cross_entropy(out.logits_per_text, targets)
+                + torch.nn.functional.cross_entropy(out.logits_per_image, targets)) / 2
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert out.logit_scale.item() == pytest.approx(math.exp(config.logit_scale_init_value), rel=1e-6)
+    with pytest.raises(ValueError, match="one report caption per image"):
+        inputs = make_inputs(config, [1, 1])
+        model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"][:1], return_loss=True)

@@ -23,16 +23,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from modeling_regionmed_clip.loss_regionmed_clip import LOSS_TERMS
+from .losses import DEFAULT_LOSS_WEIGHTS, LOSS_TERMS
 
 __all__ = ["DEFAULT_STAGES", "PARAMETER_GROUPS", "PROGRESSIVE_STAGES", "Stage", "StagedSchedule", "parameter_group_of"]
 
 logger = logging.getLogger(__name__)
 
 PARAMETER_GROUPS = ("vision", "text", "roi", "projections", "temperature")
-
-_ALL_LOSSES = {"global_report": 1.0, "global_summary": 0.5, "image_region": 1.0, "region": 0.5, "dense_region": 0.5,
-               "hard_negative": 0.5, "region_hard_negative": 0.5, "negative_text_margin": 5.0}
 
 # Default: every term from the first step, regions on. Measured (docs/TRAINING.md): the global-only
 # objective of the paper's warm-up stages learns nothing in 600 steps from scratch (report loss
@@ -41,7 +38,7 @@ _ALL_LOSSES = {"global_report": 1.0, "global_summary": 0.5, "image_region": 1.0,
 # (side accuracy 0.60 against 0.998 for the same steps in one joint stage). The region terms are
 # what teach the global tower, so they run from the start.
 DEFAULT_STAGES: list[dict[str, Any]] = [
-    {"name": "joint", "fraction": 1.0, "loss_weights": dict(_ALL_LOSSES), "lr_multipliers": {}, "use_rois": True},
+    {"name": "joint", "fraction": 1.0, "loss_weights": dict(DEFAULT_LOSS_WEIGHTS), "lr_multipliers": {}, "use_rois": True},
 ]
 
 # The paper's outline, kept for users who start from pretrained towers (where a global warm-up has
@@ -52,9 +49,9 @@ PROGRESSIVE_STAGES: list[dict[str, Any]] = [
      "lr_multipliers": {"roi": 0.0}, "use_rois": False},
     {"name": "refine", "fraction": 0.1, "loss_weights": {"global_report": 1.0, "global_summary": 0.5},
      "lr_multipliers": {"roi": 0.0}, "use_rois": False},
-    {"name": "roi", "fraction": 0.4, "loss_weights": dict(_ALL_LOSSES),
+    {"name": "roi", "fraction": 0.4, "loss_weights": dict(DEFAULT_LOSS_WEIGHTS),
      "lr_multipliers": {"vision": 0.1, "text": 0.1}, "use_rois": True},
-    {"name": "joint", "fraction": 0.4, "loss_weights": dict(_ALL_LOSSES), "lr_multipliers": {}, "use_rois": True},
+    {"name": "joint", "fraction": 0.4, "loss_weights": dict(DEFAULT_LOSS_WEIGHTS), "lr_multipliers": {}, "use_rois": True},
 ]
 
 # Prefixes that wrappers put in front of parameter names (FSDP, activation checkpointing, DDP,

@@ -4,13 +4,15 @@
     regionmed-train --config run.yaml --resume                 # continue from the last complete checkpoint
     torchrun --nproc-per-node 2 -m training_scripts.train ...  # DDP (gloo on CPU, nccl on GPU)
 
-The YAML holds four optional sections (command-line flags win over it):
+The YAML holds five optional sections (command-line flags win over it):
 
     model:          {preset: base, overrides: {max_rois: 8}, vision_path: ..., text_path: ..., tokenizer: ...}
                     or {pretrained: RUN/final} to continue from a saved RegionMed-CLIP folder
     data:           {path: data/synth, split: train}
     schedule:       [list of stages, see training_scripts/schedule.py]; default DEFAULT_STAGES
     training_args:  any transformers.TrainingArguments field (per_device_train_batch_size, bf16, ...)
+    loss:           training_scripts.losses.ContrastiveLossConfig fields (local_loss, hardest_k,
+                    hard_negative_weight, negative_text_margin); the model's config.json holds none
 
 Writes to the output dir: `checkpoint-N/` (complete ones hold a marker), `tokenizer/`,
 `train_log.jsonl` (every logged loss term), `loss_curves.png` (stage boundaries marked),
@@ -18,6 +20,7 @@ Writes to the output dir: `checkpoint-N/` (complete ones hold a marker), `tokeni
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -35,6 +38,7 @@ from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, buil
 
 from .collator import RegionMedCLIPCollator
 from .data_schema import load_canonical
+from .losses import ContrastiveLossConfig
 from .plotting import plot_loss_curves
 from .schedule import DEFAULT_STAGES, StagedSchedule
 from .trainer import JsonlLogCallback, RegionMedCLIPTrainer, StageCallback, latest_complete_checkpoint
@@ -64,7 +68,7 @@ DEFAULT_TRAINING_ARGS: dict[str, Any] = {
     # Without a GPU, torchrun / accelerate launch only form a (gloo) process group when asked for the CPU.
     "use_cpu": not torch.cuda.is_available(),
 }
-_SECTIONS = {"model", "data", "schedule", "training_args"}
+_SECTIONS = {"model", "data", "schedule", "training_args", "loss"}
 
 
 def resolve_run_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,6 +101,7 @@ def resolve_run_config(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("the dataset is required (--data or data.path in the YAML)")
     training_args["output_dir"] = str(training_args["output_dir"])
     return {"model": model, "data": data, "schedule": config.get("schedule") or DEFAULT_STAGES,
+            "loss": dict(config.get("loss") or {}),
             "training_args": training_args}
 
 
@@ -181,8 +186,14 @@ def build_trainer(
                                      finding_vocabulary=finding_vocabulary(train_dataset), **swaps)
     collator.prime(train_dataset)
     schedule = StagedSchedule(run["schedule"], training_args.max_steps)
+    loss_fields = run.get("loss") or {}
+    unknown = sorted(set(loss_fields) - {field.name for field in dataclasses.fields(ContrastiveLossConfig)})
+    if unknown:
+        raise ValueError(f"loss: unknown fields {unknown}; known: "
+                         f"{[field.name for field in dataclasses.fields(ContrastiveLossConfig)]}")
     trainer = RegionMedCLIPTrainer(
         model=model if model_wrapper is None else model_wrapper(model),
+        loss_config=ContrastiveLossConfig(**loss_fields),
         args=training_args,
         train_dataset=train_dataset,
         data_collator=collator,

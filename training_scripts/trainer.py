@@ -39,8 +39,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from modeling_regionmed_clip.loss_regionmed_clip import LOGIT_SCALE_MAX
+from modeling_regionmed_clip.modeling_regionmed_clip import LOGIT_SCALE_MAX
 
+from .losses import ContrastiveLossConfig, training_loss
 from .schedule import PARAMETER_GROUPS, StagedSchedule, bare_parameter_name, parameter_group_of
 
 __all__ = [
@@ -115,8 +116,12 @@ class RegionMedCLIPTrainer(Trainer):
     # The contrastive loss is a per-batch mean, not normalised by `num_items_in_batch`.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, schedule: StagedSchedule, max_consecutive_nonfinite: int = 5, **kwargs: Any):
+    def __init__(self, *args: Any, schedule: StagedSchedule, max_consecutive_nonfinite: int = 5,
+                 loss_config: ContrastiveLossConfig | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.loss_config = loss_config or ContrastiveLossConfig()
+        # Read once: a DDP / FSDP / PEFT wrapper hides the config behind its own attributes.
+        self.pad_token_id = self.model.config.text_config.pad_token_id
         if self.is_deepspeed_enabled:
             logger.warning(
                 "DeepSpeed steps its optimizer inside backward and keeps gradients in its own buffers: frozen "
@@ -205,14 +210,17 @@ class RegionMedCLIPTrainer(Trainer):
             raise ValueError(f"stage {stage.name!r} needs batch inputs {missing}; check the collator's switches")
         # The collator reports per batch what it dropped: its own counters live in DataLoader workers.
         self.skipped_rows += int(inputs.get("skipped_rows", 0))
-        outputs = model(**{key: inputs[key] for key in keys}, return_loss=True, loss_weights=dict(stage.loss_weights))
-        for term, value in outputs.loss_terms.items():
+        batch = {key: inputs[key] for key in keys}
+        outputs = model(**batch)
+        loss, terms = training_loss(outputs, batch, outputs.logit_scale, self.pad_token_id, dict(stage.loss_weights),
+                                    self.loss_config)
+        for term, value in terms.items():
             self._record(f"loss_{term}", value.item())
         # The collapse monitor reads the box-free image embedding (what a user without boxes gets)
         # and the report embeddings: pooled ground-truth regions would hide a collapsed global view.
         self._record("box_free_image_mean_cosine", _mean_pairwise_cosine(outputs.global_image_embeds.detach()))
         self._record("text_mean_cosine", _mean_pairwise_cosine(outputs.text_embeds.detach()))
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        return (loss, outputs) if return_outputs else loss
 
     def _record(self, name: str, value: float) -> None:
         if math.isfinite(value):

@@ -1,4 +1,8 @@
-"""Contrastive losses of RegionMed-CLIP, as pure functions of embeddings (open_clip's `loss.py` style).
+"""The training objective of RegionMed-CLIP, as pure functions of embeddings (open_clip's `loss.py` style).
+
+It lives on the training side: the shipped model (remote code) computes only a plain CLIP loss when
+asked (`forward(..., return_loss=True)`), and holds no `torch.distributed` code and no training
+knobs. `training_loss` turns a model output and its batch into the named terms of `LOSS_TERMS`.
 
 Every function takes L2-normalised embeddings and the (already clamped) logit scale. Across
 processes, features are gathered WITH gradients (`torch.distributed.nn.functional.all_gather`),
@@ -19,17 +23,16 @@ InfoNCE) instead of being pushed away as a false negative.
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
-    "LOGIT_SCALE_MAX",
     "ContrastiveLossConfig",
     "DEFAULT_LOSS_WEIGHTS",
     "LOSS_TERMS",
     "caption_groups",
-    "clamped_logit_scale",
     "gather_features",
     "global_contrastive_loss",
     "hard_negative_loss",
@@ -39,15 +42,19 @@ __all__ = [
     "pad_to_global_max",
     "region_contrastive_loss",
     "regionmed_clip_loss",
+    "training_loss",
 ]
-
-# CLIP clamps the learnable temperature so logits never exceed 100 x cosine similarity.
-LOGIT_SCALE_MAX = 100.0
-
 
 @dataclass(frozen=True)
 class ContrastiveLossConfig:
-    """How losses see other ranks, and the in-batch hard-negative mining of `hard_negative_loss`."""
+    """How losses see other ranks, and the in-batch hard-negative mining (the run YAML's `loss:` section).
+
+    local_loss: anchors are this rank's rows only, against every rank's candidates.
+    hardest_k / hard_negative_weight: the k hardest non-matching captions of each anchor have their
+        exp(logit) multiplied by the weight (`hard_negative_loss`).
+    negative_text_margin: cosine above which a region caption and one of its own negatives are pushed
+        apart (`negative_text_margin_loss`: the text tower must not merge a statement with its falsification).
+    """
 
     local_loss: bool = False
     gather_with_grad: bool = True
@@ -55,10 +62,14 @@ class ContrastiveLossConfig:
     hard_negative_weight: float = 2.0
     negative_text_margin: float = 0.7
 
-
-def clamped_logit_scale(log_logit_scale: torch.Tensor) -> torch.Tensor:
-    """`exp(log_logit_scale)` clamped to `LOGIT_SCALE_MAX`, as a 0-d tensor (from a `()` or `(1,)` parameter)."""
-    return log_logit_scale.exp().clamp(max=LOGIT_SCALE_MAX).reshape(())
+    def __post_init__(self) -> None:
+        if isinstance(self.hardest_k, bool) or not isinstance(self.hardest_k, int) or self.hardest_k < 0:
+            raise ValueError(f"loss.hardest_k must be a non-negative integer, got {self.hardest_k!r}")
+        if not isinstance(self.hard_negative_weight, (int, float)) or not self.hard_negative_weight >= 1.0:
+            raise ValueError(f"loss.hard_negative_weight must be >= 1 (an up-weighting), got {self.hard_negative_weight!r}")
+        if isinstance(self.negative_text_margin, bool) or not isinstance(self.negative_text_margin, (int, float)) \
+                or not -1.0 <= self.negative_text_margin <= 1.0:
+            raise ValueError(f"loss.negative_text_margin must be a cosine in [-1, 1], got {self.negative_text_margin!r}")
 
 
 def _distributed() -> tuple[int, int]:
@@ -334,8 +345,10 @@ def negative_text_margin_loss(
 
 LOSS_TERMS = ("global_report", "global_summary", "image_region", "region", "dense_region", "hard_negative",
               "region_hard_negative", "negative_text_margin")
-# FG-CLIP-like defaults: the global loss leads, region, dense-region and hard-negative terms refine it.
-DEFAULT_LOSS_WEIGHTS = {"global_report": 1.0, "global_summary": 0.5, "image_region": 0.5, "region": 0.5,
+# The one table of default weights (the default stage's, training_scripts/schedule.py): the global loss
+# leads, the region, dense-region and hard-negative terms refine it, the margin keeps look-alike
+# region captions apart (docs/TRAINING.md, entries 9-11).
+DEFAULT_LOSS_WEIGHTS = {"global_report": 1.0, "global_summary": 0.5, "image_region": 1.0, "region": 0.5,
                         "dense_region": 0.5, "hard_negative": 0.5, "region_hard_negative": 0.5,
                         "negative_text_margin": 5.0}
 
@@ -434,3 +447,56 @@ def regionmed_clip_loss(
         terms[term] = value.detach()
         total = total + weight * value
     return total, terms
+
+
+def _padding_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_token_id: int) -> torch.Tensor:
+    """The given mask, or one derived from the pad id, so identical captions padded to different lengths
+    (on different ranks) still hash to the same caption group."""
+    return attention_mask if attention_mask is not None else (input_ids != pad_token_id).long()
+
+
+def training_loss(
+    outputs: Any,
+    inputs: dict[str, torch.Tensor],
+    logit_scale: torch.Tensor,
+    pad_token_id: int,
+    weights: dict[str, float] | None = None,
+    config: ContrastiveLossConfig = ContrastiveLossConfig(),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The multi-level objective of a `RegionMedCLIPModel` output and the batch it came from.
+
+    `inputs` are the model's inputs (report `input_ids` / `attention_mask`, and as present the
+    summary, region and negative caption inputs); `logit_scale` the clamped scale. `weights` default
+    to `DEFAULT_LOSS_WEIGHTS` restricted to the terms whose inputs are present. Returns the total and
+    each term (`regionmed_clip_loss`).
+    """
+    has_regions = outputs.region_text_embeds is not None
+    if weights is None:
+        available = {
+            "global_report": True, "global_summary": outputs.summary_text_embeds is not None,
+            "image_region": has_regions, "region": has_regions, "dense_region": has_regions,
+            "hard_negative": outputs.negative_text_embeds is not None,
+            "region_hard_negative": outputs.region_negative_text_embeds is not None,
+            "negative_text_margin": outputs.region_negative_text_embeds is not None,
+        }
+        weights = {term: weight for term, weight in DEFAULT_LOSS_WEIGHTS.items() if available[term]}
+
+    def groups(prefix: str) -> torch.Tensor | None:
+        ids = inputs.get(f"{prefix}input_ids")
+        return None if ids is None else caption_groups(ids, _padding_mask(ids, inputs.get(f"{prefix}attention_mask"),
+                                                                            pad_token_id))
+
+    return regionmed_clip_loss(
+        weights, logit_scale, outputs.image_embeds, outputs.text_embeds,
+        text_groups=groups(""),
+        summary_text_embeds=outputs.summary_text_embeds, summary_groups=groups("summary_"),
+        region_embeds=outputs.region_embeds, region_text_embeds=outputs.region_text_embeds, roi_mask=outputs.roi_mask,
+        region_groups=groups("region_"),
+        negative_text_embeds=outputs.negative_text_embeds, negative_mask=outputs.negative_mask,
+        config=config,
+        # With regions given, the box-free embedding is trained beside the region-pooled one.
+        box_free_image_embeds=outputs.global_image_embeds if outputs.region_embeds is not None else None,
+        dense_region_embeds=outputs.dense_region_embeds,
+        region_negative_embeds=outputs.region_negative_text_embeds,
+        region_negative_mask=outputs.region_negative_mask,
+    )
