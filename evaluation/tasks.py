@@ -32,6 +32,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from processing import CAPTION_LEVELS
+
 from .embeddings import EmbeddingCache, encode_images, encode_regions, encode_texts
 from .figures import COLOURS, confusion_grid, overlay_regions, plot_roc_curves, retrieval_grid, save_figure
 from .probe import (
@@ -70,7 +72,8 @@ __all__ = [
 ]
 
 ZERO_SHOT_MODES: tuple[str, ...] = ("auto", "multilabel", "multiclass")
-CAPTION_COLUMNS: dict[str, str] = {"report": "report_caption", "summary": "summary_caption"}
+# The caption levels a film has one of, and their canonical columns (from `processing.CAPTION_LEVELS`).
+CAPTION_COLUMNS: dict[str, str] = {level.name: level.source for level in CAPTION_LEVELS if level.shape in ("(T, L)", "(B, L)")}
 _NO_FINDING_NAMES = frozenset({"no finding", "no findings", "normal"})
 _FIGURE_EXAMPLES = 6  # images drawn in the overlay and grid figures
 

@@ -2,7 +2,7 @@
 
 from .image_processing_regionmed_clip import RegionMedCLIPImageProcessor
 from .medical_image_io import load_medical_image
-from .processing_regionmed_clip import RegionMedCLIPProcessor
+from .processing_regionmed_clip import CAPTION_LEVELS, CaptionLevel, RegionMedCLIPProcessor, caption_level
 from .tokenization_regionmed_clip import DEFAULT_MAX_LENGTH, build_tokenizer, load_tokenizer
 
 # save_pretrained then writes `auto_map` and copies the flat module files.
@@ -10,10 +10,13 @@ RegionMedCLIPImageProcessor.register_for_auto_class("AutoImageProcessor")
 RegionMedCLIPProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "CAPTION_LEVELS",
     "DEFAULT_MAX_LENGTH",
+    "CaptionLevel",
     "RegionMedCLIPImageProcessor",
     "RegionMedCLIPProcessor",
     "build_tokenizer",
+    "caption_level",
     "load_medical_image",
     "load_tokenizer",
 ]

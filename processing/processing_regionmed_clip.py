@@ -2,6 +2,7 @@
 through the tokenizer, in one `BatchFeature` whose shapes line up with the model's forward."""
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,45 @@ from transformers.processing_utils import ProcessorMixin
 
 from .image_processing_regionmed_clip import RegionMedCLIPImageProcessor
 
-__all__ = ["RegionMedCLIPProcessor"]
+__all__ = ["CAPTION_LEVELS", "CaptionLevel", "RegionMedCLIPProcessor", "caption_level"]
+
+
+@dataclass(frozen=True)
+class CaptionLevel:
+    """One caption level: the processor argument that takes it, the model inputs it becomes and their
+    shape, and the canonical dataset column it comes from. Which loss terms need it is said on the
+    training side (`training_scripts.losses.TERM_CAPTION_LEVELS`)."""
+
+    name: str
+    argument: str  # the processor's keyword
+    prefix: str  # of the model inputs: f"{prefix}input_ids", f"{prefix}attention_mask"
+    shape: str  # of `input_ids`
+    mask: str | None  # the validity mask of ragged levels
+    source: str  # where the canonical rows keep it
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return (f"{self.prefix}input_ids", f"{self.prefix}attention_mask", *((self.mask,) if self.mask else ()))
+
+
+# The one table of caption levels: the processor's outputs, the model's text inputs and the Trainer's
+# batch keys all derive from it.
+CAPTION_LEVELS: tuple[CaptionLevel, ...] = (
+    CaptionLevel("report", "text", "", "(T, L)", None, "report_caption"),
+    CaptionLevel("summary", "summary_text", "summary_", "(B, L)", None, "summary_caption"),
+    CaptionLevel("region", "region_text", "region_", "(B, K, L)", None, "regions[].caption (aligned with roi_mask)"),
+    CaptionLevel("negative", "negative_text", "negative_", "(B, M, L)", "negative_mask", "negative_captions"),
+    CaptionLevel("region_negative", "region_negative_text", "region_negative_", "(B, K, M, L)", "region_negative_mask",
+                 "made per region caption by training_scripts.negatives"),
+)
+
+
+def caption_level(name: str) -> CaptionLevel:
+    """The level called `name`; KeyError naming the known ones otherwise."""
+    for level in CAPTION_LEVELS:
+        if level.name == name:
+            return level
+    raise KeyError(f"unknown caption level {name!r}; known: {[level.name for level in CAPTION_LEVELS]}")
 
 
 def _as_text_list(value: str | Sequence[str], name: str) -> list[str]:
@@ -172,9 +211,5 @@ class RegionMedCLIPProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return [
-            "pixel_values", "roi_pixel_values", "roi_boxes", "roi_mask", "input_ids", "attention_mask",
-            "summary_input_ids", "summary_attention_mask", "region_input_ids", "region_attention_mask",
-            "negative_input_ids", "negative_attention_mask", "negative_mask",
-            "region_negative_input_ids", "region_negative_attention_mask", "region_negative_mask",
-        ]
+        return [*RegionMedCLIPImageProcessor.model_input_names,
+                *(name for level in CAPTION_LEVELS for name in level.input_names)]

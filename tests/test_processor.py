@@ -225,3 +225,30 @@ def test_region_negatives_need_one_list_per_region(processor):
         processor(images=images(2), **FULL_CALL, region_negative_text=[[[], []], []])
     with pytest.raises(ValueError, match="region_negative_text needs region_text"):
         processor(images=images(2), regions=FULL_CALL["regions"], region_negative_text=[[[], []], [[]]])
+
+
+def test_caption_level_table_names_every_output(processor):
+    from processing import CAPTION_LEVELS, caption_level
+
+    call = {**FULL_CALL, "region_negative_text": [[["a"], ["b", "c"]], [["d"]]]}
+    out = processor(images=images(2), **call, return_tensors="pt")
+    assert set(out) == set(processor.model_input_names)  # every level's inputs, nothing else
+    for level in CAPTION_LEVELS:
+        assert level.argument in call, level.name  # each level has its processor argument
+        ids = out[level.input_names[0]]
+        assert ids.ndim == len(level.shape.strip("()").split(", ")), level.name
+    assert caption_level("negative").input_names == ("negative_input_ids", "negative_attention_mask", "negative_mask")
+    with pytest.raises(KeyError, match="unknown caption level 'findings'"):
+        caption_level("findings")
+
+
+def test_each_stage_feeds_exactly_the_levels_its_terms_read():
+    from training_scripts.schedule import PROGRESSIVE_STAGES, StagedSchedule
+    from training_scripts.trainer import stage_input_names
+
+    warmup, refine, roi, _ = StagedSchedule(PROGRESSIVE_STAGES, 100).stages
+    assert stage_input_names(warmup) == ["pixel_values", "input_ids", "attention_mask"]
+    assert stage_input_names(refine) == ["pixel_values", "input_ids", "attention_mask", "summary_input_ids",
+                                         "summary_attention_mask"]
+    assert stage_input_names(roi)[:4] == ["pixel_values", "roi_pixel_values", "roi_boxes", "roi_mask"]
+    assert "region_negative_mask" in stage_input_names(roi)

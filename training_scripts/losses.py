@@ -32,6 +32,7 @@ __all__ = [
     "ContrastiveLossConfig",
     "DEFAULT_LOSS_WEIGHTS",
     "LOSS_TERMS",
+    "TERM_CAPTION_LEVELS",
     "caption_groups",
     "gather_features",
     "global_contrastive_loss",
@@ -345,6 +346,17 @@ def negative_text_margin_loss(
 
 LOSS_TERMS = ("global_report", "global_summary", "image_region", "region", "dense_region", "hard_negative",
               "region_hard_negative", "negative_text_margin")
+# Which caption levels (`processing.CAPTION_LEVELS`) each term reads, beside the images.
+TERM_CAPTION_LEVELS: dict[str, tuple[str, ...]] = {
+    "global_report": ("report",),
+    "global_summary": ("summary",),
+    "image_region": ("region",),
+    "region": ("region",),
+    "dense_region": ("region",),
+    "hard_negative": ("report", "negative"),
+    "region_hard_negative": ("region", "region_negative"),
+    "negative_text_margin": ("region", "region_negative"),
+}
 # The one table of default weights (the default stage's, training_scripts/schedule.py): the global loss
 # leads, the region, dense-region and hard-negative terms refine it, the margin keeps look-alike
 # region captions apart (docs/TRAINING.md, entries 9-11).

@@ -40,9 +40,10 @@ from transformers import Trainer, TrainerCallback, get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from modeling_regionmed_clip.modeling_regionmed_clip import LOGIT_SCALE_MAX
+from processing import CAPTION_LEVELS, RegionMedCLIPImageProcessor
 
-from .losses import ContrastiveLossConfig, training_loss
-from .schedule import PARAMETER_GROUPS, StagedSchedule, bare_parameter_name, parameter_group_of
+from .losses import LOSS_TERMS, TERM_CAPTION_LEVELS, ContrastiveLossConfig, training_loss
+from .schedule import PARAMETER_GROUPS, Stage, StagedSchedule, bare_parameter_name, parameter_group_of
 
 __all__ = [
     "CHECKPOINT_COMPLETE",
@@ -52,24 +53,18 @@ __all__ = [
     "StageCallback",
     "latest_complete_checkpoint",
     "mean_over_ranks",
+    "stage_input_names",
 ]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_COMPLETE = "CHECKPOINT_COMPLETE"
-_ALWAYS = ("pixel_values", "input_ids", "attention_mask")
-_ROI_INPUTS = ("roi_pixel_values", "roi_boxes", "roi_mask")
-_TERM_INPUTS = {
-    "global_summary": ("summary_input_ids", "summary_attention_mask"),
-    "region": ("region_input_ids", "region_attention_mask"),
-    "hard_negative": ("negative_input_ids", "negative_attention_mask", "negative_mask"),
-    "region_hard_negative": ("region_input_ids", "region_attention_mask", "region_negative_input_ids",
-                             "region_negative_attention_mask", "region_negative_mask"),
-    "negative_text_margin": ("region_input_ids", "region_attention_mask", "region_negative_input_ids",
-                             "region_negative_attention_mask", "region_negative_mask"),
-    "dense_region": ("region_input_ids", "region_attention_mask"),
-    "image_region": ("region_input_ids", "region_attention_mask"),
-}
+def stage_input_names(stage: Stage) -> list[str]:
+    """The batch keys a stage's forward needs: the images (and ROIs when the stage uses them) and the
+    caption levels its loss terms read (`TERM_CAPTION_LEVELS` over `processing.CAPTION_LEVELS`)."""
+    names = ["pixel_values", *(RegionMedCLIPImageProcessor.model_input_names[1:] if stage.use_rois else ())]
+    levels = {"report"} | {level for term in LOSS_TERMS if stage.uses(term) for level in TERM_CAPTION_LEVELS[term]}
+    return names + [name for level in CAPTION_LEVELS if level.name in levels for name in level.input_names]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -199,12 +194,7 @@ class RegionMedCLIPTrainer(Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
         stage = self.schedule.stage_at(self.state.global_step)
-        keys = list(_ALWAYS)
-        if stage.use_rois:
-            keys += _ROI_INPUTS
-        for term, term_keys in _TERM_INPUTS.items():
-            if stage.uses(term):
-                keys += term_keys
+        keys = stage_input_names(stage)
         missing = [key for key in keys if key not in inputs]
         if missing:
             raise ValueError(f"stage {stage.name!r} needs batch inputs {missing}; check the collator's switches")
