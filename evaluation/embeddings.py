@@ -87,7 +87,7 @@ def encode_texts(
         for start in range(0, len(texts), batch_size):
             encoded = processor(text=list(texts[start : start + batch_size]))
             chunks.append(_normalised(model.get_text_features(
-                input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device))))
+                input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device)).pooler_output))
             bar.update(len(chunks[-1]))
     return torch.cat(chunks) if chunks else torch.zeros(0, model.config.projection_dim)
 
@@ -111,7 +111,8 @@ def encode_images(
             regions = None if boxes is None else [list(b) for b in boxes[start : start + batch_size]]
             inputs = processor(images=batch, regions=regions)
             roi = {key: inputs[key].to(device) for key in ROI_KEYS if key in inputs}
-            chunks.append(_normalised(model.get_image_features(pixel_values=inputs["pixel_values"].to(device), **roi)))
+            chunks.append(_normalised(model.get_image_features(pixel_values=inputs["pixel_values"].to(device),
+                                                                      **roi).pooler_output))
             bar.update(len(batch))
     return torch.cat(chunks) if chunks else torch.zeros(0, model.config.projection_dim)
 
@@ -156,7 +157,8 @@ def encode_regions(
             if mask.any():
                 for name, transform in transforms.items():
                     changed = {key: value.to(device) for key, value in transform(roi).items()}
-                    chunks[name].append(_normalised(model.get_region_features(pixel_values=pixel_values, **changed)[mask.to(device)]))
+                    regions = model.get_region_features(pixel_values=pixel_values, **changed).pooler_output
+                    chunks[name].append(_normalised(regions[mask.to(device)]))
             bar.update(len(batch))
     dim = model.config.projection_dim
     return {name: torch.cat(parts) if parts else torch.zeros(0, dim) for name, parts in chunks.items()}

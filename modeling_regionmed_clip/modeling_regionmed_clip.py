@@ -279,7 +279,8 @@ class RegionMedCLIPTextEmbeddings(nn.Module):
             "position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False
         )
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids `(T, L)`; token_type_ids `(T, L)` (BERT segments; default 0 everywhere) -> `(T, L, C)`."""
         seq_len = input_ids.shape[1]
         max_len = self.position_ids.shape[1]
         if seq_len > max_len:
@@ -287,12 +288,13 @@ class RegionMedCLIPTextEmbeddings(nn.Module):
                 f"input_ids has {seq_len} tokens but text_config.max_position_embeddings is {max_len}; "
                 "truncate the captions (the processor does by default)"
             )
-        # Single-segment captions: token type 0 everywhere, as BERT sees a lone sentence.
-        embeddings = (
-            self.word_embeddings(input_ids)
-            + self.position_embeddings(self.position_ids[:, :seq_len])
-            + self.token_type_embeddings.weight[0]
-        )
+        if token_type_ids is None:  # single-segment captions: type 0 everywhere, as BERT sees a lone sentence
+            token_types = self.token_type_embeddings.weight[0]
+        else:
+            if token_type_ids.shape != input_ids.shape:
+                raise ValueError(f"token_type_ids {tuple(token_type_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
+            token_types = self.token_type_embeddings(token_type_ids)
+        embeddings = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids[:, :seq_len]) + token_types
         return self.dropout(self.LayerNorm(embeddings))
 
 
@@ -305,9 +307,10 @@ class RegionMedCLIPTextTransformer(nn.Module):
         self.embeddings = RegionMedCLIPTextEmbeddings(config)
         self.encoder = RegionMedCLIPEncoder(config, norm_first=False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
-        """input_ids `(T, L)`, attention_mask `(T, L)` 1 = token, 0 = padding."""
-        hidden_states = self.embeddings(input_ids)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
+        """input_ids `(T, L)`, attention_mask `(T, L)` 1 = token, 0 = padding; token_type_ids `(T, L)` optional."""
+        hidden_states = self.embeddings(input_ids, token_type_ids)
         additive_mask = None
         if attention_mask is not None:
             additive_mask = additive_padding_mask(attention_mask, hidden_states.dtype)
@@ -624,9 +627,15 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
 
     # -- features -------------------------------------------------------------------------
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected (unnormalised) caption embeddings `(T, D)`."""
-        return self.text_projection(self.text_model(input_ids, attention_mask).pooler_output)
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """The text tower's output with `pooler_output` the projected (unnormalised) caption embeddings
+        `(T, D)`, as transformers v5's CLIPModel; `last_hidden_state` `(T, L, C)`."""
+        output = self.text_model(input_ids, attention_mask, token_type_ids)
+        output.pooler_output = self.text_projection(output.pooler_output)
+        return output
 
     def _encode_regions(
         self,
@@ -710,9 +719,13 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         roi_pixel_values: torch.Tensor | None = None,
         roi_boxes: torch.Tensor | None = None,
         roi_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Projected (unnormalised) image embeddings `(B, D)`, region-pooled when ROIs are given."""
-        return self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask)["image_embeds"]
+    ) -> BaseModelOutputWithPooling:
+        """The global view's tower output (`last_hidden_state` `(B, 1 + P, C)`) with `pooler_output` the
+        projected (unnormalised) image embeddings `(B, D)`: box-free (proposal windows pooled), or
+        region-pooled when ROIs are given."""
+        vision = self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask)
+        return BaseModelOutputWithPooling(last_hidden_state=vision["vision_output"].last_hidden_state,
+                                          pooler_output=vision["image_embeds"])
 
     def get_region_features(
         self,
@@ -720,24 +733,33 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         roi_pixel_values: torch.Tensor,
         roi_boxes: torch.Tensor,
         roi_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Projected (unnormalised) region embeddings `(B, K, D)`, zeros at masked-out ROIs."""
-        return self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask)["region_embeds"]
+    ) -> BaseModelOutputWithPooling:
+        """The global view's tower output with `pooler_output` the projected (unnormalised) region
+        embeddings `(B, K, D)`, zeros at masked-out ROIs."""
+        vision = self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask)
+        return BaseModelOutputWithPooling(last_hidden_state=vision["vision_output"].last_hidden_state,
+                                          pooler_output=vision["region_embeds"])
 
     # -- forward --------------------------------------------------------------------------
 
-    def _encode_captions(self, caption_sets: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
+    def _encode_captions(
+        self, caption_sets: list[tuple[torch.Tensor, torch.Tensor | None]], token_type_ids: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Several `(N_i, L_i)` caption batches through the text tower in ONE pass (padded to the
-        longest); returns their normalised embeddings `(N_i, D)`."""
+        longest); returns their normalised embeddings `(N_i, D)`. `token_type_ids` belong to the first
+        set (the report captions); the others are single-segment."""
         pad_id = self.config.text_config.pad_token_id
         length = max(ids.shape[1] for ids, _ in caption_sets)
-        ids_list, mask_list = [], []
-        for ids, mask in caption_sets:
+        ids_list, mask_list, type_list = [], [], []
+        for index, (ids, mask) in enumerate(caption_sets):
             mask = torch.ones_like(ids) if mask is None else mask
             extra = length - ids.shape[1]
             ids_list.append(nn.functional.pad(ids, (0, extra), value=pad_id))
             mask_list.append(nn.functional.pad(mask, (0, extra), value=0))
-        embeds = self.get_text_features(torch.cat(ids_list), torch.cat(mask_list))
+            types = token_type_ids if index == 0 and token_type_ids is not None else torch.zeros_like(ids)
+            type_list.append(nn.functional.pad(types, (0, extra), value=0))
+        embeds = self.get_text_features(torch.cat(ids_list), torch.cat(mask_list),
+                                        None if token_type_ids is None else torch.cat(type_list)).pooler_output
         return list(nn.functional.normalize(embeds, dim=-1).split([ids.shape[0] for ids, _ in caption_sets]))
 
     def forward(
@@ -745,6 +767,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
         roi_pixel_values: torch.Tensor | None = None,
         roi_boxes: torch.Tensor | None = None,
         roi_mask: torch.Tensor | None = None,
@@ -761,7 +784,8 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         return_loss: bool | None = None,
         return_dict: bool | None = None,
     ) -> RegionMedCLIPOutput | tuple:
-        """pixel_values `(B, 3, H, W)`; input_ids / attention_mask `(T, L)` report captions;
+        """pixel_values `(B, 3, H, W)`; input_ids / attention_mask `(T, L)` report captions (and their
+        optional BERT `token_type_ids`, which transformers' pipelines pass for tokenizers that emit them);
         roi_pixel_values `(B, K, 3, h, w)`; roi_boxes `(B, K, 4)` normalised xyxy on the global
         view; roi_mask `(B, K)` (default: all valid); summary_* `(B, L)`; region_* `(B, K, L)`
         aligned with the ROI slots; negative_* `(B, M, L)` with negative_mask `(B, M)`;
@@ -822,7 +846,10 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             caption_sets["region_negative"] = (region_negative_input_ids[region_negative_mask],
                                                _optional_index(region_negative_attention_mask, region_negative_mask))
         if caption_sets:
-            encoded = dict(zip(caption_sets, self._encode_captions(list(caption_sets.values())), strict=True))
+            if token_type_ids is not None and "text" not in caption_sets:
+                raise ValueError("token_type_ids belong to the report captions: pass input_ids with them")
+            encoded = dict(zip(caption_sets, self._encode_captions(list(caption_sets.values()), token_type_ids),
+                               strict=True))
             fields["text_embeds"] = encoded.get("text")
             fields["summary_text_embeds"] = encoded.get("summary")
             if "region" in encoded:

@@ -30,8 +30,8 @@ def test_box_free_embedding_pools_the_proposal_windows():
     plain = tiny_model(proposal_window_sizes=[])
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():
-        with_windows = model.get_image_features(pixel_values)
-        without = plain.get_image_features(pixel_values)
+        with_windows = model.get_image_features(pixel_values).pooler_output
+        without = plain.get_image_features(pixel_values).pooler_output
         tokens = model.vision_model(pixel_values)
         grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
         windows = sliding_window_boxes(model.config.proposal_window_sizes, pixel_values.device, pixel_values.dtype)

@@ -70,7 +70,7 @@ def test_zero_pool_gate_keeps_the_global_image_embedding(model, config):
     inputs = make_inputs(config, [4, 2])
     with torch.no_grad():
         out = model(**inputs)
-        global_only = model.get_image_features(inputs["pixel_values"])
+        global_only = model.get_image_features(inputs["pixel_values"]).pooler_output
     assert torch.equal(out.image_embeds, out.global_image_embeds)
     torch.testing.assert_close(out.image_embeds, torch.nn.functional.normalize(global_only, dim=-1))
 
@@ -155,10 +155,16 @@ def test_feature_getters_agree_with_forward(model, config):
     inputs = make_inputs(config, [2, 1])
     with torch.no_grad():
         out = model(**inputs)
-        text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
-        regions = model.get_region_features(
+        text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output
+        region_output = model.get_region_features(
             inputs["pixel_values"], inputs["roi_pixel_values"], inputs["roi_boxes"], inputs["roi_mask"]
         )
+        image_output = model.get_image_features(inputs["pixel_values"], inputs["roi_pixel_values"],
+                                                inputs["roi_boxes"], inputs["roi_mask"])
+    regions = region_output.pooler_output
+    # v5's convention: the tower output, its pooler_output the projected embedding
+    assert image_output.last_hidden_state.shape[0] == 2 and region_output.pooler_output.shape[:2] == (2, 2)
+    torch.testing.assert_close(torch.nn.functional.normalize(image_output.pooler_output, dim=-1), out.image_embeds)
     torch.testing.assert_close(torch.nn.functional.normalize(text, dim=-1), out.text_embeds)
     torch.testing.assert_close(
         torch.nn.functional.normalize(regions, dim=-1) * inputs["roi_mask"][..., None], out.region_embeds
@@ -241,7 +247,7 @@ def test_input_embeddings_are_the_text_tokens_and_resize_keeps_them():
     assert after.shape[0] == model.config.text_config.vocab_size == before.shape[0] + 7
     assert torch.equal(after[: before.shape[0]], before)
     ids = torch.tensor([[model.config.text_config.cls_token_id, before.shape[0] + 6]])  # a new token works
-    assert torch.isfinite(model.get_text_features(ids)).all()
+    assert torch.isfinite(model.get_text_features(ids).pooler_output).all()
 
 
 def test_return_loss_is_clips_symmetric_cross_entropy(config):
@@ -255,3 +261,16 @@ def test_return_loss_is_clips_symmetric_cross_entropy(config):
     with pytest.raises(ValueError, match="one report caption per image"):
         inputs = make_inputs(config, [1, 1])
         model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"][:1], return_loss=True)
+
+
+def test_token_type_ids_are_accepted_and_zero_means_a_single_segment(config):
+    model = tiny_model()
+    inputs = make_inputs(config, [1, 1])
+    with torch.no_grad():
+        plain = model(**inputs).text_embeds
+        zeros = model(**inputs, token_type_ids=torch.zeros_like(inputs["input_ids"])).text_embeds
+        ones = model(**inputs, token_type_ids=torch.ones_like(inputs["input_ids"])).text_embeds
+    torch.testing.assert_close(zeros, plain)  # what the pipeline passes for a BERT tokenizer changes nothing
+    assert not torch.allclose(ones, plain)  # the segment embedding is really read
+    with pytest.raises(ValueError, match="must match input_ids"):
+        model(input_ids=inputs["input_ids"], token_type_ids=torch.zeros(1, 3, dtype=torch.long))
