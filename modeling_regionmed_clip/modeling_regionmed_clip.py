@@ -18,7 +18,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -77,6 +77,10 @@ class RegionMedCLIPOutput(ModelOutput):
     negative_text_embeds: `(B, M, D)` with `negative_mask (B, M)`.
     dense_region_embeds: `(B, K, D)` each ROI's box pooled from the global patch grid alone (no
     crop), zeros at padding; region_negative_text_embeds: `(B, K, M, D)` with `region_negative_mask (B, K, M)`.
+    vision_model_output: the global view's tower output; text_model_output: the report captions' (their
+    rows of the packed caption pass). With `output_hidden_states` / `output_attentions` they hold every
+    layer's hidden states (`num_layers + 1`) and attention weights (None from backends that do not
+    return weights, e.g. SDPA: use `attn_implementation="eager"`).
     """
 
     loss: torch.Tensor | None = None
@@ -176,14 +180,18 @@ class RegionMedCLIPEncoderLayer(GradientCheckpointingLayer):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(N, S, C)` -> the block's output `(N, S, C)` and its attention weights `(N, H, S, S)` (None
+        from backends that do not return them, e.g. SDPA)."""
         if self.norm_first:
-            attn_output, _ = self.self_attn(self.layer_norm1(hidden_states), attention_mask)
+            attn_output, attn_weights = self.self_attn(self.layer_norm1(hidden_states), attention_mask)
             hidden_states = hidden_states + self.dropout(attn_output)
-            return hidden_states + self.dropout(self.mlp(self.layer_norm2(hidden_states)))
-        attn_output, _ = self.self_attn(hidden_states, attention_mask)
+            return hidden_states + self.dropout(self.mlp(self.layer_norm2(hidden_states))), attn_weights
+        attn_output, attn_weights = self.self_attn(hidden_states, attention_mask)
         hidden_states = self.layer_norm1(hidden_states + self.dropout(attn_output))
-        return self.layer_norm2(hidden_states + self.dropout(self.mlp(hidden_states)))
+        return self.layer_norm2(hidden_states + self.dropout(self.mlp(hidden_states))), attn_weights
 
 
 class RegionMedCLIPEncoder(nn.Module):
@@ -193,10 +201,22 @@ class RegionMedCLIPEncoder(nn.Module):
             [RegionMedCLIPEncoderLayer(config, norm_first) for _ in range(config.num_hidden_layers)]
         )
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False, output_attentions: bool = False,
+    ) -> BaseModelOutput:
+        """The last layer's output, and per request every layer's input plus the last output
+        (`num_layers + 1` tensors, as transformers' encoders) and every layer's attention weights."""
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask)
-        return hidden_states
+            hidden_states, attn_weights = layer(hidden_states, attention_mask)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states,
+                               attentions=all_attentions)
 
 
 class RegionMedCLIPVisionEmbeddings(nn.Module):
@@ -258,13 +278,16 @@ class RegionMedCLIPVisionTransformer(nn.Module):
         self.encoder = RegionMedCLIPEncoder(config, norm_first=True)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> BaseModelOutputWithPooling:
         embeddings, _ = self.embeddings(pixel_values)
-        hidden_states = self.encoder(self.pre_layrnorm(embeddings))
+        encoded = self.encoder(self.pre_layrnorm(embeddings), None, output_hidden_states, output_attentions)
         # Normalise every token, not only CLS: the ROI processor reads the patch tokens as context.
-        hidden_states = self.post_layernorm(hidden_states)
+        hidden_states = self.post_layernorm(encoded.last_hidden_state)
         pooled = hidden_states[:, 0] if self.config.pooling == "cls" else hidden_states[:, 1:].mean(dim=1)
-        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled,
+                                          hidden_states=encoded.hidden_states, attentions=encoded.attentions)
 
 
 class RegionMedCLIPTextEmbeddings(nn.Module):
@@ -308,13 +331,15 @@ class RegionMedCLIPTextTransformer(nn.Module):
         self.encoder = RegionMedCLIPEncoder(config, norm_first=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
+                token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> BaseModelOutputWithPooling:
         """input_ids `(T, L)`, attention_mask `(T, L)` 1 = token, 0 = padding; token_type_ids `(T, L)` optional."""
         hidden_states = self.embeddings(input_ids, token_type_ids)
         additive_mask = None
         if attention_mask is not None:
             additive_mask = additive_padding_mask(attention_mask, hidden_states.dtype)
-        hidden_states = self.encoder(hidden_states, additive_mask)
+        encoded = self.encoder(hidden_states, additive_mask, output_hidden_states, output_attentions)
+        hidden_states = encoded.last_hidden_state
         if self.config.pooling == "cls":
             pooled = hidden_states[:, 0]
         elif attention_mask is None:
@@ -322,7 +347,8 @@ class RegionMedCLIPTextTransformer(nn.Module):
         else:
             weights = attention_mask.to(hidden_states.dtype)[..., None]
             pooled = (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled,
+                                          hidden_states=encoded.hidden_states, attentions=encoded.attentions)
 
 
 def roi_align(feature_grid: torch.Tensor, boxes: torch.Tensor, output_size: int, sampling_ratio: int = 2) -> torch.Tensor:
@@ -629,11 +655,13 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
 
     def get_text_features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> BaseModelOutputWithPooling:
         """The text tower's output with `pooler_output` the projected (unnormalised) caption embeddings
-        `(T, D)`, as transformers v5's CLIPModel; `last_hidden_state` `(T, L, C)`."""
-        output = self.text_model(input_ids, attention_mask, token_type_ids)
+        `(T, D)`, as transformers v5's CLIPModel; `last_hidden_state` `(T, L, C)`; per request every
+        layer's hidden states and attention weights."""
+        output = self.text_model(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attentions)
         output.pooler_output = self.text_projection(output.pooler_output)
         return output
 
@@ -679,9 +707,11 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         roi_pixel_values: torch.Tensor | None,
         roi_boxes: torch.Tensor | None,
         roi_mask: torch.Tensor | None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> dict[str, Any]:
         roi_mask = _check_roi_inputs(pixel_values, roi_pixel_values, roi_boxes, roi_mask)
-        vision_output = self.vision_model(pixel_values)
+        vision_output = self.vision_model(pixel_values, output_hidden_states, output_attentions)
         patch = self.config.vision_config.patch_size
         patch_grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
         # Box-free feature: the pooled proposal windows of the global view (or, without windows, its pooled tokens).
@@ -719,13 +749,16 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         roi_pixel_values: torch.Tensor | None = None,
         roi_boxes: torch.Tensor | None = None,
         roi_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> BaseModelOutputWithPooling:
-        """The global view's tower output (`last_hidden_state` `(B, 1 + P, C)`) with `pooler_output` the
-        projected (unnormalised) image embeddings `(B, D)`: box-free (proposal windows pooled), or
-        region-pooled when ROIs are given."""
-        vision = self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask)
-        return BaseModelOutputWithPooling(last_hidden_state=vision["vision_output"].last_hidden_state,
-                                          pooler_output=vision["image_embeds"])
+        """The global view's tower output (`last_hidden_state` `(B, 1 + P, C)`, per request every layer's
+        hidden states and attentions) with `pooler_output` the projected (unnormalised) image embeddings
+        `(B, D)`: box-free (proposal windows pooled), or region-pooled when ROIs are given."""
+        vision = self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask, output_hidden_states,
+                                      output_attentions)
+        vision["vision_output"].pooler_output = vision["image_embeds"]
+        return vision["vision_output"]
 
     def get_region_features(
         self,
@@ -737,17 +770,18 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         """The global view's tower output with `pooler_output` the projected (unnormalised) region
         embeddings `(B, K, D)`, zeros at masked-out ROIs."""
         vision = self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask)
-        return BaseModelOutputWithPooling(last_hidden_state=vision["vision_output"].last_hidden_state,
-                                          pooler_output=vision["region_embeds"])
+        vision["vision_output"].pooler_output = vision["region_embeds"]
+        return vision["vision_output"]
 
     # -- forward --------------------------------------------------------------------------
 
     def _encode_captions(
-        self, caption_sets: list[tuple[torch.Tensor, torch.Tensor | None]], token_type_ids: torch.Tensor | None = None
-    ) -> list[torch.Tensor]:
+        self, caption_sets: list[tuple[torch.Tensor, torch.Tensor | None]], token_type_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False, output_attentions: bool = False,
+    ) -> tuple[list[torch.Tensor], BaseModelOutputWithPooling]:
         """Several `(N_i, L_i)` caption batches through the text tower in ONE pass (padded to the
-        longest); returns their normalised embeddings `(N_i, D)`. `token_type_ids` belong to the first
-        set (the report captions); the others are single-segment."""
+        longest); returns their normalised embeddings `(N_i, D)` and the tower output of the first set
+        (the report captions, whose `token_type_ids` these are; the others are single-segment)."""
         pad_id = self.config.text_config.pad_token_id
         length = max(ids.shape[1] for ids, _ in caption_sets)
         ids_list, mask_list, type_list = [], [], []
@@ -758,9 +792,17 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             mask_list.append(nn.functional.pad(mask, (0, extra), value=0))
             types = token_type_ids if index == 0 and token_type_ids is not None else torch.zeros_like(ids)
             type_list.append(nn.functional.pad(types, (0, extra), value=0))
-        embeds = self.get_text_features(torch.cat(ids_list), torch.cat(mask_list),
-                                        None if token_type_ids is None else torch.cat(type_list)).pooler_output
-        return list(nn.functional.normalize(embeds, dim=-1).split([ids.shape[0] for ids, _ in caption_sets]))
+        output = self.get_text_features(torch.cat(ids_list), torch.cat(mask_list),
+                                        None if token_type_ids is None else torch.cat(type_list),
+                                        output_hidden_states, output_attentions)
+        sizes = [ids.shape[0] for ids, _ in caption_sets]
+        first = sizes[0]
+        first_output = BaseModelOutputWithPooling(
+            last_hidden_state=output.last_hidden_state[:first], pooler_output=output.pooler_output[:first],
+            hidden_states=None if output.hidden_states is None else tuple(h[:first] for h in output.hidden_states),
+            attentions=None if output.attentions is None else tuple(
+                None if a is None else a[:first] for a in output.attentions))
+        return list(nn.functional.normalize(output.pooler_output, dim=-1).split(sizes)), first_output
 
     def forward(
         self,
@@ -782,6 +824,8 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         region_negative_attention_mask: torch.Tensor | None = None,
         region_negative_mask: torch.Tensor | None = None,
         return_loss: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
     ) -> RegionMedCLIPOutput | tuple:
         """pixel_values `(B, 3, H, W)`; input_ids / attention_mask `(T, L)` report captions (and their
@@ -797,9 +841,14 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         """
         if pixel_values is None and input_ids is None:
             raise ValueError("forward needs pixel_values, input_ids, or both")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         fields: dict[str, Any] = {}
         if pixel_values is not None:
-            vision = self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask)
+            vision = self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask, output_hidden_states,
+                                          output_attentions)
             fields["vision_model_output"] = vision["vision_output"]
             fields["image_embeds"] = nn.functional.normalize(vision["image_embeds"], dim=-1)
             fields["global_image_embeds"] = nn.functional.normalize(vision["global_embeds"], dim=-1)
@@ -848,8 +897,11 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         if caption_sets:
             if token_type_ids is not None and "text" not in caption_sets:
                 raise ValueError("token_type_ids belong to the report captions: pass input_ids with them")
-            encoded = dict(zip(caption_sets, self._encode_captions(list(caption_sets.values()), token_type_ids),
-                               strict=True))
+            embeds, first_output = self._encode_captions(list(caption_sets.values()), token_type_ids,
+                                                         output_hidden_states, output_attentions)
+            encoded = dict(zip(caption_sets, embeds, strict=True))
+            if "text" in encoded:
+                fields["text_model_output"] = first_output
             fields["text_embeds"] = encoded.get("text")
             fields["summary_text_embeds"] = encoded.get("summary")
             if "region" in encoded:

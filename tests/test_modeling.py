@@ -133,9 +133,9 @@ def test_only_valid_crops_are_encoded(model, config, monkeypatch):
     seen = []
     original = model.vision_model.forward
 
-    def spy(pixel_values):
+    def spy(pixel_values, *flags):
         seen.append(pixel_values.shape[0])
-        return original(pixel_values)
+        return original(pixel_values, *flags)
 
     monkeypatch.setattr(model.vision_model, "forward", spy)
     model(**make_inputs(config, [3, 0, 1], num_slots=4))
@@ -274,3 +274,26 @@ def test_token_type_ids_are_accepted_and_zero_means_a_single_segment(config):
     assert not torch.allclose(ones, plain)  # the segment embedding is really read
     with pytest.raises(ValueError, match="must match input_ids"):
         model(input_ids=inputs["input_ids"], token_type_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_hidden_states_and_attentions_of_both_towers(config):
+    model = RegionMedCLIPModel(tiny_config()).eval()
+    model.set_attn_implementation("eager")
+    inputs = make_inputs(config, [2, 1])
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True, output_attentions=True)
+        plain = model(**inputs)
+    vision, text = out.vision_model_output, out.text_model_output
+    layers_v, layers_t = config.vision_config.num_hidden_layers, config.text_config.num_hidden_layers
+    tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
+    assert len(vision.hidden_states) == layers_v + 1 and len(text.hidden_states) == layers_t + 1
+    assert vision.hidden_states[0].shape == (2, tokens, config.vision_config.hidden_size)
+    assert text.hidden_states[-1].shape == text.last_hidden_state.shape == (*inputs["input_ids"].shape,
+                                                                             config.text_config.hidden_size)
+    heads = config.vision_config.num_attention_heads
+    assert len(vision.attentions) == layers_v and vision.attentions[0].shape == (2, heads, tokens, tokens)
+    torch.testing.assert_close(text.attentions[0].sum(-1), torch.ones_like(text.attentions[0].sum(-1)))
+    assert plain.vision_model_output.hidden_states is None and plain.text_model_output.attentions is None
+    torch.testing.assert_close(out.image_embeds, plain.image_embeds)  # asking for them changes nothing
+    as_tuple = model(**inputs, return_dict=False)
+    assert torch.equal(as_tuple[0], plain.logits_per_image)
