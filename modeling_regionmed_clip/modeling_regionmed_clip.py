@@ -35,8 +35,8 @@ __all__ = [
     "RegionMedCLIPOutput",
     "RegionMedCLIPPreTrainedModel",
     "RegionMedCLIPROIProcessor",
-    "RegionMedCLIPTextTransformer",
-    "RegionMedCLIPVisionTransformer",
+    "RegionMedCLIPTextModel",
+    "RegionMedCLIPVisionModel",
     "clamped_logit_scale",
     "clip_loss",
     "roi_align",
@@ -264,19 +264,68 @@ class RegionMedCLIPVisionEmbeddings(nn.Module):
         return embeddings, grid
 
 
-class RegionMedCLIPVisionTransformer(nn.Module):
-    """ViT. Returns post-LayerNorm tokens `(N, 1 + P, C)` and, as pooler output `(N, C)`, the CLS
-    token or the mean of the patch tokens (`config.pooling`)."""
+class RegionMedCLIPPreTrainedModel(PreTrainedModel):
+    config_class = RegionMedCLIPConfig
+    config: RegionMedCLIPConfig
+    base_model_prefix = "regionmed_clip"
+    input_modalities = ("image", "text")
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _no_split_modules = ["RegionMedCLIPEncoderLayer", "RegionMedCLIPFusionLayer", "RegionMedCLIPVisionEmbeddings"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        if isinstance(module, RegionMedCLIPVisionEmbeddings):
+            init.normal_(module.class_embedding, mean=0.0, std=module.embed_dim**-0.5)
+            init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
+        elif isinstance(module, RegionMedCLIPTextEmbeddings):
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[1]).expand((1, -1)))
+        elif isinstance(module, RegionMedCLIPFusionLayer):
+            init.constant_(module.attn_gate, self.config.roi_gate_init)
+            init.constant_(module.mlp_gate, self.config.roi_gate_init)
+        elif isinstance(module, RegionMedCLIPROIProcessor):
+            init.constant_(module.pool_gate, self.config.region_pool_gate_init)
+        elif isinstance(module, RegionMedCLIPModel):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            init.zeros_(module.box_free_center)
+
+
+class RegionMedCLIPVisionModel(RegionMedCLIPPreTrainedModel):
+    """The vision tower (ViT), a model of its own with its own config and attention backend. Returns
+    post-LayerNorm tokens `(N, 1 + P, C)` and, as pooler output `(N, C)`, the CLS token or the mean of
+    the patch tokens (`config.pooling`)."""
+
+    config_class = RegionMedCLIPVisionConfig
+    config: RegionMedCLIPVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
 
     def __init__(self, config: RegionMedCLIPVisionConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.embeddings = RegionMedCLIPVisionEmbeddings(config)
         self.pre_layrnorm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layernorm else nn.Identity()
         )
         self.encoder = RegionMedCLIPEncoder(config, norm_first=True)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embedding
 
     def forward(
         self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
@@ -321,14 +370,26 @@ class RegionMedCLIPTextEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(embeddings))
 
 
-class RegionMedCLIPTextTransformer(nn.Module):
-    """BERT-style encoder pooled at the first ([CLS]) token or by the mean of the valid tokens (`config.pooling`)."""
+class RegionMedCLIPTextModel(RegionMedCLIPPreTrainedModel):
+    """The text tower (BERT-style), a model of its own with its own config and attention backend,
+    pooled at the first ([CLS]) token or by the mean of the valid tokens (`config.pooling`)."""
+
+    config_class = RegionMedCLIPTextConfig
+    config: RegionMedCLIPTextConfig
+    main_input_name = "input_ids"
+    input_modalities = ("text",)
 
     def __init__(self, config: RegionMedCLIPTextConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.embeddings = RegionMedCLIPTextEmbeddings(config)
         self.encoder = RegionMedCLIPEncoder(config, norm_first=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
@@ -526,46 +587,6 @@ class RegionMedCLIPROIProcessor(nn.Module):
         return (torch.logsumexp(sharpness * deviations, dim=1) - math.log(windows.shape[0])) / sharpness
 
 
-class RegionMedCLIPPreTrainedModel(PreTrainedModel):
-    config_class = RegionMedCLIPConfig
-    config: RegionMedCLIPConfig
-    base_model_prefix = "regionmed_clip"
-    input_modalities = ("image", "text")
-    main_input_name = "pixel_values"
-    supports_gradient_checkpointing = True
-    _supports_sdpa = True
-    _supports_attention_backend = True
-    _no_split_modules = ["RegionMedCLIPEncoderLayer", "RegionMedCLIPFusionLayer", "RegionMedCLIPVisionEmbeddings"]
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.padding_idx is not None:
-                init.zeros_(module.weight[module.padding_idx])
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        if isinstance(module, RegionMedCLIPVisionEmbeddings):
-            init.normal_(module.class_embedding, mean=0.0, std=module.embed_dim**-0.5)
-            init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
-        elif isinstance(module, RegionMedCLIPTextEmbeddings):
-            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[1]).expand((1, -1)))
-        elif isinstance(module, RegionMedCLIPFusionLayer):
-            init.constant_(module.attn_gate, self.config.roi_gate_init)
-            init.constant_(module.mlp_gate, self.config.roi_gate_init)
-        elif isinstance(module, RegionMedCLIPROIProcessor):
-            init.constant_(module.pool_gate, self.config.region_pool_gate_init)
-        elif isinstance(module, RegionMedCLIPModel):
-            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
-            init.zeros_(module.box_free_center)
-
-
 def _optional_index(tensor: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
     return None if tensor is None else tensor[mask]
 
@@ -614,11 +635,10 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
 
     def __init__(self, config: RegionMedCLIPConfig):
         super().__init__(config)
-        # PreTrainedModel resolves the attention backend on the root config only; the setter
-        # copies it down to the tower configs that the towers' attention layers read.
-        config._attn_implementation = config._attn_implementation
-        self.vision_model = RegionMedCLIPVisionTransformer(config.vision_config)
-        self.text_model = RegionMedCLIPTextTransformer(config.text_config)
+        # Each tower is a model of its own (as CLIPModel's): it resolves its own config's attention
+        # backend, so `attn_implementation={"vision_config": ..., "text_config": ...}` is honoured.
+        self.vision_model = RegionMedCLIPVisionModel._from_config(config.vision_config)
+        self.text_model = RegionMedCLIPTextModel._from_config(config.text_config)
         self.roi_processor = RegionMedCLIPROIProcessor(config)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
@@ -634,10 +654,10 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
 
     def get_input_embeddings(self) -> nn.Embedding:
         """The text tower's token embeddings `(vocab_size, hidden)`."""
-        return self.text_model.embeddings.word_embeddings
+        return self.text_model.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.text_model.embeddings.word_embeddings = value
+        self.text_model.set_input_embeddings(value)
 
     def enable_input_require_grads(self) -> None:
         """Make both towers' embedding outputs require grad, so that reentrant gradient checkpointing

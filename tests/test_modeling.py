@@ -297,3 +297,26 @@ def test_hidden_states_and_attentions_of_both_towers(config):
     torch.testing.assert_close(out.image_embeds, plain.image_embeds)  # asking for them changes nothing
     as_tuple = model(**inputs, return_dict=False)
     assert torch.equal(as_tuple[0], plain.logits_per_image)
+
+
+def test_towers_are_models_with_their_own_attention_backend(tmp_path):
+    from transformers import PreTrainedModel
+
+    from modeling_regionmed_clip.modeling_regionmed_clip import RegionMedCLIPVisionModel
+
+    model = tiny_model()
+    assert isinstance(model.vision_model, PreTrainedModel) and isinstance(model.text_model, PreTrainedModel)
+    model.save_pretrained(tmp_path / "model")
+    mixed = RegionMedCLIPModel.from_pretrained(tmp_path / "model",
+                                               attn_implementation={"vision_config": "eager", "text_config": "sdpa"})
+    assert mixed.vision_model.encoder.layers[0].self_attn.config._attn_implementation == "eager"
+    assert mixed.text_model.encoder.layers[0].self_attn.config._attn_implementation == "sdpa"
+    inputs = make_inputs(model.config, [1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(mixed(**inputs).image_embeds, model(**inputs).image_embeds, atol=1e-5, rtol=1e-5)
+    # a tower saves and loads on its own, with its own config
+    model.vision_model.save_pretrained(tmp_path / "vision")
+    vision = RegionMedCLIPVisionModel.from_pretrained(tmp_path / "vision").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(vision(inputs["pixel_values"]).pooler_output,
+                                   model.vision_model(inputs["pixel_values"]).pooler_output)
