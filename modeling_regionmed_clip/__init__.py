@@ -7,7 +7,16 @@ from .configuration_regionmed_clip import (
     RegionMedCLIPTextConfig,
     RegionMedCLIPVisionConfig,
 )
-from .modeling_regionmed_clip import RegionMedCLIPModel, RegionMedCLIPOutput, RegionMedCLIPPreTrainedModel
+from .modeling_regionmed_clip import (
+    RegionMedCLIPModel,
+    RegionMedCLIPOutput,
+    RegionMedCLIPPreTrainedModel,
+    RegionMedCLIPTextModel,
+    RegionMedCLIPTextModelWithProjection,
+    RegionMedCLIPTowerOutput,
+    RegionMedCLIPVisionModel,
+    RegionMedCLIPVisionModelWithProjection,
+)
 from .modeling_regionmed_clip_vqa import RegionMedCLIPForVQA, RegionMedCLIPVQAOutput
 
 # save_pretrained then writes `auto_map` and copies the flat module files next to the weights.
@@ -24,6 +33,11 @@ __all__ = [
     "RegionMedCLIPOutput",
     "RegionMedCLIPPreTrainedModel",
     "RegionMedCLIPTextConfig",
+    "RegionMedCLIPTextModel",
+    "RegionMedCLIPTextModelWithProjection",
+    "RegionMedCLIPTowerOutput",
     "RegionMedCLIPVQAOutput",
     "RegionMedCLIPVisionConfig",
+    "RegionMedCLIPVisionModel",
+    "RegionMedCLIPVisionModelWithProjection",
 ]

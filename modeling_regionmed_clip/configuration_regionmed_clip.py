@@ -83,8 +83,10 @@ class RegionMedCLIPVisionConfig(PreTrainedConfig):
         pre_layernorm: bool = True,
         pooling: str = "cls",
         initializer_range: float = 0.02,
+        projection_dim: int = 512,
         **kwargs: Any,
     ):
+        self.projection_dim = projection_dim  # of `RegionMedCLIPVisionModelWithProjection`; the composite config sets it
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_channels = num_channels
@@ -146,8 +148,10 @@ class RegionMedCLIPTextConfig(PreTrainedConfig):
         cls_token_id: int = 2,
         pooling: str = "cls",
         initializer_range: float = 0.02,
+        projection_dim: int = 512,
         **kwargs: Any,
     ):
+        self.projection_dim = projection_dim  # of `RegionMedCLIPTextModelWithProjection`; the composite config sets it
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -306,6 +310,9 @@ class RegionMedCLIPConfig(PreTrainedConfig):
             raise TypeError(f"RegionMedCLIPConfig.vision_config must be a dict or RegionMedCLIPVisionConfig, got {type(vision_config).__name__}")
         if not isinstance(text_config, RegionMedCLIPTextConfig):
             raise TypeError(f"RegionMedCLIPConfig.text_config must be a dict or RegionMedCLIPTextConfig, got {type(text_config).__name__}")
+        # The towers' own configs carry the shared embedding size, so that a `*WithProjection` tower
+        # loads its projection from a full RegionMed-CLIP folder.
+        vision_config.projection_dim = text_config.projection_dim = projection_dim
         self.vision_config = vision_config
         self.text_config = text_config
         self.projection_dim = projection_dim

@@ -36,7 +36,10 @@ __all__ = [
     "RegionMedCLIPPreTrainedModel",
     "RegionMedCLIPROIProcessor",
     "RegionMedCLIPTextModel",
+    "RegionMedCLIPTextModelWithProjection",
+    "RegionMedCLIPTowerOutput",
     "RegionMedCLIPVisionModel",
+    "RegionMedCLIPVisionModelWithProjection",
     "clamped_logit_scale",
     "clip_loss",
     "roi_align",
@@ -410,6 +413,76 @@ class RegionMedCLIPTextModel(RegionMedCLIPPreTrainedModel):
             pooled = (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
         return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled,
                                           hidden_states=encoded.hidden_states, attentions=encoded.attentions)
+
+
+@dataclass
+class RegionMedCLIPTowerOutput(ModelOutput):
+    """Output of a `*WithProjection` tower: `embeds` `(N, D)` the projected pooled output (unnormalised),
+    `last_hidden_state` `(N, S, C)`, and per request `hidden_states` / `attentions`."""
+
+    embeds: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class RegionMedCLIPTextModelWithProjection(RegionMedCLIPPreTrainedModel):
+    """The text tower and its projection: exactly the caption embeddings of `RegionMedCLIPModel`
+    (`from_pretrained` on a full RegionMed-CLIP folder loads both), for text-only use such as
+    indexing reports for retrieval."""
+
+    config_class = RegionMedCLIPTextConfig
+    config: RegionMedCLIPTextConfig
+    main_input_name = "input_ids"
+    input_modalities = ("text",)
+
+    def __init__(self, config: RegionMedCLIPTextConfig):
+        super().__init__(config)
+        self.text_model = RegionMedCLIPTextModel._from_config(config)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.text_model.set_input_embeddings(value)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> RegionMedCLIPTowerOutput:
+        output = self.text_model(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attentions)
+        return RegionMedCLIPTowerOutput(embeds=self.text_projection(output.pooler_output),
+                                        last_hidden_state=output.last_hidden_state,
+                                        hidden_states=output.hidden_states, attentions=output.attentions)
+
+
+class RegionMedCLIPVisionModelWithProjection(RegionMedCLIPPreTrainedModel):
+    """The vision tower and its projection of the pooled (CLS / mean) token. NOT the box-free image
+    embedding of `RegionMedCLIPModel`, which pools proposal windows through the ROI processor and is
+    centred: use `RegionMedCLIPModel.get_image_features` for zero-shot and retrieval. This tower
+    embeds crops (an ROI's crop feature before fusion) and serves as a plain ViT backbone."""
+
+    config_class = RegionMedCLIPVisionConfig
+    config: RegionMedCLIPVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def __init__(self, config: RegionMedCLIPVisionConfig):
+        super().__init__(config)
+        self.vision_model = RegionMedCLIPVisionModel._from_config(config)
+        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.get_input_embeddings()
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> RegionMedCLIPTowerOutput:
+        output = self.vision_model(pixel_values, output_hidden_states, output_attentions)
+        return RegionMedCLIPTowerOutput(embeds=self.visual_projection(output.pooler_output),
+                                        last_hidden_state=output.last_hidden_state,
+                                        hidden_states=output.hidden_states, attentions=output.attentions)
 
 
 def roi_align(feature_grid: torch.Tensor, boxes: torch.Tensor, output_size: int, sampling_ratio: int = 2) -> torch.Tensor:

@@ -320,3 +320,20 @@ def test_towers_are_models_with_their_own_attention_backend(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(vision(inputs["pixel_values"]).pooler_output,
                                    model.vision_model(inputs["pixel_values"]).pooler_output)
+
+
+def test_with_projection_towers_load_from_a_full_folder(tmp_path):
+    from modeling_regionmed_clip import RegionMedCLIPTextModelWithProjection, RegionMedCLIPVisionModelWithProjection
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    text = RegionMedCLIPTextModelWithProjection.from_pretrained(tmp_path).eval()
+    vision = RegionMedCLIPVisionModelWithProjection.from_pretrained(tmp_path).eval()
+    assert text.config.projection_dim == vision.config.projection_dim == model.config.projection_dim
+    inputs = make_inputs(model.config, [1, 1])
+    with torch.no_grad():
+        full = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).text_embeds
+        alone = text(inputs["input_ids"], inputs["attention_mask"]).embeds
+        torch.testing.assert_close(torch.nn.functional.normalize(alone, dim=-1), full)  # the same caption embeddings
+        pooled = model.visual_projection(model.vision_model(inputs["pixel_values"]).pooler_output)
+        torch.testing.assert_close(vision(inputs["pixel_values"]).embeds, pooled)
