@@ -86,8 +86,9 @@ def encode_texts(
     with tqdm(total=len(texts), desc="texts", unit="text", disable=not progress, leave=False) as bar:
         for start in range(0, len(texts), batch_size):
             encoded = processor(text=list(texts[start : start + batch_size]))
-            chunks.append(_normalised(model.get_text_features(
-                input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device)).pooler_output))
+            output = model.get_text_features(input_ids=encoded["input_ids"].to(device),
+                                             attention_mask=encoded["attention_mask"].to(device), return_dict=True)
+            chunks.append(_normalised(output.pooler_output))
             bar.update(len(chunks[-1]))
     return torch.cat(chunks) if chunks else torch.zeros(0, model.config.projection_dim)
 
@@ -112,7 +113,7 @@ def encode_images(
             inputs = processor(images=batch, regions=regions)
             roi = {key: inputs[key].to(device) for key in ROI_KEYS if key in inputs}
             chunks.append(_normalised(model.get_image_features(pixel_values=inputs["pixel_values"].to(device),
-                                                                      **roi).pooler_output))
+                                                                      **roi, return_dict=True).pooler_output))
             bar.update(len(batch))
     return torch.cat(chunks) if chunks else torch.zeros(0, model.config.projection_dim)
 

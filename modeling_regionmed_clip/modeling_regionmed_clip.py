@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -746,17 +747,28 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
 
     # -- features -------------------------------------------------------------------------
 
+    def _output_flags(self, tower_config: PreTrainedConfig, output_hidden_states: bool | None,
+                      output_attentions: bool | None, return_dict: bool | None) -> tuple[bool, bool, bool]:
+        """The call's flags, else the model's or the tower's config (either may ask), as transformers does."""
+        def pick(value: bool | None, name: str) -> bool:
+            return bool(value) if value is not None else bool(getattr(self.config, name) or getattr(tower_config, name))
+
+        return (pick(output_hidden_states, "output_hidden_states"), pick(output_attentions, "output_attentions"),
+                return_dict if return_dict is not None else self.config.return_dict)
+
     def get_text_features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> BaseModelOutputWithPooling:
+        token_type_ids: torch.Tensor | None = None, output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None, return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
         """The text tower's output with `pooler_output` the projected (unnormalised) caption embeddings
         `(T, D)`, as transformers v5's CLIPModel; `last_hidden_state` `(T, L, C)`; per request every
-        layer's hidden states and attention weights."""
-        output = self.text_model(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attentions)
+        layer's hidden states and attention weights; a tuple with `return_dict=False`."""
+        hidden, attentions, return_dict = self._output_flags(self.config.text_config, output_hidden_states,
+                                                             output_attentions, return_dict)
+        output = self.text_model(input_ids, attention_mask, token_type_ids, hidden, attentions)
         output.pooler_output = self.text_projection(output.pooler_output)
-        return output
+        return output if return_dict else output.to_tuple()
 
     def _encode_regions(
         self,
@@ -842,16 +854,19 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         roi_pixel_values: torch.Tensor | None = None,
         roi_boxes: torch.Tensor | None = None,
         roi_mask: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> BaseModelOutputWithPooling:
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
         """The global view's tower output (`last_hidden_state` `(B, 1 + P, C)`, per request every layer's
         hidden states and attentions) with `pooler_output` the projected (unnormalised) image embeddings
-        `(B, D)`: box-free (proposal windows pooled), or region-pooled when ROIs are given."""
-        vision = self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask, output_hidden_states,
-                                      output_attentions)
+        `(B, D)`: box-free (proposal windows pooled), or region-pooled when ROIs are given; a tuple with
+        `return_dict=False`."""
+        hidden, attentions, return_dict = self._output_flags(self.config.vision_config, output_hidden_states,
+                                                             output_attentions, return_dict)
+        vision = self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask, hidden, attentions)
         vision["vision_output"].pooler_output = vision["image_embeds"]
-        return vision["vision_output"]
+        return vision["vision_output"] if return_dict else vision["vision_output"].to_tuple()
 
     def get_region_features(
         self,
@@ -887,7 +902,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             type_list.append(nn.functional.pad(types, (0, extra), value=0))
         output = self.get_text_features(torch.cat(ids_list), torch.cat(mask_list),
                                         None if token_type_ids is None else torch.cat(type_list),
-                                        output_hidden_states, output_attentions)
+                                        output_hidden_states, output_attentions, return_dict=True)
         sizes = [ids.shape[0] for ids, _ in caption_sets]
         first = sizes[0]
         first_output = BaseModelOutputWithPooling(

@@ -337,3 +337,13 @@ def test_with_projection_towers_load_from_a_full_folder(tmp_path):
         torch.testing.assert_close(torch.nn.functional.normalize(alone, dim=-1), full)  # the same caption embeddings
         pooled = model.visual_projection(model.vision_model(inputs["pixel_values"]).pooler_output)
         torch.testing.assert_close(vision(inputs["pixel_values"]).embeds, pooled)
+
+
+def test_feature_getters_follow_the_config_flags_like_transformers(config):
+    model = tiny_model()
+    inputs = make_inputs(config, [1, 1])
+    model.config.text_config.output_hidden_states = True  # a tower's config may ask, as transformers allows
+    text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+    assert len(text.hidden_states) == config.text_config.num_hidden_layers + 1
+    as_tuple = model.get_image_features(inputs["pixel_values"], return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[1], model.get_image_features(inputs["pixel_values"]).pooler_output)
