@@ -70,6 +70,7 @@ import csv
 import functools
 import gzip
 import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -205,7 +206,21 @@ def iter_rows(
     if not input_path.exists():
         raise FileNotFoundError(f"input {str(input_path)!r} does not exist")
     images = Path(images_dir) if images_dir is not None else None
+    _check_options(format, options)
     return CONVERTERS[format](input_path, images, seed=seed, skipped=skipped, **options)
+
+
+def _check_options(format: str, options: dict[str, Any]) -> None:
+    """A clear error for an option the format does not take (`--modality` with `ms-cxr`), instead of a
+    TypeError from deep inside the generator; formats that forward `**options` check their own."""
+    parameters = inspect.signature(CONVERTERS[format]).parameters
+    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return
+    accepted = {name for name, parameter in parameters.items() if parameter.kind is parameter.KEYWORD_ONLY}
+    accepted = (accepted - {"skipped"}) | {"split"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"format {format!r} takes no option {unknown}; its options: {sorted(accepted)}")
 
 
 def convert(
