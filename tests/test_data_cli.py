@@ -61,3 +61,14 @@ def test_convert_chexpert_frontal_only(tmp_path, capsys):
     assert summary["rows"] == {"validation": 1} and summary["skip_reasons"] == {"not a frontal view": 1}
     row = load_canonical(tmp_path / "out", "validation")[0]
     assert row["image_id"].endswith("view1_frontal.jpg") and row["labels"] == ["No Finding"]
+
+
+def test_an_option_the_format_does_not_take_is_a_clear_error(tmp_path, capsys):
+    from training_scripts.data_cli import main
+
+    annotations = tmp_path / "MS_CXR_Local_Alignment_v1.1.0.csv"
+    annotations.write_text("dicom_id,path,label_text,category_name,x,y,w,h,image_width,image_height\n")
+    assert main(["convert", "--format", "ms-cxr", "--input", str(annotations), "--output", str(tmp_path / "out"),
+                 "--modality", "ct"]) == 2
+    error = capsys.readouterr().err
+    assert "format 'ms-cxr' takes no option ['modality']" in error and "Traceback" not in error
