@@ -426,6 +426,12 @@ class RegionMedCLIPTowerOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
+    @classmethod
+    def projected(cls, output: BaseModelOutputWithPooling, projection: nn.Linear) -> "RegionMedCLIPTowerOutput":
+        """A tower's output with its pooled token projected into `embeds`."""
+        return cls(embeds=projection(output.pooler_output), last_hidden_state=output.last_hidden_state,
+                   hidden_states=output.hidden_states, attentions=output.attentions)
+
 
 class RegionMedCLIPTextModelWithProjection(RegionMedCLIPPreTrainedModel):
     """The text tower and its projection: exactly the caption embeddings of `RegionMedCLIPModel`
@@ -453,9 +459,7 @@ class RegionMedCLIPTextModelWithProjection(RegionMedCLIPPreTrainedModel):
                 token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
                 output_attentions: bool = False) -> RegionMedCLIPTowerOutput:
         output = self.text_model(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attentions)
-        return RegionMedCLIPTowerOutput(embeds=self.text_projection(output.pooler_output),
-                                        last_hidden_state=output.last_hidden_state,
-                                        hidden_states=output.hidden_states, attentions=output.attentions)
+        return RegionMedCLIPTowerOutput.projected(output, self.text_projection)
 
 
 class RegionMedCLIPVisionModelWithProjection(RegionMedCLIPPreTrainedModel):
@@ -481,9 +485,7 @@ class RegionMedCLIPVisionModelWithProjection(RegionMedCLIPPreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False,
                 output_attentions: bool = False) -> RegionMedCLIPTowerOutput:
         output = self.vision_model(pixel_values, output_hidden_states, output_attentions)
-        return RegionMedCLIPTowerOutput(embeds=self.visual_projection(output.pooler_output),
-                                        last_hidden_state=output.last_hidden_state,
-                                        hidden_states=output.hidden_states, attentions=output.attentions)
+        return RegionMedCLIPTowerOutput.projected(output, self.visual_projection)
 
 
 def roi_align(feature_grid: torch.Tensor, boxes: torch.Tensor, output_size: int, sampling_ratio: int = 2) -> torch.Tensor:

@@ -58,10 +58,9 @@ class RegionMedCLIPZeroShotPipeline(ZeroShotImageClassificationPipeline):
         outputs = self.model(**text_inputs, **model_inputs)
         result = {"candidate_labels": candidate_labels, "logits": outputs.logits_per_image}
         if outputs.region_embeds is not None:
-            # The model's (clamped) logit scale, read off its own logits: they are scale x the cosines.
-            scale = outputs.logits_per_image.norm() / (outputs.image_embeds @ outputs.text_embeds.t()).norm()
             valid = outputs.roi_mask[0]
-            result["region_logits"] = scale * outputs.region_embeds[0][valid] @ outputs.text_embeds.t()  # (K, T)
+            # scaled by the model's own clamped temperature, as its image logits are
+            result["region_logits"] = outputs.logit_scale * outputs.region_embeds[0][valid] @ outputs.text_embeds.t()
         return result
 
     def postprocess(self, model_outputs: dict[str, Any]) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
