@@ -12,9 +12,10 @@ from .modeling_regionmed_clip import (
     RegionMedCLIPOutput,
     RegionMedCLIPPreTrainedModel,
     RegionMedCLIPTextModel,
+    RegionMedCLIPTextModelOutput,
     RegionMedCLIPTextModelWithProjection,
-    RegionMedCLIPTowerOutput,
     RegionMedCLIPVisionModel,
+    RegionMedCLIPVisionModelOutput,
     RegionMedCLIPVisionModelWithProjection,
 )
 from .modeling_regionmed_clip_vqa import RegionMedCLIPForVQA, RegionMedCLIPVQAOutput
@@ -35,9 +36,10 @@ __all__ = [
     "RegionMedCLIPTextConfig",
     "RegionMedCLIPTextModel",
     "RegionMedCLIPTextModelWithProjection",
-    "RegionMedCLIPTowerOutput",
+    "RegionMedCLIPTextModelOutput",
     "RegionMedCLIPVQAOutput",
     "RegionMedCLIPVisionConfig",
     "RegionMedCLIPVisionModel",
+    "RegionMedCLIPVisionModelOutput",
     "RegionMedCLIPVisionModelWithProjection",
 ]

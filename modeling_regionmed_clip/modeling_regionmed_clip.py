@@ -38,7 +38,8 @@ __all__ = [
     "RegionMedCLIPROIProcessor",
     "RegionMedCLIPTextModel",
     "RegionMedCLIPTextModelWithProjection",
-    "RegionMedCLIPTowerOutput",
+    "RegionMedCLIPTextModelOutput",
+    "RegionMedCLIPVisionModelOutput",
     "RegionMedCLIPVisionModel",
     "RegionMedCLIPVisionModelWithProjection",
     "clamped_logit_scale",
@@ -64,6 +65,9 @@ def clip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
             + nn.functional.cross_entropy(logits_per_text.t(), targets)) / 2
 
 
+_OUTPUT_MASKS = ("roi_mask", "negative_mask", "region_negative_mask")
+
+
 @dataclass
 class RegionMedCLIPOutput(ModelOutput):
     """Output of `RegionMedCLIPModel.forward`. Embeddings are L2-normalised.
@@ -74,11 +78,11 @@ class RegionMedCLIPOutput(ModelOutput):
     image_embeds: `(B, D)` global embedding plus the gated pool of the regions.
     text_embeds: `(T, D)` report captions.
     region_embeds: `(B, K, D)`, zeros where `roi_mask` is False; None without ROI inputs.
-    roi_mask: `(B, K)` bool, which ROIs are real.
+    roi_mask: `(B, K)` int 0/1, which ROIs are real (the given `roi_mask`, all ones by default).
     global_image_embeds: `(B, D)` box-free: the global view with its proposal windows pooled, before
     any given region is pooled (what a user without boxes gets).
     summary_text_embeds: `(B, D)`; region_text_embeds: `(B, K, D)` (zeros at padding slots);
-    negative_text_embeds: `(B, M, D)` with `negative_mask (B, M)`.
+    negative_text_embeds: `(B, M, D)` with `negative_mask (B, M)` (int 0/1, as every mask here).
     dense_region_embeds: `(B, K, D)` each ROI's box pooled from the global patch grid alone (no
     crop), zeros at padding; region_negative_text_embeds: `(B, K, M, D)` with `region_negative_mask (B, K, M)`.
     vision_model_output: the global view's tower output; text_model_output: the report captions' (their
@@ -279,6 +283,17 @@ class RegionMedCLIPPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _no_split_modules = ["RegionMedCLIPEncoderLayer", "RegionMedCLIPFusionLayer", "RegionMedCLIPVisionEmbeddings"]
 
+    def _output_flags(self, output_hidden_states: bool | None, output_attentions: bool | None,
+                      return_dict: bool | None, tower_config: PreTrainedConfig | None = None) -> tuple[bool, bool, bool]:
+        """The call's flags, else the model's config or the tower's (either may ask), as transformers does."""
+        configs = (self.config,) if tower_config is None else (self.config, tower_config)
+
+        def pick(value: bool | None, name: str) -> bool:
+            return bool(value) if value is not None else any(bool(getattr(config, name)) for config in configs)
+
+        return (pick(output_hidden_states, "output_hidden_states"), pick(output_attentions, "output_attentions"),
+                return_dict if return_dict is not None else self.config.return_dict)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -332,15 +347,20 @@ class RegionMedCLIPVisionModel(RegionMedCLIPPreTrainedModel):
         return self.embeddings.patch_embedding
 
     def forward(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
-    ) -> BaseModelOutputWithPooling:
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """pixel_values `(N, 3, H, W)`; the flags default to the config's; a tuple with `return_dict=False`."""
+        output_hidden_states, output_attentions, return_dict = self._output_flags(
+            output_hidden_states, output_attentions, return_dict)
         embeddings, _ = self.embeddings(pixel_values)
         encoded = self.encoder(self.pre_layrnorm(embeddings), None, output_hidden_states, output_attentions)
         # Normalise every token, not only CLS: the ROI processor reads the patch tokens as context.
         hidden_states = self.post_layernorm(encoded.last_hidden_state)
         pooled = hidden_states[:, 0] if self.config.pooling == "cls" else hidden_states[:, 1:].mean(dim=1)
-        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled,
-                                          hidden_states=encoded.hidden_states, attentions=encoded.attentions)
+        output = BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled,
+                                            hidden_states=encoded.hidden_states, attentions=encoded.attentions)
+        return output if return_dict else output.to_tuple()
 
 
 class RegionMedCLIPTextEmbeddings(nn.Module):
@@ -396,9 +416,12 @@ class RegionMedCLIPTextModel(RegionMedCLIPPreTrainedModel):
         self.embeddings.word_embeddings = value
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
-                output_attentions: bool = False) -> BaseModelOutputWithPooling:
-        """input_ids `(T, L)`, attention_mask `(T, L)` 1 = token, 0 = padding; token_type_ids `(T, L)` optional."""
+                token_type_ids: torch.Tensor | None = None, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, return_dict: bool | None = None) -> BaseModelOutputWithPooling | tuple:
+        """input_ids `(T, L)`, attention_mask `(T, L)` 1 = token, 0 = padding; token_type_ids `(T, L)` optional;
+        the flags default to the config's; a tuple with `return_dict=False`."""
+        output_hidden_states, output_attentions, return_dict = self._output_flags(
+            output_hidden_states, output_attentions, return_dict)
         hidden_states = self.embeddings(input_ids, token_type_ids)
         additive_mask = None
         if attention_mask is not None:
@@ -412,25 +435,33 @@ class RegionMedCLIPTextModel(RegionMedCLIPPreTrainedModel):
         else:
             weights = attention_mask.to(hidden_states.dtype)[..., None]
             pooled = (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled,
-                                          hidden_states=encoded.hidden_states, attentions=encoded.attentions)
+        output = BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled,
+                                            hidden_states=encoded.hidden_states, attentions=encoded.attentions)
+        return output if return_dict else output.to_tuple()
 
 
 @dataclass
-class RegionMedCLIPTowerOutput(ModelOutput):
-    """Output of a `*WithProjection` tower: `embeds` `(N, D)` the projected pooled output (unnormalised),
-    `last_hidden_state` `(N, S, C)`, and per request `hidden_states` / `attentions`."""
+class RegionMedCLIPTextModelOutput(ModelOutput):
+    """Output of `RegionMedCLIPTextModelWithProjection` (CLIPTextModelOutput's fields): `text_embeds`
+    `(T, D)` the projected pooled output (unnormalised), `last_hidden_state` `(T, L, C)`, and per
+    request `hidden_states` / `attentions`."""
 
-    embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
-    @classmethod
-    def projected(cls, output: BaseModelOutputWithPooling, projection: nn.Linear) -> "RegionMedCLIPTowerOutput":
-        """A tower's output with its pooled token projected into `embeds`."""
-        return cls(embeds=projection(output.pooler_output), last_hidden_state=output.last_hidden_state,
-                   hidden_states=output.hidden_states, attentions=output.attentions)
+
+@dataclass
+class RegionMedCLIPVisionModelOutput(ModelOutput):
+    """Output of `RegionMedCLIPVisionModelWithProjection` (CLIPVisionModelOutput's fields): `image_embeds`
+    `(N, D)` the projected pooled output (unnormalised), `last_hidden_state` `(N, 1 + P, C)`, and per
+    request `hidden_states` / `attentions`."""
+
+    image_embeds: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class RegionMedCLIPTextModelWithProjection(RegionMedCLIPPreTrainedModel):
@@ -456,10 +487,16 @@ class RegionMedCLIPTextModelWithProjection(RegionMedCLIPPreTrainedModel):
         self.text_model.set_input_embeddings(value)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
-                output_attentions: bool = False) -> RegionMedCLIPTowerOutput:
-        output = self.text_model(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attentions)
-        return RegionMedCLIPTowerOutput.projected(output, self.text_projection)
+                token_type_ids: torch.Tensor | None = None, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, return_dict: bool | None = None) -> RegionMedCLIPTextModelOutput | tuple:
+        output_hidden_states, output_attentions, return_dict = self._output_flags(
+            output_hidden_states, output_attentions, return_dict)
+        output = self.text_model(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attentions,
+                                 return_dict=True)
+        output = RegionMedCLIPTextModelOutput(text_embeds=self.text_projection(output.pooler_output),
+                                              last_hidden_state=output.last_hidden_state,
+                                              hidden_states=output.hidden_states, attentions=output.attentions)
+        return output if return_dict else output.to_tuple()
 
 
 class RegionMedCLIPVisionModelWithProjection(RegionMedCLIPPreTrainedModel):
@@ -482,10 +519,16 @@ class RegionMedCLIPVisionModelWithProjection(RegionMedCLIPPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.vision_model.get_input_embeddings()
 
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False,
-                output_attentions: bool = False) -> RegionMedCLIPTowerOutput:
-        output = self.vision_model(pixel_values, output_hidden_states, output_attentions)
-        return RegionMedCLIPTowerOutput.projected(output, self.visual_projection)
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, return_dict: bool | None = None,
+                ) -> RegionMedCLIPVisionModelOutput | tuple:
+        output_hidden_states, output_attentions, return_dict = self._output_flags(
+            output_hidden_states, output_attentions, return_dict)
+        output = self.vision_model(pixel_values, output_hidden_states, output_attentions, return_dict=True)
+        output = RegionMedCLIPVisionModelOutput(image_embeds=self.visual_projection(output.pooler_output),
+                                                last_hidden_state=output.last_hidden_state,
+                                                hidden_states=output.hidden_states, attentions=output.attentions)
+        return output if return_dict else output.to_tuple()
 
 
 def roi_align(feature_grid: torch.Tensor, boxes: torch.Tensor, output_size: int, sampling_ratio: int = 2) -> torch.Tensor:
@@ -565,6 +608,9 @@ def sliding_window_boxes(window_sizes: Any, device: torch.device, dtype: torch.d
 # Log-sum-exp pooling of window features: 1 would be near a mean, large values near a max. Window
 # features are LayerNorm-ed (unit scale), so 5 lets a channel's strongest windows dominate.
 _PROPOSAL_POOL_SHARPNESS = 5.0
+# `log_mean_exp_centred` takes logsumexp for a channel whose largest score exceeds this (exp(20) is
+# far from float32 overflow).
+_CENTRED_EXP_LIMIT = 20.0
 
 
 class RegionMedCLIPAttentionPool(nn.Module):
@@ -650,7 +696,8 @@ class RegionMedCLIPROIProcessor(nn.Module):
 
     def pool_proposals(self, global_tokens: torch.Tensor, patch_grid: tuple[int, int]) -> torch.Tensor:
         """Box-free: dense features of sliding windows over the global patch grid (the same head the
-        dense-region loss aligns with region captions), log-sum-exp pooled per channel: `(B, C)`."""
+        dense-region loss aligns with region captions), log-sum-exp pooled per channel: `(B, C)` in
+        float32 whatever the model's dtype (the pool can be small: see `log_mean_exp_centred`)."""
         batch = global_tokens.shape[0]
         windows = sliding_window_boxes(self.window_sizes, global_tokens.device, global_tokens.dtype)
         window_features = self.dense_layernorm(self._box_context(global_tokens, windows.expand(batch, -1, -1), patch_grid))
@@ -658,9 +705,27 @@ class RegionMedCLIPROIProcessor(nn.Module):
         # windows keeps a lesion that fills one window of 58 at full strength, where a mean or an
         # untrained attention pool dilutes it under the anatomy every film shares.
         # Deviations from the image's own mean window: the anatomy every window (and film) shares cancels.
-        deviations = window_features - window_features.mean(dim=1, keepdim=True)
-        sharpness = _PROPOSAL_POOL_SHARPNESS
-        return (torch.logsumexp(sharpness * deviations, dim=1) - math.log(windows.shape[0])) / sharpness
+        # In float32: the pool is second order in the deviations, so a half-precision rounding of
+        # their mean (first order) would swamp it.
+        features = window_features.float()
+        deviations = features - features.mean(dim=1, keepdim=True)
+        return log_mean_exp_centred(_PROPOSAL_POOL_SHARPNESS * deviations) / _PROPOSAL_POOL_SHARPNESS
+
+
+def log_mean_exp_centred(scores: torch.Tensor) -> torch.Tensor:
+    """`log(mean(exp(scores), dim=1))` of scores `(B, N, C)` centred over `N` (zero mean) -> `(B, C)`.
+
+    For centred scores the result is second order in them, and `logsumexp - log(N)` (or
+    `log1p(mean(expm1(.)))`) loses its digits to cancellation against the first-order terms, which
+    sum to zero. Here only `exp(y) - 1 - y >= 0` is summed (a series below 0.1, where `expm1(y) - y`
+    would cancel too). Channels whose largest score could overflow `exp` take `logsumexp` (their
+    result is large, so it is exact enough)."""
+    bounded = scores.clamp(max=_CENTRED_EXP_LIMIT)  # finite (and finite gradients) where logsumexp is taken
+    series = bounded.square() * (0.5 + bounded * (1 / 6 + bounded * (1 / 24 + bounded / 120)))
+    excess = torch.where(bounded.abs() < 0.1, series, torch.expm1(bounded) - bounded)
+    centred = torch.log1p(excess.mean(dim=1))
+    shifted = torch.logsumexp(scores, dim=1) - math.log(scores.shape[1])
+    return torch.where(scores.amax(dim=1) > _CENTRED_EXP_LIMIT, shifted, centred)
 
 
 def _optional_index(tensor: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
@@ -749,15 +814,6 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
 
     # -- features -------------------------------------------------------------------------
 
-    def _output_flags(self, tower_config: PreTrainedConfig, output_hidden_states: bool | None,
-                      output_attentions: bool | None, return_dict: bool | None) -> tuple[bool, bool, bool]:
-        """The call's flags, else the model's or the tower's config (either may ask), as transformers does."""
-        def pick(value: bool | None, name: str) -> bool:
-            return bool(value) if value is not None else bool(getattr(self.config, name) or getattr(tower_config, name))
-
-        return (pick(output_hidden_states, "output_hidden_states"), pick(output_attentions, "output_attentions"),
-                return_dict if return_dict is not None else self.config.return_dict)
-
     def get_text_features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None, output_hidden_states: bool | None = None,
@@ -766,9 +822,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         """The text tower's output with `pooler_output` the projected (unnormalised) caption embeddings
         `(T, D)`, as transformers v5's CLIPModel; `last_hidden_state` `(T, L, C)`; per request every
         layer's hidden states and attention weights; a tuple with `return_dict=False`."""
-        hidden, attentions, return_dict = self._output_flags(self.config.text_config, output_hidden_states,
-                                                             output_attentions, return_dict)
-        output = self.text_model(input_ids, attention_mask, token_type_ids, hidden, attentions)
+        hidden, attentions, return_dict = self._output_flags(output_hidden_states, output_attentions, return_dict,
+                                                             self.config.text_config)
+        output = self.text_model(input_ids, attention_mask, token_type_ids, hidden, attentions, return_dict=True)
         output.pooler_output = self.text_projection(output.pooler_output)
         return output if return_dict else output.to_tuple()
 
@@ -799,10 +855,11 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         # Encode only the valid crops, packed across the batch: padding costs no tower compute.
         crop_features = global_tokens.new_zeros(batch, num_rois, hidden)
         if roi_mask.any():
-            packed = self.vision_model(roi_pixel_values[roi_mask]).pooler_output
+            packed = self.vision_model(roi_pixel_values[roi_mask], False, False, return_dict=True).pooler_output
             crop_features = crop_features.masked_scatter(roi_mask[..., None], packed)
         else:  # one blank crop, discarded, for the same FSDP reason
-            blank = self.vision_model(roi_pixel_values.new_zeros((1, *roi_pixel_values.shape[2:]))).pooler_output
+            blank = self.vision_model(roi_pixel_values.new_zeros((1, *roi_pixel_values.shape[2:])), False, False,
+                                      return_dict=True).pooler_output
             crop_features = crop_features + 0.0 * blank.sum()
         # Padding slots may hold anything; give them a harmless box so they stay finite.
         safe_boxes = torch.where(roi_mask[..., None], roi_boxes, torch.zeros_like(roi_boxes)).to(global_tokens.dtype)
@@ -818,33 +875,36 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         output_attentions: bool = False,
     ) -> dict[str, Any]:
         roi_mask = _check_roi_inputs(pixel_values, roi_pixel_values, roi_boxes, roi_mask)
-        vision_output = self.vision_model(pixel_values, output_hidden_states, output_attentions)
+        vision_output = self.vision_model(pixel_values, output_hidden_states, output_attentions, return_dict=True)
         patch = self.config.vision_config.patch_size
         patch_grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
         # Box-free feature: the pooled proposal windows of the global view (or, without windows, its pooled tokens).
+        # The image feature is pooled, centred and projected in float32 (then normalised by the
+        # caller): the pooled windows can be small enough for half precision to round them away.
         if self.config.proposal_window_sizes:
             global_features = self.roi_processor.pool_proposals(vision_output.last_hidden_state, patch_grid)
         else:
-            global_features = vision_output.pooler_output
+            global_features = vision_output.pooler_output.float()
         if self.training and self.config.box_free_center_momentum > 0:
             with torch.no_grad():
-                batch_mean = global_features.detach().float().mean(dim=0)
+                batch_mean = global_features.detach().mean(dim=0)
                 self.box_free_center.lerp_(batch_mean.to(self.box_free_center.dtype),
                                            1 - self.config.box_free_center_momentum)
-        global_features = global_features - self.box_free_center.to(global_features.dtype)
+        global_features = global_features - self.box_free_center.float()
         image_features = global_features
         region_embeds = dense_region_embeds = None
         if roi_mask is not None:
             region_features, region_pool, dense_features = self._encode_regions(
                 vision_output, roi_pixel_values, roi_boxes, roi_mask, patch_grid
             )
-            image_features = global_features + region_pool
+            image_features = global_features + region_pool.float()
             region_embeds = self.visual_projection(region_features)
             dense_region_embeds = self.visual_projection(dense_features)
+        projection = self.visual_projection.weight.float()
         return {
             "vision_output": vision_output,
-            "global_embeds": self.visual_projection(global_features),
-            "image_embeds": self.visual_projection(image_features),
+            "global_embeds": nn.functional.linear(global_features, projection),  # float32
+            "image_embeds": nn.functional.linear(image_features, projection),  # float32
             "region_embeds": region_embeds,
             "dense_region_embeds": dense_region_embeds,
             "roi_mask": roi_mask,
@@ -864,10 +924,10 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         hidden states and attentions) with `pooler_output` the projected (unnormalised) image embeddings
         `(B, D)`: box-free (proposal windows pooled), or region-pooled when ROIs are given; a tuple with
         `return_dict=False`."""
-        hidden, attentions, return_dict = self._output_flags(self.config.vision_config, output_hidden_states,
-                                                             output_attentions, return_dict)
+        hidden, attentions, return_dict = self._output_flags(output_hidden_states, output_attentions, return_dict,
+                                                             self.config.vision_config)
         vision = self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask, hidden, attentions)
-        vision["vision_output"].pooler_output = vision["image_embeds"]
+        vision["vision_output"].pooler_output = vision["image_embeds"].to(vision["vision_output"].last_hidden_state.dtype)
         return vision["vision_output"] if return_dict else vision["vision_output"].to_tuple()
 
     def get_region_features(
@@ -960,8 +1020,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             vision = self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask, output_hidden_states,
                                           output_attentions)
             fields["vision_model_output"] = vision["vision_output"]
-            fields["image_embeds"] = nn.functional.normalize(vision["image_embeds"], dim=-1)
-            fields["global_image_embeds"] = nn.functional.normalize(vision["global_embeds"], dim=-1)
+            dtype = vision["vision_output"].last_hidden_state.dtype
+            fields["image_embeds"] = nn.functional.normalize(vision["image_embeds"], dim=-1).to(dtype)
+            fields["global_image_embeds"] = nn.functional.normalize(vision["global_embeds"], dim=-1).to(dtype)
             fields["roi_mask"] = vision["roi_mask"]
             if vision["region_embeds"] is not None:
                 valid = vision["roi_mask"][..., None].to(vision["region_embeds"].dtype)
@@ -1036,6 +1097,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                 fields["loss"] = clip_loss(logits_per_text)
         elif return_loss:
             raise ValueError("return_loss needs both pixel_values and input_ids")
+        for name in _OUTPUT_MASKS:  # 0/1 like an attention mask: outputs hold no bool tensors (transformers' convention)
+            if fields.get(name) is not None:
+                fields[name] = fields[name].long()
         output = RegionMedCLIPOutput(**fields)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()

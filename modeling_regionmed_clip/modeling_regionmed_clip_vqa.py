@@ -29,11 +29,16 @@ __all__ = ["RegionMedCLIPForVQA", "RegionMedCLIPVQAOutput"]
 @dataclass
 class RegionMedCLIPVQAOutput(ModelOutput):
     """loss: cross-entropy over the answers (when `labels` are given); logits: `(B, A)` answer scores;
-    question_states: `(B, L, D)` the question tokens after fusion."""
+    question_states: `(B, L, D)` the question tokens after fusion. With `output_hidden_states`,
+    hidden_states: the question stream `(B, L, D)` entering the fusion and after each fusion layer;
+    with `output_attentions`, attentions: each fusion layer's question-to-image weights `(B, H, L, T)`
+    (None from backends that return no weights)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     question_states: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor | None, ...] | None = None
 
 
 class RegionMedCLIPVQAFusionLayer(GradientCheckpointingLayer):
@@ -49,11 +54,14 @@ class RegionMedCLIPVQAFusionLayer(GradientCheckpointingLayer):
         self.mlp_norm = nn.LayerNorm(dim, eps=eps)
         self.mlp = RegionMedCLIPMLP(dim, 4 * dim, config.vision_config.hidden_act)
 
-    def forward(self, question: torch.Tensor, image_tokens: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-        """question `(B, L, D)`, image_tokens `(B, T, D)`, image_mask `(B, 1, 1, T)` additive -> `(B, L, D)`."""
-        attended, _ = self.cross_attn(self.query_norm(question), image_mask, key_value_states=self.context_norm(image_tokens))
+    def forward(self, question: torch.Tensor, image_tokens: torch.Tensor,
+                image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """question `(B, L, D)`, image_tokens `(B, T, D)`, image_mask `(B, 1, 1, T)` additive -> `(B, L, D)`
+        and the attention weights `(B, H, L, T)` (None from backends that return none)."""
+        attended, weights = self.cross_attn(self.query_norm(question), image_mask,
+                                            key_value_states=self.context_norm(image_tokens))
         question = question + attended
-        return question + self.mlp(self.mlp_norm(question))
+        return question + self.mlp(self.mlp_norm(question)), weights
 
 
 class RegionMedCLIPForVQA(RegionMedCLIPPreTrainedModel):
@@ -65,6 +73,8 @@ class RegionMedCLIPForVQA(RegionMedCLIPPreTrainedModel):
     def __init__(self, config: RegionMedCLIPConfig):
         super().__init__(config)
         self.regionmed_clip = RegionMedCLIPModel(config)
+        # The contrastive temperature takes no part in answering: frozen, so it is not trained either.
+        self.regionmed_clip.logit_scale.requires_grad_(False)
         dim = config.projection_dim
         self.fusion_layers = nn.ModuleList([RegionMedCLIPVQAFusionLayer(config) for _ in range(config.vqa_fusion_layers)])
         self.answer_norm = nn.LayerNorm(dim, eps=config.vision_config.layer_norm_eps)
@@ -80,6 +90,8 @@ class RegionMedCLIPForVQA(RegionMedCLIPPreTrainedModel):
         roi_boxes: torch.Tensor | None = None,
         roi_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
     ) -> RegionMedCLIPVQAOutput | tuple:
         """pixel_values `(B, 3, H, W)`; input_ids / attention_mask `(B, L)` the questions; optional ROI
@@ -87,10 +99,12 @@ class RegionMedCLIPForVQA(RegionMedCLIPPreTrainedModel):
         if input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(f"one question per image: input_ids {tuple(input_ids.shape)} vs pixel_values "
                              f"{tuple(pixel_values.shape)}")
+        output_hidden_states, output_attentions, return_dict = self._output_flags(
+            output_hidden_states, output_attentions, return_dict)
         clip = self.regionmed_clip
         vision = clip._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask)
         patch_tokens = clip.visual_projection(vision["vision_output"].last_hidden_state[:, 1:])  # (B, P, D)
-        image_tokens = [vision["image_embeds"][:, None], patch_tokens]
+        image_tokens = [vision["image_embeds"][:, None].to(patch_tokens.dtype), patch_tokens]
         token_mask = [torch.ones(patch_tokens.shape[0], 1 + patch_tokens.shape[1], dtype=torch.bool,
                                  device=patch_tokens.device)]
         if vision["region_embeds"] is not None:
@@ -101,13 +115,19 @@ class RegionMedCLIPForVQA(RegionMedCLIPPreTrainedModel):
 
         if attention_mask is None:
             attention_mask = (input_ids != self.config.text_config.pad_token_id).long()
-        question = clip.text_projection(clip.text_model(input_ids, attention_mask).last_hidden_state)  # (B, L, D)
+        question_tokens = clip.text_model(input_ids, attention_mask, output_hidden_states=False, output_attentions=False,
+                                          return_dict=True).last_hidden_state
+        question = clip.text_projection(question_tokens)  # (B, L, D)
+        question_stream, fusion_weights = [question], []
         for layer in self.fusion_layers:
-            question = layer(question, image_tokens, image_mask)
-        weights = attention_mask.to(question.dtype)[..., None]
-        pooled = (question * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            question, weights = layer(question, image_tokens, image_mask)
+            question_stream.append(question)
+            fusion_weights.append(weights)
+        token_weights = attention_mask.to(question.dtype)[..., None]
+        pooled = (question * token_weights).sum(1) / token_weights.sum(1).clamp(min=1.0)
         logits = self.classifier(self.answer_norm(pooled))
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels.to(logits.device))
-        output = RegionMedCLIPVQAOutput(loss=loss, logits=logits, question_states=question)
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output = RegionMedCLIPVQAOutput(loss=loss, logits=logits, question_states=question,
+                                        hidden_states=tuple(question_stream) if output_hidden_states else None,
+                                        attentions=tuple(fusion_weights) if output_attentions else None)
         return output if return_dict else output.to_tuple()

@@ -58,7 +58,7 @@ class RegionMedCLIPZeroShotPipeline(ZeroShotImageClassificationPipeline):
         outputs = self.model(**text_inputs, **model_inputs)
         result = {"candidate_labels": candidate_labels, "logits": outputs.logits_per_image}
         if outputs.region_embeds is not None:
-            valid = outputs.roi_mask[0]
+            valid = outputs.roi_mask[0].bool()
             # scaled by the model's own clamped temperature, as its image logits are
             result["region_logits"] = outputs.logit_scale * outputs.region_embeds[0][valid] @ outputs.text_embeds.t()
         return result

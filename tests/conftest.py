@@ -6,11 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers_suite import COMMON_TEST_MARKERS
 
 from modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
 from training_scripts.data_schema import load_canonical
 from training_scripts.synthetic import write_synthetic_dataset
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for marker in COMMON_TEST_MARKERS:
+        config.addinivalue_line("markers", f"{marker}: used by transformers' common model tests")
 
 
 def tiny_config(**overrides) -> RegionMedCLIPConfig:

@@ -18,12 +18,13 @@ def test_output_shapes(model, config):
     assert out.image_embeds.shape == out.global_image_embeds.shape == (3, dim)
     assert out.text_embeds.shape == (3, dim)
     assert out.region_embeds.shape == (3, 4, dim)
-    assert out.roi_mask.dtype == torch.bool and out.roi_mask.shape == (3, 4)
+    # 0/1 like an attention mask: transformers' outputs hold no bool tensors
+    assert out.roi_mask.dtype == torch.long and out.roi_mask.shape == (3, 4)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert torch.allclose(out.image_embeds.norm(dim=-1), torch.ones(3))
     # masked-out region slots are exactly zero; valid ones are unit vectors
-    assert torch.all(out.region_embeds[~out.roi_mask] == 0)
-    assert torch.allclose(out.region_embeds[out.roi_mask].norm(dim=-1), torch.ones(6))
+    assert torch.all(out.region_embeds[~out.roi_mask.bool()] == 0)
+    assert torch.allclose(out.region_embeds[out.roi_mask.bool()].norm(dim=-1), torch.ones(6))
 
 
 def test_without_rois_the_model_is_a_global_clip(model, config):
@@ -133,9 +134,9 @@ def test_only_valid_crops_are_encoded(model, config, monkeypatch):
     seen = []
     original = model.vision_model.forward
 
-    def spy(pixel_values, *flags):
+    def spy(pixel_values, *flags, **options):
         seen.append(pixel_values.shape[0])
-        return original(pixel_values, *flags)
+        return original(pixel_values, *flags, **options)
 
     monkeypatch.setattr(model.vision_model, "forward", spy)
     model(**make_inputs(config, [3, 0, 1], num_slots=4))
@@ -333,10 +334,10 @@ def test_with_projection_towers_load_from_a_full_folder(tmp_path):
     inputs = make_inputs(model.config, [1, 1])
     with torch.no_grad():
         full = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).text_embeds
-        alone = text(inputs["input_ids"], inputs["attention_mask"]).embeds
+        alone = text(inputs["input_ids"], inputs["attention_mask"]).text_embeds
         torch.testing.assert_close(torch.nn.functional.normalize(alone, dim=-1), full)  # the same caption embeddings
         pooled = model.visual_projection(model.vision_model(inputs["pixel_values"]).pooler_output)
-        torch.testing.assert_close(vision(inputs["pixel_values"]).embeds, pooled)
+        torch.testing.assert_close(vision(inputs["pixel_values"]).image_embeds, pooled)
 
 
 def test_feature_getters_follow_the_config_flags_like_transformers(config):

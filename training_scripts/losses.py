@@ -467,6 +467,11 @@ def _padding_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
     return attention_mask if attention_mask is not None else (input_ids != pad_token_id).long()
 
 
+def _as_bool(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The model's 0/1 output masks as the bool masks the loss terms index with."""
+    return None if mask is None else mask.bool()
+
+
 def training_loss(
     outputs: Any,
     inputs: dict[str, torch.Tensor],
@@ -502,13 +507,13 @@ def training_loss(
         weights, logit_scale, outputs.image_embeds, outputs.text_embeds,
         text_groups=groups(""),
         summary_text_embeds=outputs.summary_text_embeds, summary_groups=groups("summary_"),
-        region_embeds=outputs.region_embeds, region_text_embeds=outputs.region_text_embeds, roi_mask=outputs.roi_mask,
+        region_embeds=outputs.region_embeds, region_text_embeds=outputs.region_text_embeds, roi_mask=_as_bool(outputs.roi_mask),
         region_groups=groups("region_"),
-        negative_text_embeds=outputs.negative_text_embeds, negative_mask=outputs.negative_mask,
+        negative_text_embeds=outputs.negative_text_embeds, negative_mask=_as_bool(outputs.negative_mask),
         config=config,
         # With regions given, the box-free embedding is trained beside the region-pooled one.
         box_free_image_embeds=outputs.global_image_embeds if outputs.region_embeds is not None else None,
         dense_region_embeds=outputs.dense_region_embeds,
         region_negative_embeds=outputs.region_negative_text_embeds,
-        region_negative_mask=outputs.region_negative_mask,
+        region_negative_mask=_as_bool(outputs.region_negative_mask),
     )
