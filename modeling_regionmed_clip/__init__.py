@@ -2,6 +2,7 @@
 
 from .attention_regionmed_clip import XFORMERS_AVAILABLE
 from .configuration_regionmed_clip import (
+    CONFIG_ERRORS,
     PRESETS,
     RegionMedCLIPConfig,
     RegionMedCLIPTextConfig,
@@ -26,6 +27,7 @@ RegionMedCLIPModel.register_for_auto_class("AutoModel")
 RegionMedCLIPForVQA.register_for_auto_class("AutoModelForVisualQuestionAnswering")
 
 __all__ = [
+    "CONFIG_ERRORS",
     "PRESETS",
     "XFORMERS_AVAILABLE",
     "RegionMedCLIPConfig",

@@ -1,13 +1,22 @@
-"""RegionMed-CLIP configuration: a ViT vision tower, a BERT-style text tower and the ROI processor."""
+"""RegionMed-CLIP configuration: a ViT vision tower, a BERT-style text tower and the ROI processor.
+
+The configs are transformers v5 configs: typed dataclass fields checked by `@strict` on creation and
+on assignment (a wrong type raises `StrictDataclassFieldValidationError` naming the field), and
+`validate_architecture` methods for the constraints between fields (a `StrictDataclassClassValidationError`
+wrapping a ValueError that names them). Both are `CONFIG_ERRORS`.
+"""
 
 import copy
-import inspect
+import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal
 
+from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
 
 __all__ = [
+    "CONFIG_ERRORS",
     "RegionMedCLIPConfig",
     "RegionMedCLIPTextConfig",
     "RegionMedCLIPVisionConfig",
@@ -15,12 +24,15 @@ __all__ = [
     "check_config_fields",
 ]
 
+# What an invalid config raises: a ValueError from our own checks, a strict-dataclass error from the
+# type and architecture validators.
+CONFIG_ERRORS = (ValueError, TypeError, StrictDataclassError)
+
 
 def check_config_fields(config_class: type, fields: Any, where: str, exclude: set[str] = frozenset()) -> None:
     """Raise ValueError naming any key of `fields` that `config_class` does not take: PreTrainedConfig
     would otherwise keep a typo such as `max_roi` as an attribute nobody reads."""
-    allowed = (set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"} - set(exclude)) | {
-        "attn_implementation", "dtype", "return_dict", "output_hidden_states"}
+    allowed = ({field.name for field in dataclasses.fields(config_class)} - set(exclude)) | {"attn_implementation"}
     unknown = sorted(set(fields) - allowed)
     if unknown:
         raise ValueError(f"{where} got unknown config fields {unknown}; allowed: {sorted(allowed)}")
@@ -28,7 +40,7 @@ def check_config_fields(config_class: type, fields: Any, where: str, exclude: se
 
 def _require_positive_int(config_name: str, **fields: Any) -> None:
     for name, value in fields.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if value <= 0:
             raise ValueError(f"{config_name}.{name} must be a positive integer, got {value!r}")
 
 
@@ -41,7 +53,7 @@ def _require_divisible(config_name: str, name: str, value: int, divisor_name: st
 
 def _require_probability(config_name: str, **fields: Any) -> None:
     for name, value in fields.items():
-        if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        if not 0.0 <= value < 1.0:
             raise ValueError(f"{config_name}.{name} must be in [0, 1), got {value!r}")
 
 
@@ -49,144 +61,95 @@ def _require_probability(config_name: str, **fields: Any) -> None:
 # checkpoints were trained, or the mean of the (valid) tokens. A randomly initialised tower pooled
 # at CLS maps every input to almost the same vector (mean pairwise cosine 0.99998 at init, tiny
 # preset), which starves contrastive learning; mean pooling starts spread out (docs/TRAINING.md).
-POOLING_MODES = ("cls", "mean")
+Pooling = Literal["cls", "mean"]
 
 
-def _require_pooling(config_name: str, pooling: Any) -> None:
-    if pooling not in POOLING_MODES:
-        raise ValueError(f"{config_name}.pooling must be one of {POOLING_MODES}, got {pooling!r}")
-
-
+@strict
 class RegionMedCLIPVisionConfig(PreTrainedConfig):
     """ViT image encoder shared by the global view and the ROI crops.
 
     `pre_layernorm` follows CLIP (a LayerNorm on the embeddings before the encoder); a ViT
-    checkpoint has none, so `from_vision_text_pretrained` turns it off for those.
+    checkpoint has none, so `from_vision_text_pretrained` turns it off for those. `projection_dim`
+    is that of `RegionMedCLIPVisionModelWithProjection`; the composite config sets it.
     """
 
     model_type = "regionmed_clip_vision_model"
     base_config_key = "vision_config"
 
-    def __init__(
-        self,
-        image_size: int = 224,
-        patch_size: int = 16,
-        num_channels: int = 3,
-        hidden_size: int = 768,
-        num_hidden_layers: int = 12,
-        num_attention_heads: int = 12,
-        intermediate_size: int = 3072,
-        hidden_act: str = "gelu",
-        layer_norm_eps: float = 1e-6,
-        attention_dropout: float = 0.0,
-        hidden_dropout: float = 0.0,
-        pre_layernorm: bool = True,
-        pooling: str = "cls",
-        initializer_range: float = 0.02,
-        projection_dim: int = 512,
-        **kwargs: Any,
-    ):
-        self.projection_dim = projection_dim  # of `RegionMedCLIPVisionModelWithProjection`; the composite config sets it
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.num_channels = num_channels
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.intermediate_size = intermediate_size
-        self.hidden_act = hidden_act
-        self.layer_norm_eps = layer_norm_eps
-        self.attention_dropout = attention_dropout
-        self.hidden_dropout = hidden_dropout
-        self.pre_layernorm = pre_layernorm
-        self.pooling = pooling
-        self.initializer_range = initializer_range
-        super().__init__(**kwargs)
-        self.validate()
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float | int = 0.0
+    hidden_dropout: float | int = 0.0
+    pre_layernorm: bool = True
+    pooling: Pooling = "cls"
+    initializer_range: float = 0.02
+    projection_dim: int = 512
 
-    def validate(self) -> None:
+    def validate_architecture(self) -> None:
         name = type(self).__name__
         _require_positive_int(
-            name,
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-            num_channels=self.num_channels,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            intermediate_size=self.intermediate_size,
+            name, image_size=self.image_size, patch_size=self.patch_size, num_channels=self.num_channels,
+            hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
+            projection_dim=self.projection_dim,
         )
         _require_divisible(name, "hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
         _require_divisible(name, "image_size", self.image_size, "patch_size", self.patch_size)
         _require_probability(name, attention_dropout=self.attention_dropout, hidden_dropout=self.hidden_dropout)
-        _require_pooling(name, self.pooling)
 
 
+@strict
 class RegionMedCLIPTextConfig(PreTrainedConfig):
     """BERT-style text encoder (post-LayerNorm, learned absolute positions), pooled at the CLS token.
 
     Parameter names mirror `BertModel`, so a local PubMedBERT checkpoint loads into it directly.
+    `projection_dim` is that of `RegionMedCLIPTextModelWithProjection`; the composite config sets it.
     """
 
     model_type = "regionmed_clip_text_model"
     base_config_key = "text_config"
 
-    def __init__(
-        self,
-        vocab_size: int = 30522,
-        hidden_size: int = 768,
-        num_hidden_layers: int = 12,
-        num_attention_heads: int = 12,
-        intermediate_size: int = 3072,
-        hidden_act: str = "gelu",
-        max_position_embeddings: int = 512,
-        type_vocab_size: int = 2,
-        layer_norm_eps: float = 1e-12,
-        attention_dropout: float = 0.0,
-        hidden_dropout: float = 0.1,
-        pad_token_id: int = 0,
-        cls_token_id: int = 2,
-        pooling: str = "cls",
-        initializer_range: float = 0.02,
-        projection_dim: int = 512,
-        **kwargs: Any,
-    ):
-        self.projection_dim = projection_dim  # of `RegionMedCLIPTextModelWithProjection`; the composite config sets it
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.intermediate_size = intermediate_size
-        self.hidden_act = hidden_act
-        self.max_position_embeddings = max_position_embeddings
-        self.type_vocab_size = type_vocab_size
-        self.layer_norm_eps = layer_norm_eps
-        self.attention_dropout = attention_dropout
-        self.hidden_dropout = hidden_dropout
-        self.cls_token_id = cls_token_id
-        self.pooling = pooling
-        self.initializer_range = initializer_range
-        super().__init__(pad_token_id=pad_token_id, **kwargs)
-        self.validate()
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    attention_dropout: float | int = 0.0
+    hidden_dropout: float | int = 0.1
+    pad_token_id: int = 0
+    cls_token_id: int = 2
+    pooling: Pooling = "cls"
+    initializer_range: float = 0.02
+    projection_dim: int = 512
 
-    def validate(self) -> None:
+    def validate_architecture(self) -> None:
         name = type(self).__name__
         _require_positive_int(
-            name,
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            intermediate_size=self.intermediate_size,
-            max_position_embeddings=self.max_position_embeddings,
-            type_vocab_size=self.type_vocab_size,
+            name, vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
+            max_position_embeddings=self.max_position_embeddings, type_vocab_size=self.type_vocab_size,
+            projection_dim=self.projection_dim,
         )
         _require_divisible(name, "hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
         _require_probability(name, attention_dropout=self.attention_dropout, hidden_dropout=self.hidden_dropout)
-        _require_pooling(name, self.pooling)
+
+    def validate_token_ids(self) -> None:
+        """Stricter than the base class's warning: the tower indexes its embeddings with these ids."""
+        name = type(self).__name__
         for field in ("pad_token_id", "cls_token_id"):
             value = getattr(self, field)
-            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+            if not 0 <= value < self.vocab_size:
                 raise ValueError(f"{name}.{field} must be a token id in [0, vocab_size={self.vocab_size}), got {value!r}")
 
 
@@ -250,6 +213,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@strict
 class RegionMedCLIPConfig(PreTrainedConfig):
     """Composite configuration of RegionMed-CLIP.
 
@@ -279,76 +243,42 @@ class RegionMedCLIPConfig(PreTrainedConfig):
     """
 
     model_type = "regionmed_clip"
-    sub_configs = {"vision_config": RegionMedCLIPVisionConfig, "text_config": RegionMedCLIPTextConfig}
+    sub_configs_defaults = {"vision_config": RegionMedCLIPVisionConfig, "text_config": RegionMedCLIPTextConfig}
 
-    def __init__(
-        self,
-        vision_config: dict | RegionMedCLIPVisionConfig | None = None,
-        text_config: dict | RegionMedCLIPTextConfig | None = None,
-        projection_dim: int = 512,
-        logit_scale_init_value: float = math.log(1 / 0.07),
-        max_rois: int = 8,
-        roi_image_size: int = 112,
-        roi_context_grid: int = 3,
-        roi_fusion_layers: int = 2,
-        roi_fusion_heads: int = 12,
-        roi_gate_init: float = 0.0,
-        region_pool_gate_init: float = 0.0,
-        roi_box_dropout: float = 0.0,
-        proposal_window_sizes: list[float] | tuple[float, ...] = (0.25, 0.5),
-        box_free_center_momentum: float = 0.9,
-        vqa_fusion_layers: int = 2,
-        vqa_fusion_heads: int = 8,
-        initializer_range: float = 0.02,
-        **kwargs: Any,
-    ):
-        if isinstance(vision_config, dict) or vision_config is None:
-            vision_config = RegionMedCLIPVisionConfig(**(vision_config or {}))
-        if isinstance(text_config, dict) or text_config is None:
-            text_config = RegionMedCLIPTextConfig(**(text_config or {}))
-        if not isinstance(vision_config, RegionMedCLIPVisionConfig):
-            raise TypeError(f"RegionMedCLIPConfig.vision_config must be a dict or RegionMedCLIPVisionConfig, got {type(vision_config).__name__}")
-        if not isinstance(text_config, RegionMedCLIPTextConfig):
-            raise TypeError(f"RegionMedCLIPConfig.text_config must be a dict or RegionMedCLIPTextConfig, got {type(text_config).__name__}")
+    vision_config: dict | RegionMedCLIPVisionConfig | None = None
+    text_config: dict | RegionMedCLIPTextConfig | None = None
+    projection_dim: int = 512
+    logit_scale_init_value: float | int = math.log(1 / 0.07)
+    max_rois: int = 8
+    roi_image_size: int = 112
+    roi_context_grid: int = 3
+    roi_fusion_layers: int = 2
+    roi_fusion_heads: int = 12
+    roi_gate_init: float | int = 0.0
+    region_pool_gate_init: float | int = 0.0
+    roi_box_dropout: float | int = 0.0
+    proposal_window_sizes: list[float | int] | tuple[float | int, ...] = (0.25, 0.5)
+    box_free_center_momentum: float | int = 0.9
+    vqa_fusion_layers: int = 2
+    vqa_fusion_heads: int = 8
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)  # builds the tower configs from dicts / defaults
         # The towers' own configs carry the shared embedding size, so that a `*WithProjection` tower
         # loads its projection from a full RegionMed-CLIP folder.
-        vision_config.projection_dim = text_config.projection_dim = projection_dim
-        self.vision_config = vision_config
-        self.text_config = text_config
-        self.projection_dim = projection_dim
-        self.logit_scale_init_value = logit_scale_init_value
-        self.max_rois = max_rois
-        self.roi_image_size = roi_image_size
-        self.roi_context_grid = roi_context_grid
-        self.roi_fusion_layers = roi_fusion_layers
-        self.roi_fusion_heads = roi_fusion_heads
-        self.roi_gate_init = roi_gate_init
-        self.region_pool_gate_init = region_pool_gate_init
-        self.roi_box_dropout = roi_box_dropout
-        self.proposal_window_sizes = [float(size) for size in proposal_window_sizes]
-        self.box_free_center_momentum = box_free_center_momentum
-        self.vqa_fusion_layers = vqa_fusion_layers
-        self.vqa_fusion_heads = vqa_fusion_heads
-        self.initializer_range = initializer_range
-        super().__init__(**kwargs)
-        self.validate()
+        self.vision_config.projection_dim = self.text_config.projection_dim = self.projection_dim
+        self.proposal_window_sizes = [float(size) for size in self.proposal_window_sizes]
 
-    def validate(self) -> None:
+    def validate_architecture(self) -> None:
         name = type(self).__name__
         _require_positive_int(
-            name,
-            projection_dim=self.projection_dim,
-            max_rois=self.max_rois,
-            roi_image_size=self.roi_image_size,
-            roi_context_grid=self.roi_context_grid,
-            roi_fusion_layers=self.roi_fusion_layers,
-            roi_fusion_heads=self.roi_fusion_heads,
-            vqa_fusion_layers=self.vqa_fusion_layers,
+            name, projection_dim=self.projection_dim, max_rois=self.max_rois, roi_image_size=self.roi_image_size,
+            roi_context_grid=self.roi_context_grid, roi_fusion_layers=self.roi_fusion_layers,
+            roi_fusion_heads=self.roi_fusion_heads, vqa_fusion_layers=self.vqa_fusion_layers,
             vqa_fusion_heads=self.vqa_fusion_heads,
         )
-        if self.projection_dim % self.vqa_fusion_heads != 0:
-            raise ValueError(f"{name}.projection_dim ({self.projection_dim}) must be divisible by "
-                             f"{name}.vqa_fusion_heads ({self.vqa_fusion_heads})")
+        _require_divisible(name, "projection_dim", self.projection_dim, "vqa_fusion_heads", self.vqa_fusion_heads)
         _require_probability(name, roi_box_dropout=self.roi_box_dropout,
                              box_free_center_momentum=self.box_free_center_momentum)
         for size in self.proposal_window_sizes:
@@ -366,9 +296,8 @@ class RegionMedCLIPConfig(PreTrainedConfig):
                 f"vision_config.hidden_size ({hidden}) must be divisible by {name}.roi_fusion_heads ({self.roi_fusion_heads})"
             )
         for field in ("logit_scale_init_value", "roi_gate_init", "region_pool_gate_init"):
-            value = getattr(self, field)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name}.{field} must be a finite number, got {value!r}")
+            if not math.isfinite(getattr(self, field)):
+                raise ValueError(f"{name}.{field} must be a finite number, got {getattr(self, field)!r}")
         if self.logit_scale_init_value > math.log(100.0):
             raise ValueError(
                 f"{name}.logit_scale_init_value ({self.logit_scale_init_value}) exceeds log(100), the CLIP clamp"

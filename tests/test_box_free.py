@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from modeling_regionmed_clip import RegionMedCLIPConfig
+from modeling_regionmed_clip import CONFIG_ERRORS, RegionMedCLIPConfig
 from modeling_regionmed_clip.modeling_regionmed_clip import log_mean_exp_centred, sliding_window_boxes
 
 from conftest import make_inputs, tiny_model
@@ -40,7 +40,7 @@ def test_window_pool_gradients_stay_finite_for_large_scores():
 
 
 def test_window_sizes_outside_the_view_are_rejected_by_name():
-    with pytest.raises(ValueError, match="proposal_window_sizes"):
+    with pytest.raises(CONFIG_ERRORS, match="proposal_window_sizes"):
         RegionMedCLIPConfig.from_preset("tiny", proposal_window_sizes=[0.25, 1.5])
 
 

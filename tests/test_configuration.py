@@ -1,6 +1,14 @@
 import pytest
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 
-from modeling_regionmed_clip import PRESETS, RegionMedCLIPConfig, RegionMedCLIPModel
+from modeling_regionmed_clip import (
+    CONFIG_ERRORS,
+    PRESETS,
+    RegionMedCLIPConfig,
+    RegionMedCLIPModel,
+    RegionMedCLIPTextConfig,
+    RegionMedCLIPVisionConfig,
+)
 
 
 def test_tiny_preset_is_under_one_million_parameters():
@@ -47,13 +55,33 @@ def test_unknown_preset_names_the_choices():
     ],
 )
 def test_invalid_combinations_name_the_field(overrides, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(CONFIG_ERRORS, match=field):
         RegionMedCLIPConfig.from_preset("tiny", **overrides)
 
 
-def test_sub_config_of_wrong_type_is_a_type_error():
-    with pytest.raises(TypeError, match="vision_config"):
+def test_sub_config_of_wrong_type_names_the_field():
+    with pytest.raises(CONFIG_ERRORS, match="vision_config"):
         RegionMedCLIPConfig(vision_config=42)
+
+
+@pytest.mark.parametrize(
+    ("config_class", "fields", "field"),
+    [(RegionMedCLIPVisionConfig, {"hidden_size": "64"}, "hidden_size"),
+     (RegionMedCLIPVisionConfig, {"num_hidden_layers": True}, "num_hidden_layers"),
+     (RegionMedCLIPTextConfig, {"pooling": "max"}, "pooling"),
+     (RegionMedCLIPConfig, {"max_rois": 2.5}, "max_rois")],
+)
+def test_field_types_are_checked_on_creation(config_class, fields, field):
+    # transformers v5's strict dataclass configs: a wrong type is refused by name, not stored
+    with pytest.raises(StrictDataclassFieldValidationError, match=field):
+        config_class(**fields)
+
+
+def test_field_types_are_checked_on_assignment():
+    config = RegionMedCLIPConfig.from_preset("tiny")
+    with pytest.raises(StrictDataclassFieldValidationError, match="roi_image_size"):
+        config.roi_image_size = "32"
+    assert config.roi_image_size == 32
 
 
 def test_config_round_trips_through_save_pretrained(tmp_path):

@@ -33,7 +33,7 @@ import torch
 import yaml
 from transformers import TrainingArguments, set_seed
 
-from modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel
+from modeling_regionmed_clip import CONFIG_ERRORS, RegionMedCLIPConfig, RegionMedCLIPModel
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer, load_tokenizer
 
 from .collator import RegionMedCLIPCollator
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = resolve_run_config(args)
         trainer, checkpoint = build_trainer(run, resume=args.resume)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (*CONFIG_ERRORS, FileNotFoundError) as error:
         print(f"regionmed-train: error: {error}", file=sys.stderr)
         return 2
     output_dir = Path(trainer.args.output_dir)
