@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from training_scripts.checkpoints import CHECKPOINT_COMPLETE
 from training_scripts.synthetic import write_synthetic_dataset
-from training_scripts.trainer import CHECKPOINT_COMPLETE
 
 from conftest import free_port
 
@@ -106,6 +107,48 @@ def test_kill_then_resume_ends_with_the_same_weights(data_dir, tmp_path):
     steps = [json.loads(line)["step"] for line in (killed / "train_log.jsonl").read_text().splitlines()
              if "\"loss\"" in line]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # the killed run's extra lines were dropped
+
+
+def test_a_run_folder_is_never_silently_reused_or_trained_past_its_end(data_dir, tmp_path):
+    config, out = run_config(tmp_path), tmp_path / "run"
+
+    def train(max_steps=4, extra=()):
+        return subprocess.run(command(data_dir, out, config, max_steps=max_steps, save_steps=2, extra=extra),
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+
+    assert train().returncode == 0
+    last_state = (out / "checkpoint-4" / "trainer_state.json").read_text()
+    final_weights = weights(out / "final")
+    for folder in (out / "final", out / "checkpoint-4"):  # the training arguments as JSON, nothing pickled
+        assert not (folder / "training_args.bin").exists()
+        assert json.loads((folder / "training_args.json").read_text())["max_steps"] == 4
+
+    # resumed at max_steps (a scheduler re-running the same command): no step past the end; the
+    # missing final model is written from the last checkpoint
+    shutil.rmtree(out / "final")
+    again = train(extra=["--resume"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "checkpoint-4 is at or past max_steps=4: nothing to train" in again.stdout
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "checkpoint-4" / "trainer_state.json").read_text() == last_state
+    resumed_weights = weights(out / "final")
+    assert all(torch.equal(final_weights[name], resumed_weights[name]) for name in final_weights)
+
+    refusals = {
+        "--overwrite": train(),  # a fresh run into the folder of a run
+        "--resume would ignore ['training_args.learning_rate']": train(extra=["--resume", "--learning-rate", "0.5"]),
+        "training_args.max_steps: 4 -> 6": train(max_steps=6, extra=["--resume"]),
+    }
+    for message, result in refusals.items():
+        assert result.returncode == 2 and message in result.stderr, (message, result.stderr[-2000:])
+    assert (out / "checkpoint-4" / "trainer_state.json").read_text() == last_state  # nothing was touched
+
+    longer = train(max_steps=6, extra=["--resume", "--allow-config-change"])
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
+    fresh = train(max_steps=2, extra=["--overwrite"])
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
 LAUNCHERS = {

@@ -15,6 +15,7 @@ One row is one image with its captions at four levels (see docs/DATA.md):
 """
 
 import datetime
+import hashlib
 import io
 import json
 import math
@@ -32,6 +33,7 @@ __all__ = [
     "CANONICAL_FEATURES",
     "SPLITS",
     "ShardedParquetWriter",
+    "dataset_fingerprint",
     "encode_image",
     "export_to_disk",
     "PROVENANCE_FILE",
@@ -228,6 +230,23 @@ def read_provenance(data_dir: str | Path) -> dict[str, Any] | None:
     """The dataset's provenance record, or None for a folder written before it was recorded."""
     path = Path(data_dir) / PROVENANCE_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def dataset_fingerprint(path: str | Path, split: str) -> dict[str, Any]:
+    """SHA-256 over the names and contents of the files one split is read from (its parquet shards,
+    or a `save_to_disk` folder's files): `{"path", "split", "files", "sha256"}`. A resumed run
+    compares it with the one its run started on."""
+    path = Path(path)
+    files = sorted(path.glob(f"{split}-*.parquet"))
+    if not files:
+        files = sorted(file for file in (path / split if (path / split).is_dir() else path).rglob("*") if file.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return {"path": str(path), "split": split, "files": len(files), "sha256": digest.hexdigest()}
 
 
 def load_canonical(

@@ -23,7 +23,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,12 +38,13 @@ from transformers import TrainingArguments, set_seed
 from modeling_regionmed_clip import CONFIG_ERRORS, RegionMedCLIPConfig, RegionMedCLIPModel
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer, load_tokenizer
 
+from .checkpoints import checkpoint_step, latest_intact_checkpoint
 from .collator import RegionMedCLIPCollator
-from .data_schema import load_canonical
+from .data_schema import dataset_fingerprint, load_canonical
 from .losses import ContrastiveLossConfig
 from .plotting import plot_loss_curves
 from .schedule import DEFAULT_STAGES, StagedSchedule
-from .trainer import JsonlLogCallback, RegionMedCLIPTrainer, StageCallback, latest_complete_checkpoint
+from .trainer import JsonlLogCallback, RegionMedCLIPTrainer, StageCallback
 
 __all__ = ["build_trainer", "finding_vocabulary", "main", "resolve_run_config"]
 
@@ -203,10 +206,71 @@ def build_trainer(
     )
     checkpoint = None
     if resume:
-        checkpoint = latest_complete_checkpoint(output_dir)
+        checkpoint = latest_intact_checkpoint(output_dir)
         if checkpoint is None:
-            logger.warning("--resume: no complete checkpoint in %s, starting from scratch", output_dir)
+            logger.warning("--resume: no intact checkpoint in %s, starting from scratch", output_dir)
     return trainer, checkpoint
+
+
+RUN_CONFIG_FILE = "run_config.yaml"
+DATA_FINGERPRINT_FILE = "data_fingerprint.json"
+# What a fresh run with --overwrite deletes from the folder of an earlier run.
+_RUN_OUTPUTS = ("checkpoint-*", "final", "tokenizer", "train_log.jsonl", "loss_curves.png", RUN_CONFIG_FILE,
+                DATA_FINGERPRINT_FILE)
+# training_args a resumed run would not honour: the optimizer's and the scheduler's states (learning
+# rates, moments) and the data order come back from the checkpoint. Changing one is always an error.
+RESTORED_ON_RESUME = ("seed", "data_seed", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
+                      "adam_epsilon", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "optim")
+
+
+def config_changes(saved: Any, current: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two run configs -> (saved, current)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        changes = {}
+        for key in sorted(set(saved) | set(current), key=str):
+            changes.update(config_changes(saved.get(key), current.get(key), f"{prefix}{key}."))
+        return changes
+    return {} if saved == current else {prefix[:-1]: (saved, current)}
+
+
+def prepare_run_folder(run: dict[str, Any], resume: bool, overwrite: bool = False,
+                       allow_config_change: bool = False) -> None:
+    """Refuse what would silently lose or mix runs, before anything is written.
+
+    A fresh run into a folder that holds a run needs `overwrite` (which deletes that run's outputs).
+    `resume` compares the run with the one saved in the folder (its `run_config.yaml` and data
+    fingerprint): a value the checkpoint would override (`RESTORED_ON_RESUME`) is an error, any other
+    change needs `allow_config_change`."""
+    output_dir = Path(run["training_args"]["output_dir"])
+    saved_path = output_dir / RUN_CONFIG_FILE
+    earlier = sorted(path.name for pattern in _RUN_OUTPUTS for path in output_dir.glob(pattern))
+    if not resume:
+        if earlier and not overwrite:
+            raise ValueError(f"{output_dir} holds a run ({', '.join(earlier[:4])}{', ...' if len(earlier) > 4 else ''}): "
+                             "pass --resume to continue it, or --overwrite to delete its outputs and start over")
+        for path in (path for pattern in _RUN_OUTPUTS for path in output_dir.glob(pattern)):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return
+    if not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text())
+    changes = config_changes(saved, run)
+    fingerprint_path = output_dir / DATA_FINGERPRINT_FILE
+    if fingerprint_path.exists():
+        before = json.loads(fingerprint_path.read_text())["sha256"]
+        now = dataset_fingerprint(run["data"]["path"], run["data"]["split"])["sha256"]
+        if before != now:
+            changes["data (file contents)"] = (before[:12], now[:12])
+    described = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+    ignored = [key for key in changes if key.removeprefix("training_args.") in RESTORED_ON_RESUME]
+    if ignored:
+        raise ValueError(f"--resume would ignore {ignored}: the checkpoint restores them ({described}); "
+                         f"resume with the saved values, or start a new run")
+    if changes and not allow_config_change:
+        raise ValueError(f"--resume with a changed run configuration ({described}); pass "
+                         "--allow-config-change to continue with the new values, or resume with the saved ones")
+    if changes:
+        logger.warning("--resume with a changed run configuration: %s", described)
 
 
 def _normalisation_of(vision_path: str | None) -> dict[str, list[float]]:
@@ -250,7 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--logging-steps", type=int, default=None)
     parser.add_argument("--tokenizer", type=Path, default=None, help="a local BERT-style tokenizer folder")
     parser.add_argument("--config", type=Path, default=None, help="run YAML (model, data, schedule, training_args)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a folder that holds a run (its checkpoints and outputs are deleted)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="--resume even though the data or run configuration changed since the run started")
     return parser
 
 
@@ -259,22 +327,35 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run = resolve_run_config(args)
+        if int(os.environ.get("RANK", "0")) == 0:  # before any rank writes into the folder
+            prepare_run_folder(run, args.resume, args.overwrite, args.allow_config_change)
         trainer, checkpoint = build_trainer(run, resume=args.resume)
     except (*CONFIG_ERRORS, FileNotFoundError) as error:
         print(f"regionmed-train: error: {error}", file=sys.stderr)
         return 2
     output_dir = Path(trainer.args.output_dir)
     log_path = output_dir / "train_log.jsonl"
+    final_dir = output_dir / "final"
+    finished = checkpoint is not None and checkpoint_step(checkpoint) >= trainer.args.max_steps
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "run_config.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
+        (output_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run, sort_keys=False))
+        fingerprint = dataset_fingerprint(run["data"]["path"], run["data"]["split"])
+        (output_dir / DATA_FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=1))
         if checkpoint is not None:
-            _truncate_log(log_path, int(checkpoint.name.split("-")[-1]))
+            _truncate_log(log_path, checkpoint_step(checkpoint))
         elif log_path.exists():
             log_path.unlink()  # a fresh run starts a fresh log
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if finished:
+        # Training on would take a step past the end (with the learning rate rising again) and rotate
+        # away the true last checkpoint: only write the final model if it is missing.
+        print(f"regionmed-train: {checkpoint.name} is at or past max_steps={trainer.args.max_steps}: nothing to train")
+        if (final_dir / "model.safetensors").exists():
+            return 0
+        trainer._load_from_checkpoint(str(checkpoint))
+    else:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    final_dir = output_dir / "final"
     trainer.save_model(final_dir)  # on every rank: FSDP gathers the full weights collectively
     if trainer.is_world_process_zero():
         trainer.processing_class.save_pretrained(final_dir)

@@ -18,16 +18,18 @@
 - A non-finite loss skips the optimizer step (all gradients dropped, on every rank; with gradient
   accumulation, the whole window) and is counted; `max_consecutive_nonfinite` skipped steps in a
   row save a checkpoint and stop with a clear error.
-- Checkpoints are made atomic by a completion marker written last (see `CHECKPOINT_COMPLETE`);
-  rotation of old checkpoints happens only after it, so a kill while saving leaves the previous
-  checkpoint usable. `latest_complete_checkpoint` finds where to resume.
+- Checkpoints are made atomic by a completion marker written last, recording every file's size and
+  SHA-256 (`checkpoints.py`); rotation of old checkpoints happens only after it, so a kill while
+  saving leaves the previous checkpoint usable, and `latest_intact_checkpoint` resumes from the
+  newest checkpoint whose files still match.
+- Nothing pickled in a model folder: the training arguments are saved as `training_args.json`,
+  not transformers' `training_args.bin` (a pickle), in checkpoints and in `final/` alike.
 """
 
 import json
 import logging
 import math
 import os
-import re
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -37,28 +39,30 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback, get_scheduler
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from modeling_regionmed_clip.modeling_regionmed_clip import LOGIT_SCALE_MAX
 from processing import CAPTION_LEVELS, RegionMedCLIPImageProcessor
 
+from .checkpoints import CHECKPOINT_COMPLETE, write_completion_marker
 from .losses import LOSS_TERMS, TERM_CAPTION_LEVELS, ContrastiveLossConfig, training_loss
 from .schedule import PARAMETER_GROUPS, Stage, StagedSchedule, bare_parameter_name, parameter_group_of
 
 __all__ = [
-    "CHECKPOINT_COMPLETE",
+    "TRAINING_ARGS_FILE",
     "JsonlLogCallback",
     "NonFiniteLossError",
     "RegionMedCLIPTrainer",
     "StageCallback",
-    "latest_complete_checkpoint",
     "mean_over_ranks",
     "stage_input_names",
 ]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_COMPLETE = "CHECKPOINT_COMPLETE"
+# The training arguments as JSON, in place of transformers' pickled `training_args.bin`.
+TRAINING_ARGS_FILE = "training_args.json"
 def stage_input_names(stage: Stage) -> list[str]:
     """The batch keys a stage's forward needs: the images (and ROIs when the stage uses them) and the
     caption levels its loss terms read (`TERM_CAPTION_LEVELS` over `processing.CAPTION_LEVELS`)."""
@@ -69,18 +73,6 @@ def stage_input_names(stage: Stage) -> list[str]:
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The highest-step `checkpoint-N` folder that holds the completion marker, or None."""
-    complete = []
-    for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
-        if match and (path / CHECKPOINT_COMPLETE).exists():
-            complete.append((int(match.group(1)), path))
-        elif match:
-            logger.warning("ignoring %s: it has no %s marker (the run stopped while saving it)", path, CHECKPOINT_COMPLETE)
-    return max(complete)[1] if complete else None
 
 
 def mean_over_ranks(parameter: torch.Tensor) -> torch.Tensor:
@@ -283,6 +275,13 @@ class RegionMedCLIPTrainer(Trainer):
             logs["logit_scale"] = round(mean_over_ranks(self._group_parameters["temperature"][0]).exp().item(), 4)
         super().log(logs, start_time)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """transformers' save, with the training arguments as JSON instead of a pickle."""
+        super()._save(output_dir, state_dict)
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        (folder / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+        (folder / TRAINING_ARGS_FILE).write_text(self.args.to_json_string())
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save:
@@ -298,9 +297,7 @@ class RegionMedCLIPTrainer(Trainer):
         if not self.args.should_save:
             return
         run_dir = self._get_output_dir(trial=trial)
-        partial = folder / f"{CHECKPOINT_COMPLETE}.partial"
-        partial.write_text(json.dumps({"global_step": self.state.global_step}))
-        os.replace(partial, folder / CHECKPOINT_COMPLETE)
+        write_completion_marker(folder, self.state.global_step)
         self._last_saved_step = self.state.global_step
         if limit:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
