@@ -286,15 +286,17 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
         raise ValueError(f"{where}: region (pixel box [{described}]) is too small to cover any of the view")
 
     def _crop_box(self, box: np.ndarray, height: int, width: int) -> tuple[float, float, float, float]:
-        """Expand `box` by the context factor about its centre and clamp it to the image."""
+        """Expand `box` by the context factor about its centre and clamp it to the image. The crop
+        always covers the (clamped) box: `min` / `max` with its edges absorb float rounding, which
+        could otherwise put a crop edge an ulp inside the box at a context factor of 1."""
         centre_x, centre_y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         half_w = (box[2] - box[0]) * self.roi_context_factor / 2
         half_h = (box[3] - box[1]) * self.roi_context_factor / 2
         return (
-            max(0.0, centre_x - half_w),
-            max(0.0, centre_y - half_h),
-            min(float(width), centre_x + half_w),
-            min(float(height), centre_y + half_h),
+            max(0.0, min(float(box[0]), centre_x - half_w)),
+            max(0.0, min(float(box[1]), centre_y - half_h)),
+            min(float(width), max(float(box[2]), centre_x + half_w)),
+            min(float(height), max(float(box[3]), centre_y + half_h)),
         )
 
     # -- pixels ------------------------------------------------------------------------------

@@ -1,5 +1,4 @@
 import io
-import logging
 
 import pytest
 import torch
@@ -51,16 +50,71 @@ def test_region_sampling_is_a_function_of_row_and_epoch(processor, rows):
     assert len(draws) > 1  # the count of sampled regions varies across epochs
 
 
-def test_a_corrupt_image_is_skipped_and_counted(processor, rows, caplog):
+def test_a_corrupt_image_is_skipped_and_counted(processor, rows):
     corrupt = {**rows[0], "image": {"bytes": b"\x89PNG not really", "path": None}}
     collator = RegionMedCLIPCollator(processor)
     batch = collator([rows[1], corrupt, rows[2]])
-    assert batch["pixel_values"].shape[0] == 2 and batch["skipped_rows"].item() == 1
-    assert collator.skipped_rows == 1
-    assert sum(v for k, v in collator.skip_reasons.items() if k.startswith("image failed to decode")) == 1
-    with caplog.at_level(logging.WARNING):
-        collator.log_summary()
-    assert "skipped 1 rows" in caplog.text
+    assert batch["pixel_values"].shape[0] == 2
+    report = batch["skip_report"]
+    assert (report["rows_seen"], report["rows_skipped"]) == (3, 1)
+    assert report["reasons"] == {"row: image does not decode (UnidentifiedImageError)": 1}
+    assert report["examples"] == {"row: image does not decode (UnidentifiedImageError)": [rows[0]["image_id"]]}
+    assert collator.ledger.rows_skipped == 1
+
+
+def _nan_tiff() -> bytes:
+    import numpy as np
+
+    buffer = io.BytesIO()
+    pixels = np.full((40, 40), np.nan, dtype=np.float32)
+    Image.fromarray(pixels, mode="F").save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"report_caption": None}, "row: report_caption is missing or null"),
+        ({"report_caption": 42}, "row: report_caption is int, not text"),
+        ({"summary_caption": "   "}, "row: summary_caption is empty"),
+        ({"report_caption": "left \ud800 lung"}, "row: report_caption is not valid UTF-8 (a lone surrogate)"),
+        ({"negative_captions": None}, "row: negative_captions is missing or null, not a list"),
+        ({"negative_captions": ["fine", None]}, "row: negative_captions[1] is missing or null"),
+        ({"regions": None}, "row: regions is missing or null, not a list"),
+        ({"image": {"bytes": _nan_tiff(), "path": None}, "regions": []},  # decodes, then the processor refuses NaN
+         "row: image rejected by the processor (ValueError)"),
+    ],
+    ids=["null report", "numeric report", "blank summary", "lone surrogate", "null negatives", "null negative",
+         "null regions", "NaN float TIFF"],
+)
+def test_a_row_it_cannot_use_is_skipped_by_reason_not_the_end_of_the_run(processor, rows, change, reason):
+    bad = {**rows[0], **change}
+    collator = RegionMedCLIPCollator(processor)
+    batch = collator([rows[1], bad, rows[2]])
+    assert batch["pixel_values"].shape[0] == 2
+    assert batch["skip_report"]["reasons"] == {reason: 1}
+    assert batch["skip_report"]["examples"][reason] == [rows[0]["image_id"]]
+
+
+@pytest.mark.parametrize(
+    ("region", "reason"),
+    [
+        ({"bbox": None, "caption": "x", "label": "nodule"}, "region: bbox missing or null"),
+        ({"caption": "x", "label": "nodule"}, "region: bbox missing or null"),
+        ({"bbox": ["a", "b", "c", "d"], "caption": "x", "label": "nodule"}, "region: bbox is not 4 numbers"),
+        ({"bbox": [1.0, 2.0, float("nan"), 9.0], "caption": "x", "label": "nodule"}, "region: bbox holds NaN or inf"),
+        ({"bbox": [1.0, 2.0, 20.0, 30.0], "label": "nodule"}, "region: region caption is missing or null"),
+        ({"bbox": [900.0, 900.0, 950.0, 950.0], "caption": "x", "label": "nodule"},
+         "region: box outside the image or degenerate"),
+    ],
+    ids=["null bbox", "no bbox", "bbox of strings", "NaN bbox", "no caption", "box off the image"],
+)
+def test_a_region_it_cannot_use_is_dropped_by_reason_and_the_row_kept(processor, rows, region, reason):
+    row = next(row for row in rows if row["regions"])
+    collator = RegionMedCLIPCollator(processor)
+    batch = collator([{**row, "regions": [region, row["regions"][0]]}])
+    assert batch["roi_mask"].sum().item() == 1  # the good region of the same row is used
+    assert batch["skip_report"]["reasons"] == {reason: 1} and batch["skip_report"]["rows_skipped"] == 0
 
 
 def test_a_batch_of_only_corrupt_rows_repeats_the_last_good_row(processor, rows):
@@ -70,7 +124,7 @@ def test_a_batch_of_only_corrupt_rows_repeats_the_last_good_row(processor, rows)
         collator([corrupt])
     collator(rows[3:5])
     batch = collator([corrupt, corrupt])
-    assert batch["pixel_values"].shape[0] == 1 and collator.skipped_rows == 3
+    assert batch["pixel_values"].shape[0] == 1 and collator.ledger.rows_skipped == 3
 
 
 def test_a_primed_collator_survives_a_corrupt_first_batch_in_a_worker(processor, rows):
@@ -80,10 +134,10 @@ def test_a_primed_collator_survives_a_corrupt_first_batch_in_a_worker(processor,
     # a DataLoader worker gets a pickled copy: its very first batch is all corrupt
     loader = torch.utils.data.DataLoader([corrupt], batch_size=1, collate_fn=collator, num_workers=1)
     batch = next(iter(loader))
-    assert batch["pixel_values"].shape[0] == 1 and batch["skipped_rows"].item() == 1
+    assert batch["pixel_values"].shape[0] == 1 and batch["skip_report"]["rows_skipped"] == 1
     expected = collator([rows[4]])["input_ids"]
     assert torch.equal(batch["input_ids"], expected)
-    with pytest.raises(ValueError, match="none of the first 2 rows has a decodable image"):
+    with pytest.raises(ValueError, match="none of the first 2 rows is usable"):
         RegionMedCLIPCollator(processor).prime([corrupt, corrupt, rows[4]], max_rows=2)
 
 
@@ -99,7 +153,7 @@ def test_regions_outside_a_centre_cropped_view_are_dropped_and_counted(rows):
     collator = RegionMedCLIPCollator(processor, max_regions=1)
     batch = collator([wide])  # without the filter the processor would raise on the first region
     assert batch["roi_mask"].tolist() == [[True]] and batch["region_input_ids"].shape[:2] == (1, 1)
-    assert collator.skipped_regions == 1
+    assert batch["skip_report"]["reasons"] == {"region: box outside the global view (cut off by its crop)": 1}
 
 
 def _png(width: int, height: int) -> bytes:
@@ -114,9 +168,9 @@ def test_region_boxes_outside_the_image_are_dropped_and_counted(processor, rows)
     collator = RegionMedCLIPCollator(processor)
     batch = collator([outside, row])
     assert not batch["roi_mask"][0].any() and batch["roi_mask"][1].any()
-    assert collator.skipped_regions == 1
+    assert collator.ledger.regions_skipped == 1
 
 
 def test_switches_leave_out_caption_levels(processor, rows):
     batch = RegionMedCLIPCollator(processor, use_regions=False, use_summary=False, use_negatives=False)(rows[:2])
-    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "skipped_rows"}
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "skip_report"}

@@ -1,4 +1,5 @@
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from datasets import IterableDataset, load_dataset, load_from_disk
@@ -154,3 +155,47 @@ def test_provenance_says_whether_the_data_is_real(tmp_path):
     record = read_provenance(synthetic)
     assert (record["source"], record["real_patient_data"], record["seed"], record["n"]) == (
         "regionmed-data synth", False, 3, 12)
+
+
+def _rewrite_shard(folder, change) -> None:
+    (shard,) = sorted(folder.glob("train-*.parquet"))
+    pq.write_table(change(pq.read_table(shard)), shard)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda table: table.drop_columns(["report_caption"]), r"train-00000.parquet: column 'report_caption' is missing"),
+        (lambda table: table.set_column(table.schema.get_field_index("report_caption"), "report_caption",
+                                        pa.array(list(range(table.num_rows)))),
+         r"column 'report_caption' is int64, expected string"),
+        (lambda table: table.set_column(
+            table.schema.get_field_index("regions"), "regions",
+            pa.array([[{"bbox": [1.0, 2.0, 5.0, 6.0], "caption": "c"}]] * table.num_rows)),
+         r"column 'regions' is list<element: struct<bbox: list<element: double>, caption: string>>, expected"),
+        (lambda table: table.append_column("notes", pa.array(["x"] * table.num_rows)),
+         r"columns \['notes'\] are not canonical"),
+    ],
+    ids=["missing column", "numbers for text", "region without label", "extra column"],
+)
+def test_a_shard_with_another_schema_is_refused_naming_file_and_column(tmp_path, change, message):
+    write_rows([make_row(i) for i in range(3)], tmp_path)
+    _rewrite_shard(tmp_path, change)
+    with pytest.raises(ValueError, match=message):
+        load_canonical(tmp_path, "train")
+
+
+def test_numbers_of_another_width_still_read(tmp_path):
+    write_rows([make_row(i) for i in range(3)], tmp_path)
+    regions_type = pa.list_(pa.struct([("bbox", pa.list_(pa.float64())), ("caption", pa.string()),
+                                       ("label", pa.string())]))
+    _rewrite_shard(tmp_path, lambda table: table.set_column(
+        table.schema.get_field_index("regions"), "regions", table.column("regions").cast(regions_type)))
+    assert load_canonical(tmp_path, "train")[0]["regions"][0]["bbox"] == [1.0, 2.0, 5.0, 6.0]
+
+
+def test_the_writer_refuses_image_bytes_the_reader_cannot_open(tmp_path):
+    dicom_like = b"\0" * 128 + b"DICM" + b"\0" * 64
+    with pytest.raises(ValueError, match=r"row 'img-0': image: bytes that PIL cannot read \(DICOM: convert it"):
+        write_rows([make_row(0, image=dicom_like)], tmp_path)
+    assert not list(tmp_path.glob("*.parquet"))

@@ -151,6 +151,55 @@ def test_a_run_folder_is_never_silently_reused_or_trained_past_its_end(data_dir,
     assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
+def plant_bad_rows(source: Path, target: Path) -> dict[str, int]:
+    """A copy of `source` whose train shard has 3 undecodable images and 2 null report captions."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(source, target)
+    (shard,) = sorted(target.glob("train-*.parquet"))
+    table = pq.read_table(shard)
+    images, reports = table.column("image").to_pylist(), table.column("report_caption").to_pylist()
+    for index in (3, 17, 40):
+        images[index] = {"bytes": b"not an image", "path": None}
+    for index in (8, 50):
+        reports[index] = None
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, table.schema.field("image").type))
+    table = table.set_column(table.schema.get_field_index("report_caption"), "report_caption",
+                             pa.array(reports, pa.string()))
+    pq.write_table(table, shard)
+    return {"row: image does not decode (UnidentifiedImageError)": 3, "row: report_caption is missing or null": 2}
+
+
+def test_skipped_rows_add_up_across_workers_and_a_resume(data_dir, tmp_path):
+    bad_data = tmp_path / "bad"
+    planted = plant_bad_rows(data_dir, bad_data)
+    config = run_config(tmp_path, dataloader_num_workers=2)
+    out = tmp_path / "run"
+
+    def train(max_steps, extra=()):
+        return subprocess.run(command(bad_data, out, config, max_steps=max_steps, save_steps=4, extra=extra),
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+
+    # one epoch (52 train rows, batches of 8: 7 steps) in two parts: the resumed part continues the counts
+    half = train(4, extra=["--max-skip-fraction", "0.2"])
+    assert half.returncode == 0, half.stderr[-3000:]
+    whole = train(7, extra=["--max-skip-fraction", "0.2", "--resume", "--allow-config-change"])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert all("skip_reasons" in entry for entry in log)  # every logging step and the summary
+    assert log[-1]["skip_reasons"] == planted and log[-1]["skipped_rows"] == 5 and log[-1]["rows_seen"] == 52
+    assert "data: skipped 5 of 52 rows (9.6%)" in whole.stdout
+    assert json.loads((out / "checkpoint-7" / "skips.json").read_text())["rows_skipped"] == 5
+
+    # the default threshold (5%) stops the same data with an error that says why
+    strict = subprocess.run(command(bad_data, tmp_path / "strict", config, max_steps=7, save_steps=7), cwd=ROOT,
+                            env=env(), capture_output=True, text=True, timeout=600)
+    assert strict.returncode == 3 and "more than --max-skip-fraction=0.05" in strict.stderr
+    assert "2 x row: report_caption is missing or null (e.g. rows" in strict.stderr
+    assert not (tmp_path / "strict" / "final").exists()
+
+
 LAUNCHERS = {
     "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                               "--master-port", str(port)],

@@ -14,8 +14,10 @@ Each sampled region also gets its caption's rule-based negatives (`negatives.reg
 side, zone, presence, size and finding edits; finding swaps drawn from `finding_vocabulary`, by
 default `negatives.FINDINGS`) for the region-level hard-negative loss.
 
-A batch in which no image decodes is replaced by the last good row; `prime(dataset)` decodes a
-first good row up front, so that holds for the very first batch of every DataLoader worker too.
+Rows are validated in full before use (see `RegionMedCLIPCollator`): what cannot be used is skipped
+and counted by reason with example row ids (`skips.SkipLedger`), never the end of the run. A batch
+with no usable row is replaced by the last good row; `prime(dataset)` finds a first good row up front,
+so that holds for the very first batch of every DataLoader worker too.
 Use the default non-persistent DataLoader workers: persistent ones would keep the epoch of
 their first copy of the collator.
 """
@@ -24,11 +26,9 @@ import io
 import logging
 import math
 import random
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
 from PIL import Image
 from transformers.image_processing_utils import BatchFeature
 
@@ -36,6 +36,7 @@ from processing import RegionMedCLIPProcessor
 from processing.image_processing_regionmed_clip import RegionMedCLIPImageProcessor
 
 from .negatives import FINDINGS, REGION_FINDING_SWAPS, region_hard_negatives
+from .skips import SkipLedger
 
 __all__ = ["RegionMedCLIPCollator"]
 
@@ -53,18 +54,49 @@ def _decode(image: Any) -> Image.Image:
     raise ValueError(f"no image bytes (got {type(image).__name__})")
 
 
-def _box_is_usable(bbox: Sequence[float], width: int, height: int, image_processor: RegionMedCLIPImageProcessor) -> bool:
-    """Whether the processor will accept `bbox` (xyxy pixels) on a `width x height` image."""
-    if len(bbox) != 4 or not all(math.isfinite(v) for v in bbox):
-        return False
+def _text_problem(value: Any, name: str) -> str | None:
+    """Why `value` cannot serve as the caption `name`, or None."""
+    if not isinstance(value, str):
+        return f"{name} is {'missing or null' if value is None else type(value).__name__ + ', not text'}"
+    if not value.strip():
+        return f"{name} is empty"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{name} is not valid UTF-8 (a lone surrogate)"
+    return None
+
+
+def _region_problem(region: Any, width: int, height: int, image_processor: RegionMedCLIPImageProcessor) -> str | None:
+    """Why `region` (a canonical region on a `width x height` image) cannot be used, or None."""
+    if not isinstance(region, Mapping):
+        return f"region is {type(region).__name__}, not a mapping"
+    bbox = region.get("bbox")
+    if bbox is None:
+        return "bbox missing or null"
+    if (not isinstance(bbox, Sequence) or isinstance(bbox, str) or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+        return "bbox is not 4 numbers"
+    if not all(math.isfinite(v) for v in bbox):
+        return "bbox holds NaN or inf"
+    problem = _text_problem(region.get("caption"), "region caption")
+    if problem:
+        return problem
     x0, y0, x1, y1 = bbox
     if not (x1 > x0 and y1 > y0 and x1 > 0 and y1 > 0 and x0 < width and y0 < height):
-        return False
-    return image_processor.region_has_view_area(bbox, height, width)  # else the processor would reject it
+        return "box outside the image or degenerate"
+    if not image_processor.region_has_view_area(bbox, height, width):
+        return "box outside the global view (cut off by its crop)"
+    return None
 
 
 class RegionMedCLIPCollator:
-    """Callable collator; `skipped_rows`, `skipped_regions` and `skip_reasons` count what was dropped."""
+    """Callable collator. Every row is validated in full: a row it cannot use (an image that does not
+    decode or that the processor rejects, a report / summary / negative caption that is not text,
+    `regions` that is not a list) is skipped, a region it cannot use (no or bad `bbox`, no caption,
+    a box off the image or its view) is dropped; each is counted by reason with example row ids, in
+    `ledger` (this process's total) and in the `skip_report` of the batch (what the Trainer adds up:
+    in DataLoader workers the collator is a copy)."""
 
     def __init__(
         self,
@@ -90,36 +122,55 @@ class RegionMedCLIPCollator:
         self.use_region_negatives = use_region_negatives
         self.finding_vocabulary = tuple(finding_vocabulary) if finding_vocabulary else FINDINGS
         self.region_finding_swaps = region_finding_swaps
-        self.skipped_rows = 0
-        self.skipped_regions = 0
-        self.skip_reasons: Counter[str] = Counter()
-        self._last_good: tuple[dict[str, Any], Image.Image] | None = None
+        self.ledger = SkipLedger()
+        self._last_good: dict[str, Any] | None = None  # the processor-call piece of the last usable row
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def prime(self, rows: Iterable[Mapping[str, Any]], max_rows: int = 1000) -> None:
-        """Decode the first good row of `rows` (e.g. the train dataset) as the stand-in for a batch
-        whose images all fail, so no batch (the first of each DataLoader worker included) ends the run.
+        """Keep the first usable row of `rows` (e.g. the train dataset) as the stand-in for a batch
+        with no usable row, so no batch (the first of each DataLoader worker included) ends the run.
         Call before training: workers get copies of the collator."""
         for index, row in enumerate(rows):
             if index >= max_rows:
                 break
+            if self._row_problem(row) is not None:
+                continue
             try:
-                self._last_good = (row, _decode(row["image"]))
-                return
-            except Exception as error:  # PIL raises many types; the reason is in the error below
-                logger.debug("prime: row %s does not decode: %s", row.get("image_id"), error)
-        raise ValueError(f"none of the first {max_rows} rows has a decodable image; is the dataset corrupt?")
+                piece = self._pieces(row, _decode(row["image"]), SkipLedger())
+                self._call([piece])
+            except Exception as error:  # PIL and the processor raise many types; the reason is logged
+                logger.debug("prime: row %s is not usable: %s", row.get("image_id"), error)
+                continue
+            self._last_good = piece
+            return
+        raise ValueError(f"none of the first {max_rows} rows is usable (text fields, image); is the dataset corrupt?")
 
-    def _sample_regions(self, row: Mapping[str, Any], image: Image.Image) -> list[Mapping[str, Any]]:
+    def _row_problem(self, row: Mapping[str, Any]) -> str | None:
+        """Why a row's text fields cannot be used (the image is checked by decoding it), or None."""
+        problem = _text_problem(row.get("report_caption"), "report_caption")
+        if problem is None and self.use_summary:
+            problem = _text_problem(row.get("summary_caption"), "summary_caption")
+        if problem is None and self.use_negatives:
+            negatives = row.get("negative_captions")
+            if not isinstance(negatives, (list, tuple)):
+                return f"negative_captions is {'missing or null' if negatives is None else type(negatives).__name__}, not a list"
+            problem = next((found for index, text in enumerate(negatives)
+                            if (found := _text_problem(text, f"negative_captions[{index}]"))), None)
+        if problem is None and self.use_regions and not isinstance(row.get("regions"), (list, tuple)):
+            regions = row.get("regions")
+            problem = f"regions is {'missing or null' if regions is None else type(regions).__name__}, not a list"
+        return problem
+
+    def _sample_regions(self, row: Mapping[str, Any], image: Image.Image, report: SkipLedger) -> list[Mapping[str, Any]]:
         usable = []
         for region in row["regions"]:
-            if _box_is_usable(region["bbox"], *image.size, self.processor.image_processor):
+            problem = _region_problem(region, *image.size, self.processor.image_processor)
+            if problem is None:
                 usable.append(region)
             else:
-                self.skipped_regions += 1
-                self.skip_reasons["region box outside the image or its global view, or degenerate"] += 1
+                report.skip_region(problem, row.get("image_id"))
         if not usable:
             return []
         rng = random.Random(f"{self.seed}:{row['image_id']}:{self.epoch}")
@@ -128,53 +179,70 @@ class RegionMedCLIPCollator:
         return [usable[index] for index in chosen]
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> BatchFeature:
-        """Model inputs for `rows`, plus `skipped_rows`: how many of these rows were dropped (in
-        DataLoader workers the collator's own counters are copies the main process never sees)."""
-        skipped_before = self.skipped_rows
+        """Model inputs for the usable `rows`, plus `skip_report`: this batch's `SkipLedger.to_dict()`."""
+        report = SkipLedger(rows_seen=len(rows))
         good: list[tuple[Mapping[str, Any], Image.Image]] = []
         for row in rows:
-            try:
-                good.append((row, _decode(row["image"])))
-            except Exception as error:  # any decoder failure (PIL raises many types) skips the row
-                self.skipped_rows += 1
-                self.skip_reasons[f"image failed to decode: {type(error).__name__}"] += 1
-                logger.debug("skipping row %s: %s", row.get("image_id"), error)
-        if good:
-            self._last_good = good[-1]
-        elif self._last_good is not None:
-            # A batch with no decodable image: repeat the last good row rather than end the run.
-            good = [self._last_good]
-        else:
-            raise RuntimeError(f"none of these {len(rows)} rows has a decodable image and the collator has no "
-                               "stand-in: call prime(dataset) before training")
-
-        images = [image for _, image in good]
-        call: dict[str, Any] = {"images": images, "text": [row["report_caption"] for row, _ in good]}
-        if self.use_summary:
-            call["summary_text"] = [row["summary_caption"] for row, _ in good]
-        if self.use_regions:
-            sampled = [self._sample_regions(row, image) for row, image in good]
-            call["regions"] = [[region["bbox"] for region in regions] for regions in sampled]
-            call["region_text"] = [[region["caption"] for region in regions] for regions in sampled]
-            if self.use_region_negatives:
-                call["region_negative_text"] = [
-                    [list(region_hard_negatives(region["caption"], self.seed, self.finding_vocabulary,
-                                                self.region_finding_swaps))
-                     for region in regions]
-                    for regions in sampled
-                ]
-        if self.use_negatives:
-            call["negative_text"] = [list(row["negative_captions"]) for row, _ in good]
-        batch = self.processor(**call, return_tensors="pt")
-        batch["skipped_rows"] = torch.tensor(self.skipped_rows - skipped_before)
+            row_id = row.get("image_id") if isinstance(row, Mapping) else None
+            problem = self._row_problem(row) if isinstance(row, Mapping) else f"row is {type(row).__name__}"
+            if problem is None:
+                try:
+                    good.append((row, _decode(row["image"])))
+                except Exception as error:  # any decoder failure (PIL raises many types) skips the row
+                    problem = f"image does not decode ({type(error).__name__})"
+                    logger.debug("row %s: %s", row_id, error)
+            if problem is not None:
+                report.skip_row(problem, row_id)
+        try:
+            pieces = [self._pieces(row, image, report) for row, image in good]
+            batch = self._process(pieces, [row for row, _ in good], report)
+        finally:
+            self.ledger.merge(report)
+        batch["skip_report"] = report.to_dict()
         return batch
 
-    def log_summary(self) -> None:
-        """Log what was skipped (call at the end of a run)."""
-        if self.skipped_rows or self.skipped_regions:
-            logger.warning(
-                "collator skipped %d rows and %d regions: %s",
-                self.skipped_rows,
-                self.skipped_regions,
-                dict(self.skip_reasons),
-            )
+    def _pieces(self, row: Mapping[str, Any], image: Image.Image, report: SkipLedger) -> dict[str, Any]:
+        """One row's share of the processor call."""
+        piece: dict[str, Any] = {"images": image, "text": row["report_caption"]}
+        if self.use_summary:
+            piece["summary_text"] = row["summary_caption"]
+        if self.use_regions:
+            regions = self._sample_regions(row, image, report)
+            piece["regions"] = [region["bbox"] for region in regions]
+            piece["region_text"] = [region["caption"] for region in regions]
+            if self.use_region_negatives:
+                piece["region_negative_text"] = [
+                    list(region_hard_negatives(region["caption"], self.seed, self.finding_vocabulary,
+                                               self.region_finding_swaps))
+                    for region in regions]
+        if self.use_negatives:
+            piece["negative_text"] = list(row["negative_captions"])
+        return piece
+
+    def _call(self, pieces: Sequence[dict[str, Any]]) -> BatchFeature:
+        return self.processor(**{key: [piece[key] for piece in pieces] for key in pieces[0]}, return_tensors="pt")
+
+    def _process(self, pieces: list[dict[str, Any]], rows: list[Mapping[str, Any]], report: SkipLedger) -> BatchFeature:
+        """The processor on every piece; when it rejects the batch, each row alone, skipping those it
+        rejects; a batch with no usable row repeats the last good one rather than end the run."""
+        if pieces:
+            try:
+                batch = self._call(pieces)
+                self._last_good = pieces[-1]
+                return batch
+            except Exception:  # find the row(s) at fault below
+                kept = []
+                for piece, row in zip(pieces, rows, strict=True):
+                    try:
+                        self._call([piece])
+                        kept.append(piece)
+                    except Exception as error:
+                        report.skip_row(f"image rejected by the processor ({type(error).__name__})", row.get("image_id"))
+                        logger.debug("row %s: %s", row.get("image_id"), error)
+                if kept:
+                    self._last_good = kept[-1]
+                    return self._call(kept)
+        if self._last_good is None:
+            raise RuntimeError(f"none of these {report.rows_seen} rows is usable and the collator has no stand-in: "
+                               f"call prime(dataset) before training\n{report.summary()}")
+        return self._call([self._last_good])

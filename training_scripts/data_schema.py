@@ -33,6 +33,7 @@ __all__ = [
     "CANONICAL_FEATURES",
     "SPLITS",
     "ShardedParquetWriter",
+    "check_shard_schema",
     "dataset_fingerprint",
     "encode_image",
     "export_to_disk",
@@ -88,6 +89,53 @@ def encode_image(image: Any) -> dict[str, Any]:
     if isinstance(image, Mapping) and image.get("bytes"):
         return {"bytes": image["bytes"], "path": image.get("path")}
     raise TypeError(f"image must be a PIL image, bytes or a file path, got {type(image).__name__}")
+
+
+def _check_readable(image: Mapping[str, Any], where: str) -> None:
+    """Refuse image bytes the reader (PIL, in the collator) cannot open: the writer must not accept
+    what training would then skip, e.g. DICOM bytes stored as they are."""
+    try:
+        with Image.open(io.BytesIO(image["bytes"])) as opened:
+            opened.verify()
+    except Exception as error:  # PIL raises many types
+        hint = " (DICOM: convert it with `regionmed-data convert`)" if image["bytes"][128:132] == b"DICM" else ""
+        raise ValueError(f"{where}: image: bytes that PIL cannot read{hint}: {error}") from None
+
+
+def _types_match(found: pa.DataType, expected: pa.DataType) -> bool:
+    """Whether a shard's column type reads as the canonical one without changing any value: the same
+    kind (text as text, numbers as numbers), list flavours and struct keys alike."""
+    if pa.types.is_string(expected) or pa.types.is_large_string(expected):
+        return pa.types.is_string(found) or pa.types.is_large_string(found)
+    if pa.types.is_floating(expected):
+        return pa.types.is_floating(found) or pa.types.is_integer(found)
+    if pa.types.is_binary(expected):
+        return pa.types.is_binary(found) or pa.types.is_large_binary(found)
+    if pa.types.is_list(expected) or pa.types.is_fixed_size_list(expected):
+        lists = pa.types.is_list(found) or pa.types.is_large_list(found) or pa.types.is_fixed_size_list(found)
+        return lists and _types_match(found.value_type, expected.value_type)
+    if pa.types.is_struct(expected):
+        return (pa.types.is_struct(found) and {field.name for field in found} == {field.name for field in expected}
+                and all(_types_match(found.field(field.name).type, field.type) for field in expected))
+    return found.equals(expected)
+
+
+def check_shard_schema(shard: Path) -> None:
+    """Raise ValueError naming the shard and the column when its schema is not the canonical one
+    (a missing column would otherwise read as nulls, a wrong type as silently converted values)."""
+    schema = pq.read_schema(shard)
+    for field in CANONICAL_FEATURES.arrow_schema:
+        if field.name not in schema.names:
+            if field.name == _LATER_COLUMN:
+                continue
+            raise ValueError(f"{shard}: column {field.name!r} is missing; a canonical shard has "
+                             f"{CANONICAL_FEATURES.arrow_schema.names}")
+        found = schema.field(field.name).type
+        if not _types_match(found, field.type):
+            raise ValueError(f"{shard}: column {field.name!r} is {found}, expected {field.type}")
+    extra = sorted(set(schema.names) - set(CANONICAL_FEATURES))
+    if extra:
+        raise ValueError(f"{shard}: columns {extra} are not canonical (they would be dropped)")
 
 
 def validate_row(row: Mapping[str, Any], where: str = "row") -> None:
@@ -147,8 +195,11 @@ class ShardedParquetWriter:
         self._shard_index: dict[str, int] = {}
 
     def write(self, row: Mapping[str, Any]) -> None:
-        validate_row(row, where=f"row {row.get('image_id', '?')!r}")
-        encoded = CANONICAL_FEATURES.encode_example({**row, "image": encode_image(row["image"])})
+        where = f"row {row.get('image_id', '?')!r}"
+        validate_row(row, where=where)
+        image = encode_image(row["image"])
+        _check_readable(image, where)
+        encoded = CANONICAL_FEATURES.encode_example({**row, "image": image})
         split = row["split"]
         self._buffers.setdefault(split, []).append(encoded)
         self.counts[split] = self.counts.get(split, 0) + 1
@@ -270,6 +321,8 @@ def load_canonical(
         files = _data_files(path)
         if split not in files:
             raise ValueError(f"split {split!r} not found in {str(path)!r}; available: {sorted(files)}")
+        for shard in sorted(path.glob(f"{split}-*.parquet")):
+            check_shard_schema(shard)
         features = CANONICAL_FEATURES
         if _LATER_COLUMN not in pq.read_schema(min(path.glob(f"{split}-*.parquet"))).names:
             # Asked for, a column the shards lack would read as None rather than []: add it after loading instead.

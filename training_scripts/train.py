@@ -44,6 +44,7 @@ from .data_schema import dataset_fingerprint, load_canonical
 from .losses import ContrastiveLossConfig
 from .plotting import plot_loss_curves
 from .schedule import DEFAULT_STAGES, StagedSchedule
+from .skips import TooManySkipsError
 from .trainer import JsonlLogCallback, RegionMedCLIPTrainer, StageCallback
 
 __all__ = ["build_trainer", "finding_vocabulary", "main", "resolve_run_config"]
@@ -72,6 +73,8 @@ DEFAULT_TRAINING_ARGS: dict[str, Any] = {
     "use_cpu": not torch.cuda.is_available(),
 }
 _SECTIONS = {"model", "data", "schedule", "training_args", "loss"}
+# Stop a run when more than this share of its rows had to be skipped (`--max-skip-fraction`).
+DEFAULT_MAX_SKIP_FRACTION = 0.05
 
 
 def resolve_run_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,7 +88,7 @@ def resolve_run_config(args: argparse.Namespace) -> dict[str, Any]:
         if unknown:
             raise ValueError(f"{args.config}: unknown sections {unknown}; allowed: {sorted(_SECTIONS)}")
     model = {"preset": "tiny", "overrides": {}, **(config.get("model") or {})}
-    data = {"split": "train", **(config.get("data") or {})}
+    data = {"split": "train", "max_skip_fraction": DEFAULT_MAX_SKIP_FRACTION, **(config.get("data") or {})}
     training_args = {**DEFAULT_TRAINING_ARGS, **(config.get("training_args") or {})}
     flags = {"max_steps": args.max_steps, "save_steps": args.save_steps, "seed": args.seed,
              "output_dir": args.output_dir, "per_device_train_batch_size": args.batch_size,
@@ -97,6 +100,10 @@ def resolve_run_config(args: argparse.Namespace) -> dict[str, Any]:
         model["tokenizer"] = str(args.tokenizer)
     if args.data:
         data["path"] = str(args.data)
+    if args.max_skip_fraction is not None:
+        data["max_skip_fraction"] = args.max_skip_fraction
+    if not 0 <= data["max_skip_fraction"] < 1:
+        raise ValueError(f"max_skip_fraction must be in [0, 1), got {data['max_skip_fraction']!r}")
     for key, where in (("output_dir", "--output-dir"), ("max_steps", "--max-steps")):
         if training_args.get(key) in (None, -1):
             raise ValueError(f"{key} is required ({where} or training_args.{key} in the YAML)")
@@ -109,10 +116,14 @@ def resolve_run_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _caption_corpus(dataset) -> list[str]:
+    """Every caption of the dataset, for the tokenizer; values that are not text are left to the
+    collator, which skips and counts them."""
     corpus = []
     for row in dataset.remove_columns("image"):
-        corpus += [row["report_caption"], row["summary_caption"], *row["negative_captions"]]
-        corpus += [region["caption"] for region in row["regions"]]
+        regions = row["regions"] if isinstance(row["regions"], list) else []
+        candidates = [row["report_caption"], row["summary_caption"], *(row["negative_captions"] or []),
+                      *(region.get("caption") for region in regions if isinstance(region, dict))]
+        corpus += [text for text in candidates if isinstance(text, str)]
     return corpus
 
 
@@ -122,10 +133,12 @@ def finding_vocabulary(dataset) -> list[str] | None:
     None (use `negatives.FINDINGS`) when fewer than two labels are named in captions."""
     named: set[str] = set()
     for regions in dataset.remove_columns("image")["regions"]:
-        for region in regions:
-            label = region["label"].lower()
-            if label and re.search(rf"\b{re.escape(label)}\b", region["caption"].lower()):
-                named.add(label)
+        for region in regions or []:
+            label, caption = region.get("label"), region.get("caption")
+            if not (isinstance(label, str) and isinstance(caption, str)):
+                continue  # the collator skips and counts such regions
+            if label and re.search(rf"\b{re.escape(label.lower())}\b", caption.lower()):
+                named.add(label.lower())
     return sorted(named) if len(named) >= 2 else None
 
 
@@ -203,6 +216,7 @@ def build_trainer(
         processing_class=processor,
         schedule=schedule,
         callbacks=[StageCallback(schedule, collator), JsonlLogCallback(output_dir / "train_log.jsonl")],
+        max_skip_fraction=run["data"].get("max_skip_fraction", DEFAULT_MAX_SKIP_FRACTION),
     )
     checkpoint = None
     if resume:
@@ -313,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--logging-steps", type=int, default=None)
     parser.add_argument("--tokenizer", type=Path, default=None, help="a local BERT-style tokenizer folder")
+    parser.add_argument("--max-skip-fraction", type=float, default=None,
+                        help=f"stop when more than this share of the rows is skipped (default {DEFAULT_MAX_SKIP_FRACTION})")
     parser.add_argument("--config", type=Path, default=None, help="run YAML (model, data, schedule, training_args)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
     parser.add_argument("--overwrite", action="store_true",
@@ -354,7 +370,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         trainer._load_from_checkpoint(str(checkpoint))
     else:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except TooManySkipsError as error:
+            print(f"regionmed-train: error: {error}", file=sys.stderr)
+            return 3
+        skips = trainer.run_skips()
+        if trainer.is_world_process_zero():
+            print(f"data: {skips.summary()}")
+        try:
+            skips.check(trainer.max_skip_fraction)
+        except TooManySkipsError as error:
+            print(f"regionmed-train: error: {error}", file=sys.stderr)
+            return 3
 
     trainer.save_model(final_dir)  # on every rank: FSDP gathers the full weights collectively
     if trainer.is_world_process_zero():

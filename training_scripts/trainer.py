@@ -48,8 +48,10 @@ from processing import CAPTION_LEVELS, RegionMedCLIPImageProcessor
 from .checkpoints import CHECKPOINT_COMPLETE, write_completion_marker
 from .losses import LOSS_TERMS, TERM_CAPTION_LEVELS, ContrastiveLossConfig, training_loss
 from .schedule import PARAMETER_GROUPS, Stage, StagedSchedule, bare_parameter_name, parameter_group_of
+from .skips import SkipLedger
 
 __all__ = [
+    "SKIPS_FILE",
     "TRAINING_ARGS_FILE",
     "JsonlLogCallback",
     "NonFiniteLossError",
@@ -61,6 +63,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# The skip ledger of the run, in every checkpoint: a resumed run continues its counts.
+SKIPS_FILE = "skips.json"
+# A mid-run stop for too many skipped rows waits for this many rows: a few bad rows early mean little.
+_MIN_ROWS_FOR_SKIP_CHECK = 200
 # The training arguments as JSON, in place of transformers' pickled `training_args.bin`.
 TRAINING_ARGS_FILE = "training_args.json"
 def stage_input_names(stage: Stage) -> list[str]:
@@ -104,7 +110,7 @@ class RegionMedCLIPTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, schedule: StagedSchedule, max_consecutive_nonfinite: int = 5,
-                 loss_config: ContrastiveLossConfig | None = None, **kwargs: Any):
+                 loss_config: ContrastiveLossConfig | None = None, max_skip_fraction: float = 0.05, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.loss_config = loss_config or ContrastiveLossConfig()
         # Read once: a DDP / FSDP / PEFT wrapper hides the config behind its own attributes.
@@ -118,7 +124,10 @@ class RegionMedCLIPTrainer(Trainer):
         self.schedule = schedule
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.nonfinite_steps = 0
-        self.skipped_rows = 0
+        # This rank's skipped rows and regions (a resumed run restores the run's total on rank 0); the
+        # collator reports them per batch, since in DataLoader workers its own ledger is a copy.
+        self.skips = SkipLedger()
+        self.max_skip_fraction = max_skip_fraction
         self._consecutive_nonfinite = 0
         self._window_nonfinite = False
         self._last_saved_step: int | None = None  # by this run: a folder on disk may be an earlier run's
@@ -190,8 +199,8 @@ class RegionMedCLIPTrainer(Trainer):
         missing = [key for key in keys if key not in inputs]
         if missing:
             raise ValueError(f"stage {stage.name!r} needs batch inputs {missing}; check the collator's switches")
-        # The collator reports per batch what it dropped: its own counters live in DataLoader workers.
-        self.skipped_rows += int(inputs.get("skipped_rows", 0))
+        if "skip_report" in inputs:
+            self.skips.merge(inputs["skip_report"])
         batch = {key: inputs[key] for key in keys}
         outputs = model(**batch)
         loss, terms = training_loss(outputs, batch, outputs.logit_scale, self.pad_token_id, dict(stage.loss_weights),
@@ -271,13 +280,38 @@ class RegionMedCLIPTrainer(Trainer):
             stage = self.schedule.stage_at(max(self.state.global_step - 1, 0))
             logs["stage"] = stage.name
             logs["nonfinite_steps"] = self.nonfinite_steps
-            logs["skipped_rows"] = self.skipped_rows
             logs["logit_scale"] = round(mean_over_ranks(self._group_parameters["temperature"][0]).exp().item(), 4)
+        if "loss" in logs or "train_runtime" in logs:  # every training log, and the run's summary log
+            skips = self.run_skips()
+            logs.update(rows_seen=skips.rows_seen, skipped_rows=skips.rows_skipped,
+                        skipped_regions=skips.regions_skipped, skip_reasons=dict(skips.reasons))
         super().log(logs, start_time)
+        if "loss" in logs:
+            # Mid-run, only once enough rows were seen for the share to mean something; the end is checked by the caller.
+            skips.check(self.max_skip_fraction, min_rows=_MIN_ROWS_FOR_SKIP_CHECK)
+
+    def run_skips(self) -> SkipLedger:
+        """The skips of every rank, since the run started (collective: call on every rank)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return SkipLedger.from_dict(self.skips.to_dict())
+        reports: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, self.skips.to_dict())
+        total = SkipLedger()
+        for report in reports:
+            total.merge(report)
+        return total
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = Path(resume_from_checkpoint) / SKIPS_FILE
+        if self.args.process_index == 0 and saved.exists():  # the run's total, carried by rank 0 from here on
+            self.skips = SkipLedger.from_dict(json.loads(saved.read_text()))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """transformers' save, with the training arguments as JSON instead of a pickle."""
         super()._save(output_dir, state_dict)
+        if not self.args.should_save:  # transformers calls it on every rank; only the writer writes
+            return
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
         (folder / TRAINING_ARGS_NAME).unlink(missing_ok=True)
         (folder / TRAINING_ARGS_FILE).write_text(self.args.to_json_string())
@@ -294,8 +328,10 @@ class RegionMedCLIPTrainer(Trainer):
         finally:
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank's files (e.g. its RNG state) are written
+        skips = self.run_skips()
         if not self.args.should_save:
             return
+        (folder / SKIPS_FILE).write_text(json.dumps(skips.to_dict(), indent=1))
         run_dir = self._get_output_dir(trial=trial)
         write_completion_marker(folder, self.state.global_step)
         self._last_saved_step = self.state.global_step
@@ -339,10 +375,6 @@ class StageCallback(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         if self.collator is not None and hasattr(self.collator, "set_epoch"):
             self.collator.set_epoch(int(state.epoch or 0))
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.collator is not None and hasattr(self.collator, "log_summary"):
-            self.collator.log_summary()
 
 
 class JsonlLogCallback(TrainerCallback):
