@@ -11,6 +11,8 @@ device, or when xformers is not installed, the backend falls back to SDPA so a c
 a GPU box still runs on a laptop.
 """
 
+import warnings
+
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -19,6 +21,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 try:  # optional extra `gpu`; kept in a try so the Hub's remote-code import check skips it
     import xformers.ops as xops
 except ImportError:
+    xops = None
+except (OSError, RuntimeError) as error:  # installed but broken (e.g. built for another torch / CUDA)
+    warnings.warn(f"xformers is installed but does not import ({error}); the 'xformers' attention backend "
+                  "falls back to SDPA", stacklevel=1)
     xops = None
 
 __all__ = [

@@ -768,6 +768,15 @@ def _check_roi_inputs(
     valid_boxes = roi_boxes[roi_mask]
     if not torch.isfinite(valid_boxes).all():
         raise ValueError("roi_boxes holds NaN or inf in a valid ROI")
+    # Normalised xyxy on the global view: a box in pixels, or with its corners swapped, would be
+    # pooled from the wrong place (or from nothing) without a word.
+    tolerance = 1e-4
+    outside = (valid_boxes < -tolerance) | (valid_boxes > 1 + tolerance)
+    inverted = (valid_boxes[:, 2] <= valid_boxes[:, 0]) | (valid_boxes[:, 3] <= valid_boxes[:, 1])
+    if outside.any() or inverted.any():
+        first = valid_boxes[(outside.any(dim=-1) | inverted).nonzero()[0, 0]].tolist()
+        raise ValueError(f"roi_boxes must be normalised xyxy in [0, 1] with x1 > x0 and y1 > y0 (the processor "
+                         f"makes them from pixel boxes); got {[round(value, 4) for value in first]} in a valid ROI")
     return roi_mask
 
 

@@ -10,7 +10,8 @@ Rules (they are the documentation):
   - a box: 4 numbers (or `{"box": [...]}`) in `box_format` `"xyxy"` (default) or `"xywh"`,
     in pixels of the original image, or fractions of its width/height with `normalized_boxes=True`;
   - a binary mask `(H, W)` (or `{"mask": m}`) of the original image's size: its tight box is the
-    region; with `mask_crop=True` the crop is also blanked outside the mask;
+    region; with `mask_crop=True` the crop is also blanked outside the mask; a float mask of
+    probabilities (a segmentation model's output) is thresholded at 0.5;
   - a point: 2 numbers `(x, y)` (or `{"point": [...]}`): a square box of side
     `point_extent x min(H, W)` centred on it.
   A box partly outside the image is clipped to it; one entirely outside is an error.
@@ -115,6 +116,18 @@ class ViewTransform:
             ]
         )
         return np.clip(mapped / view_size, 0.0, 1.0)
+
+
+def _binary_mask(array: np.ndarray, where: str) -> np.ndarray:
+    """A region mask as bool: nonzero pixels of an integer / bool mask; a float mask of probabilities
+    (values between 0 and 1) is thresholded at 0.5, since every nonzero probability would otherwise
+    spread the region over the whole image."""
+    if not np.issubdtype(array.dtype, np.floating) or np.isin(array, (0.0, 1.0)).all():
+        return array.astype(bool)
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+        raise ValueError(f"{where}: a float mask must hold 0/1 or probabilities in [0, 1], got values in "
+                         f"[{np.nanmin(array):g}, {np.nanmax(array):g}]")
+    return array >= 0.5
 
 
 def _has_view_area(view_box: np.ndarray) -> bool:
@@ -224,7 +237,7 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
         if kind == "mask":
             if array.shape != (height, width):
                 raise ValueError(f"{where}: mask shape {array.shape} differs from the image's (H, W) = {(height, width)}")
-            mask = array.astype(bool)
+            mask = _binary_mask(array, where)
             rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
             if rows.size == 0:
                 raise ValueError(f"{where}: the mask is empty (no pixel set)")

@@ -42,7 +42,8 @@ DICOM (a ``pydicom.Dataset`` or a DICOM path; needs the optional ``pydicom>=3``,
        is; deeper data is min-max scaled to 8 bits. ``PALETTE COLOR`` data goes through its palette
        (``apply_color_lut``); 16-bit palette entries keep their high byte.
     3. Grayscale: the modality LUT (``RescaleSlope``/``RescaleIntercept`` or a Modality LUT Sequence) is applied
-       first, so windows are in modality units (e.g. Hounsfield units). Then, in order of preference:
+       first, so windows are in modality units (e.g. Hounsfield units); a ``RescaleSlope`` of 0 (every pixel
+       the same value) is an error, not a blank image. Then, in order of preference:
        a VOI LUT Sequence -> ``apply_voi_lut`` then min-max to 8 bits; ``WindowCenter``/``WindowWidth`` (the
        first value when multi-valued, width > 0) -> linear window ``low = c - w/2``, ``high = c + w/2``:
        values are clipped into the window (that is what a window means: everything below it is black,
@@ -66,10 +67,11 @@ and never shared: the result is always a new, writeable, C-contiguous ``uint8`` 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +133,8 @@ def load_medical_image(
     if isinstance(image, (str, os.PathLike)):
         return _from_path(Path(os.fsdecode(image)), int(dicom_frame), max_image_pixels)
     if _looks_like_dicom_dataset(image):
-        return _from_dicom(image, int(dicom_frame), max_image_pixels)
+        with _named_dicom_errors("DICOM dataset"):
+            return _from_dicom(image, int(dicom_frame), max_image_pixels)
 
     kind = type(image)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
@@ -273,7 +276,8 @@ def _from_path(path: Path, dicom_frame: int, max_image_pixels: int | None) -> np
             dataset = pydicom.dcmread(path)
         except Exception as error:  # pydicom raises many types for corrupt files; all mean "cannot read it"
             raise ValueError(f"Cannot read DICOM file '{path}': {error}") from error
-        return _from_dicom(dataset, dicom_frame, max_image_pixels)
+        with _named_dicom_errors(f"DICOM file '{path}'"):
+            return _from_dicom(dataset, dicom_frame, max_image_pixels)
 
     try:
         image = _open_with_pil(path)
@@ -317,6 +321,22 @@ def _open_with_pil(path: Path) -> Image.Image:
 # ----------------------------------------------------------------------------------------------------------------
 # DICOM
 # ----------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _named_dicom_errors(source: str) -> Iterator[None]:
+    """Errors from a DICOM's tags or pixel data as ValueErrors that name the file (or dataset): a
+    missing tag is an AttributeError, a malformed number a ValueError, a missing pixel decoder a
+    RuntimeError, none of which says where it came from."""
+    try:
+        yield
+    except (AttributeError, KeyError, TypeError) as error:
+        raise ValueError(f"{source}: a required tag is missing or malformed ({error})") from error
+    except RuntimeError as error:
+        raise ValueError(f"{source}: cannot decode its pixel data ({error}); a compressed transfer syntax "
+                         "needs its decoder plugin, e.g. `pip install pylibjpeg pylibjpeg-libjpeg`") from error
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from error
 
 
 def _import_pydicom() -> Any:
@@ -445,7 +465,11 @@ def _from_dicom(dataset: Any, dicom_frame: int, max_image_pixels: int | None) ->
 
     # Windows and VOI LUTs are defined on modality values (e.g. Hounsfield units), so rescale first.
     # apply_modality_lut reads only the rescale tags of what it is given: hand it the frame's functional-group item.
-    values = pixels.apply_modality_lut(values, _rescale_source(dataset, dicom_frame))
+    rescale = _rescale_source(dataset, dicom_frame)
+    if getattr(rescale, "RescaleSlope", None) is not None and float(rescale.RescaleSlope) == 0:
+        raise ValueError("RescaleSlope is 0: every pixel would map to RescaleIntercept (a blank image); "
+                         "the header is wrong")
+    values = pixels.apply_modality_lut(values, rescale)
     center, width = _frame_window(dataset, dicom_frame)
     if getattr(dataset, "VOILUTSequence", None):
         out = _minmax_to_uint8(pixels.apply_voi_lut(values, dataset))

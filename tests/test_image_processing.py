@@ -2,6 +2,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from processing import RegionMedCLIPImageProcessor
@@ -263,3 +264,21 @@ def test_save_and_load_round_trip(tmp_path):
     b = loaded(image, regions=[[[100, 0, 150, 50]]])
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_a_probability_mask_is_thresholded_not_spread_over_the_image():
+    processor = RegionMedCLIPImageProcessor(image_size=32, roi_size=16, max_rois=2)
+    image = Image.new("L", (40, 40), 100)
+    probabilities = np.full((40, 40), 0.02, dtype=np.float32)  # a segmentation output: never exactly 0
+    probabilities[10:20, 5:15] = 0.9
+    out = processor(image, regions=[[{"mask": probabilities}]], return_tensors="pt")
+    expected = processor(image, regions=[[[5, 10, 15, 20]]], return_tensors="pt")
+    torch.testing.assert_close(out["roi_boxes"], expected["roi_boxes"])
+
+
+def test_a_float_mask_outside_zero_one_is_refused():
+    processor = RegionMedCLIPImageProcessor(image_size=32, roi_size=16, max_rois=2)
+    mask = np.zeros((40, 40), dtype=np.float32)
+    mask[10:20, 5:15] = 255.0
+    with pytest.raises(ValueError, match=r"a float mask must hold 0/1 or probabilities in \[0, 1\], got values in \[0, 255\]"):
+        processor(Image.new("L", (40, 40)), regions=[[{"mask": mask}]])

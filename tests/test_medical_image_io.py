@@ -686,3 +686,37 @@ def test_missing_pydicom_gives_install_hint(monkeypatch):
         load_medical_image(ds)
     with pytest.raises(ImportError, match=r"regionmed-clip\[dicom\]"):
         load_medical_image(path)
+
+
+def _dicom_with(tmp_path, name, **tags):
+    """A small valid DICOM file, then `tags` set (None deletes a tag)."""
+    pydicom = pytest.importorskip("pydicom")
+    from test_converters import write_dicom
+
+    path = write_dicom(tmp_path / name, size=(16, 12))
+    dataset = pydicom.dcmread(path)
+    for tag, value in tags.items():
+        if value is None:
+            delattr(dataset, tag)
+        else:
+            setattr(dataset, tag, value)
+    dataset.save_as(path)
+    return path
+
+
+def test_a_dicom_with_rescale_slope_zero_is_an_error_not_a_blank_image(tmp_path):
+    path = _dicom_with(tmp_path, "slope0.dcm", RescaleSlope=0, RescaleIntercept=0)
+    with pytest.raises(ValueError, match=r"slope0\.dcm': RescaleSlope is 0"):
+        load_medical_image(str(path))
+
+
+@pytest.mark.parametrize(
+    ("tags", "message"),
+    [({"Rows": None}, r"a required tag is missing or malformed"),
+     ({"SamplesPerPixel": 2}, r"A \(0028,0002\) 'Samples per Pixel' value of '2' is invalid")],
+    ids=["no Rows", "two samples per pixel"],
+)
+def test_dicom_errors_name_the_file(tmp_path, tags, message):
+    path = _dicom_with(tmp_path, "broken.dcm", **tags)
+    with pytest.raises(ValueError, match=rf"DICOM file '.*broken\.dcm': {message}"):
+        load_medical_image(str(path))

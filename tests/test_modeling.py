@@ -1,4 +1,8 @@
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -348,3 +352,30 @@ def test_feature_getters_follow_the_config_flags_like_transformers(config):
     assert len(text.hidden_states) == config.text_config.num_hidden_layers + 1
     as_tuple = model.get_image_features(inputs["pixel_values"], return_dict=False)
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[1], model.get_image_features(inputs["pixel_values"]).pooler_output)
+
+
+@pytest.mark.parametrize(
+    "box", [[10.0, 20.0, 60.0, 90.0], [0.6, 0.2, 0.3, 0.5], [0.1, 0.5, 0.4, 0.5]],
+    ids=["pixel box", "swapped x", "no height"],
+)
+def test_roi_boxes_that_are_not_normalised_xyxy_are_refused(model, config, box):
+    inputs = make_inputs(config, [2, 1])
+    inputs["roi_boxes"][0, 1] = torch.tensor(box)
+    with pytest.raises(ValueError, match=r"roi_boxes must be normalised xyxy in \[0, 1\] with x1 > x0 and y1 > y0"):
+        model(**inputs)
+    inputs["roi_boxes"][1, 1] = torch.tensor(box)  # the same box in a padding slot is ignored
+    inputs["roi_boxes"][0, 1] = torch.tensor([0.1, 0.1, 0.3, 0.3])
+    model(**inputs)
+
+
+def test_a_broken_xformers_install_does_not_break_importing_the_model(tmp_path):
+    fake = tmp_path / "xformers"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "ops.py").write_text("raise OSError('libcudart.so.12: cannot open shared object file')\n")
+    code = "import modeling_regionmed_clip as m; print('available', m.XFORMERS_AVAILABLE)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": f"{tmp_path}:{Path(__file__).parents[1]}"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "available False" in result.stdout
+    assert "xformers is installed but does not import (libcudart.so.12" in result.stderr
