@@ -256,6 +256,36 @@ def test_rsna_pneumonia_without_class_info(tmp_path, rsna_images):
         "p1": ["No Lung Opacity"], "p2": ["Lung Opacity"], "p3": ["No Lung Opacity"]}
 
 
+def test_rsna_pneumonia_reads_target_as_a_number(tmp_path, rsna_images):
+    # a pandas float export writes Target as 1.0 / 0.0: those studies must stay positive / negative
+    labels = tmp_path / "float_export" / "stage_2_train_labels.csv"
+    labels.parent.mkdir()
+    source = (FIXTURES / "rsna_pneumonia/stage_2_train_labels.csv").read_text()
+    labels.write_text(source.replace(",1\n", ",1.0\n").replace(",0\n", ",0.0\n"))
+    _, rows = run("rsna-pneumonia", labels, rsna_images, tmp_path / "out")
+    assert {pid: row["labels"] for pid, row in rows.items()} == {
+        "p1": ["No Lung Opacity"], "p2": ["Lung Opacity"], "p3": ["No Lung Opacity"]}
+    assert boxes(rows["p2"]) == [[10, 20, 25, 50], [40, 22, 56, 50]]
+
+
+def test_a_failed_conversion_leaves_no_dataset_behind(tmp_path, rsna_images):
+    labels = tmp_path / "bad" / "stage_2_train_labels.csv"
+    labels.parent.mkdir()
+    source = (FIXTURES / "rsna_pneumonia/stage_2_train_labels.csv").read_text()
+    labels.write_text(source.replace("p3,,,,,0", "p3,,,,,yes"))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"stage_2_train_labels.csv, line 5: Target must be 0 or 1, got 'yes'"):
+        convert("rsna-pneumonia", labels, rsna_images, out, rows_per_shard=1)  # p1, p2 shards were written
+    assert not out.exists() and list(tmp_path.glob(".out.partial-*")) == []
+
+
+def test_a_conversion_that_can_read_no_image_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"no row could be converted .* \(skipped 4: missing image: 4\)"):
+        convert("rsna-pneumonia", FIXTURES / "rsna_pneumonia/stage_2_train_labels.csv", tmp_path / "no_images",
+                tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ChestX-ray14
 # ---------------------------------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import sqlite3
 import tempfile
 import time
@@ -239,17 +240,34 @@ def convert(
     `output_dir/vqa`.
     """
     output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"{output_dir} is not empty: convert into a new folder (refusing to mix datasets)")
+    # Everything is written into a sibling folder that is renamed into place only when the conversion
+    # succeeded: an interrupted or failed one never leaves shards that load as a complete dataset.
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     if format in _VQA_FORMATS:
         # The questions are a second output, written next to the shards as the synthetic set does.
-        options.setdefault("vqa_dir", output_dir / "vqa")
+        options["vqa_dir"] = partial / "vqa" if options.get("vqa_dir") in (None, output_dir / "vqa") else options["vqa_dir"]
     skipped = SkipCounter()
     start = time.perf_counter()
-    rows = iter_rows(format, Path(input_path), images_dir, seed=seed, skipped=skipped, **options)
-    with ShardedParquetWriter(output_dir, rows_per_shard) as writer:
-        for row in rows:
-            writer.write(row)
-    write_provenance(output_dir, format, real_patient_data=True, input=str(input_path),
-                     images=None if images_dir is None else str(images_dir), rows=dict(writer.counts))
+    try:
+        rows = iter_rows(format, Path(input_path), images_dir, seed=seed, skipped=skipped, **options)
+        with ShardedParquetWriter(partial, rows_per_shard) as writer:
+            for row in rows:
+                writer.write(row)
+        if not writer.counts:
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in collections.Counter(skipped.reasons).most_common())
+            raise ValueError(f"{format}: no row could be converted from {input_path} (skipped {skipped.rows}: "
+                             f"{reasons or 'no rows in the input'})")
+        write_provenance(partial, format, real_patient_data=True, input=str(input_path),
+                         images=None if images_dir is None else str(images_dir), rows=dict(writer.counts))
+        if output_dir.exists():
+            output_dir.rmdir()  # empty, checked above
+        partial.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     stats = ConversionStats(
         rows_written=dict(writer.counts),
         rows_skipped=skipped.rows,
@@ -520,7 +538,25 @@ def _split_from_path(path: Path) -> str:
     return "train"
 
 
-def _read_csv(path: Path, required: Sequence[str]) -> Iterator[dict[str, str]]:
+class _CsvRow(dict):
+    """A CSV row (column -> stripped value) that knows its line in the file, for errors that name it."""
+
+    line: int = 0
+
+
+def _binary_flag(row: _CsvRow, column: str, path: Path) -> bool:
+    """A 0 / 1 column read as a number, so a pandas float export ("1.0") means the same as "1"."""
+    value = row[column]
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if number not in (0.0, 1.0):
+        raise ValueError(f"{path}, line {row.line}: {column} must be 0 or 1, got {value!r}")
+    return number == 1.0
+
+
+def _read_csv(path: Path, required: Sequence[str]) -> Iterator[_CsvRow]:
     """Stream a CSV's rows as dicts with stripped header names and values (SIIM writes `ImageId, EncodedPixels`);
     a `.gz` file is read as gzip (MIMIC-CXR-JPG ships its CSVs so).
 
@@ -535,7 +571,9 @@ def _read_csv(path: Path, required: Sequence[str]) -> Iterator[dict[str, str]]:
             raise ValueError(f"{str(path)!r} lacks the columns {missing}; its header is {header}")
         for values in reader:
             if any(value.strip() for value in values):
-                yield dict(itertools.zip_longest(header, (value.strip() for value in values), fillvalue=""))
+                row = _CsvRow(itertools.zip_longest(header, (value.strip() for value in values), fillvalue=""))
+                row.line = reader.line_num
+                yield row
 
 
 def _grouped(records: Iterable[tuple[str, dict[str, Any]]], skipped: SkipCounter) -> Iterator[tuple[str, list[dict]]]:
@@ -787,7 +825,8 @@ def _rsna_pneumonia(input_path: Path, images_dir: Path, *, skipped: SkipCounter)
     """RSNA Pneumonia: one box per Target=1 row; labels from the detailed class file when it sits beside the input,
     else "Lung Opacity" / "No Lung Opacity" from Target (Target=0 mixes Normal and other abnormalities)."""
     boxes = (
-        (row["patientId"], {"target": row["Target"] == "1", "box": _xywh(*itemgetter("x", "y", "width", "height")(row))})
+        (row["patientId"], {"target": _binary_flag(row, "Target", input_path),
+                            "box": _xywh(*itemgetter("x", "y", "width", "height")(row))})
         for row in _read_csv(input_path, ("patientId", "x", "y", "width", "height", "Target"))
     )
     class_file = input_path.parent / _RSNA_CLASS_FILE
