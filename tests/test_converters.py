@@ -892,3 +892,58 @@ def test_convert_logs_summary_and_stats(tmp_path, caplog, coco_images):
     # negatives depend on the seed only through make_hard_negatives: same seed -> same rows
     again = convert("coco", FIXTURES / "coco/instances_val.json", coco_images, tmp_path / "again")
     assert again.rows_written == stats.rows_written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs that used to be mislabelled or lost silently
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_ms_cxr_dicom_id_with_two_image_paths_is_left_out_and_counted(tmp_path, ms_cxr_images):
+    source = (FIXTURES / "ms_cxr/MS_CXR_Local_Alignment_v1.0.0.csv").read_text().splitlines()
+    header, first, second = source[0], source[1], source[2]
+    moved = second.replace("p10/p10000032/s50414267/d1.jpg", "p12/p12000012/s52000001/d3.jpg")
+    csv_path = tmp_path / "two_paths.csv"
+    csv_path.write_text("\n".join([header, first, moved, *source[3:]]) + "\n")
+    stats, rows = run("ms-cxr", csv_path, ms_cxr_images, tmp_path / "out")
+    assert "d1" not in rows and reasons(stats)["dicom_id listed with two image paths"] == 1
+
+
+def test_coco_duplicate_ids_and_file_names_are_counted_not_lost(tmp_path, coco_images):
+    document = json.loads((FIXTURES / "coco/instances_val.json").read_text())
+    document["images"] += [{"id": 2, "file_name": "c.png", "width": 64, "height": 64},  # id 2 names two files
+                           {"id": 7, "file_name": "a.png", "width": 64, "height": 64}]  # a.png under two ids
+    path = tmp_path / "instances_val.json"
+    path.write_text(json.dumps(document))
+    stats, rows = run("coco", path, coco_images, tmp_path / "out")
+    assert "b.png" not in rows and set(rows) == {"a.png", "c.png"}
+    assert reasons(stats)["image id listed for two files"] == 1
+    assert reasons(stats)["file listed under two image ids"] == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [('{"images": [', r"instances_val.json, line 1 column 13: not valid JSON"),
+     ("[1, 2]", r"a COCO file is a JSON object .* got a list")],
+    ids=["truncated", "a list"],
+)
+def test_malformed_coco_json_is_a_clear_error(tmp_path, text, message):
+    path = tmp_path / "instances_val.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        convert("coco", path, tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [(b'p1,,,,,0\np2,10,20,"15,30,1\np3,,,,,0\np4,5,5,10,10,1\n', r"line 3: a quoted field runs to line"),
+     (b"p1,,,,,0\np2,10,20,15,30,\xff\n", r"line 3: not UTF-8 text"),
+     (b"p1,,,,,0\np2," + b"9" * 140_000 + b",20,15,30,1\n", r"line 3: field larger than field limit")],
+    ids=["unterminated quote", "not UTF-8", "huge field"],
+)
+def test_csv_errors_name_the_file_and_line(tmp_path, body, message):
+    labels = tmp_path / "stage_2_train_labels.csv"
+    labels.write_bytes(b"patientId,x,y,width,height,Target\n" + body)
+    with pytest.raises(ValueError, match=rf"stage_2_train_labels.csv, {message}"):
+        convert("rsna-pneumonia", labels, tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

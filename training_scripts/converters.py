@@ -538,6 +538,27 @@ def _split_from_path(path: Path) -> str:
     return "train"
 
 
+def _load_json(path: Path) -> Any:
+    """A JSON document, with errors that name the file, line and column."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}, line {error.lineno} column {error.colno}: not valid JSON ({error.msg})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+
+
+def _utf8_lines(handle: Iterable[bytes], path: Path) -> Iterator[str]:
+    """The lines of a binary file as text (a leading BOM dropped); a line that is not UTF-8 is an error
+    that names it (decoding the whole stream would only say which buffer failed)."""
+    for number, raw in enumerate(handle, start=1):
+        try:
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not UTF-8 text ({error.reason})") from None
+
+
 class _CsvRow(dict):
     """A CSV row (column -> stripped value) that knows its line in the file, for errors that name it."""
 
@@ -563,17 +584,26 @@ def _read_csv(path: Path, required: Sequence[str]) -> Iterator[_CsvRow]:
     Raises ValueError when a required column is missing: the file is not in the expected format.
     """
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = [name.strip() for name in next(reader, [])]
-        missing = [name for name in required if name not in header]
-        if missing:
-            raise ValueError(f"{str(path)!r} lacks the columns {missing}; its header is {header}")
-        for values in reader:
-            if any(value.strip() for value in values):
-                row = _CsvRow(itertools.zip_longest(header, (value.strip() for value in values), fillvalue=""))
-                row.line = reader.line_num
-                yield row
+    with opener(path, "rb") as handle:
+        reader = csv.reader(_utf8_lines(handle, path))
+        line = 1
+        try:
+            header = [name.strip() for name in next(reader, [])]
+            missing = [name for name in required if name not in header]
+            if missing:
+                raise ValueError(f"{str(path)!r} lacks the columns {missing}; its header is {header}")
+            for values in reader:
+                if reader.line_num > line + 1 and any("\n" in value or "\r" in value for value in values):
+                    # An annotation field never spans lines: this is an unterminated quote that swallowed rows.
+                    raise ValueError(f"{path}, line {line + 1}: a quoted field runs to line {reader.line_num} "
+                                     "(an unterminated quote?)")
+                line = reader.line_num
+                if any(value.strip() for value in values):
+                    row = _CsvRow(itertools.zip_longest(header, (value.strip() for value in values), fillvalue=""))
+                    row.line = line
+                    yield row
+        except csv.Error as error:
+            raise ValueError(f"{path}, line {line + 1}: {error}") from None
 
 
 def _grouped(records: Iterable[tuple[str, dict[str, Any]]], skipped: SkipCounter) -> Iterator[tuple[str, list[dict]]]:
@@ -766,6 +796,10 @@ def _ms_cxr(input_path: Path, images_dir: Path, *, skipped: SkipCounter) -> Iter
     records = ((row["dicom_id"], row) for row in _read_csv(input_path, columns))
     for image_id, group in _grouped(records, skipped):
         first = group[0]
+        if len({row["path"] for row in group}) > 1:
+            # Which boxes belong to which file is unknowable: both images are left out, counted.
+            skipped.skip_row("dicom_id listed with two image paths", image_id)
+            continue
         yield _Draft(
             image_id,
             [images_dir / first["path"]],
@@ -1098,8 +1132,9 @@ def _slake(
         for path in filter(Path.is_file, files):
             split = _split_from_path(path)
             # One JSON document per split (a few MB): it can only be read whole; the grouping still streams.
-            with open(path, encoding="utf-8") as handle:
-                questions = json.load(handle)
+            questions = _load_json(path)
+            if not isinstance(questions, list):
+                raise ValueError(f"{path}: a SLAKE split file is a JSON list of questions, got a {type(questions).__name__}")
             for question in questions:
                 about = {key: question.get(key) or "" for key in ("modality", "location")}
                 yield question.get("img_name") or "", {"split": split, "vqa": _slake_vqa(question), **about}
@@ -1182,8 +1217,7 @@ def _vqa_rad_drafts(
     validation_fraction: float = VQA_RAD_VALIDATION_FRACTION,
 ) -> Iterator[_Draft]:
     """VQA-RAD drafts: one per (image, split with questions on it); see `_vqa_rad` for the split rule."""
-    with open(input_path, encoding="utf-8") as handle:
-        records = json.load(handle)  # one document of ~2,200 questions
+    records = _load_json(input_path)  # one document of ~2,200 questions
     if not isinstance(records, list):
         raise ValueError(f"{str(input_path)!r} is not VQA-RAD: expected a JSON list of question records")
     # Over every record, kept or not: a group is test when the release made any of its questions a test question.
@@ -1338,17 +1372,28 @@ def _coco(
     """COCO detection JSON: regions labelled with category names (`segmentation` is ignored); split from the file
     name (`instances_val2017.json` -> validation), else "train"; image id = `file_name`."""
     # A COCO file is one JSON document and has to be loaded whole; the per-image grouping still goes through sqlite.
-    with open(input_path, encoding="utf-8") as handle:
-        document = json.load(handle)
+    document = _load_json(input_path)
+    if not isinstance(document, dict):
+        raise ValueError(f"{input_path}: a COCO file is a JSON object with 'images' and 'annotations', "
+                         f"got a {type(document).__name__}")
     categories = {category["id"]: category["name"] for category in document.get("categories", [])}
     split = _split_from_path(input_path)
     images = ((str(image.get("id", "")), {"image": image}) for image in document.get("images", []))
     annotations = ((str(ann.get("image_id", "")), {"annotation": ann}) for ann in document.get("annotations", []))
+    file_names: set[str] = set()
     for coco_id, group in _grouped(itertools.chain(images, annotations), skipped):
-        info = next((record["image"] for record in group if "image" in record), None)
-        if info is None:
+        entries = [record["image"] for record in group if "image" in record]
+        if not entries:
             skipped.skip_row("annotations of an unknown image id", coco_id)
             continue
+        if len({str(entry.get("file_name") or coco_id) for entry in entries}) > 1:
+            skipped.skip_row("image id listed for two files", coco_id)  # whose annotations are whose is unknowable
+            continue
+        info = entries[0]
+        if str(info.get("file_name") or coco_id) in file_names:
+            skipped.skip_row("file listed under two image ids", info.get("file_name"))
+            continue
+        file_names.add(str(info.get("file_name") or coco_id))
         boxes = []
         for record in group:
             if "annotation" not in record:
