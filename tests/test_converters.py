@@ -947,3 +947,21 @@ def test_csv_errors_name_the_file_and_line(tmp_path, body, message):
     with pytest.raises(ValueError, match=rf"stage_2_train_labels.csv, {message}"):
         convert("rsna-pneumonia", labels, tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_exif_rotated_image_is_stored_upright_and_its_boxes_are_not_stretched(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    raw = Image.new("L", (40, 20), 0)  # stored landscape; EXIF 6: viewers rotate it to 20 x 40 portrait
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw.save(images / "a.jpg", exif=exif)
+    document = {"images": [{"id": 1, "file_name": "a.jpg", "width": 20, "height": 40}],
+                "annotations": [{"id": 1, "image_id": 1, "bbox": [2, 4, 10, 30], "category_id": 1}],
+                "categories": [{"id": 1, "name": "nodule"}]}
+    path = tmp_path / "instances_train.json"
+    path.write_text(json.dumps(document))
+    stats, rows = run("coco", path, images, tmp_path / "out")
+    row = rows["a.jpg"]
+    assert row["image"].size == (20, 40)  # the pixels the annotation was made on
+    assert boxes(row) == [[2, 4, 12, 34]]  # as annotated, not rescaled by (2, 0.5)

@@ -87,7 +87,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from processing.medical_image_io import is_dicom_file, load_medical_image
 from training_scripts.data_schema import SPLITS, ShardedParquetWriter, validate_row, write_provenance
@@ -328,7 +328,8 @@ class _Draft:
 
 @dataclass
 class _LoadedImage:
-    value: Any  # a path (embedded as its bytes) or a PIL image (a DICOM rendered to 8 bits, embedded as PNG)
+    value: Any  # a path (embedded as its bytes) or a PIL image (a DICOM rendered to 8 bits, or an EXIF-rotated
+    # image turned upright; embedded as PNG)
     size: tuple[int, int]  # (W, H)
 
 
@@ -371,6 +372,12 @@ def _load_image(draft: _Draft, skipped: SkipCounter) -> _LoadedImage | None:
             return _LoadedImage(image, image.size)
         with Image.open(path) as image:
             image.load()  # a full decode, so a truncated file is caught here rather than in training
+            upright = ImageOps.exif_transpose(image)
+            if upright.size != image.size and draft.declared_size != image.size:
+                # EXIF-rotated, and the annotation does not say it used the stored pixels: it was made on
+                # the image as viewers show it. Store those pixels (as PNG), so boxes are mapped, never
+                # rescaled across the swapped axes.
+                return _LoadedImage(upright, upright.size)
             return _LoadedImage(path, image.size)
     except Exception as error:  # any decoder failure (PIL, pydicom, numpy) leaves this image unusable
         skipped.skip_row("undecodable image", f"{draft.image_id} ({path}: {error})")
