@@ -243,3 +243,20 @@ def test_region_negatives_are_deterministic(tmp_path):
     for split in ("train", "validation", "test"):
         a = (tmp_path / "a" / REGION_NEGATIVES_DIR / f"{split}.json").read_text()
         assert a == (tmp_path / "b" / REGION_NEGATIVES_DIR / f"{split}.json").read_text()
+
+
+def test_a_killed_synth_leaves_no_split_that_loads(tmp_path, monkeypatch):
+    import training_scripts.synthetic as synthetic
+
+    real = synthetic._generate
+
+    def dies_after_five(*args, **kwargs):
+        for index, item in enumerate(real(*args, **kwargs)):
+            if index == 5:
+                raise KeyboardInterrupt  # as a kill mid-way
+            yield item
+
+    monkeypatch.setattr(synthetic, "_generate", dies_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        write_synthetic_dataset(tmp_path / "data", n=20, rows_per_shard=2)  # shards were flushed before the kill
+    assert not (tmp_path / "data").exists() and list(tmp_path.iterdir()) == []

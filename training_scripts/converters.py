@@ -76,7 +76,6 @@ import json
 import logging
 import math
 import re
-import shutil
 import sqlite3
 import tempfile
 import time
@@ -90,7 +89,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from processing.medical_image_io import is_dicom_file, load_medical_image
-from training_scripts.data_schema import SPLITS, ShardedParquetWriter, validate_row, write_provenance
+from training_scripts.data_schema import SPLITS, ShardedParquetWriter, dataset_output, validate_row, write_provenance
 from training_scripts.negatives import make_hard_negatives
 
 __all__ = ["CONVERTERS", "VQA_RAD_VALIDATION_FRACTION", "ConversionStats", "SkipCounter", "convert", "iter_rows"]
@@ -240,18 +239,12 @@ def convert(
     `output_dir/vqa`.
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise FileExistsError(f"{output_dir} is not empty: convert into a new folder (refusing to mix datasets)")
-    # Everything is written into a sibling folder that is renamed into place only when the conversion
-    # succeeded: an interrupted or failed one never leaves shards that load as a complete dataset.
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    if format in _VQA_FORMATS:
-        # The questions are a second output, written next to the shards as the synthetic set does.
-        options["vqa_dir"] = partial / "vqa" if options.get("vqa_dir") in (None, output_dir / "vqa") else options["vqa_dir"]
     skipped = SkipCounter()
     start = time.perf_counter()
-    try:
+    with dataset_output(output_dir) as partial:
+        if format in _VQA_FORMATS:
+            # The questions are a second output, written next to the shards as the synthetic set does.
+            options["vqa_dir"] = partial / "vqa" if options.get("vqa_dir") in (None, output_dir / "vqa") else options["vqa_dir"]
         rows = iter_rows(format, Path(input_path), images_dir, seed=seed, skipped=skipped, **options)
         with ShardedParquetWriter(partial, rows_per_shard) as writer:
             for row in rows:
@@ -262,12 +255,6 @@ def convert(
                              f"{reasons or 'no rows in the input'})")
         write_provenance(partial, format, real_patient_data=True, input=str(input_path),
                          images=None if images_dir is None else str(images_dir), rows=dict(writer.counts))
-        if output_dir.exists():
-            output_dir.rmdir()  # empty, checked above
-        partial.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     stats = ConversionStats(
         rows_written=dict(writer.counts),
         rows_skipped=skipped.rows,

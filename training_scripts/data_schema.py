@@ -14,12 +14,15 @@ One row is one image with its captions at four levels (see docs/DATA.md):
     split              "train" | "validation" | "test"
 """
 
+import contextlib
 import datetime
 import hashlib
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ __all__ = [
     "ShardedParquetWriter",
     "check_shard_schema",
     "dataset_fingerprint",
+    "dataset_output",
     "encode_image",
     "export_to_disk",
     "PROVENANCE_FILE",
@@ -281,6 +285,26 @@ def read_provenance(data_dir: str | Path) -> dict[str, Any] | None:
     """The dataset's provenance record, or None for a folder written before it was recorded."""
     path = Path(data_dir) / PROVENANCE_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+@contextlib.contextmanager
+def dataset_output(output_dir: str | Path) -> Iterator[Path]:
+    """A hidden sibling folder to write a dataset into, renamed to `output_dir` only when the block
+    finishes: an interrupted or failed write never leaves shards that load as a complete dataset.
+    `output_dir` must be new or empty."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"{output_dir} is not empty: write the dataset into a new folder (refusing to mix datasets)")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        yield partial
+        if output_dir.exists():
+            output_dir.rmdir()  # empty, checked above
+        partial.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def dataset_fingerprint(path: str | Path, split: str) -> dict[str, Any]:

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .data_schema import ShardedParquetWriter, write_provenance
+from .data_schema import ShardedParquetWriter, dataset_output, write_provenance
 from .negatives import make_hard_negatives
 
 __all__ = [
@@ -562,17 +562,18 @@ def write_synthetic_dataset(output_dir: str | Path, n: int, seed: int = 0, image
     start = time.perf_counter()
     vqa: dict[str, list[dict[str, Any]]] = {}
     negatives: dict[str, list[dict[str, Any]]] = {}
-    with ShardedParquetWriter(output_dir, rows_per_shard) as writer:
-        for row, records, region_records in _generate(n, seed, image_size):
-            writer.write(row)
-            vqa.setdefault(row["split"], []).extend(records)
-            negatives.setdefault(row["split"], []).extend(region_records)
-    for directory, per_split in (("vqa", vqa), (REGION_NEGATIVES_DIR, negatives)):
-        (output_dir / directory).mkdir(exist_ok=True)
-        for split, records in per_split.items():
-            (output_dir / directory / f"{split}.json").write_text(json.dumps(records, indent=1))
-    write_provenance(output_dir, "regionmed-data synth", real_patient_data=False, n=n, seed=seed,
-                     image_size=image_size, rows=dict(writer.counts))
+    with dataset_output(output_dir) as partial:  # a killed run leaves no split that loads as complete
+        with ShardedParquetWriter(partial, rows_per_shard) as writer:
+            for row, records, region_records in _generate(n, seed, image_size):
+                writer.write(row)
+                vqa.setdefault(row["split"], []).extend(records)
+                negatives.setdefault(row["split"], []).extend(region_records)
+        for directory, per_split in (("vqa", vqa), (REGION_NEGATIVES_DIR, negatives)):
+            (partial / directory).mkdir(exist_ok=True)
+            for split, records in per_split.items():
+                (partial / directory / f"{split}.json").write_text(json.dumps(records, indent=1))
+        write_provenance(partial, "regionmed-data synth", real_patient_data=False, n=n, seed=seed,
+                         image_size=image_size, rows=dict(writer.counts))
     return {
         "rows": writer.counts,
         "vqa_questions": {split: len(records) for split, records in vqa.items()},
