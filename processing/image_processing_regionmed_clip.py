@@ -35,7 +35,7 @@ Outputs: `pixel_values (B, 3, S, S)`, and with `regions`: `roi_pixel_values (B, 
 image in the batch (after the `max_rois` cut).
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -402,6 +402,19 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
             for slot, (crop, box) in enumerate(zip(crops, row_boxes, strict=True)):
                 pixels[row, slot], boxes[row, slot], mask[row, slot] = crop, box, True
         return {"roi_pixel_values": pixels, "roi_boxes": boxes, "roi_mask": mask}
+
+    def stack(self, rows: Sequence[Mapping[str, np.ndarray]], return_tensors: str | None = None) -> BatchFeature:
+        """Outputs of `preprocess` for one image each (numpy) -> one batch, region slots padded as
+        `preprocess` pads them. Lets a caller reduce every image to its view and crops as it decodes
+        it, instead of holding a batch of decoded images (the training collator does)."""
+        data: dict[str, Any] = {"pixel_values": np.concatenate([row["pixel_values"] for row in rows])}
+        with_regions = {"roi_mask" in row for row in rows}
+        if with_regions == {True}:
+            data.update(self._pad_regions([list(row["roi_pixel_values"][0][row["roi_mask"][0]]) for row in rows],
+                                          [list(row["roi_boxes"][0][row["roi_mask"][0]]) for row in rows]))
+        elif with_regions == {True, False}:
+            raise ValueError("stack needs every row with regions or none")
+        return BatchFeature(data=data, tensor_type=return_tensors)
 
     def __call__(self, images: Any, *args: Any, **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, *args, **kwargs)

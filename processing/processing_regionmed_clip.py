@@ -1,7 +1,7 @@
 """RegionMed-CLIP processor: images + regions through the image processor, four caption levels
 through the tokenizer, in one `BatchFeature` whose shapes line up with the model's forward."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,14 +133,25 @@ class RegionMedCLIPProcessor(ProcessorMixin):
         summary_text: str | Sequence[str] | None = None,
         region_negative_text: Sequence[Sequence[Sequence[str]]] | None = None,
         return_tensors: str | None = "pt",
+        image_features: Mapping[str, Any] | None = None,
         **image_kwargs: Any,
     ) -> BatchFeature:
-        if images is None and text is None and summary_text is None:
+        """`image_features`: the image processor's output for these images, made beforehand (e.g.
+        `image_processor.stack` of one-image outputs), in place of `images`; `regions` then only
+        align the region captions with the ROI slots."""
+        if images is not None and image_features is not None:
+            raise ValueError("give images or image_features, not both")
+        if images is None and image_features is None and text is None and summary_text is None:
             raise ValueError("the processor needs images, text or summary_text")
         data: dict[str, Any] = {}
         batch = None
         if images is not None:
             data.update(self.image_processor(images, regions=regions, **image_kwargs))
+            batch = data["pixel_values"].shape[0]
+        elif image_features is not None:
+            if image_kwargs:
+                raise TypeError(f"image arguments {sorted(image_kwargs)} were given with image_features")
+            data.update(image_features)
             batch = data["pixel_values"].shape[0]
         else:
             for name, value in (("regions", regions), ("region_text", region_text), ("negative_text", negative_text),

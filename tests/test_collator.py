@@ -7,6 +7,7 @@ from PIL import Image
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
 from training_scripts.collator import RegionMedCLIPCollator
 from training_scripts.data_schema import load_canonical
+from training_scripts.skips import SkipLedger
 from training_scripts.synthetic import write_synthetic_dataset
 
 
@@ -174,3 +175,21 @@ def test_region_boxes_outside_the_image_are_dropped_and_counted(processor, rows)
 def test_switches_leave_out_caption_levels(processor, rows):
     batch = RegionMedCLIPCollator(processor, use_regions=False, use_summary=False, use_negatives=False)(rows[:2])
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "skip_report"}
+
+
+def test_the_collator_batch_is_the_processor_on_the_decoded_rows(processor, rows):
+    # the collator reduces each image to its view and crops as it decodes it; the batch must be the same
+    chosen = [row for row in rows if row["regions"]][:3]
+    collator = RegionMedCLIPCollator(processor, use_region_negatives=False)
+    batch = collator(chosen)
+    images = [Image.open(io.BytesIO(row["image"]["bytes"])) for row in chosen]
+    # the regions it samples are a pure function of (seed, row, epoch): ask for them again
+    sampled = [collator._sample_regions(row, image, SkipLedger()) for row, image in zip(chosen, images, strict=True)]
+    direct = processor(images=images, text=[row["report_caption"] for row in chosen],
+                       summary_text=[row["summary_caption"] for row in chosen],
+                       regions=[[region["bbox"] for region in regions] for regions in sampled],
+                       region_text=[[region["caption"] for region in regions] for regions in sampled],
+                       negative_text=[list(row["negative_captions"]) for row in chosen], return_tensors="pt")
+    assert set(batch) - {"skip_report"} == set(direct)
+    for key in direct:
+        torch.testing.assert_close(batch[key], direct[key], msg=key)

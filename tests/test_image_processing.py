@@ -282,3 +282,14 @@ def test_a_float_mask_outside_zero_one_is_refused():
     mask[10:20, 5:15] = 255.0
     with pytest.raises(ValueError, match=r"a float mask must hold 0/1 or probabilities in \[0, 1\], got values in \[0, 255\]"):
         processor(Image.new("L", (40, 40)), regions=[[{"mask": mask}]])
+
+
+def test_stacking_one_image_outputs_equals_preprocessing_the_batch():
+    processor = RegionMedCLIPImageProcessor(image_size=32, roi_size=16, max_rois=3)
+    images = [Image.new("L", (40, 30), 50), Image.new("L", (20, 60), 200), Image.new("L", (50, 50), 120)]
+    regions = [[[1, 2, 20, 25], [5, 5, 30, 20]], [], [[10, 10, 40, 40]]]
+    whole = processor(images, regions=regions)
+    stacked = processor.stack([processor(image, regions=[boxes]) for image, boxes in zip(images, regions, strict=True)])
+    assert set(stacked) == set(whole)
+    for key in whole:
+        np.testing.assert_array_equal(stacked[key], whole[key], err_msg=key)

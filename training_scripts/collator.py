@@ -135,16 +135,10 @@ class RegionMedCLIPCollator:
         for index, row in enumerate(rows):
             if index >= max_rows:
                 break
-            if self._row_problem(row) is not None:
-                continue
-            try:
-                piece = self._pieces(row, _decode(row["image"]), SkipLedger())
-                self._call([piece])
-            except Exception as error:  # PIL and the processor raise many types; the reason is logged
-                logger.debug("prime: row %s is not usable: %s", row.get("image_id"), error)
-                continue
-            self._last_good = piece
-            return
+            piece = self._piece(row, SkipLedger())
+            if piece is not None:
+                self._last_good = piece
+                return
         raise ValueError(f"none of the first {max_rows} rows is usable (text fields, image); is the dataset corrupt?")
 
     def _row_problem(self, row: Mapping[str, Any]) -> str | None:
@@ -179,35 +173,58 @@ class RegionMedCLIPCollator:
         return [usable[index] for index in chosen]
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> BatchFeature:
-        """Model inputs for the usable `rows`, plus `skip_report`: this batch's `SkipLedger.to_dict()`."""
+        """Model inputs for the usable `rows`, plus `skip_report`: this batch's `SkipLedger.to_dict()`.
+
+        Each image is reduced to its global view and ROI crops right after it is decoded, so memory
+        holds one decoded image at a time, not a batch of them."""
         report = SkipLedger(rows_seen=len(rows))
-        good: list[tuple[Mapping[str, Any], Image.Image]] = []
-        for row in rows:
-            row_id = row.get("image_id") if isinstance(row, Mapping) else None
-            problem = self._row_problem(row) if isinstance(row, Mapping) else f"row is {type(row).__name__}"
-            if problem is None:
-                try:
-                    good.append((row, _decode(row["image"])))
-                except Exception as error:  # any decoder failure (PIL raises many types) skips the row
-                    problem = f"image does not decode ({type(error).__name__})"
-                    logger.debug("row %s: %s", row_id, error)
-            if problem is not None:
-                report.skip_row(problem, row_id)
+        pieces = []
         try:
-            pieces = [self._pieces(row, image, report) for row, image in good]
-            batch = self._process(pieces, [row for row, _ in good], report)
+            for row in rows:
+                piece = self._piece(row, report) if isinstance(row, Mapping) else None
+                if piece is not None:
+                    pieces.append(piece)
+                elif not isinstance(row, Mapping):
+                    report.skip_row(f"row is {type(row).__name__}", None)
+            if pieces:
+                self._last_good = pieces[-1]
+            elif self._last_good is None:
+                raise RuntimeError(f"none of these {report.rows_seen} rows is usable and the collator has no "
+                                   f"stand-in: call prime(dataset) before training\n{report.summary()}")
+            else:  # a batch with no usable row repeats the last good one rather than end the run
+                pieces = [self._last_good]
         finally:
             self.ledger.merge(report)
+        batch = self._call(pieces)
         batch["skip_report"] = report.to_dict()
         return batch
 
-    def _pieces(self, row: Mapping[str, Any], image: Image.Image, report: SkipLedger) -> dict[str, Any]:
-        """One row's share of the processor call."""
-        piece: dict[str, Any] = {"images": image, "text": row["report_caption"]}
+    def _piece(self, row: Mapping[str, Any], report: SkipLedger) -> dict[str, Any] | None:
+        """One row's share of the processor call, its image already reduced to view and crops; None
+        (counted in `report`) when the row cannot be used."""
+        row_id = row.get("image_id")
+        problem = self._row_problem(row)
+        if problem is None:
+            try:
+                image = _decode(row["image"])
+            except Exception as error:  # any decoder failure (PIL raises many types) skips the row
+                problem = f"image does not decode ({type(error).__name__})"
+                logger.debug("row %s: %s", row_id, error)
+        if problem is not None:
+            report.skip_row(problem, row_id)
+            return None
+        piece: dict[str, Any] = {"text": row["report_caption"]}
         if self.use_summary:
             piece["summary_text"] = row["summary_caption"]
-        if self.use_regions:
-            regions = self._sample_regions(row, image, report)
+        regions = self._sample_regions(row, image, report) if self.use_regions else None
+        try:
+            piece["image_features"] = self.processor.image_processor(
+                image, regions=None if regions is None else [[region["bbox"] for region in regions]])
+        except Exception as error:  # e.g. a float image holding NaN
+            report.skip_row(f"image rejected by the processor ({type(error).__name__})", row_id)
+            logger.debug("row %s: %s", row_id, error)
+            return None
+        if regions is not None:
             piece["regions"] = [region["bbox"] for region in regions]
             piece["region_text"] = [region["caption"] for region in regions]
             if self.use_region_negatives:
@@ -220,29 +237,6 @@ class RegionMedCLIPCollator:
         return piece
 
     def _call(self, pieces: Sequence[dict[str, Any]]) -> BatchFeature:
-        return self.processor(**{key: [piece[key] for piece in pieces] for key in pieces[0]}, return_tensors="pt")
-
-    def _process(self, pieces: list[dict[str, Any]], rows: list[Mapping[str, Any]], report: SkipLedger) -> BatchFeature:
-        """The processor on every piece; when it rejects the batch, each row alone, skipping those it
-        rejects; a batch with no usable row repeats the last good one rather than end the run."""
-        if pieces:
-            try:
-                batch = self._call(pieces)
-                self._last_good = pieces[-1]
-                return batch
-            except Exception:  # find the row(s) at fault below
-                kept = []
-                for piece, row in zip(pieces, rows, strict=True):
-                    try:
-                        self._call([piece])
-                        kept.append(piece)
-                    except Exception as error:
-                        report.skip_row(f"image rejected by the processor ({type(error).__name__})", row.get("image_id"))
-                        logger.debug("row %s: %s", row.get("image_id"), error)
-                if kept:
-                    self._last_good = kept[-1]
-                    return self._call(kept)
-        if self._last_good is None:
-            raise RuntimeError(f"none of these {report.rows_seen} rows is usable and the collator has no stand-in: "
-                               f"call prime(dataset) before training\n{report.summary()}")
-        return self._call([self._last_good])
+        features = self.processor.image_processor.stack([piece["image_features"] for piece in pieces])
+        texts = {key: [piece[key] for piece in pieces] for key in pieces[0] if key != "image_features"}
+        return self.processor(image_features=features, **texts, return_tensors="pt")
