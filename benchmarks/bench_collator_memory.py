@@ -34,16 +34,26 @@ def film_png(side: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def measure(variant: str, rows_path: Path) -> int:
-    """Peak RSS rise (bytes) of collating the pickled rows once, in this process."""
-    import pickle
+def batch_rows(folder: Path) -> list[dict]:
+    """One row per PNG in `folder`, with a lesion box in the upper left quarter."""
+    rows = []
+    for path in sorted(folder.glob("film-*.png")):
+        side = Image.open(path).size[0]
+        rows.append({"image": {"bytes": path.read_bytes(), "path": None}, "image_id": path.stem,
+                     "report_caption": "a film", "summary_caption": "a film", "negative_captions": [],
+                     "regions": [{"bbox": [side * 0.2, side * 0.2, side * 0.4, side * 0.4], "caption": "a lesion",
+                                  "label": "nodule"}]})
+    return rows
 
+
+def measure(variant: str, folder: Path) -> int:
+    """Peak RSS rise (bytes) of collating the batch in `folder` once, in this process."""
     from benchmark_report import proc_status_bytes, release_free_heap, reset_peak_rss
 
     from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
     from training_scripts.collator import RegionMedCLIPCollator, _decode
 
-    rows = pickle.loads(rows_path.read_bytes())
+    rows = batch_rows(folder)
     processor = RegionMedCLIPProcessor(RegionMedCLIPImageProcessor(image_size=224, roi_size=112, max_rois=4),
                                        build_tokenizer([row["report_caption"] for row in rows], vocab_size=200))
     collator = RegionMedCLIPCollator(processor, use_summary=False, use_negatives=False, use_region_negatives=False)
@@ -65,32 +75,26 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--measure", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--rows", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=Path, default=None, help=argparse.SUPPRESS)  # the folder of PNGs
     args = parser.parse_args()
     if args.measure:
         print(measure(args.measure, args.rows))
         return
 
-    import pickle
-
     side = args.side
-    rows = [{"image": {"bytes": film_png(side, seed), "path": None}, "image_id": f"film-{seed}",
-             "report_caption": "a film", "summary_caption": "a film", "negative_captions": [],
-             "regions": [{"bbox": [side * 0.2, side * 0.2, side * 0.4, side * 0.4], "caption": "a lesion",
-                          "label": "nodule"}]}
-            for seed in range(args.batch)]
     with tempfile.TemporaryDirectory() as scratch:
-        rows_path = Path(scratch) / "rows.pkl"
-        rows_path.write_bytes(pickle.dumps(rows))
+        for seed in range(args.batch):
+            (Path(scratch) / f"film-{seed}.png").write_bytes(film_png(side, seed))
+        encoded = (Path(scratch) / "film-0.png").stat().st_size
         peaks = {}
         for variant in VARIANTS:
-            result = subprocess.run([sys.executable, __file__, "--measure", variant, "--rows", str(rows_path)],
+            result = subprocess.run([sys.executable, __file__, "--measure", variant, "--rows", scratch],
                                     capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
             peaks[variant] = int(result.stdout.strip().splitlines()[-1])
     decoded = side * side * 3
     figures = {
         "cpu": cpu_model(),
-        "image": f"{side}x{side} RGB PNG, {len(rows[0]['image']['bytes']) / 2**20:.1f} MiB encoded, "
+        "image": f"{side}x{side} RGB PNG, {encoded / 2**20:.1f} MiB encoded, "
                  f"{decoded / 2**20:.0f} MiB decoded",
         "batch": args.batch,
         "peak_rss_rise_mib": {variant: round(peak / 2**20) for variant, peak in peaks.items()},

@@ -280,7 +280,7 @@ def test_a_failed_conversion_leaves_no_dataset_behind(tmp_path, rsna_images):
 
 
 def test_a_conversion_that_can_read_no_image_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match=r"no row could be converted .* \(skipped 4: missing image: 4\)"):
+    with pytest.raises(ValueError, match=r"no row could be converted .* \(skipped 4: missing image: 4 \(e\.g\. p1 \(tried"):
         convert("rsna-pneumonia", FIXTURES / "rsna_pneumonia/stage_2_train_labels.csv", tmp_path / "no_images",
                 tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -888,7 +888,8 @@ def test_convert_logs_summary_and_stats(tmp_path, caplog, coco_images):
         stats = convert("coco", FIXTURES / "coco/instances_val.json", coco_images, tmp_path / "out")
     assert stats.seconds > 0 and stats.rows_per_second == pytest.approx(3 / stats.seconds)
     messages = " | ".join(record.getMessage() for record in caplog.records)
-    assert "skipped 2 rows, dropped 1 regions" in messages and "missing image: 1" in messages
+    assert "skipped 2 rows, dropped 1 regions" in messages
+    assert "missing image: 1 (e.g. missing.png (tried" in messages  # each reason with an example row
     # negatives depend on the seed only through make_hard_negatives: same seed -> same rows
     again = convert("coco", FIXTURES / "coco/instances_val.json", coco_images, tmp_path / "again")
     assert again.rows_written == stats.rows_written

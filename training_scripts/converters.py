@@ -133,6 +133,9 @@ _SPLIT_TOKEN = re.compile(r"(?<![a-z])(training|train|validation|validate|valid|
 # ---------------------------------------------------------------------------------------------------------------
 
 
+_EXAMPLES_PER_REASON = 3
+
+
 class SkipCounter:
     """Counts what a conversion leaves out, by reason: whole rows, single regions and single VQA questions.
 
@@ -142,27 +145,39 @@ class SkipCounter:
 
     def __init__(self) -> None:
         self.reasons: collections.Counter[str] = collections.Counter()
+        self.examples: dict[str, list[str]] = {}  # the first few `where` of each reason
         self.rows = 0
         self.regions = 0
         self.questions = 0
 
-    def skip_row(self, reason: str, where: str) -> None:
-        """Count one skipped row; `where` identifies it in the debug log."""
-        self.rows += 1
+    def _note(self, reason: str, where: str) -> None:
         self.reasons[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < _EXAMPLES_PER_REASON:
+            examples.append(str(where))
+
+    def skip_row(self, reason: str, where: str) -> None:
+        """Count one skipped row; `where` identifies it (kept as an example of the reason)."""
+        self.rows += 1
+        self._note(reason, where)
         logger.debug("skipped row %s: %s", where, reason)
 
     def drop_region(self, reason: str, where: str) -> None:
         """Count one dropped region of a row that is kept."""
         self.regions += 1
-        self.reasons[f"region dropped: {reason}"] += 1
+        self._note(f"region dropped: {reason}", where)
         logger.debug("dropped a region of %s: %s", where, reason)
 
     def skip_question(self, reason: str, where: str) -> None:
         """Count one VQA question left out of the VQA records (its image's row may still be written)."""
         self.questions += 1
-        self.reasons[f"question skipped: {reason}"] += 1
+        self._note(f"question skipped: {reason}", where)
         logger.debug("skipped question %s: %s", where, reason)
+
+    def describe(self) -> str:
+        """Each reason with its count and first example, most common first."""
+        return "; ".join(f"{reason}: {count} (e.g. {self.examples[reason][0]})"
+                         for reason, count in self.reasons.most_common())
 
 
 @dataclass
@@ -250,9 +265,8 @@ def convert(
             for row in rows:
                 writer.write(row)
         if not writer.counts:
-            reasons = ", ".join(f"{reason}: {count}" for reason, count in collections.Counter(skipped.reasons).most_common())
             raise ValueError(f"{format}: no row could be converted from {input_path} (skipped {skipped.rows}: "
-                             f"{reasons or 'no rows in the input'})")
+                             f"{skipped.describe() or 'no rows in the input'})")
         write_provenance(partial, format, real_patient_data=True, input=str(input_path),
                          images=None if images_dir is None else str(images_dir), rows=dict(writer.counts))
     stats = ConversionStats(
@@ -269,8 +283,7 @@ def convert(
         stats.rows_skipped, stats.regions_dropped, stats.questions_skipped,
     )
     if stats.skip_reasons:
-        summary = ", ".join(f"{reason}: {count}" for reason, count in stats.skip_reasons.most_common())
-        logger.warning("%s: left out %s", format, summary)
+        logger.warning("%s: left out %s", format, skipped.describe())
     return stats
 
 
