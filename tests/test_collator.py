@@ -193,3 +193,12 @@ def test_the_collator_batch_is_the_processor_on_the_decoded_rows(processor, rows
     assert set(batch) - {"skip_report"} == set(direct)
     for key in direct:
         torch.testing.assert_close(batch[key], direct[key], msg=key)
+
+
+def test_regions_of_a_row_skipped_later_are_not_counted(processor, rows):
+    # the NaN image is 40 x 40, so the row's regions fall off it; the row is then rejected as a whole
+    row = next(row for row in rows if row["regions"])
+    nan_row = {**row, "image": {"bytes": _nan_tiff(), "path": None}}
+    batch = RegionMedCLIPCollator(processor)([rows[1], nan_row])
+    assert batch["skip_report"]["reasons"] == {"row: image rejected by the processor (ValueError)": 1}
+    assert batch["skip_report"]["regions_skipped"] == 0

@@ -216,7 +216,9 @@ class RegionMedCLIPCollator:
         piece: dict[str, Any] = {"text": row["report_caption"]}
         if self.use_summary:
             piece["summary_text"] = row["summary_caption"]
-        regions = self._sample_regions(row, image, report) if self.use_regions else None
+        # Dropped regions are counted only once the row is used: a row skipped after all drops none.
+        region_report = SkipLedger()
+        regions = self._sample_regions(row, image, region_report) if self.use_regions else None
         try:
             piece["image_features"] = self.processor.image_processor(
                 image, regions=None if regions is None else [[region["bbox"] for region in regions]])
@@ -224,6 +226,7 @@ class RegionMedCLIPCollator:
             report.skip_row(f"image rejected by the processor ({type(error).__name__})", row_id)
             logger.debug("row %s: %s", row_id, error)
             return None
+        report.merge(region_report)
         if regions is not None:
             piece["regions"] = [region["bbox"] for region in regions]
             piece["region_text"] = [region["caption"] for region in regions]
