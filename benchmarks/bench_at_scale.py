@@ -96,9 +96,12 @@ def plant(data_dir: Path, fraction: float, seed: int) -> dict[str, int]:
 
 
 def process_stats(pid: int) -> dict[str, int]:
+    """RSS (with its anonymous and file-backed parts: memory-mapped dataset pages are the latter, and
+    reclaimable) and open file descriptors of the training process."""
     with open(f"/proc/{pid}/status") as status:
-        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-    return {"rss_mib": rss // 1024, "open_fds": len(os.listdir(f"/proc/{pid}/fd"))}
+        fields = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith(("VmRSS", "RssAnon", "RssFile"))}
+    return {"rss_mib": fields["VmRSS"] // 1024, "rss_anon_mib": fields["RssAnon"] // 1024,
+            "rss_file_mib": fields["RssFile"] // 1024, "open_fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
 def main() -> None:
