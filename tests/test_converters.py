@@ -763,7 +763,8 @@ def test_roco_release_layout_default_images(roco_release, tmp_path, caplog):
     assert rows["ROCO_00031"]["report_caption"] == "Computed tomography of the abdomen showing a left renal mass."
     assert (rows["ROCO_00041"]["split"], rows["ROCO_00041"]["modality"]) == ("validation", "non_radiology")
     # the skip names the id and every path tried, in order
-    [message] = [record.getMessage() for record in caplog.records if "ROCO_00034" in record.getMessage()]
+    [message] = [record.getMessage() for record in caplog.records
+                 if record.levelno == logging.DEBUG and "ROCO_00034" in record.getMessage()]
     assert "missing image" in message
     for name in ("PMC3280110_pone.0031179.g007.jpg", "pone.0031179.g007.jpg", "ROCO_00034.jpg", "ROCO_00034.png"):
         assert str(train / name) in message
