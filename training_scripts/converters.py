@@ -91,6 +91,7 @@ from PIL import Image, ImageOps
 from processing.medical_image_io import is_dicom_file, load_medical_image
 from training_scripts.data_schema import SPLITS, ShardedParquetWriter, dataset_output, validate_row, write_provenance
 from training_scripts.negatives import make_hard_negatives
+from training_scripts.skips import EXAMPLES_PER_REASON
 
 __all__ = ["CONVERTERS", "VQA_RAD_VALIDATION_FRACTION", "ConversionStats", "SkipCounter", "convert", "iter_rows"]
 
@@ -133,9 +134,6 @@ _SPLIT_TOKEN = re.compile(r"(?<![a-z])(training|train|validation|validate|valid|
 # ---------------------------------------------------------------------------------------------------------------
 
 
-_EXAMPLES_PER_REASON = 3
-
-
 class SkipCounter:
     """Counts what a conversion leaves out, by reason: whole rows, single regions and single VQA questions.
 
@@ -153,7 +151,7 @@ class SkipCounter:
     def _note(self, reason: str, where: str) -> None:
         self.reasons[reason] += 1
         examples = self.examples.setdefault(reason, [])
-        if len(examples) < _EXAMPLES_PER_REASON:
+        if len(examples) < EXAMPLES_PER_REASON:
             examples.append(str(where))
 
     def skip_row(self, reason: str, where: str) -> None:
@@ -575,10 +573,7 @@ class _CsvRow(dict):
 def _binary_flag(row: _CsvRow, column: str, path: Path) -> bool:
     """A 0 / 1 column read as a number, so a pandas float export ("1.0") means the same as "1"."""
     value = row[column]
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
+    number = (_numbers(value) or [math.nan])[0]
     if number not in (0.0, 1.0):
         raise ValueError(f"{path}, line {row.line}: {column} must be 0 or 1, got {value!r}")
     return number == 1.0

@@ -248,8 +248,9 @@ def config_changes(saved: Any, current: Any, prefix: str = "") -> dict[str, tupl
 
 
 def prepare_run_folder(run: dict[str, Any], resume: bool, overwrite: bool = False,
-                       allow_config_change: bool = False) -> None:
-    """Refuse what would silently lose or mix runs, before anything is written.
+                       allow_config_change: bool = False) -> dict[str, Any]:
+    """Refuse what would silently lose or mix runs, before anything is written; returns the data's
+    fingerprint (`dataset_fingerprint`, hashed once: the caller saves it with the run).
 
     A fresh run into a folder that holds a run needs `overwrite` (which deletes that run's outputs).
     `resume` compares the run with the one saved in the folder (its `run_config.yaml` and data
@@ -257,24 +258,25 @@ def prepare_run_folder(run: dict[str, Any], resume: bool, overwrite: bool = Fals
     change needs `allow_config_change`."""
     output_dir = Path(run["training_args"]["output_dir"])
     saved_path = output_dir / RUN_CONFIG_FILE
-    earlier = sorted(path.name for pattern in _RUN_OUTPUTS for path in output_dir.glob(pattern))
+    fingerprint = dataset_fingerprint(run["data"]["path"], run["data"]["split"])
+    earlier = sorted((path for pattern in _RUN_OUTPUTS for path in output_dir.glob(pattern)), key=lambda path: path.name)
     if not resume:
         if earlier and not overwrite:
-            raise ValueError(f"{output_dir} holds a run ({', '.join(earlier[:4])}{', ...' if len(earlier) > 4 else ''}): "
+            names = [path.name for path in earlier]
+            raise ValueError(f"{output_dir} holds a run ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): "
                              "pass --resume to continue it, or --overwrite to delete its outputs and start over")
-        for path in (path for pattern in _RUN_OUTPUTS for path in output_dir.glob(pattern)):
+        for path in earlier:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        return
+        return fingerprint
     if not saved_path.exists():
-        return
+        return fingerprint
     saved = yaml.safe_load(saved_path.read_text())
     changes = config_changes(saved, run)
     fingerprint_path = output_dir / DATA_FINGERPRINT_FILE
     if fingerprint_path.exists():
         before = json.loads(fingerprint_path.read_text())["sha256"]
-        now = dataset_fingerprint(run["data"]["path"], run["data"]["split"])["sha256"]
-        if before != now:
-            changes["data (file contents)"] = (before[:12], now[:12])
+        if before != fingerprint["sha256"]:
+            changes["data (file contents)"] = (before[:12], fingerprint["sha256"][:12])
     described = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
     ignored = [key for key in changes if key.removeprefix("training_args.") in RESTORED_ON_RESUME]
     if ignored:
@@ -285,6 +287,7 @@ def prepare_run_folder(run: dict[str, Any], resume: bool, overwrite: bool = Fals
                          "--allow-config-change to continue with the new values, or resume with the saved ones")
     if changes:
         logger.warning("--resume with a changed run configuration: %s", described)
+    return fingerprint
 
 
 def _normalisation_of(vision_path: str | None) -> dict[str, list[float]]:
@@ -343,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run = resolve_run_config(args)
+        fingerprint = None
         if int(os.environ.get("RANK", "0")) == 0:  # before any rank writes into the folder
-            prepare_run_folder(run, args.resume, args.overwrite, args.allow_config_change)
+            fingerprint = prepare_run_folder(run, args.resume, args.overwrite, args.allow_config_change)
         trainer, checkpoint = build_trainer(run, resume=args.resume)
     except (*CONFIG_ERRORS, FileNotFoundError) as error:
         print(f"regionmed-train: error: {error}", file=sys.stderr)
@@ -356,7 +360,6 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run, sort_keys=False))
-        fingerprint = dataset_fingerprint(run["data"]["path"], run["data"]["split"])
         (output_dir / DATA_FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=1))
         if checkpoint is not None:
             _truncate_log(log_path, checkpoint_step(checkpoint))
