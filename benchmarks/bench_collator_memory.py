@@ -1,6 +1,11 @@
-"""Collator memory on large images: peak RSS of one training batch collated the way the collator
-does it (each image reduced to its view and crops as it is decoded) against the way it did before
-(every image of the batch decoded first, then the processor on the list), in one run.
+"""Collator and processor memory on large images, in one run:
+
+* the peak RSS of one training batch collated the way the collator does it (each image reduced to
+  its view and crops as it is decoded) against the way it did before (every image of the batch
+  decoded first, then the processor on the list);
+* the peak RSS of the image processor on ONE image with one region, given as a file path and as an
+  already decoded PIL image, in multiples of the decoded image's size (H x W x 3 bytes): what the
+  processor adds on top of what the caller holds.
 
 Each variant runs in a fresh subprocess (so neither inherits the other's heap); the figure is the
 rise of VmHWM over the RSS just before collating. Rows hold RGB PNGs of a smooth film (small files,
@@ -22,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark_report import cpu_model, write_report  # noqa: E402
 
-VARIANTS = ("per_row", "whole_batch")
+VARIANTS = ("per_row", "whole_batch", "processor_path", "processor_pil")
 
 
 def film_png(side: int, seed: int) -> bytes:
@@ -57,10 +62,14 @@ def measure(variant: str, folder: Path) -> int:
     processor = RegionMedCLIPProcessor(RegionMedCLIPImageProcessor(image_size=224, roi_size=112, max_rois=4),
                                        build_tokenizer([row["report_caption"] for row in rows], vocab_size=200))
     collator = RegionMedCLIPCollator(processor, use_summary=False, use_negatives=False, use_region_negatives=False)
+    first = sorted(folder.glob("film-*.png"))[0]
+    decoded = _decode(rows[0]["image"]) if variant == "processor_pil" else None  # held by the caller
     release_free_heap()
     reset_peak_rss()
     before = proc_status_bytes("VmRSS")
-    if variant == "per_row":
+    if variant.startswith("processor"):
+        processor.image_processor(str(first) if decoded is None else decoded, regions=[[rows[0]["regions"][0]["bbox"]]])
+    elif variant == "per_row":
         collator(rows)
     else:  # the earlier collator: decode the whole batch, then one processor call on the list
         images = [_decode(row["image"]) for row in rows]
@@ -99,6 +108,8 @@ def main() -> None:
         "batch": args.batch,
         "peak_rss_rise_mib": {variant: round(peak / 2**20) for variant, peak in peaks.items()},
         "ratio_per_row_to_whole_batch": round(peaks["per_row"] / peaks["whole_batch"], 3),
+        "processor_one_image_peak_in_decoded_copies": {
+            source: round(peaks[f"processor_{source}"] / decoded, 2) for source in ("path", "pil")},
     }
     print(figures)
     write_report(figures, args.output)

@@ -26,9 +26,10 @@ Rules (they are the documentation):
   is an error naming the region, since its box would be degenerate (use `resize_mode="pad"`).
 * **More than `max_rois` regions**: the FIRST `max_rois`, in the order given, are kept (order is
   the caller's priority) and a warning says how many were dropped.
-* Images are decoded by `medical_image_io.load_medical_image` (PIL modes, NumPy, DICOM; high
+* Images are decoded by `medical_image_io.load_medical_pil` (PIL modes, NumPy, DICOM; high
   bit depths windowed to 8 bits by the rules documented there). Grayscale stays one channel
-  until the end, then is repeated to 3 channels.
+  until the end, then is repeated to 3 channels. An "L" / "RGB" PIL image or image file is
+  resampled where it is, never copied whole: one huge image costs about its decoded size.
 
 Outputs: `pixel_values (B, 3, S, S)`, and with `regions`: `roi_pixel_values (B, K, 3, R, R)`,
 `roi_boxes (B, K, 4)` normalised xyxy, `roi_mask (B, K)` bool, with K the most regions of any
@@ -44,7 +45,7 @@ from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.utils import logging
 
-from .medical_image_io import load_medical_image
+from .medical_image_io import load_medical_pil
 
 __all__ = ["RegionMedCLIPImageProcessor", "ViewTransform"]
 
@@ -133,10 +134,6 @@ def _binary_mask(array: np.ndarray, where: str) -> np.ndarray:
 def _has_view_area(view_box: np.ndarray) -> bool:
     """Whether a normalised xyxy view box is wider and taller than `MIN_VIEW_BOX_EXTENT`."""
     return min(view_box[2] - view_box[0], view_box[3] - view_box[1]) > MIN_VIEW_BOX_EXTENT
-
-
-def _as_pil(array: np.ndarray) -> Image.Image:
-    return Image.fromarray(array, mode="L" if array.ndim == 2 else "RGB")
 
 
 def _letterbox(image: Image.Image, box: tuple[float, float, float, float], size: int, pad_value: int,
@@ -356,11 +353,10 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
         pixel_values, roi_pixels, roi_boxes = [], [], []
         for index, raw in enumerate(image_list):
             try:
-                array = load_medical_image(raw, dicom_frame=self.dicom_frame, max_image_pixels=self.max_image_pixels)
+                image = load_medical_pil(raw, dicom_frame=self.dicom_frame, max_image_pixels=self.max_image_pixels)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"images[{index}]: {error}") from error
-            height, width = array.shape[:2]
-            image = _as_pil(array)
+            width, height = image.size
             transform = ViewTransform.for_image(height, width, self.image_size, self.resize_mode)
             pixel_values.append(self._normalise(self._global_view(image, transform)))
             if regions is None:
@@ -380,8 +376,9 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
                 crop_box = self._crop_box(box, height, width)
                 source = image
                 if mask is not None and self.mask_crop:
-                    blanked = np.where(mask if array.ndim == 2 else mask[..., None], array, self.pad_value)
-                    source = _as_pil(blanked.astype(np.uint8))
+                    pixels = np.asarray(image)
+                    blanked = np.where(mask if pixels.ndim == 2 else mask[..., None], pixels, self.pad_value)
+                    source = Image.fromarray(blanked.astype(np.uint8), mode=image.mode)
                 crops.append(self._normalise(_letterbox(source, crop_box, self.roi_size, self.pad_value, self.resample)))
             roi_pixels.append(crops)
             roi_boxes.append(boxes)

@@ -1,7 +1,10 @@
 """Decode medical images (PIL images, numpy arrays, image files, DICOM) into uint8 arrays.
 
 `load_medical_image` turns one image into a new C-contiguous ``uint8`` array, shaped ``(H, W)`` for grayscale
-or ``(H, W, 3)`` for colour (RGB). These rules are the documentation of what it does:
+or ``(H, W, 3)`` for colour (RGB). `load_medical_pil` gives the same pixels as a PIL image of mode ``"L"`` or
+``"RGB"`` for callers that resample (the image processor): an ``"L"`` / ``"RGB"`` PIL image is returned as it
+is (the caller's image, read, never modified), and an image file of those modes as PIL decoded it, so a huge
+image is not copied into an array and back. These rules are the documentation of what both do:
 
 PIL images (``PIL.Image.Image``)
     * ``"1"``, ``"L"``, ``"LA"`` -> grayscale; ``"1"`` becomes 0/255. The alpha of ``"LA"`` is discarded.
@@ -78,7 +81,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["is_dicom_file", "load_medical_image"]
+__all__ = ["is_dicom_file", "load_medical_image", "load_medical_pil"]
 
 _SUPPORTED_TYPES = (
     "a PIL.Image.Image, a numpy.ndarray, a str or os.PathLike path to an image or DICOM file, or a pydicom Dataset"
@@ -119,13 +122,7 @@ def load_medical_image(
     Returns:
         A new C-contiguous ``np.uint8`` array of shape (H, W) or (H, W, 3). See the module docstring for the rules.
     """
-    if max_image_pixels is not None and (
-        isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels <= 0
-    ):
-        raise ValueError(f"max_image_pixels must be a positive int or None, got {max_image_pixels!r}")
-    if isinstance(dicom_frame, bool) or not isinstance(dicom_frame, (int, np.integer)):
-        raise TypeError(f"dicom_frame must be an int, got {type(dicom_frame).__name__}")
-
+    _check_arguments(dicom_frame, max_image_pixels)
     if isinstance(image, Image.Image):
         return _from_pil(image, max_image_pixels)
     if isinstance(image, np.ndarray):
@@ -141,9 +138,51 @@ def load_medical_image(
     raise TypeError(f"Unsupported image type {name}; expected {_SUPPORTED_TYPES} (convert tensors with .numpy() first)")
 
 
+def load_medical_pil(
+    image: Any,
+    *,
+    dicom_frame: int = 0,
+    max_image_pixels: int | None = 178_956_970,
+) -> Image.Image:
+    """Decode one image into a PIL image of mode ``"L"`` (grayscale) or ``"RGB"``: the pixels of
+    `load_medical_image`, with the same arguments and errors.
+
+    An ``"L"`` / ``"RGB"`` PIL image is returned itself and a non-DICOM file of those modes as PIL
+    decoded it: no copy. Anything else is decoded by the array rules, then wrapped (a grayscale array
+    is shared, not copied).
+    """
+    _check_arguments(dicom_frame, max_image_pixels)
+    if isinstance(image, Image.Image) and image.mode in _PIL_MODES:
+        width, height = image.size
+        _check_size(height, width, max_image_pixels)
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(os.fsdecode(image))
+        if path.exists() and not is_dicom_file(path):
+            decoded = _decode_image_file(path, max_image_pixels)
+            return decoded if decoded.mode in _PIL_MODES else _array_as_pil(_from_pil(decoded, max_image_pixels))
+    return _array_as_pil(load_medical_image(image, dicom_frame=dicom_frame, max_image_pixels=max_image_pixels))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Shared checks and the numeric rules
 # ----------------------------------------------------------------------------------------------------------------
+
+_PIL_MODES = ("L", "RGB")  # the modes `load_medical_pil` returns: grayscale and colour
+
+
+def _check_arguments(dicom_frame: Any, max_image_pixels: Any) -> None:
+    if max_image_pixels is not None and (
+        isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels <= 0
+    ):
+        raise ValueError(f"max_image_pixels must be a positive int or None, got {max_image_pixels!r}")
+    if isinstance(dicom_frame, bool) or not isinstance(dicom_frame, (int, np.integer)):
+        raise TypeError(f"dicom_frame must be an int, got {type(dicom_frame).__name__}")
+
+
+def _array_as_pil(array: np.ndarray) -> Image.Image:
+    """uint8 (H, W) or (H, W, 3) -> PIL "L" / "RGB" (PIL shares a grayscale array's memory)."""
+    return Image.fromarray(array, mode="L" if array.ndim == 2 else "RGB")
 
 
 def _check_size(height: int, width: int, max_image_pixels: int | None) -> None:
@@ -278,7 +317,12 @@ def _from_path(path: Path, dicom_frame: int, max_image_pixels: int | None) -> np
             raise ValueError(f"Cannot read DICOM file '{path}': {error}") from error
         with _named_dicom_errors(f"DICOM file '{path}'"):
             return _from_dicom(dataset, dicom_frame, max_image_pixels)
+    return _from_pil(_decode_image_file(path, max_image_pixels), max_image_pixels)
 
+
+def _decode_image_file(path: Path, max_image_pixels: int | None) -> Image.Image:
+    """A non-DICOM image file -> its PIL image, decoded, the file closed (leaving ``with`` closes only
+    the file, never the pixels)."""
     try:
         image = _open_with_pil(path)
     except UnidentifiedImageError as error:
@@ -294,7 +338,7 @@ def _from_path(path: Path, dicom_frame: int, max_image_pixels: int | None) -> np
             image.load()
         except (OSError, SyntaxError, ValueError) as error:
             raise ValueError(f"Cannot decode image file '{path}': {error}") from error
-        return _from_pil(image, max_image_pixels)
+    return image
 
 
 def _open_with_pil(path: Path) -> Image.Image:

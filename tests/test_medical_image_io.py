@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from processing.medical_image_io import is_dicom_file, load_medical_image
+from processing.medical_image_io import is_dicom_file, load_medical_image, load_medical_pil
 
 
 def assert_fresh_uint8(out: np.ndarray, shape: tuple[int, ...]) -> None:
@@ -720,3 +720,76 @@ def test_dicom_errors_name_the_file(tmp_path, tags, message):
     path = _dicom_with(tmp_path, "broken.dcm", **tags)
     with pytest.raises(ValueError, match=rf"DICOM file '.*broken\.dcm': {message}"):
         load_medical_image(str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# load_medical_pil: the same pixels as a PIL "L" / "RGB" image, without copying what already is one
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sources(tmp_path) -> dict[str, object]:
+    """One image of each kind `load_medical_pil` takes that is not already "L" / "RGB" PIL."""
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 255, (5, 7), dtype=np.uint8)
+    colour = rng.integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(colour).convert("RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)).save(tmp_path / "deep.png")
+    return {
+        "grey-png-path": tmp_path / "grey.png",
+        "rgba-png-path": str(tmp_path / "rgba.png"),
+        "16-bit-png-path": tmp_path / "deep.png",
+        "uint8-array": grey,
+        "uint16-colour-array": rng.integers(0, 4000, (5, 7, 3)).astype(np.uint16),
+        "float-array": rng.random((5, 7)),
+        "palette-pil": Image.fromarray(colour).convert("P"),
+        "mode-1-pil": Image.fromarray(grey > 128),
+    }
+
+
+@pytest.mark.parametrize("kind", ["grey-png-path", "rgba-png-path", "16-bit-png-path", "uint8-array",
+                                  "uint16-colour-array", "float-array", "palette-pil", "mode-1-pil"])
+def test_pil_form_holds_the_array_rules_pixels(tmp_path, kind):
+    source = _sources(tmp_path)[kind]
+    image = load_medical_pil(source)
+    expected = load_medical_image(source)
+    assert image.mode == ("L" if expected.ndim == 2 else "RGB")
+    np.testing.assert_array_equal(np.asarray(image), expected)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_pil_form_of_a_dicom_path_follows_the_dicom_rules(name):
+    path = dicom_path(name)
+    np.testing.assert_array_equal(np.asarray(load_medical_pil(path)), load_medical_image(path))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_pil_form_returns_an_l_or_rgb_image_itself_untouched(mode):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (6, 4, 3), dtype=np.uint8)).convert(mode)
+    before = np.asarray(image).copy()
+    assert load_medical_pil(image) is image
+    np.testing.assert_array_equal(np.asarray(image), before)
+
+
+def test_pil_form_keeps_the_checks_and_their_messages(tmp_path):
+    with pytest.raises(ValueError, match=r"80 pixels.*max_image_pixels=79"):
+        load_medical_pil(Image.new("L", (10, 8)), max_image_pixels=79)
+    Image.new("RGB", (10, 8)).save(tmp_path / "big.png")
+    with pytest.raises(ValueError, match=r"80 pixels.*max_image_pixels=79"):
+        load_medical_pil(tmp_path / "big.png", max_image_pixels=79)
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        load_medical_pil(tmp_path / "nope.png")
+    (tmp_path / "notes.txt").write_text("not an image at all\n" * 20)
+    with pytest.raises(ValueError, match="notes.txt"):
+        load_medical_pil(tmp_path / "notes.txt")
+    with pytest.raises(TypeError, match="dicom_frame must be an int"):
+        load_medical_pil(Image.new("L", (2, 2)), dicom_frame=1.0)
+
+
+def test_pil_form_of_a_file_leaves_no_file_open(tmp_path):
+    Image.new("RGB", (8, 8), (9, 8, 7)).save(tmp_path / "film.tiff")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        image = load_medical_pil(tmp_path / "film.tiff")
+        assert image.getpixel((3, 3)) == (9, 8, 7)
+        assert image.fp is None
