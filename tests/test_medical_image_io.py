@@ -691,7 +691,7 @@ def test_missing_pydicom_gives_install_hint(monkeypatch):
 def _dicom_with(tmp_path, name, **tags):
     """A small valid DICOM file, then `tags` set (None deletes a tag)."""
     pydicom = pytest.importorskip("pydicom")
-    from test_converters import write_dicom
+    from converter_helpers import write_dicom
 
     path = write_dicom(tmp_path / name, size=(16, 12))
     dataset = pydicom.dcmread(path)

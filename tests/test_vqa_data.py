@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
+from converter_helpers import VQA_RAD_SPLITS, make_slake_release, make_vqa_rad_release
 from PIL import Image
-from test_converters import VQA_RAD_SPLITS, make_slake_release, make_vqa_rad_release
 
 from training_scripts.converters import convert
 from training_scripts.data_schema import load_canonical
