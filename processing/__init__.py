@@ -1,7 +1,7 @@
 """RegionMed-CLIP processing. The files beside this one travel to the Hub as remote code."""
 
 from .image_processing_regionmed_clip import RegionMedCLIPImageProcessor
-from .medical_image_io import load_medical_image
+from .medical_image_io import load_medical_image, load_medical_pil
 from .processing_regionmed_clip import CAPTION_LEVELS, CaptionLevel, RegionMedCLIPProcessor, caption_level
 from .tokenization_regionmed_clip import DEFAULT_MAX_LENGTH, build_tokenizer, load_tokenizer
 
@@ -18,5 +18,6 @@ __all__ = [
     "build_tokenizer",
     "caption_level",
     "load_medical_image",
+    "load_medical_pil",
     "load_tokenizer",
 ]

@@ -160,7 +160,7 @@ def load_medical_pil(
         path = Path(os.fsdecode(image))
         if path.exists() and not is_dicom_file(path):
             decoded = _decode_image_file(path, max_image_pixels)
-            return decoded if decoded.mode in _PIL_MODES else _array_as_pil(_from_pil(decoded, max_image_pixels))
+            return decoded if decoded.mode in _PIL_MODES else _array_as_pil(_file_pixels(decoded, path, max_image_pixels))
     return _array_as_pil(load_medical_image(image, dicom_frame=dicom_frame, max_image_pixels=max_image_pixels))
 
 
@@ -317,7 +317,16 @@ def _from_path(path: Path, dicom_frame: int, max_image_pixels: int | None) -> np
             raise ValueError(f"Cannot read DICOM file '{path}': {error}") from error
         with _named_dicom_errors(f"DICOM file '{path}'"):
             return _from_dicom(dataset, dicom_frame, max_image_pixels)
-    return _from_pil(_decode_image_file(path, max_image_pixels), max_image_pixels)
+    return _file_pixels(_decode_image_file(path, max_image_pixels), path, max_image_pixels)
+
+
+def _file_pixels(image: Image.Image, path: Path, max_image_pixels: int | None) -> np.ndarray:
+    """`_from_pil` of a decoded file, its errors (a float image holding NaN, a mode PIL cannot
+    convert) naming the file."""
+    try:
+        return _from_pil(image, max_image_pixels)
+    except ValueError as error:
+        raise ValueError(f"image file '{path}': {error}") from error
 
 
 def _decode_image_file(path: Path, max_image_pixels: int | None) -> Image.Image:

@@ -121,6 +121,14 @@ def make_vqa_rad_release(root: Path) -> Path:
     return root
 
 
+def make_ms_cxr_images(images: Path) -> Path:
+    """The MS-CXR fixture's images under `images/files/`: MIMIC-CXR-JPG files of d1, d2 and d3."""
+    for dicom_id, folder in (("d1", "p10/p10000032/s50414267"), ("d2", "p11/p11000011/s51029426"),
+                             ("d3", "p12/p12000012/s52000001")):
+        write_image(images / "files" / folder / f"{dicom_id}.jpg")
+    return images  # d4 is missing
+
+
 def make_rsna_images(images: Path) -> Path:
     """The RSNA Pneumonia fixture's images in `images`: DICOMs of p1, p2 and p3."""
     for patient in ("p1", "p2", "p3"):

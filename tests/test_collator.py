@@ -72,52 +72,6 @@ def _nan_tiff() -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize(
-    ("change", "reason"),
-    [
-        ({"report_caption": None}, "row: report_caption is missing or null"),
-        ({"report_caption": 42}, "row: report_caption is int, not text"),
-        ({"summary_caption": "   "}, "row: summary_caption is empty"),
-        ({"report_caption": "left \ud800 lung"}, "row: report_caption is not valid UTF-8 (a lone surrogate)"),
-        ({"negative_captions": None}, "row: negative_captions is missing or null, not a list"),
-        ({"negative_captions": ["fine", None]}, "row: negative_captions[1] is missing or null"),
-        ({"regions": None}, "row: regions is missing or null, not a list"),
-        ({"image": {"bytes": _nan_tiff(), "path": None}, "regions": []},  # decodes, then the processor refuses NaN
-         "row: image rejected by the processor (ValueError)"),
-    ],
-    ids=["null report", "numeric report", "blank summary", "lone surrogate", "null negatives", "null negative",
-         "null regions", "NaN float TIFF"],
-)
-def test_a_row_it_cannot_use_is_skipped_by_reason_not_the_end_of_the_run(processor, rows, change, reason):
-    bad = {**rows[0], **change}
-    collator = RegionMedCLIPCollator(processor)
-    batch = collator([rows[1], bad, rows[2]])
-    assert batch["pixel_values"].shape[0] == 2
-    assert batch["skip_report"]["reasons"] == {reason: 1}
-    assert batch["skip_report"]["examples"][reason] == [rows[0]["image_id"]]
-
-
-@pytest.mark.parametrize(
-    ("region", "reason"),
-    [
-        ({"bbox": None, "caption": "x", "label": "nodule"}, "region: bbox missing or null"),
-        ({"caption": "x", "label": "nodule"}, "region: bbox missing or null"),
-        ({"bbox": ["a", "b", "c", "d"], "caption": "x", "label": "nodule"}, "region: bbox is not 4 numbers"),
-        ({"bbox": [1.0, 2.0, float("nan"), 9.0], "caption": "x", "label": "nodule"}, "region: bbox holds NaN or inf"),
-        ({"bbox": [1.0, 2.0, 20.0, 30.0], "label": "nodule"}, "region: region caption is missing or null"),
-        ({"bbox": [900.0, 900.0, 950.0, 950.0], "caption": "x", "label": "nodule"},
-         "region: box outside the image or degenerate"),
-    ],
-    ids=["null bbox", "no bbox", "bbox of strings", "NaN bbox", "no caption", "box off the image"],
-)
-def test_a_region_it_cannot_use_is_dropped_by_reason_and_the_row_kept(processor, rows, region, reason):
-    row = next(row for row in rows if row["regions"])
-    collator = RegionMedCLIPCollator(processor)
-    batch = collator([{**row, "regions": [region, row["regions"][0]]}])
-    assert batch["roi_mask"].sum().item() == 1  # the good region of the same row is used
-    assert batch["skip_report"]["reasons"] == {reason: 1} and batch["skip_report"]["rows_skipped"] == 0
-
-
 def test_a_batch_of_only_corrupt_rows_repeats_the_last_good_row(processor, rows):
     corrupt = {**rows[0], "image": {"bytes": b"garbage", "path": None}}
     collator = RegionMedCLIPCollator(processor)

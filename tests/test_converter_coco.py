@@ -1,12 +1,9 @@
 """The coco converter (COCO detection JSON)."""
 
-import json
 from pathlib import Path
 
 import pytest
 from converter_helpers import FIXTURES, boxes, make_coco_images, reasons, run
-
-from training_scripts.converters import convert
 
 
 @pytest.fixture
@@ -35,28 +32,3 @@ def test_coco_options(tmp_path, coco_images):
     assert stats.rows_written == {"test": 3}
     assert rows["a.png"]["regions"][0]["caption"] == "nodule in the right upper zone"
     assert rows["a.png"]["summary_caption"] == "Chest X-ray with nodule and effusion."
-
-
-def test_coco_duplicate_ids_and_file_names_are_counted_not_lost(tmp_path, coco_images):
-    document = json.loads((FIXTURES / "coco/instances_val.json").read_text())
-    document["images"] += [{"id": 2, "file_name": "c.png", "width": 64, "height": 64},  # id 2 names two files
-                           {"id": 7, "file_name": "a.png", "width": 64, "height": 64}]  # a.png under two ids
-    path = tmp_path / "instances_val.json"
-    path.write_text(json.dumps(document))
-    stats, rows = run("coco", path, coco_images, tmp_path / "out")
-    assert "b.png" not in rows and set(rows) == {"a.png", "c.png"}
-    assert reasons(stats)["image id listed for two files"] == 1
-    assert reasons(stats)["file listed under two image ids"] == 1
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [('{"images": [', r"instances_val.json, line 1 column 13: not valid JSON"),
-     ("[1, 2]", r"a COCO file is a JSON object .* got a list")],
-    ids=["truncated", "a list"],
-)
-def test_malformed_coco_json_is_a_clear_error(tmp_path, text, message):
-    path = tmp_path / "instances_val.json"
-    path.write_text(text)
-    with pytest.raises(ValueError, match=message):
-        convert("coco", path, tmp_path, tmp_path / "out")

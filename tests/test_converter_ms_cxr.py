@@ -3,16 +3,12 @@
 from pathlib import Path
 
 import pytest
-from converter_helpers import FIXTURES, boxes, reasons, run, write_image
+from converter_helpers import FIXTURES, boxes, make_ms_cxr_images, reasons, run
 
 
 @pytest.fixture
 def ms_cxr_images(tmp_path: Path) -> Path:
-    images = tmp_path / "mimic-cxr-jpg"
-    for dicom_id, folder in (("d1", "p10/p10000032/s50414267"), ("d2", "p11/p11000011/s51029426"),
-                             ("d3", "p12/p12000012/s52000001")):
-        write_image(images / "files" / folder / f"{dicom_id}.jpg")
-    return images  # d4 is missing
+    return make_ms_cxr_images(tmp_path / "mimic-cxr-jpg")
 
 
 def test_ms_cxr_v1_0_0(tmp_path, ms_cxr_images):
@@ -54,13 +50,3 @@ def test_ms_cxr_invalid_split_and_missing_id_are_skipped(tmp_path, ms_cxr_images
     stats, rows = run("ms-cxr", csv_path, ms_cxr_images, tmp_path / "out")
     assert sorted(rows) == ["d1", "d2"]
     assert reasons(stats) == {"invalid row": 1, "annotation without an image id": 1}
-
-
-def test_ms_cxr_dicom_id_with_two_image_paths_is_left_out_and_counted(tmp_path, ms_cxr_images):
-    source = (FIXTURES / "ms_cxr/MS_CXR_Local_Alignment_v1.0.0.csv").read_text().splitlines()
-    header, first, second = source[0], source[1], source[2]
-    moved = second.replace("p10/p10000032/s50414267/d1.jpg", "p12/p12000012/s52000001/d3.jpg")
-    csv_path = tmp_path / "two_paths.csv"
-    csv_path.write_text("\n".join([header, first, moved, *source[3:]]) + "\n")
-    stats, rows = run("ms-cxr", csv_path, ms_cxr_images, tmp_path / "out")
-    assert "d1" not in rows and reasons(stats)["dicom_id listed with two image paths"] == 1

@@ -688,45 +688,6 @@ def test_missing_pydicom_gives_install_hint(monkeypatch):
         load_medical_image(path)
 
 
-def _dicom_with(tmp_path, name, **tags):
-    """A small valid DICOM file, then `tags` set (None deletes a tag)."""
-    pydicom = pytest.importorskip("pydicom")
-    from converter_helpers import write_dicom
-
-    path = write_dicom(tmp_path / name, size=(16, 12))
-    dataset = pydicom.dcmread(path)
-    for tag, value in tags.items():
-        if value is None:
-            delattr(dataset, tag)
-        else:
-            setattr(dataset, tag, value)
-    dataset.save_as(path)
-    return path
-
-
-def test_a_dicom_with_rescale_slope_zero_is_an_error_not_a_blank_image(tmp_path):
-    path = _dicom_with(tmp_path, "slope0.dcm", RescaleSlope=0, RescaleIntercept=0)
-    with pytest.raises(ValueError, match=r"slope0\.dcm': RescaleSlope is 0"):
-        load_medical_image(str(path))
-
-
-@pytest.mark.parametrize(
-    ("tags", "message"),
-    [({"Rows": None}, r"a required tag is missing or malformed"),
-     ({"SamplesPerPixel": 2}, r"A \(0028,0002\) 'Samples per Pixel' value of '2' is invalid")],
-    ids=["no Rows", "two samples per pixel"],
-)
-def test_dicom_errors_name_the_file(tmp_path, tags, message):
-    path = _dicom_with(tmp_path, "broken.dcm", **tags)
-    with pytest.raises(ValueError, match=rf"DICOM file '.*broken\.dcm': {message}"):
-        load_medical_image(str(path))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# load_medical_pil: the same pixels as a PIL "L" / "RGB" image, without copying what already is one
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def _sources(tmp_path) -> dict[str, object]:
     """One image of each kind `load_medical_pil` takes that is not already "L" / "RGB" PIL."""
     rng = np.random.default_rng(3)
