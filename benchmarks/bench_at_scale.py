@@ -6,6 +6,8 @@ process are sampled at start / middle / end (they must stay flat); checkpoints m
 `save_total_limit`.
 
     python benchmarks/bench_at_scale.py --rows 10000 --output benchmarks/results/bench_at_scale.json
+    # the soak: one epoch of 16,000 rows at batch 8 is 2,000 steps, a checkpoint every 200
+    python benchmarks/bench_at_scale.py --rows 16000 --output benchmarks/results/bench_soak.json
 """
 
 import argparse
@@ -95,13 +97,31 @@ def plant(data_dir: Path, fraction: float, seed: int) -> dict[str, int]:
     return dict(expected)
 
 
+def _status(pid: int) -> dict[str, int]:
+    with open(f"/proc/{pid}/status") as status:
+        return {line.split(":")[0]: int(line.split()[1]) for line in status
+                if line.startswith(("VmRSS", "RssAnon", "RssFile"))}
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return [int(child) for child in children.read().split()]
+
+
 def process_stats(pid: int) -> dict[str, int]:
     """RSS (with its anonymous and file-backed parts: memory-mapped dataset pages are the latter, and
-    reclaimable) and open file descriptors of the training process."""
-    with open(f"/proc/{pid}/status") as status:
-        fields = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith(("VmRSS", "RssAnon", "RssFile"))}
+    reclaimable) and open file descriptors of the training process, and the anonymous RSS of its
+    DataLoader workers together (they are forked anew each epoch)."""
+    fields = _status(pid)
+    workers = 0
+    for child in _children(pid):
+        try:
+            workers += _status(child)["RssAnon"]
+        except (FileNotFoundError, ProcessLookupError, KeyError):  # a worker that just ended
+            pass
     return {"rss_mib": fields["VmRSS"] // 1024, "rss_anon_mib": fields["RssAnon"] // 1024,
-            "rss_file_mib": fields["RssFile"] // 1024, "open_fds": len(os.listdir(f"/proc/{pid}/fd"))}
+            "rss_file_mib": fields["RssFile"] // 1024, "workers_rss_anon_mib": workers // 1024,
+            "open_fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
 def main() -> None:
@@ -111,6 +131,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--save-steps", type=int, default=200)
+    parser.add_argument("--save-total-limit", type=int, default=3)
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
@@ -125,7 +146,8 @@ def main() -> None:
     steps = -(-train_rows // args.batch_size)  # one epoch
     config = work / "run.yaml"
     config.write_text(yaml.safe_dump({"training_args": {
-        "dataloader_num_workers": args.workers, "logging_steps": 50, "save_total_limit": 3, "disable_tqdm": True}}))
+        "dataloader_num_workers": args.workers, "logging_steps": 50, "save_total_limit": args.save_total_limit,
+        "disable_tqdm": True}}))
     command = [sys.executable, "-m", "training_scripts.train", "--preset", "tiny", "--data", str(data_dir),
                "--output-dir", str(run_dir), "--max-steps", str(steps), "--save-steps", str(args.save_steps),
                "--batch-size", str(args.batch_size), "--config", str(config),
@@ -159,7 +181,8 @@ def main() -> None:
         "planted": expected,
         "counted": counted,
         "counts_match": counted == expected,
-        "checkpoints": sorted(path.name for path in run_dir.glob("checkpoint-*")),
+        "checkpoints": (checkpoints := sorted(path.name for path in run_dir.glob("checkpoint-*"))),
+        "checkpoints_within_limit": len(checkpoints) <= args.save_total_limit,
         "process": {"start": steady[0] if steady else None, "middle": steady[len(steady) // 2] if steady else None,
                     "end": steady[-1] if steady else None},
         "work_dir": str(work),

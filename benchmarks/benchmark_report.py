@@ -1,14 +1,14 @@
 """The JSON report every benchmark writes (its figures, the command that made them, the machine), and
 the process-memory probes the memory benchmarks share (Linux `/proc`)."""
 
-import ctypes
-import ctypes.util
 import json
 import platform
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
+
+from training_scripts.heap import release_free_heap
 
 __all__ = ["cpu_model", "proc_status_bytes", "release_free_heap", "reset_peak_rss", "write_report"]
 
@@ -34,14 +34,6 @@ def proc_status_bytes(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024  # kB
     raise KeyError(field)
-
-
-def release_free_heap() -> bool:
-    """glibc `malloc_trim(0)`: hand freed heap pages back, so the call cannot reuse pages counted in VmRSS."""
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
 
 
 def reset_peak_rss() -> bool:

@@ -218,7 +218,9 @@ class RegionMedCLIPConfig(PreTrainedConfig):
     """Composite configuration of RegionMed-CLIP.
 
     ROI settings:
-        max_rois: the most regions per image the processor emits (K in `(B, K, ...)` tensors).
+        max_rois: the most regions per image the processor emits (K in `(B, K, ...)` tensors; it
+            keeps the first `max_rois` with a warning). The model has no per-slot weights and takes
+            any K, so grounding can score more candidate windows than training used.
         roi_image_size: side of the square ROI crop fed to the vision tower (position
             embeddings are interpolated to it); must be a multiple of the patch size.
         roi_context_grid: RoIAlign output side G: each ROI pools G x G bins of context from

@@ -41,6 +41,7 @@ from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, buil
 from .checkpoints import checkpoint_step, latest_intact_checkpoint
 from .collator import RegionMedCLIPCollator
 from .data_schema import dataset_fingerprint, load_canonical
+from .heap import fix_mmap_threshold
 from .losses import ContrastiveLossConfig
 from .plotting import plot_loss_curves
 from .schedule import DEFAULT_STAGES, StagedSchedule
@@ -149,7 +150,9 @@ def build_trainer(
 
     `run["model"]` is a preset (a new model), towers to start from (`vision_path` / `text_path`), or a
     saved RegionMed-CLIP folder to continue from (`pretrained`, with its own processor and tokenizer).
-    `model_wrapper` wraps the model before training (e.g. `peft.get_peft_model`)."""
+    `model_wrapper` wraps the model before training (e.g. `peft.get_peft_model`). Fixes glibc's mmap
+    threshold for the process (`heap.fix_mmap_threshold`), so a long run's resident memory stays flat."""
+    fix_mmap_threshold()
     training_args = TrainingArguments(**run["training_args"])
     output_dir = Path(training_args.output_dir)
     set_seed(training_args.seed)

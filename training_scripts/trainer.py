@@ -46,6 +46,7 @@ from modeling_regionmed_clip.modeling_regionmed_clip import LOGIT_SCALE_MAX
 from processing import CAPTION_LEVELS, RegionMedCLIPImageProcessor
 
 from .checkpoints import CHECKPOINT_COMPLETE, write_completion_marker
+from .heap import HEAP_TRIM_STEPS, release_free_heap
 from .losses import LOSS_TERMS, TERM_CAPTION_LEVELS, ContrastiveLossConfig, training_loss
 from .schedule import PARAMETER_GROUPS, Stage, StagedSchedule, bare_parameter_name, parameter_group_of
 from .skips import SkipLedger
@@ -142,6 +143,7 @@ class RegionMedCLIPTrainer(Trainer):
             if parameter.requires_grad:
                 self._group_parameters[parameter_group_of(name)].append(parameter)
         self.add_callback(_ClampTemperatureCallback(self._group_parameters["temperature"]))
+        self.add_callback(ReleaseFreedHeapCallback())
 
     # -- optimisation --------------------------------------------------------------------------
 
@@ -351,6 +353,17 @@ class _ClampTemperatureCallback(TrainerCallback):
         with torch.no_grad():
             for parameter in self.parameters:
                 parameter.clamp_(max=self.bound)
+
+
+class ReleaseFreedHeapCallback(TrainerCallback):
+    """`heap.release_free_heap` every `every_steps` optimizer steps."""
+
+    def __init__(self, every_steps: int = HEAP_TRIM_STEPS):
+        self.every_steps = every_steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every_steps == 0:
+            release_free_heap()
 
 
 class StageCallback(TrainerCallback):

@@ -95,9 +95,11 @@ def _shape(expected: tuple[int, ...]) -> Callable[[Any], None]:
 _GREY = (np.add.outer(np.arange(6), np.arange(8)) * 5).astype(np.uint8)  # (H, W) = (6, 8)
 
 
-def _save(array: np.ndarray, mode: str | None = None, **options: Any) -> Callable[[Path], Path]:
+def _save(array: np.ndarray, mode: str | None = None) -> Callable[[Path], Path]:
+    """`array` as an image file (by the suffix), converted to `mode` first if given."""
     def build(path: Path) -> Path:
-        Image.fromarray(array).convert(mode or Image.fromarray(array).mode).save(path, **options)
+        image = Image.fromarray(array)
+        (image.convert(mode) if mode else image).save(path)
         return path
     return build
 
