@@ -87,25 +87,40 @@ def xformers_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """`xformers.ops.memory_efficient_attention` on CUDA; SDPA elsewhere."""
-    if xops is None or not query.is_cuda:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=False
-        )
-    batch, heads, q_len, _ = query.shape
-    bias = None
-    if attention_mask is not None:
-        bias = _aligned_bias(attention_mask, (batch, heads, q_len, key.shape[2]), query.dtype)
-    # xformers wants [B, S, H, D]; its output already is the layout transformers expects back.
-    attn_output = xops.memory_efficient_attention(
-        query.transpose(1, 2),
-        key.transpose(1, 2),
-        value.transpose(1, 2),
-        attn_bias=bias,
-        p=dropout,
-        scale=scaling,
+    """`xformers.ops.memory_efficient_attention` on CUDA; SDPA elsewhere, and where the installed
+    xformers has no kernel for the inputs (e.g. a wheel built for another torch / CUDA: it imports,
+    then finds no operator), with one warning."""
+    if _runs_xformers(query):
+        batch, heads, q_len, _ = query.shape
+        bias = None
+        if attention_mask is not None:
+            bias = _aligned_bias(attention_mask, (batch, heads, q_len, key.shape[2]), query.dtype)
+        try:
+            # xformers wants [B, S, H, D]; its output already is the layout transformers expects back.
+            attn_output = xops.memory_efficient_attention(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_bias=bias, p=dropout,
+                scale=scaling,
+            )
+            return attn_output, None
+        except NotImplementedError as error:
+            _warn_once(f"xformers has no kernel for these inputs ({str(error).splitlines()[0]}); the 'xformers' "
+                       "attention backend falls back to SDPA")
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=False
     )
-    return attn_output, None
+
+
+def _runs_xformers(query: torch.Tensor) -> bool:
+    return xops is not None and query.is_cuda
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 ALL_ATTENTION_FUNCTIONS.register("xformers", xformers_attention_forward)

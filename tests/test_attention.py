@@ -87,6 +87,32 @@ def test_xformers_backend_falls_back_to_sdpa_off_cuda(monkeypatch):
     torch.testing.assert_close(actual.logits_per_image, expected.logits_per_image, rtol=0, atol=1e-6)
 
 
+def test_an_xformers_install_without_kernels_falls_back_to_sdpa_with_one_warning(monkeypatch):
+    # A wheel built for another torch / CUDA imports, then finds no operator on the GPU (seen on an
+    # H200 with xformers 0.0.35 beside torch 2.11+cu130): the backend must not end the run.
+    from modeling_regionmed_clip import attention_regionmed_clip
+
+    class NoOperator:
+        calls = 0
+
+        @classmethod
+        def memory_efficient_attention(cls, *args, **kwargs):
+            cls.calls += 1
+            raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:\n...")
+
+    monkeypatch.setattr(attention_regionmed_clip, "xops", NoOperator)
+    monkeypatch.setattr(attention_regionmed_clip, "_runs_xformers", lambda query: True)  # as if on CUDA
+    monkeypatch.setattr(attention_regionmed_clip, "_warned", set())
+    model = tiny_model()
+    inputs = make_inputs(model.config, [2, 1])
+    expected = _outputs(model, inputs, "sdpa")
+    with pytest.warns(UserWarning, match="xformers has no kernel for these inputs") as caught:
+        actual = _outputs(model, inputs, "xformers")
+        _outputs(model, inputs, "xformers")
+    assert NoOperator.calls > 1 and len([w for w in caught if "xformers" in str(w.message)]) == 1
+    torch.testing.assert_close(actual.logits_per_image, expected.logits_per_image, rtol=0, atol=1e-6)
+
+
 def test_xformers_bias_is_expanded_with_aligned_stride():
     from modeling_regionmed_clip.attention_regionmed_clip import _aligned_bias
 

@@ -1,0 +1,104 @@
+"""A synthetic full-objective batch and one optimizer step of RegionMed-CLIP, shared by the training
+benchmarks (bench_gpu.py): the model inputs of every caption level, the multi-level loss of
+`training_scripts.losses`, and the step's FLOPs counted by `torch.utils.flop_counter`.
+
+Caption lengths follow the synthetic data's shape: each level padded to its own longest caption,
+real lengths drawn per caption from `CAPTION_LENGTHS` (tokens, [CLS] and [SEP] included).
+"""
+
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel
+from training_scripts.losses import training_loss
+
+__all__ = ["CAPTION_LENGTHS", "step_flops", "synthetic_batch", "timed_steps", "training_step"]
+
+# (shortest, longest) real length per caption level, by the model-input prefix of the level.
+CAPTION_LENGTHS = {"": (40, 128), "summary_": (8, 24), "region_": (6, 20), "negative_": (40, 128),
+                   "region_negative_": (6, 20)}
+
+
+def _captions(shape: tuple[int, ...], level: str, config: RegionMedCLIPConfig, generator: torch.Generator
+              ) -> dict[str, torch.Tensor]:
+    """Token ids and attention mask `(*shape, L)` with real lengths drawn from CAPTION_LENGTHS[level]."""
+    shortest, longest = CAPTION_LENGTHS[level]
+    text = config.text_config
+    lengths = torch.randint(shortest, longest + 1, shape, generator=generator)
+    width = int(lengths.max())
+    mask = (torch.arange(width) < lengths[..., None]).long()
+    ids = torch.randint(5, text.vocab_size, (*shape, width), generator=generator)
+    ids[..., 0] = text.cls_token_id
+    ids = ids.masked_fill(mask == 0, text.pad_token_id)
+    return {f"{level}input_ids": ids, f"{level}attention_mask": mask}
+
+
+def synthetic_batch(config: RegionMedCLIPConfig, batch: int, num_rois: int, all_levels: bool = True,
+                    num_negatives: int = 3, image_size: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Model inputs for `batch` images at `image_size` (default the config's) with `num_rois` ROIs each;
+    the report captions alone, or with `all_levels` every caption level (summary, region, negatives,
+    region negatives) as the joint stage trains them."""
+    generator = torch.Generator().manual_seed(seed)
+    size = image_size or config.vision_config.image_size
+    inputs = {"pixel_values": torch.randn(batch, 3, size, size, generator=generator),
+              **_captions((batch,), "", config, generator)}
+    if num_rois:
+        roi = config.roi_image_size
+        corner = torch.rand(batch, num_rois, 2, generator=generator) * 0.6
+        extent = 0.1 + torch.rand(batch, num_rois, 2, generator=generator) * 0.3
+        inputs |= {"roi_pixel_values": torch.randn(batch, num_rois, 3, roi, roi, generator=generator),
+                   "roi_boxes": torch.cat([corner, corner + extent], dim=-1),
+                   "roi_mask": torch.ones(batch, num_rois, dtype=torch.long)}
+    if all_levels:
+        inputs |= _captions((batch,), "summary_", config, generator)
+        inputs |= _captions((batch, num_negatives), "negative_", config, generator)
+        inputs["negative_mask"] = torch.ones(batch, num_negatives, dtype=torch.long)
+        if num_rois:
+            inputs |= _captions((batch, num_rois), "region_", config, generator)
+            inputs |= _captions((batch, num_rois, num_negatives), "region_negative_", config, generator)
+            inputs["region_negative_mask"] = torch.ones(batch, num_rois, num_negatives, dtype=torch.long)
+    return inputs
+
+
+def training_step(model: RegionMedCLIPModel, optimizer: torch.optim.Optimizer, inputs: dict[str, torch.Tensor],
+                  autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Forward, the multi-level loss, backward and the optimizer step; returns the loss (not synced)."""
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    with autocast:
+        outputs = model(**inputs)
+        loss, _ = training_loss(outputs, inputs, outputs.logit_scale, model.config.text_config.pad_token_id)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def step_flops(model: RegionMedCLIPModel, inputs: dict[str, torch.Tensor]) -> int:
+    """FLOPs of one forward + backward (matrix products and attention, as torch's counter counts them)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        outputs = model(**inputs)
+        loss, _ = training_loss(outputs, inputs, outputs.logit_scale, model.config.text_config.pad_token_id)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def timed_steps(step: Callable[[], Any], steps: int, warmup: int, synchronize: Callable[[], None]) -> list[float]:
+    """Seconds of each of `steps` calls of `step` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    synchronize()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return times
