@@ -2,8 +2,9 @@
 benchmarks (bench_gpu.py): the model inputs of every caption level, the multi-level loss of
 `training_scripts.losses`, and the step's FLOPs counted by `torch.utils.flop_counter`.
 
-Caption lengths follow the synthetic data's shape: each level padded to its own longest caption,
-real lengths drawn per caption from `CAPTION_LENGTHS` (tokens, [CLS] and [SEP] included).
+Caption lengths follow the synthetic data (`regionmed-data synth`, as its collated batches come): each
+level padded to its own longest caption, real lengths drawn per caption from `CAPTION_LENGTHS`
+(tokens, [CLS] and [SEP] included), 3 negatives per report and 9 per region caption.
 """
 
 import time
@@ -19,9 +20,10 @@ from training_scripts.losses import training_loss
 
 __all__ = ["CAPTION_LENGTHS", "step_flops", "synthetic_batch", "timed_steps", "training_step"]
 
-# (shortest, longest) real length per caption level, by the model-input prefix of the level.
-CAPTION_LENGTHS = {"": (40, 128), "summary_": (8, 24), "region_": (6, 20), "negative_": (40, 128),
-                   "region_negative_": (6, 20)}
+# (shortest, longest) real length per caption level, by the model-input prefix of the level: the
+# synthetic data's, as a collated batch of 16 rows had them.
+CAPTION_LENGTHS = {"": (30, 51), "summary_": (8, 13), "region_": (7, 14), "negative_": (29, 55),
+                   "region_negative_": (7, 24)}
 
 
 def _captions(shape: tuple[int, ...], level: str, config: RegionMedCLIPConfig, generator: torch.Generator
@@ -39,7 +41,8 @@ def _captions(shape: tuple[int, ...], level: str, config: RegionMedCLIPConfig, g
 
 
 def synthetic_batch(config: RegionMedCLIPConfig, batch: int, num_rois: int, all_levels: bool = True,
-                    num_negatives: int = 3, image_size: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+                    num_negatives: int = 3, num_region_negatives: int = 9, image_size: int | None = None,
+                    seed: int = 0) -> dict[str, torch.Tensor]:
     """Model inputs for `batch` images at `image_size` (default the config's) with `num_rois` ROIs each;
     the report captions alone, or with `all_levels` every caption level (summary, region, negatives,
     region negatives) as the joint stage trains them."""
@@ -60,8 +63,8 @@ def synthetic_batch(config: RegionMedCLIPConfig, batch: int, num_rois: int, all_
         inputs["negative_mask"] = torch.ones(batch, num_negatives, dtype=torch.long)
         if num_rois:
             inputs |= _captions((batch, num_rois), "region_", config, generator)
-            inputs |= _captions((batch, num_rois, num_negatives), "region_negative_", config, generator)
-            inputs["region_negative_mask"] = torch.ones(batch, num_rois, num_negatives, dtype=torch.long)
+            inputs |= _captions((batch, num_rois, num_region_negatives), "region_negative_", config, generator)
+            inputs["region_negative_mask"] = torch.ones(batch, num_rois, num_region_negatives, dtype=torch.long)
     return inputs
 
 

@@ -239,6 +239,13 @@ class RegionMedCLIPConfig(PreTrainedConfig):
         box_free_center_momentum: EMA momentum of the running batch mean subtracted from the box-free
             image feature (DINO-style centering, updated in training mode only); 0 disables the update.
 
+    Text settings:
+        caption_length_buckets: the caption levels of a forward pass (report, summary, region,
+            negatives) go through the text tower in this many passes at most: the report captions in
+            one of their own, every other caption grouped by length into the rest, each pass trimmed
+            to its longest caption, so short region captions are not padded to report length. 1
+            encodes all of them in one pass padded to the longest (as before packing).
+
     VQA head settings (`RegionMedCLIPForVQA`; the answers are `id2label`):
         vqa_fusion_layers / vqa_fusion_heads: blocks in which the question tokens cross-attend to
             the image tokens, in the shared `projection_dim` space.
@@ -261,6 +268,7 @@ class RegionMedCLIPConfig(PreTrainedConfig):
     roi_box_dropout: float | int = 0.0
     proposal_window_sizes: list[float | int] | tuple[float | int, ...] = (0.25, 0.5)
     box_free_center_momentum: float | int = 0.9
+    caption_length_buckets: int = 6
     vqa_fusion_layers: int = 2
     vqa_fusion_heads: int = 8
     initializer_range: float = 0.02
@@ -278,7 +286,7 @@ class RegionMedCLIPConfig(PreTrainedConfig):
             name, projection_dim=self.projection_dim, max_rois=self.max_rois, roi_image_size=self.roi_image_size,
             roi_context_grid=self.roi_context_grid, roi_fusion_layers=self.roi_fusion_layers,
             roi_fusion_heads=self.roi_fusion_heads, vqa_fusion_layers=self.vqa_fusion_layers,
-            vqa_fusion_heads=self.vqa_fusion_heads,
+            vqa_fusion_heads=self.vqa_fusion_heads, caption_length_buckets=self.caption_length_buckets,
         )
         _require_divisible(name, "projection_dim", self.projection_dim, "vqa_fusion_heads", self.vqa_fusion_heads)
         _require_probability(name, roi_box_dropout=self.roi_box_dropout,

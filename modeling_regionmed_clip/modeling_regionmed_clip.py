@@ -7,6 +7,7 @@ tokens through gated residuals, and attention-pools the regions back into the im
 embedding through a second gate. A BERT-style text tower pooled at CLS embeds captions.
 """
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -728,6 +729,55 @@ def log_mean_exp_centred(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(scores.amax(dim=1) > _CENTRED_EXP_LIMIT, shifted, centred)
 
 
+def _pad_and_join(caption_sets: list[tuple[torch.Tensor, torch.Tensor | None]], pad_id: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(N_i, L_i)` ids (and masks, None = all tokens) -> one `(sum N_i, max L_i)` batch, right-padded."""
+    length = max(ids.shape[1] for ids, _ in caption_sets)
+    ids = torch.cat([nn.functional.pad(ids, (0, length - ids.shape[1]), value=pad_id) for ids, _ in caption_sets])
+    mask = torch.cat([nn.functional.pad(torch.ones_like(ids) if mask is None else mask, (0, length - ids.shape[1]),
+                                        value=0) for ids, mask in caption_sets])
+    return ids, mask
+
+
+def _caption_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """`(N, L)` 0/1 mask -> `(N,)` one past each row's last token (its length when right-padded)."""
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return (mask.to(torch.bool) * positions).amax(dim=1)
+
+
+def _length_groups(sorted_lengths: list[int], groups: int) -> list[int]:
+    """Boundaries `[0, ..., N]` of at most `groups` runs of the ascending `sorted_lengths` that
+    minimise the tokens computed, sum over runs of (size x longest), by dynamic programming over the
+    distinct lengths (`U` of them: one `(U, U)` table per extra run)."""
+    values, counts = torch.unique_consecutive(torch.tensor(sorted_lengths, dtype=torch.float64), return_counts=True)
+    distinct = values.numel()
+    cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), counts.cumsum(0).double()])
+    # run_cost[i, j]: tokens of one run holding the distinct lengths i..j, padded to values[j]
+    run_cost = (cumulative[1:][None, :] - cumulative[:-1][:, None]) * values[None, :]
+    run_cost = run_cost.masked_fill(torch.ones(distinct, distinct, dtype=torch.bool).tril(-1), math.inf)
+    best, starts = run_cost[0], []  # best[j]: fewest tokens covering lengths 0..j; one run so far
+    for _ in range(groups - 1):
+        # The last run starts at i >= 1 after the best cover of 0..i-1, or nothing changes (start 0).
+        candidates = torch.cat([best[None, :], best[:-1, None] + run_cost[1:]])  # (distinct, distinct)
+        best, start = candidates.min(dim=0)
+        starts.append(start)
+    boundaries, end = [distinct], distinct - 1
+    for start in reversed(starts):
+        if (first := int(start[end])) == 0:  # this run count used fewer runs
+            continue
+        boundaries.append(first)
+        end = first - 1
+    return [int(cumulative[boundary]) for boundary in [0, *reversed(boundaries)]]
+
+
+def _trim_padding(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drop the trailing columns that are padding in every row (the tokens kept are unchanged)."""
+    if mask is None:
+        return ids, None
+    length = max(int(_caption_lengths(mask).max()), 1)
+    return ids[:, :length], mask[:, :length]
+
+
 def _optional_index(tensor: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
     return None if tensor is None else tensor[mask]
 
@@ -958,30 +1008,53 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         self, caption_sets: list[tuple[torch.Tensor, torch.Tensor | None]], token_type_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False, output_attentions: bool = False,
     ) -> tuple[list[torch.Tensor], BaseModelOutputWithPooling]:
-        """Several `(N_i, L_i)` caption batches through the text tower in ONE pass (padded to the
-        longest); returns their normalised embeddings `(N_i, D)` and the tower output of the first set
-        (the report captions, whose `token_type_ids` these are; the others are single-segment)."""
-        pad_id = self.config.text_config.pad_token_id
-        length = max(ids.shape[1] for ids, _ in caption_sets)
-        ids_list, mask_list, type_list = [], [], []
-        for index, (ids, mask) in enumerate(caption_sets):
-            mask = torch.ones_like(ids) if mask is None else mask
-            extra = length - ids.shape[1]
-            ids_list.append(nn.functional.pad(ids, (0, extra), value=pad_id))
-            mask_list.append(nn.functional.pad(mask, (0, extra), value=0))
-            types = token_type_ids if index == 0 and token_type_ids is not None else torch.zeros_like(ids)
-            type_list.append(nn.functional.pad(types, (0, extra), value=0))
-        output = self.get_text_features(torch.cat(ids_list), torch.cat(mask_list),
-                                        None if token_type_ids is None else torch.cat(type_list),
-                                        output_hidden_states, output_attentions, return_dict=True)
-        sizes = [ids.shape[0] for ids, _ in caption_sets]
-        first = sizes[0]
+        """Several `(N_i, L_i)` caption batches through the text tower; returns their normalised
+        embeddings `(N_i, D)` and the tower output of the first set (the report captions, whose
+        `token_type_ids` these are; the others are single-segment).
+
+        With `config.caption_length_buckets` 1: one pass, every set padded to the longest. Above 1:
+        the first set in a pass of its own and the other captions sorted by length into the other
+        passes (equal counts), each trimmed to its longest caption, so that few padding tokens are
+        computed; a pass whose captions all have the same length runs without a mask."""
+        buckets = self.config.caption_length_buckets
+        if buckets == 1 or len(caption_sets) == 1:
+            first, rest = _pad_and_join(caption_sets, self.config.text_config.pad_token_id), None
+            first_types = None if token_type_ids is None else _pad_and_join(
+                [(token_type_ids, None), *((torch.zeros_like(ids), None) for ids, _ in caption_sets[1:])], 0)[0]
+        else:
+            first, first_types = (caption_sets[0][0], caption_sets[0][1]), token_type_ids
+            rest = _pad_and_join(caption_sets[1:], self.config.text_config.pad_token_id)
+        ids, mask = _trim_padding(*first)
+        types = None if first_types is None else first_types[:, : ids.shape[1]]
+        output = self.get_text_features(ids, mask, types, output_hidden_states, output_attentions, return_dict=True)
+        embeds = [output.pooler_output]
+        if rest is not None:
+            embeds.append(self._encode_by_length(*rest, buckets - 1))
+        first_size = caption_sets[0][0].shape[0]
         first_output = BaseModelOutputWithPooling(
-            last_hidden_state=output.last_hidden_state[:first], pooler_output=output.pooler_output[:first],
-            hidden_states=None if output.hidden_states is None else tuple(h[:first] for h in output.hidden_states),
+            last_hidden_state=output.last_hidden_state[:first_size], pooler_output=output.pooler_output[:first_size],
+            hidden_states=None if output.hidden_states is None else tuple(h[:first_size] for h in output.hidden_states),
             attentions=None if output.attentions is None else tuple(
-                None if a is None else a[:first] for a in output.attentions))
-        return list(nn.functional.normalize(output.pooler_output, dim=-1).split(sizes)), first_output
+                None if a is None else a[:first_size] for a in output.attentions))
+        sizes = [ids.shape[0] for ids, _ in caption_sets]
+        return list(nn.functional.normalize(torch.cat(embeds), dim=-1).split(sizes)), first_output
+
+    def _encode_by_length(self, ids: torch.Tensor, mask: torch.Tensor, passes: int) -> torch.Tensor:
+        """Projected embeddings `(N, D)` of captions `ids` / `mask` `(N, L)`, sorted by length into at
+        most `passes` groups that compute the fewest padding tokens (`_length_groups`), each trimmed to
+        its longest. One host read plans every pass."""
+        lengths, order = _caption_lengths(mask).sort()
+        lengths_host, counts_host = torch.stack([lengths, mask.sum(dim=1)[order]]).tolist()
+        pooled = []
+        for start, end in itertools.pairwise(_length_groups(lengths_host, passes)):
+            length, rows = max(lengths_host[end - 1], 1), order[start:end]
+            # Every caption of the group fills it (no padding, no hole): no mask at all.
+            unpadded = all(count == length for count in counts_host[start:end])
+            group_mask = None if unpadded else mask[rows, :length]
+            pooled.append(self.get_text_features(ids[rows, :length], group_mask, return_dict=True).pooler_output)
+        embeds = torch.empty(ids.shape[0], pooled[0].shape[-1], dtype=pooled[0].dtype, device=pooled[0].device)
+        embeds[order] = torch.cat(pooled)
+        return embeds
 
     def forward(
         self,
