@@ -155,8 +155,11 @@ class RegionMedCLIPTextConfig(PreTrainedConfig):
 
 # Presets are data. `tiny` is for unit tests and the CPU demo (< 1M parameters): a 128 px global view
 # (at 64 px most synthetic lesions were 1-5 pixels across), mean pooling (a CLS-pooled fresh tower
-# starts collapsed) and box dropout (docs/TRAINING.md has the measurements); `base` is ViT-B/16 at
-# 224 px with a PubMedBERT-sized (12 x 768) text tower, CLS-pooled like the checkpoints it can load.
+# starts collapsed), box dropout (docs/TRAINING.md has the measurements) and no text dropout (on CPU
+# its random masks cost more than the tiny text tower's matrix products: dropout of one 320 x 40 x 64
+# caption activation took 24 ms, its 64 x 64 projection 1.8 ms; benchmarks/bench_train.py); `small`
+# is the same recipe with 4 x 256 towers at 224 px (a real CPU run, or a quick GPU one); `base` is
+# ViT-B/16 at 224 px with a PubMedBERT-sized (12 x 768) text tower, CLS-pooled like the checkpoints it can load.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "vision_config": {
@@ -176,12 +179,41 @@ PRESETS: dict[str, dict[str, Any]] = {
             "intermediate_size": 128,
             "max_position_embeddings": 256,
             "pooling": "mean",
+            "hidden_dropout": 0.0,
         },
         "projection_dim": 64,
         "max_rois": 4,
         "roi_image_size": 32,
         "roi_context_grid": 2,
         "roi_fusion_layers": 1,
+        "roi_fusion_heads": 4,
+        "roi_box_dropout": 0.5,
+    },
+    "small": {
+        "vision_config": {
+            "image_size": 224,
+            "patch_size": 16,
+            "hidden_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "intermediate_size": 1024,
+            "pooling": "mean",
+        },
+        "text_config": {
+            "vocab_size": 8192,
+            "hidden_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "intermediate_size": 1024,
+            "max_position_embeddings": 256,
+            "pooling": "mean",
+            "hidden_dropout": 0.0,
+        },
+        "projection_dim": 256,
+        "max_rois": 8,
+        "roi_image_size": 112,
+        "roi_context_grid": 3,
+        "roi_fusion_layers": 2,
         "roi_fusion_heads": 4,
         "roi_box_dropout": 0.5,
     },

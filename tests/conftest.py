@@ -20,10 +20,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def tiny_config(**overrides) -> RegionMedCLIPConfig:
-    """The tiny preset without dropout (text dropout, box dropout), so training-mode passes are deterministic."""
+    """The tiny preset (no text dropout) without box dropout, so training-mode passes are deterministic."""
     overrides.setdefault("roi_box_dropout", 0.0)
-    overrides.setdefault("text_config", {})
-    overrides["text_config"] = {"hidden_dropout": 0.0, **overrides["text_config"]}
     return RegionMedCLIPConfig.from_preset("tiny", **overrides)
 
 

@@ -5,7 +5,6 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from modeling_regionmed_clip.modeling_regionmed_clip import _length_groups
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
@@ -13,6 +12,8 @@ from training_scripts.collator import RegionMedCLIPCollator
 from training_scripts.data_schema import load_canonical
 from training_scripts.losses import training_loss
 from training_scripts.synthetic import write_synthetic_dataset
+
+from conftest import tiny_model
 
 EMBEDDINGS = ("text_embeds", "summary_text_embeds", "region_text_embeds", "negative_text_embeds",
               "region_negative_text_embeds")

@@ -35,7 +35,7 @@ import torch
 import yaml
 from transformers import TrainingArguments, set_seed
 
-from modeling_regionmed_clip import CONFIG_ERRORS, RegionMedCLIPConfig, RegionMedCLIPModel
+from modeling_regionmed_clip import CONFIG_ERRORS, PRESETS, RegionMedCLIPConfig, RegionMedCLIPModel
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer, load_tokenizer
 
 from .checkpoints import checkpoint_step, latest_intact_checkpoint
@@ -323,7 +323,7 @@ def write_loss_plot(log_path: Path, schedule: StagedSchedule, plot_path: Path) -
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regionmed-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=["tiny", "base"], default=None)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
     parser.add_argument("--data", type=Path, default=None, help="canonical dataset folder (parquet shards)")
     parser.add_argument("--output-dir", type=Path, default=None)
     parser.add_argument("--max-steps", type=int, default=None)
