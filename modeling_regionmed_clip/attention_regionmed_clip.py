@@ -1,12 +1,15 @@
-"""Attention backends: eager, SDPA (transformers' own) and xformers' memory-efficient attention.
+"""Attention backends: eager, xformers' memory-efficient attention, and transformers' own (SDPA,
+flex attention, flash attention).
 
 Every backend follows transformers' contract `fn(module, query, key, value, attention_mask,
 scaling=, dropout=, **kwargs) -> (output [B, S, H, D], weights | None)` with query/key/value
-`[B, H, S, D]` and `attention_mask` an additive float mask broadcastable to `[B, H, Sq, Sk]`
-(0 where attended, a large negative number at padding) or None.
+`[B, H, S, D]`. The mask is made for the backend by transformers' `create_bidirectional_mask`
+from a `(B, Sk)` padding mask: None without padding (SDPA and flash then take their fastest
+kernels), a boolean `[B, 1, Sq, Sk]` for SDPA, a `BlockMask` for flex attention, the 2-D padding
+mask for flash attention, and an additive float mask (0 / dtype minimum) for eager and xformers.
 
-Importing this module registers `"xformers"` in `ALL_ATTENTION_FUNCTIONS`, which makes
-`attn_implementation="xformers"` legal. The xformers kernels exist only on CUDA: on any other
+Importing this module registers `"xformers"` in `ALL_ATTENTION_FUNCTIONS` and its mask in
+`ALL_MASK_ATTENTION_FUNCTIONS`, which makes `attn_implementation="xformers"` legal. The xformers kernels exist only on CUDA: on any other
 device, or when xformers is not installed, the backend falls back to SDPA so a config saved on
 a GPU box still runs on a laptop.
 """
@@ -16,6 +19,7 @@ import warnings
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 try:  # optional extra `gpu`; kept in a try so the Hub's remote-code import check skips it
@@ -29,7 +33,6 @@ except (OSError, RuntimeError) as error:  # installed but broken (e.g. built for
 
 __all__ = [
     "XFORMERS_AVAILABLE",
-    "additive_padding_mask",
     "eager_attention_forward",
     "xformers_attention_forward",
 ]
@@ -38,12 +41,6 @@ XFORMERS_AVAILABLE = xops is not None
 
 # xformers needs the key dimension of a tensor bias to be stored with a stride that is a multiple of 8.
 _XFORMERS_BIAS_ALIGNMENT = 8
-
-
-def additive_padding_mask(key_padding_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`(B, Sk)` 1/True = attend -> additive mask `(B, 1, 1, Sk)` of 0 / dtype-min."""
-    keep = key_padding_mask.to(torch.bool)[:, None, None, :]
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
 
 def eager_attention_forward(
@@ -124,3 +121,4 @@ def _warn_once(message: str) -> None:
 
 
 ALL_ATTENTION_FUNCTIONS.register("xformers", xformers_attention_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register("xformers", eager_mask)  # additive, expanded to the aligned bias

@@ -19,12 +19,13 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .attention_regionmed_clip import additive_padding_mask, eager_attention_forward
+from .attention_regionmed_clip import eager_attention_forward
 from .configuration_regionmed_clip import (
     RegionMedCLIPConfig,
     RegionMedCLIPTextConfig,
@@ -142,7 +143,8 @@ class RegionMedCLIPAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         key_value_states: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states `(B, Sq, C)`, key_value_states `(B, Sk, C)`, additive mask `(B, 1, 1, Sk)`."""
+        """hidden_states `(B, Sq, C)`, key_value_states `(B, Sk, C)`; `attention_mask` as
+        `create_bidirectional_mask` makes it for the backend, or None."""
         batch, q_len, _ = hidden_states.shape
         source = hidden_states if key_value_states is None else key_value_states
         query = self.q_proj(hidden_states).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
@@ -281,6 +283,8 @@ class RegionMedCLIPPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
     _no_split_modules = ["RegionMedCLIPEncoderLayer", "RegionMedCLIPFusionLayer", "RegionMedCLIPVisionEmbeddings"]
 
@@ -424,10 +428,8 @@ class RegionMedCLIPTextModel(RegionMedCLIPPreTrainedModel):
         output_hidden_states, output_attentions, return_dict = self._output_flags(
             output_hidden_states, output_attentions, return_dict)
         hidden_states = self.embeddings(input_ids, token_type_ids)
-        additive_mask = None
-        if attention_mask is not None:
-            additive_mask = additive_padding_mask(attention_mask, hidden_states.dtype)
-        encoded = self.encoder(hidden_states, additive_mask, output_hidden_states, output_attentions)
+        mask = create_bidirectional_mask(self.config, hidden_states, attention_mask)  # in the backend's format
+        encoded = self.encoder(hidden_states, mask, output_hidden_states, output_attentions)
         hidden_states = encoded.last_hidden_state
         if self.config.pooling == "cls":
             pooled = hidden_states[:, 0]

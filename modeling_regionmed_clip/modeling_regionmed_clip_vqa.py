@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from .attention_regionmed_clip import additive_padding_mask
 from .configuration_regionmed_clip import RegionMedCLIPConfig
 from .modeling_regionmed_clip import (
     RegionMedCLIPAttention,
@@ -56,8 +56,9 @@ class RegionMedCLIPVQAFusionLayer(GradientCheckpointingLayer):
 
     def forward(self, question: torch.Tensor, image_tokens: torch.Tensor,
                 image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """question `(B, L, D)`, image_tokens `(B, T, D)`, image_mask `(B, 1, 1, T)` additive -> `(B, L, D)`
-        and the attention weights `(B, H, L, T)` (None from backends that return none)."""
+        """question `(B, L, D)`, image_tokens `(B, T, D)`, image_mask over the image tokens as
+        `create_bidirectional_mask` makes it for the backend -> `(B, L, D)` and the attention weights
+        `(B, H, L, T)` (None from backends that return none)."""
         attended, weights = self.cross_attn(self.query_norm(question), image_mask,
                                             key_value_states=self.context_norm(image_tokens))
         question = question + attended
@@ -69,6 +70,9 @@ class RegionMedCLIPForVQA(RegionMedCLIPPreTrainedModel):
     folder) with a question-to-image fusion head and an answer classifier over `config.id2label`."""
 
     _no_split_modules = [*RegionMedCLIPPreTrainedModel._no_split_modules, "RegionMedCLIPVQAFusionLayer"]
+    # Its cross-attention masks padded image tokens (keys) but not the queries: flash attention's
+    # unpadding of both sides by one mask does not fit it.
+    _supports_flash_attn = False
 
     def __init__(self, config: RegionMedCLIPConfig):
         super().__init__(config)
@@ -111,13 +115,14 @@ class RegionMedCLIPForVQA(RegionMedCLIPPreTrainedModel):
             image_tokens.append(vision["region_embeds"])
             token_mask.append(vision["roi_mask"])
         image_tokens = torch.cat(image_tokens, dim=1)
-        image_mask = additive_padding_mask(torch.cat(token_mask, dim=1), image_tokens.dtype)
 
         if attention_mask is None:
             attention_mask = (input_ids != self.config.text_config.pad_token_id).long()
         question_tokens = clip.text_model(input_ids, attention_mask, output_hidden_states=False, output_attentions=False,
                                           return_dict=True).last_hidden_state
         question = clip.text_projection(question_tokens)  # (B, L, D)
+        image_mask = create_bidirectional_mask(self.config, question, torch.cat(token_mask, dim=1),
+                                               encoder_hidden_states=image_tokens)
         question_stream, fusion_weights = [question], []
         for layer in self.fusion_layers:
             question, weights = layer(question, image_tokens, image_mask)

@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from modeling_regionmed_clip import XFORMERS_AVAILABLE
-from modeling_regionmed_clip.attention_regionmed_clip import additive_padding_mask
 
 from conftest import make_inputs, tiny_model
 
@@ -44,10 +43,40 @@ def test_padding_tokens_do_not_change_text_embeddings():
         torch.testing.assert_close(short, padded, rtol=0, atol=1e-5, msg=backend)
 
 
-def test_additive_padding_mask_layout():
-    mask = additive_padding_mask(torch.tensor([[1, 1, 0]]), torch.float16)
-    assert mask.shape == (1, 1, 1, 3)
-    assert mask[0, 0, 0, 0] == 0 and mask[0, 0, 0, 2] == torch.finfo(torch.float16).min
+@pytest.mark.parametrize(("backend", "padded", "unpadded"), [
+    ("eager", "additive float", None), ("xformers", "additive float", None),
+    ("sdpa", "bool", None)])
+def test_each_backend_gets_its_own_mask_format(backend, padded, unpadded):
+    # Without padding no mask at all: SDPA (and flash) may then take their fastest kernels.
+    model = tiny_model()
+    model.set_attn_implementation(backend)
+    seen = []
+    layer = model.text_model.encoder.layers[0].self_attn
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
+    ids = torch.randint(5, 100, (2, 6))
+    with torch.no_grad():
+        model.get_text_features(ids, torch.tensor([[1] * 6, [1] * 4 + [0] * 2]))
+        model.get_text_features(ids, torch.ones_like(ids))
+    handle.remove()
+
+    def kind(mask):
+        if mask is None:
+            return None
+        return "bool" if mask.dtype == torch.bool else "additive float"
+
+    assert [kind(mask) for mask in seen] == [padded, unpadded]
+    if padded == "additive float":
+        assert seen[0][1, 0, 0, 4] == torch.finfo(seen[0].dtype).min and seen[0][1, 0, 0, 3] == 0
+
+
+@pytest.mark.slow  # flex attention compiles its kernel on first use: about a minute on CPU
+def test_flex_attention_agrees_with_eager_under_padding():
+    model = tiny_model(roi_gate_init=0.5, region_pool_gate_init=0.5)
+    inputs = make_inputs(model.config, [2, 1], num_slots=2)
+    expected = _outputs(model, inputs, "eager")
+    actual = _outputs(model, inputs, "flex_attention")
+    for field in ("image_embeds", "text_embeds", "region_embeds"):
+        torch.testing.assert_close(getattr(actual, field), getattr(expected, field), rtol=0, atol=1e-5, msg=field)
 
 
 def test_unknown_backend_is_rejected():
@@ -116,7 +145,8 @@ def test_an_xformers_install_without_kernels_falls_back_to_sdpa_with_one_warning
 def test_xformers_bias_is_expanded_with_aligned_stride():
     from modeling_regionmed_clip.attention_regionmed_clip import _aligned_bias
 
-    mask = additive_padding_mask(torch.tensor([[1] * 10 + [0] * 3, [1] * 13]), torch.float16)
+    keep = torch.tensor([[1] * 10 + [0] * 3, [1] * 13], dtype=torch.bool)[:, None, None, :]
+    mask = torch.zeros(keep.shape, dtype=torch.float16).masked_fill(~keep, torch.finfo(torch.float16).min)
     bias = _aligned_bias(mask, (2, 4, 13, 13), torch.float16)
     assert bias.shape == (2, 4, 13, 13)
     assert bias.stride(-2) % 8 == 0
