@@ -169,7 +169,10 @@ def main() -> None:
         if (run_dir / "train_log.jsonl").exists() else []
     last = lines[-1] if lines else {}
     counted = {reason: count for reason, count in (last.get("skip_reasons") or {}).items()}
-    steady = samples[len(samples) // 10:] or samples  # after start-up (model, data, workers)
+    # Training proper: after start-up (model, data, workers) and, with workers, while they run (the
+    # end of the run saves, exports and plots in the training process alone).
+    training = [sample for sample in samples if not args.workers or sample["workers_rss_anon_mib"] > 0]
+    steady = training[len(training) // 10:] or samples
     figures = {
         "cpu": cpu_model(),
         "train_rows": train_rows,
@@ -184,7 +187,11 @@ def main() -> None:
         "checkpoints": (checkpoints := sorted(path.name for path in run_dir.glob("checkpoint-*"))),
         "checkpoints_within_limit": len(checkpoints) <= args.save_total_limit,
         "process": {"start": steady[0] if steady else None, "middle": steady[len(steady) // 2] if steady else None,
-                    "end": steady[-1] if steady else None},
+                    "end": steady[-1] if steady else None,
+                    "max_rss_anon_mib": max((sample["rss_anon_mib"] for sample in steady), default=None)},
+        "samples_every_5_s": {"rss_anon_mib": [sample["rss_anon_mib"] for sample in samples],
+                              "workers_rss_anon_mib": [sample["workers_rss_anon_mib"] for sample in samples],
+                              "open_fds": [sample["open_fds"] for sample in samples]},
         "work_dir": str(work),
     }
     print(json.dumps(figures, indent=1))

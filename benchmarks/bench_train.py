@@ -10,9 +10,12 @@ each figure a median over interleaved repeats, fp32, AdamW:
 * packed captions (`caption_length_buckets` 6) against one padded pass (1) at 4 ROIs, all levels:
   the speed-up (target >= 1.25 at small) and the share of real tokens the text tower computes
   (target >= 80%);
-* text dropout: the step with the text tower's `hidden_dropout` 0.1 (BERT's) against the presets' 0.
+* text dropout: the step with the text tower's `hidden_dropout` 0.1 (BERT's) against the presets' 0;
+* scaling (`--scaling-size`, the tiny preset by default): step time and peak RSS rise of the full
+  objective as the batch (8 -> 32), the view (224 -> 448 px) and the ROI count (0 -> 8) grow, drawn
+  with `--figures DIR` as PNGs (ratios to the smallest setting).
 
-    python benchmarks/bench_train.py --threads 2 --output benchmarks/results/bench_train.json
+    python benchmarks/bench_train.py --threads 2 --output benchmarks/results/bench_train.json --figures docs/figures
 """
 
 import argparse
@@ -93,6 +96,43 @@ def real_token_share(model: RegionMedCLIPModel, inputs: dict[str, torch.Tensor])
     return seen["real"] / seen["computed"]
 
 
+def measure(model: RegionMedCLIPModel, inputs: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+    """Median step time and peak RSS rise of the full objective on `inputs`."""
+    case = Case("scaling", model, inputs, clip_loss=False)
+    case.round(steps)
+    return {"seconds": round(case.seconds, 4), "peak_rss_rise_mib": round(case.peak_rss_rise() / 2**20)}
+
+
+def scaling(size: str, batch: int, steps: int) -> dict[str, dict[str, dict[str, float]]]:
+    """The full objective (4 ROIs, all levels unless the ROI count varies) as one setting grows."""
+    config = RegionMedCLIPConfig.from_preset(size)
+    model = RegionMedCLIPModel(config)
+    figures: dict[str, dict[str, dict[str, float]]] = {"batch": {}, "image_size": {}, "rois": {}}
+    for images in (batch // 2, batch, 2 * batch):
+        figures["batch"][str(images)] = measure(model, synthetic_batch(config, images, 4), steps)
+    for side in (224, 448):
+        wide = RegionMedCLIPModel(RegionMedCLIPConfig.from_preset(size, vision_config={"image_size": side}))
+        figures["image_size"][str(side)] = measure(wide, synthetic_batch(wide.config, batch, 4), steps)
+    for rois in ROI_COUNTS:
+        figures["rois"][str(rois)] = measure(model, synthetic_batch(config, batch, rois), steps)
+    return figures
+
+
+def draw(figures: dict[str, dict[str, dict[str, float]]], folder: Path, size: str) -> list[Path]:
+    """One PNG per setting: step time and peak RSS rise as ratios to the smallest setting."""
+    from evaluation.figures import plot_lines
+
+    labels = {"batch": "images per step", "image_size": "view side (px)", "rois": "ROIs per image"}
+    paths = []
+    for setting, points in figures.items():
+        first = next(iter(points.values()))
+        series = {name: [(float(x), value[key] / max(first[key], 1e-9)) for x, value in points.items()]
+                  for name, key in (("step time", "seconds"), ("peak RSS rise", "peak_rss_rise_mib"))}
+        paths.append(plot_lines(series, folder / f"performance_{setting}.png",
+                                f"{size} preset, full objective: growth with {labels[setting]}", labels[setting]))
+    return paths
+
+
 def run_rounds(cases: list[Case], rounds: int, steps: int) -> None:
     for _ in range(rounds):
         for case in cases:
@@ -105,6 +145,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per comparison")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case per round")
+    parser.add_argument("--scaling-size", default="tiny", choices=["tiny", "small", "none"])
+    parser.add_argument("--figures", type=Path, default=None, help="folder for the scaling PNGs")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
@@ -163,8 +205,15 @@ def main() -> None:
         results[size] = figures
         print(size, figures, flush=True)
 
-    write_report({"cpu": cpu_model(), "threads": torch.get_num_threads(), "batch": args.batch,
-                  "matmul_peak_gflops": round(peak, 1), "results": results}, args.output)
+    report = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "batch": args.batch,
+              "matmul_peak_gflops": round(peak, 1), "results": results}
+    if args.scaling_size != "none":
+        report["scaling"] = {"preset": args.scaling_size, **scaling(args.scaling_size, args.batch, args.steps)}
+        print("scaling", report["scaling"], flush=True)
+        if args.figures:
+            draw({key: report["scaling"][key] for key in ("batch", "image_size", "rois")}, args.figures,
+                 args.scaling_size)
+    write_report(report, args.output)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """training_scripts.heap: glibc's mmap threshold fixed, so large freed blocks are unmapped, not kept."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,14 @@ def test_a_large_block_is_mapped_after_a_larger_one_was_freed_only_with_the_fixe
 def test_a_threshold_the_user_set_wins(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert fix_mmap_threshold() is False
+
+
+def test_the_onednn_cache_cap_is_set_unless_the_user_set_one(monkeypatch):
+    from training_scripts.heap import ONEDNN_PRIMITIVE_CACHE_CAPACITY, limit_onednn_primitive_cache
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert limit_onednn_primitive_cache() is True
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_PRIMITIVE_CACHE_CAPACITY)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+    assert limit_onednn_primitive_cache() is False
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"

@@ -41,7 +41,7 @@ from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, buil
 from .checkpoints import checkpoint_step, latest_intact_checkpoint
 from .collator import RegionMedCLIPCollator
 from .data_schema import dataset_fingerprint, load_canonical
-from .heap import fix_mmap_threshold
+from .heap import fix_mmap_threshold, limit_onednn_primitive_cache
 from .losses import ContrastiveLossConfig
 from .plotting import plot_loss_curves
 from .schedule import DEFAULT_STAGES, StagedSchedule
@@ -151,8 +151,10 @@ def build_trainer(
     `run["model"]` is a preset (a new model), towers to start from (`vision_path` / `text_path`), or a
     saved RegionMed-CLIP folder to continue from (`pretrained`, with its own processor and tokenizer).
     `model_wrapper` wraps the model before training (e.g. `peft.get_peft_model`). Fixes glibc's mmap
-    threshold for the process (`heap.fix_mmap_threshold`), so a long run's resident memory stays flat."""
+    threshold and caps oneDNN's primitive cache for the process (`heap`), so a long run's resident
+    memory stays flat."""
     fix_mmap_threshold()
+    limit_onednn_primitive_cache()
     training_args = TrainingArguments(**run["training_args"])
     output_dir = Path(training_args.output_dir)
     set_seed(training_args.seed)
