@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from modeling_regionmed_clip import CONFIG_ERRORS, RegionMedCLIPConfig
-from modeling_regionmed_clip.modeling_regionmed_clip import log_mean_exp_centred, sliding_window_boxes
+from modeling_regionmed_clip.modeling_regionmed_clip import (
+    log_mean_exp_centred,
+    roi_align,
+    sliding_window_boxes,
+    window_sampling_weights,
+)
 
 from conftest import make_inputs, tiny_model
 
@@ -37,6 +42,21 @@ def test_window_pool_gradients_stay_finite_for_large_scores():
     scores = (torch.randn(2, 58, 4) * 60).requires_grad_()
     log_mean_exp_centred(scores - scores.mean(dim=1, keepdim=True)).sum().backward()
     assert torch.isfinite(scores.grad).all()
+
+
+@pytest.mark.parametrize("patch_grid", [(16, 16), (7, 9)])
+def test_the_window_matrix_is_roi_align_of_the_windows(patch_grid):
+    # pool_proposals multiplies by this fixed matrix instead of sampling the windows each step.
+    torch.manual_seed(0)
+    features = torch.randn(2, 5, *patch_grid, dtype=torch.float64, requires_grad=True)
+    windows = sliding_window_boxes((0.25, 0.5), features.device, features.dtype)
+    expected = roi_align(features, windows.expand(2, -1, -1), 3)  # (B, P, G, G, C)
+    weights = window_sampling_weights((0.25, 0.5), patch_grid, 3, features.device, features.dtype)
+    actual = (weights @ features.flatten(2).transpose(1, 2)).reshape(expected.shape)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
+    grad_expected, = torch.autograd.grad((expected * expected.detach()).sum(), features)
+    grad_actual, = torch.autograd.grad((actual * expected.detach()).sum(), features)
+    torch.testing.assert_close(grad_actual, grad_expected, rtol=0, atol=1e-12)
 
 
 def test_window_sizes_outside_the_view_are_rejected_by_name():
