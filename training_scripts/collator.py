@@ -14,12 +14,20 @@ Each sampled region also gets its caption's rule-based negatives (`negatives.reg
 side, zone, presence, size and finding edits; finding swaps drawn from `finding_vocabulary`, by
 default `negatives.FINDINGS`) for the region-level hard-negative loss.
 
-Rows are validated in full before use (see `RegionMedCLIPCollator`): what cannot be used is skipped
-and counted by reason with example row ids (`skips.SkipLedger`), never the end of the run. A batch
-with no usable row is replaced by the last good row; `prime(dataset)` finds a first good row up front,
-so that holds for the very first batch of every DataLoader worker too.
-Use the default non-persistent DataLoader workers: persistent ones would keep the epoch of
-their first copy of the collator.
+Stage-aware: given the run's `StagedSchedule`, a batch holds only what the stages it can be used in
+need. A stage without ROIs gets no ROI crops, region captions or region negatives; one whose loss
+terms read no summary or negative captions gets none. The trainer writes its global step into
+shared memory (`set_step`), which DataLoader workers (copies of the collator) read too; as workers
+build batches ahead of the step that uses them, a batch holds what any stage within
+`lookahead_steps` of the current step needs (`prefetch_lookahead_steps`), so the switch to a stage
+that needs more is never late.
+
+Rows are validated in full for what the batch uses (see `RegionMedCLIPCollator`): what cannot be
+used is skipped and counted by reason with example row ids (`skips.SkipLedger`), never the end of the
+run. A batch with no usable row is replaced by the last good row built with every part;
+`prime(dataset)` finds a first good row up front, so that holds for the very first batch of every
+DataLoader worker too. Use the default non-persistent DataLoader workers: persistent ones would keep
+the epoch of their first copy of the collator.
 """
 
 import io
@@ -27,8 +35,9 @@ import logging
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
 from PIL import Image
 from transformers.image_processing_utils import BatchFeature
 
@@ -36,9 +45,10 @@ from processing import RegionMedCLIPProcessor
 from processing.image_processing_regionmed_clip import RegionMedCLIPImageProcessor
 
 from .negatives import FINDINGS, REGION_FINDING_SWAPS, region_hard_negatives
+from .schedule import StagedSchedule
 from .skips import SkipLedger
 
-__all__ = ["RegionMedCLIPCollator"]
+__all__ = ["BatchParts", "RegionMedCLIPCollator", "prefetch_lookahead_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +100,36 @@ def _region_problem(region: Any, width: int, height: int, image_processor: Regio
     return None
 
 
+class BatchParts(NamedTuple):
+    """Which optional parts a batch is built with (the global image and report caption always)."""
+
+    regions: bool  # sampled regions: ROI crops and region captions
+    summary: bool
+    negatives: bool
+    region_negatives: bool
+
+
+def prefetch_lookahead_steps(num_workers: int, prefetch_factor: int | None = None) -> int:
+    """How many optimizer steps past the trainer's current one a batch being built may be used at.
+
+    Workers hold `num_workers x prefetch_factor` batches requested ahead; accelerate's loader holds
+    one more, and transformers fetches a step's whole accumulation window before the step begins:
+    two steps on top. Batches in the main process (`num_workers=0`) are built one ahead."""
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    return num_workers * (prefetch_factor or 2) + 2 if num_workers else 2
+
+
 class RegionMedCLIPCollator:
     """Callable collator. Every row is validated in full: a row it cannot use (an image that does not
     decode or that the processor rejects, a report / summary / negative caption that is not text,
     `regions` that is not a list) is skipped, a region it cannot use (no or bad `bbox`, no caption,
     a box off the image or its view) is dropped; each is counted by reason with example row ids, in
     `ledger` (this process's total) and in the `skip_report` of the batch (what the Trainer adds up:
-    in DataLoader workers the collator is a copy)."""
+    in DataLoader workers the collator is a copy).
+
+    The `use_*` switches say what the run can use; with a `schedule`, each batch holds only what the
+    stages within `lookahead_steps` of the trainer's step (`set_step`) need of it."""
 
     def __init__(
         self,
@@ -109,6 +142,8 @@ class RegionMedCLIPCollator:
         use_region_negatives: bool = True,
         finding_vocabulary: Sequence[str] | None = None,
         region_finding_swaps: int = REGION_FINDING_SWAPS,
+        schedule: StagedSchedule | None = None,
+        lookahead_steps: int = prefetch_lookahead_steps(0),
     ):
         self.processor = processor
         self.max_regions = max_regions or processor.image_processor.max_rois
@@ -122,11 +157,38 @@ class RegionMedCLIPCollator:
         self.use_region_negatives = use_region_negatives
         self.finding_vocabulary = tuple(finding_vocabulary) if finding_vocabulary else FINDINGS
         self.region_finding_swaps = region_finding_swaps
+        self.schedule = schedule
+        if lookahead_steps < 0:
+            raise ValueError(f"lookahead_steps must be >= 0, got {lookahead_steps}")
+        self.lookahead_steps = lookahead_steps
+        # The trainer's global step, in shared memory: DataLoader workers hold copies of the collator.
+        self._step = torch.zeros((), dtype=torch.int64).share_memory_()
         self.ledger = SkipLedger()
         self._last_good: dict[str, Any] | None = None  # the processor-call piece of the last usable row
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def set_step(self, step: int) -> None:
+        """The trainer's global step, seen by every DataLoader worker's copy of the collator."""
+        self._step.fill_(step)
+
+    def all_parts(self) -> BatchParts:
+        """What the switches allow: every batch's parts without a schedule."""
+        return BatchParts(self.use_regions, self.use_summary, self.use_negatives,
+                          self.use_regions and self.use_region_negatives)
+
+    def batch_parts(self) -> BatchParts:
+        """What a batch built now needs: `all_parts` narrowed to the stages it can be used in."""
+        allowed = self.all_parts()
+        if self.schedule is None:
+            return allowed
+        step = int(self._step)
+        stages = self.schedule.stages_between(step, step + self.lookahead_steps)
+        levels = frozenset().union(*(stage.caption_levels() for stage in stages))
+        regions = allowed.regions and any(stage.uses_regions() for stage in stages)
+        return BatchParts(regions, allowed.summary and "summary" in levels, allowed.negatives and "negative" in levels,
+                          regions and allowed.region_negatives and "region_negative" in levels)
 
     def prime(self, rows: Iterable[Mapping[str, Any]], max_rows: int = 1000) -> None:
         """Keep the first usable row of `rows` (e.g. the train dataset) as the stand-in for a batch
@@ -135,24 +197,25 @@ class RegionMedCLIPCollator:
         for index, row in enumerate(rows):
             if index >= max_rows:
                 break
-            piece = self._piece(row, SkipLedger())
+            piece = self._piece(row, SkipLedger(), self.all_parts())
             if piece is not None:
                 self._last_good = piece
                 return
         raise ValueError(f"none of the first {max_rows} rows is usable (text fields, image); is the dataset corrupt?")
 
-    def _row_problem(self, row: Mapping[str, Any]) -> str | None:
-        """Why a row's text fields cannot be used (the image is checked by decoding it), or None."""
+    @staticmethod
+    def _row_problem(row: Mapping[str, Any], parts: BatchParts) -> str | None:
+        """Why a row's text fields cannot give `parts` (the image is checked by decoding it), or None."""
         problem = _text_problem(row.get("report_caption"), "report_caption")
-        if problem is None and self.use_summary:
+        if problem is None and parts.summary:
             problem = _text_problem(row.get("summary_caption"), "summary_caption")
-        if problem is None and self.use_negatives:
+        if problem is None and parts.negatives:
             negatives = row.get("negative_captions")
             if not isinstance(negatives, (list, tuple)):
                 return f"negative_captions is {'missing or null' if negatives is None else type(negatives).__name__}, not a list"
             problem = next((found for index, text in enumerate(negatives)
                             if (found := _text_problem(text, f"negative_captions[{index}]"))), None)
-        if problem is None and self.use_regions and not isinstance(row.get("regions"), (list, tuple)):
+        if problem is None and parts.regions and not isinstance(row.get("regions"), (list, tuple)):
             regions = row.get("regions")
             problem = f"regions is {'missing or null' if regions is None else type(regions).__name__}, not a list"
         return problem
@@ -178,16 +241,18 @@ class RegionMedCLIPCollator:
         Each image is reduced to its global view and ROI crops right after it is decoded, so memory
         holds one decoded image at a time, not a batch of them."""
         report = SkipLedger(rows_seen=len(rows))
+        parts = self.batch_parts()
         pieces = []
         try:
             for row in rows:
-                piece = self._piece(row, report) if isinstance(row, Mapping) else None
+                piece = self._piece(row, report, parts) if isinstance(row, Mapping) else None
                 if piece is not None:
                     pieces.append(piece)
                 elif not isinstance(row, Mapping):
                     report.skip_row(f"row is {type(row).__name__}", None)
             if pieces:
-                self._last_good = pieces[-1]
+                if parts == self.all_parts():  # a stand-in must serve every stage
+                    self._last_good = pieces[-1]
             elif self._last_good is None:
                 raise RuntimeError(f"none of these {report.rows_seen} rows is usable and the collator has no "
                                    f"stand-in: call prime(dataset) before training\n{report.summary()}")
@@ -199,11 +264,11 @@ class RegionMedCLIPCollator:
         batch["skip_report"] = report.to_dict()
         return batch
 
-    def _piece(self, row: Mapping[str, Any], report: SkipLedger) -> dict[str, Any] | None:
-        """One row's share of the processor call, its image already reduced to view and crops; None
-        (counted in `report`) when the row cannot be used."""
+    def _piece(self, row: Mapping[str, Any], report: SkipLedger, parts: BatchParts) -> dict[str, Any] | None:
+        """One row's share of the processor call with `parts`, its image already reduced to view and
+        crops; None (counted in `report`) when the row cannot be used."""
         row_id = row.get("image_id")
-        problem = self._row_problem(row)
+        problem = self._row_problem(row, parts)
         if problem is None:
             try:
                 image = _decode(row["image"])
@@ -214,11 +279,11 @@ class RegionMedCLIPCollator:
             report.skip_row(problem, row_id)
             return None
         piece: dict[str, Any] = {"text": row["report_caption"]}
-        if self.use_summary:
+        if parts.summary:
             piece["summary_text"] = row["summary_caption"]
         # Dropped regions are counted only once the row is used: a row skipped after all drops none.
         region_report = SkipLedger()
-        regions = self._sample_regions(row, image, region_report) if self.use_regions else None
+        regions = self._sample_regions(row, image, region_report) if parts.regions else None
         try:
             piece["image_features"] = self.processor.image_processor(
                 image, regions=None if regions is None else [[region["bbox"] for region in regions]])
@@ -230,12 +295,12 @@ class RegionMedCLIPCollator:
         if regions is not None:
             piece["regions"] = [region["bbox"] for region in regions]
             piece["region_text"] = [region["caption"] for region in regions]
-            if self.use_region_negatives:
+            if parts.region_negatives:
                 piece["region_negative_text"] = [
                     list(region_hard_negatives(region["caption"], self.seed, self.finding_vocabulary,
                                                self.region_finding_swaps))
                     for region in regions]
-        if self.use_negatives:
+        if parts.negatives:
             piece["negative_text"] = list(row["negative_captions"])
         return piece
 

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .losses import DEFAULT_LOSS_WEIGHTS, LOSS_TERMS
+from .losses import DEFAULT_LOSS_WEIGHTS, LOSS_TERMS, TERM_CAPTION_LEVELS
 
 __all__ = ["DEFAULT_STAGES", "PARAMETER_GROUPS", "PROGRESSIVE_STAGES", "Stage", "StagedSchedule", "parameter_group_of"]
 
@@ -98,6 +98,14 @@ class Stage:
 
     def uses(self, term: str) -> bool:
         return self.loss_weights.get(term, 0.0) > 0
+
+    def caption_levels(self) -> frozenset[str]:
+        """The caption levels (`processing.CAPTION_LEVELS` names) its loss terms read; the report always."""
+        return frozenset({"report"} | {level for term in LOSS_TERMS if self.uses(term) for level in TERM_CAPTION_LEVELS[term]})
+
+    def uses_regions(self) -> bool:
+        """Whether its batches need the sampled regions: their ROI crops or their captions."""
+        return self.use_rois or "region" in self.caption_levels()
 
 
 def _check_stage(spec: Mapping[str, Any], index: int) -> None:
@@ -174,6 +182,11 @@ class StagedSchedule:
             if step < stage.end:
                 return stage
         return self.stages[-1]
+
+    def stages_between(self, first_step: int, last_step: int) -> list[Stage]:
+        """The stages that steps `first_step..last_step` (inclusive) belong to, in order."""
+        first, last = self.stage_at(first_step), self.stage_at(last_step)
+        return self.stages[self.stages.index(first):self.stages.index(last) + 1]
 
     def lr_multiplier(self, group: str, step: int) -> float:
         return self.stage_at(step).lr_multiplier(group)

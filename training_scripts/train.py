@@ -39,7 +39,7 @@ from modeling_regionmed_clip import CONFIG_ERRORS, PRESETS, RegionMedCLIPConfig,
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer, load_tokenizer
 
 from .checkpoints import checkpoint_step, latest_intact_checkpoint
-from .collator import RegionMedCLIPCollator
+from .collator import RegionMedCLIPCollator, prefetch_lookahead_steps
 from .data_schema import dataset_fingerprint, load_canonical
 from .heap import fix_mmap_threshold, limit_onednn_primitive_cache
 from .losses import ContrastiveLossConfig
@@ -203,10 +203,11 @@ def build_trainer(
         )
     processor = RegionMedCLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     swaps = {"region_finding_swaps": run["data"]["region_finding_swaps"]} if "region_finding_swaps" in run["data"] else {}
-    collator = RegionMedCLIPCollator(processor, seed=training_args.seed,
+    schedule = StagedSchedule(run["schedule"], training_args.max_steps)
+    lookahead = prefetch_lookahead_steps(training_args.dataloader_num_workers, training_args.dataloader_prefetch_factor)
+    collator = RegionMedCLIPCollator(processor, seed=training_args.seed, schedule=schedule, lookahead_steps=lookahead,
                                      finding_vocabulary=finding_vocabulary(train_dataset), **swaps)
     collator.prime(train_dataset)
-    schedule = StagedSchedule(run["schedule"], training_args.max_steps)
     loss_fields = run.get("loss") or {}
     unknown = sorted(set(loss_fields) - {field.name for field in dataclasses.fields(ContrastiveLossConfig)})
     if unknown:

@@ -47,7 +47,7 @@ from processing import CAPTION_LEVELS, RegionMedCLIPImageProcessor
 
 from .checkpoints import CHECKPOINT_COMPLETE, write_completion_marker
 from .heap import HEAP_TRIM_STEPS, release_free_heap
-from .losses import LOSS_TERMS, TERM_CAPTION_LEVELS, ContrastiveLossConfig, training_loss
+from .losses import ContrastiveLossConfig, training_loss
 from .schedule import PARAMETER_GROUPS, Stage, StagedSchedule, bare_parameter_name, parameter_group_of
 from .skips import SkipLedger
 
@@ -70,11 +70,13 @@ SKIPS_FILE = "skips.json"
 _MIN_ROWS_FOR_SKIP_CHECK = 200
 # The training arguments as JSON, in place of transformers' pickled `training_args.bin`.
 TRAINING_ARGS_FILE = "training_args.json"
+
+
 def stage_input_names(stage: Stage) -> list[str]:
     """The batch keys a stage's forward needs: the images (and ROIs when the stage uses them) and the
-    caption levels its loss terms read (`TERM_CAPTION_LEVELS` over `processing.CAPTION_LEVELS`)."""
+    caption levels its loss terms read (`Stage.caption_levels`, in `processing.CAPTION_LEVELS` order)."""
     names = ["pixel_values", *(RegionMedCLIPImageProcessor.model_input_names[1:] if stage.use_rois else ())]
-    levels = {"report"} | {level for term in LOSS_TERMS if stage.uses(term) for level in TERM_CAPTION_LEVELS[term]}
+    levels = stage.caption_levels()
     return names + [name for level in CAPTION_LEVELS if level.name in levels for name in level.input_names]
 
 
@@ -367,14 +369,24 @@ class ReleaseFreedHeapCallback(TrainerCallback):
 
 
 class StageCallback(TrainerCallback):
-    """Announces stage changes and keeps the collator's region sampling in step with the epoch."""
+    """Announces stage changes and keeps the collator in step: its region sampling with the epoch, what
+    it builds with the global step (set before the DataLoader starts, so a resumed run's first
+    batches are built for its stage)."""
 
     def __init__(self, schedule: StagedSchedule, collator: Any = None):
         self.schedule = schedule
         self.collator = collator
         self._current: str | None = None
 
+    def _set_collator_step(self, step: int) -> None:
+        if self.collator is not None and hasattr(self.collator, "set_step"):
+            self.collator.set_step(step)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._set_collator_step(state.global_step)
+
     def on_step_begin(self, args, state, control, **kwargs):
+        self._set_collator_step(state.global_step)
         stage = self.schedule.stage_at(state.global_step)
         if stage.name != self._current:
             if state.is_world_process_zero:
@@ -386,6 +398,7 @@ class StageCallback(TrainerCallback):
             self._current = stage.name
 
     def on_epoch_begin(self, args, state, control, **kwargs):
+        self._set_collator_step(state.global_step)
         if self.collator is not None and hasattr(self.collator, "set_epoch"):
             self.collator.set_epoch(int(state.epoch or 0))
 
