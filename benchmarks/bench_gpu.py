@@ -9,6 +9,13 @@ same run and against the datasheet's), and at the largest size the largest batch
 Per backend at 448 px, the attention's own memory: one vision-tower attention call, forward and
 backward, peak memory over its inputs.
 
+Per backend, the same for one text-tower attention call on padded captions (the joint stage's
+region-negative pass: many short captions of ragged length), where the mask format matters.
+
+`--compile` compiles every encoder layer of both towers (`nn.Module.compile`); `--profile` adds one
+profiled step per run: GPU kernel time by kind (matrix products, attention, the rest) against the
+step's wall time, which shows where the time that is not matrix products goes.
+
 Targets (issue 12): >= 45% MFU with sdpa or flash_attention_2; xformers and sdpa at <= 1/2 of eager's
 attention memory at 448 px. Without a GPU it runs its CPU parts (the FLOP count and one small step
 per backend that runs on CPU) and lists what it skipped.
@@ -24,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.masking_utils import create_bidirectional_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark_report import cpu_model, write_report  # noqa: E402
@@ -48,7 +56,8 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, side: int, repe
     return 2 * side**3 / statistics.median(times) / 1e12
 
 
-def build_model(preset: str, backend: str, image_size: int, device: torch.device) -> RegionMedCLIPModel:
+def build_model(preset: str, backend: str, image_size: int, device: torch.device, compile_layers: bool = False
+                ) -> RegionMedCLIPModel:
     config = RegionMedCLIPConfig.from_preset(preset)
     config.vision_config.image_size = image_size
     torch.manual_seed(0)
@@ -56,7 +65,41 @@ def build_model(preset: str, backend: str, image_size: int, device: torch.device
     used = {model.vision_model.config._attn_implementation, model.text_model.config._attn_implementation}
     if used != {backend}:
         raise ValueError(f"asked for {backend!r} attention, the towers use {sorted(used)}")
+    if compile_layers:  # the layers of a tower share one compiled graph; caption lengths vary: dynamic
+        for layer in model.vision_model.encoder.layers:
+            layer.compile()
+        for layer in model.text_model.encoder.layers:
+            layer.compile(dynamic=True)
     return model
+
+
+# GPU kernels by kind, from their names (cuBLAS / CUTLASS / nvjet matrix products; flash, memory-efficient
+# and flex attention kernels); everything else is normalisation, activations, copies, reductions.
+_KERNEL_KINDS = (("matmul", ("gemm", "cutlass", "nvjet", "xmma", "matmul", "sm90_")),
+                 ("attention", ("flash", "fmha", "attention", "triton_tem")))
+
+
+def kernel_time_by_kind(step, device: torch.device) -> dict[str, Any]:
+    """GPU time of one call of `step` by kernel kind, in seconds, and the call's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        step()
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - started
+    kinds: dict[str, float] = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for event in profiler.key_averages():
+        seconds = event.device_time_total / 1e6 if hasattr(event, "device_time_total") else event.cuda_time_total / 1e6
+        if seconds <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = event.key.lower()
+        kind = next((kind for kind, marks in _KERNEL_KINDS if any(mark in name for mark in marks)), "other")
+        kinds[kind] += seconds
+    busy = sum(kinds.values())
+    return {"profiled_wall_seconds": round(wall, 4), "kernel_seconds": {k: round(v, 4) for k, v in kinds.items()},
+            "gpu_busy_fraction": round(busy / wall, 3)}
 
 
 def why_unavailable(backend: str, device: torch.device) -> str | None:
@@ -91,6 +134,11 @@ def run_step(model: RegionMedCLIPModel, batch: int, args: argparse.Namespace, im
     result = {"batch": batch, "step_seconds": round(statistics.median(times), 5)}
     if cuda:
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if args.profile:
+            try:
+                result |= kernel_time_by_kind(lambda: training_step(model, optimizer, inputs, torch.bfloat16), device)
+            except Exception as error:  # a profiler problem must not cost the timings
+                result["profile_error"] = f"{type(error).__name__}: {error}"
     return result
 
 
@@ -98,7 +146,7 @@ def largest_batch(model: RegionMedCLIPModel, start: int, limit: int, args: argpa
                   device: torch.device) -> dict[str, Any]:
     """Double the batch from `start` until a step runs out of memory (or `limit`): the last that fit."""
     fitted, batch = None, start
-    quick = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1})
+    quick = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1, "profile": False})
     while batch <= limit:
         try:
             fitted = run_step(model, batch, quick, image_size, device)["batch"]
@@ -129,6 +177,27 @@ def attention_memory(backend: str, preset: str, image_size: int, batch: int, dev
             "attention_memory_gib": round((torch.cuda.max_memory_allocated(device) - before) / 2**30, 3)}
 
 
+def text_attention_memory(backend: str, preset: str, captions: int, device: torch.device) -> dict[str, Any]:
+    """Peak memory over the inputs of one text attention call (forward + backward) on `captions`
+    padded captions of 7-24 tokens (the region negatives' lengths), the mask made for the backend."""
+    config = RegionMedCLIPConfig.from_preset(preset).text_config
+    config._attn_implementation = backend
+    attention = RegionMedCLIPAttention(config, config.hidden_size, config.num_attention_heads, 0.0).to(device)
+    lengths = torch.randint(7, 25, (captions,), generator=torch.Generator().manual_seed(0)).to(device)
+    padding = (torch.arange(24, device=device) < lengths[:, None]).long()
+    hidden = torch.randn(captions, 24, config.hidden_size, device=device, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        mask = create_bidirectional_mask(config, hidden, padding)
+        output, _ = attention(hidden, mask)
+    output.float().sum().backward()
+    torch.cuda.synchronize()
+    return {"captions": captions, "tokens": 24,
+            "attention_memory_gib": round((torch.cuda.max_memory_allocated(device) - before) / 2**30, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="base")
@@ -141,6 +210,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-batch", type=int, default=1024, help="largest batch tried by the search")
     parser.add_argument("--attention-batch", type=int, default=64)
+    parser.add_argument("--text-attention-captions", type=int, default=16384,
+                        help="padded captions in the text attention memory measure")
+    parser.add_argument("--compile", action="store_true", help="compile every encoder layer")
+    parser.add_argument("--profile", action="store_true", help="GPU kernel time by kind, one step per run")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
 
@@ -170,7 +243,7 @@ def main() -> None:
                 continue
             started = time.perf_counter()
             try:
-                model = build_model(args.preset, backend, image_size, device)
+                model = build_model(args.preset, backend, image_size, device, args.compile)
             except (ValueError, ImportError) as error:  # transformers refuses a backend the model or install lacks
                 runs[key] = {"skipped": f"{type(error).__name__}: {error}"}
                 skipped.append(f"{key}: {type(error).__name__}: {str(error)[:200]}")
@@ -205,16 +278,24 @@ def main() -> None:
                 torch.cuda.empty_cache()
 
     attention: dict[str, Any] = {}
+    text_attention: dict[str, Any] = {}
     if cuda:
         size = max(args.image_sizes)
         for backend in args.backends:
             if why_unavailable(backend, device) or "skipped" in runs.get(f"{backend}@{size}", {}):
                 continue
             attention[backend] = attention_memory(backend, args.preset, size, args.attention_batch, device)
-        if "eager" in attention:
-            eager_memory = attention["eager"]["attention_memory_gib"]
-            for figures in attention.values():
-                figures["ratio_to_eager"] = round(figures["attention_memory_gib"] / eager_memory, 3)
+            try:
+                text_attention[backend] = text_attention_memory(backend, args.preset, args.text_attention_captions,
+                                                                device)
+            except Exception as error:  # reported, and the rest of the figures are kept
+                text_attention[backend] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        for measured in (attention, text_attention):
+            if "attention_memory_gib" in measured.get("eager", {}):
+                eager_memory = measured["eager"]["attention_memory_gib"]
+                for figures in measured.values():
+                    if "attention_memory_gib" in figures:
+                        figures["ratio_to_eager"] = round(figures["attention_memory_gib"] / eager_memory, 3)
 
     figures = {
         "device": name,
@@ -226,7 +307,9 @@ def main() -> None:
         "measured_matmul_peak_tflops": float(f"{peak:.3g}"),
         "datasheet_bf16_tflops": datasheet,
         "runs": runs,
+        "compiled_layers": args.compile,
         "attention_memory_at_largest_size": attention,
+        "text_attention_memory_padded": text_attention,
         "skipped": skipped,
     }
     print(figures)

@@ -6,7 +6,9 @@ scaling=, dropout=, **kwargs) -> (output [B, S, H, D], weights | None)` with que
 `[B, H, S, D]`. The mask is made for the backend by transformers' `create_bidirectional_mask`
 from a `(B, Sk)` padding mask: None without padding (SDPA and flash then take their fastest
 kernels), a boolean `[B, 1, Sq, Sk]` for SDPA, a `BlockMask` for flex attention, the 2-D padding
-mask for flash attention, and an additive float mask (0 / dtype minimum) for eager and xformers.
+mask for flash attention, an additive float mask (0 / dtype minimum) `[B, 1, Sq, Sk]` for eager,
+and for xformers an additive key-padding bias `[B, 1, 1, Sk]` that each layer call expands to
+`[B, H, Sq, Sk]` with stride 0 (a view: B x Sk values, not B x H x Sq x Sk).
 
 Importing this module registers `"xformers"` in `ALL_ATTENTION_FUNCTIONS` and its mask in
 `ALL_MASK_ATTENTION_FUNCTIONS`, which makes `attn_implementation="xformers"` legal. The xformers kernels exist only on CUDA: on any other
@@ -19,7 +21,7 @@ import warnings
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, bidirectional_mask_function, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 try:  # optional extra `gpu`; kept in a try so the Hub's remote-code import check skips it
@@ -35,6 +37,7 @@ __all__ = [
     "XFORMERS_AVAILABLE",
     "eager_attention_forward",
     "xformers_attention_forward",
+    "xformers_key_padding_mask",
 ]
 
 XFORMERS_AVAILABLE = xops is not None
@@ -64,14 +67,48 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def _aligned_bias(attention_mask: torch.Tensor, shape: tuple[int, int, int, int], dtype: torch.dtype) -> torch.Tensor:
-    """Expand an additive mask to `[B, H, Sq, Sk]` in storage whose last dim is padded to a multiple of 8."""
-    batch, heads, q_len, k_len = shape
-    padded_k = -(-k_len // _XFORMERS_BIAS_ALIGNMENT) * _XFORMERS_BIAS_ALIGNMENT
-    storage = torch.empty(batch, heads, q_len, padded_k, dtype=dtype, device=attention_mask.device)
-    bias = storage[..., :k_len]
-    bias.copy_(attention_mask.to(dtype).expand(batch, heads, q_len, k_len))
+def xformers_key_padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=bidirectional_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    allow_is_bidirectional_skip: bool = False,
+    **kwargs,
+) -> torch.Tensor | None:
+    """The xformers backend's mask (transformers' mask-interface signature): from a `(B, Sk)` padding
+    mask, an additive `(B, 1, 1, Sk)` bias, 0 on tokens and the dtype's minimum on padding, stored with
+    its key dim padded to a multiple of 8 (xformers' alignment); None without padding when skipping is
+    allowed. A bidirectional mask does not vary over queries (or heads), so the query dim is left out.
+    Any other mask pattern goes to transformers' `eager_mask`."""
+    if mask_function is not bidirectional_mask_function:
+        return eager_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, dtype,
+                          allow_is_bidirectional_skip, **kwargs)
+    if attention_mask is None:
+        return None
+    keep = attention_mask[:, -kv_length:].to(torch.bool)
+    if allow_is_bidirectional_skip and keep.all():
+        return None
+    padded_length = -(-kv_length // _XFORMERS_BIAS_ALIGNMENT) * _XFORMERS_BIAS_ALIGNMENT
+    storage = torch.zeros(batch_size, 1, 1, padded_length, dtype=dtype, device=keep.device)
+    bias = storage[..., :kv_length]
+    bias.masked_fill_(~keep[:, None, None, :], torch.finfo(dtype).min)
     return bias
+
+
+def _aligned_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`mask` in `dtype` and in storage whose strides are multiples of 8, as xformers needs: as given
+    when it already is (the mask above), else copied, its minimum clamped to `dtype`'s (under
+    autocast the mask is made in the float32 of the embeddings and the query is half precision)."""
+    if mask.dtype == dtype and all(stride % _XFORMERS_BIAS_ALIGNMENT == 0 for stride in mask.stride()[:-1]):
+        return mask
+    length = mask.shape[-1]
+    padded_length = -(-length // _XFORMERS_BIAS_ALIGNMENT) * _XFORMERS_BIAS_ALIGNMENT
+    bias = mask.new_empty((*mask.shape[:-1], padded_length), dtype=dtype)[..., :length]
+    return bias.copy_(mask.clamp(min=torch.finfo(dtype).min))
 
 
 def xformers_attention_forward(
@@ -90,8 +127,8 @@ def xformers_attention_forward(
     if _runs_xformers(query):
         batch, heads, q_len, _ = query.shape
         bias = None
-        if attention_mask is not None:
-            bias = _aligned_bias(attention_mask, (batch, heads, q_len, key.shape[2]), query.dtype)
+        if attention_mask is not None:  # `(B, 1, 1 or Sq, Sk)`, broadcast over heads and queries
+            bias = _aligned_bias(attention_mask, query.dtype).expand(batch, heads, q_len, key.shape[2])
         try:
             # xformers wants [B, S, H, D]; its output already is the layout transformers expects back.
             attn_output = xops.memory_efficient_attention(
@@ -121,4 +158,4 @@ def _warn_once(message: str) -> None:
 
 
 ALL_ATTENTION_FUNCTIONS.register("xformers", xformers_attention_forward)
-ALL_MASK_ATTENTION_FUNCTIONS.register("xformers", eager_mask)  # additive, expanded to the aligned bias
+ALL_MASK_ATTENTION_FUNCTIONS.register("xformers", xformers_key_padding_mask)

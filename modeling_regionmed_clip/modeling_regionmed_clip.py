@@ -796,8 +796,12 @@ def _trim_padding(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.T
     return ids[:, :length], mask[:, :length]
 
 
-def _optional_index(tensor: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
-    return None if tensor is None else tensor[mask]
+def _valid_rows(mask: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """`tensor[mask]` of each tensor (None stays None) for a bool `mask` over their leading dims. One
+    host read (the mask's nonzero) for all of them, where indexing each by the mask would wait for the
+    device once per tensor, and again in backward."""
+    index = mask.nonzero(as_tuple=True)
+    return tuple(None if tensor is None else tensor[index] for tensor in tensors)
 
 
 def _scatter_rows(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -833,16 +837,16 @@ def _check_roi_inputs(
     elif tuple(roi_mask.shape) != (batch, num_rois):
         raise ValueError(f"roi_mask must be (B={batch}, K={num_rois}), got {tuple(roi_mask.shape)}")
     roi_mask = roi_mask.to(torch.bool)
-    valid_boxes = roi_boxes[roi_mask]
-    if not torch.isfinite(valid_boxes).all():
-        raise ValueError("roi_boxes holds NaN or inf in a valid ROI")
     # Normalised xyxy on the global view: a box in pixels, or with its corners swapped, would be
     # pooled from the wrong place (or from nothing) without a word.
     tolerance = 1e-4
-    outside = (valid_boxes < -tolerance) | (valid_boxes > 1 + tolerance)
-    inverted = (valid_boxes[:, 2] <= valid_boxes[:, 0]) | (valid_boxes[:, 3] <= valid_boxes[:, 1])
-    if outside.any() or inverted.any():
-        first = valid_boxes[(outside.any(dim=-1) | inverted).nonzero()[0, 0]].tolist()
+    outside = ((roi_boxes < -tolerance) | (roi_boxes > 1 + tolerance)).any(dim=-1)
+    inverted = (roi_boxes[..., 2] <= roi_boxes[..., 0]) | (roi_boxes[..., 3] <= roi_boxes[..., 1])
+    problems = torch.stack([~torch.isfinite(roi_boxes).all(dim=-1), outside | inverted]) & roi_mask  # (2, B, K)
+    if problems.any():  # the one host read of a valid batch; the error path finds what was wrong
+        if problems[0].any():
+            raise ValueError("roi_boxes holds NaN or inf in a valid ROI")
+        first = roi_boxes[problems[1]][0].tolist()
         raise ValueError(f"roi_boxes must be normalised xyxy in [0, 1] with x1 > x0 and y1 > y0 (the processor "
                          f"makes them from pixel boxes); got {[round(value, 4) for value in first]} in a valid ROI")
     return roi_mask
@@ -931,8 +935,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             return features[:, :0], pool, dense[:, :0]
         # Encode only the valid crops, packed across the batch: padding costs no tower compute.
         crop_features = global_tokens.new_zeros(batch, num_rois, hidden)
-        if roi_mask.any():
-            packed = self.vision_model(roi_pixel_values[roi_mask], False, False, return_dict=True).pooler_output
+        (valid_crops,) = _valid_rows(roi_mask, roi_pixel_values)
+        if valid_crops.shape[0]:  # known on the host once the mask is read
+            packed = self.vision_model(valid_crops, False, False, return_dict=True).pooler_output
             crop_features = crop_features.masked_scatter(roi_mask[..., None], packed)
         else:  # one blank crop, discarded, for the same FSDP reason
             blank = self.vision_model(roi_pixel_values.new_zeros((1, *roi_pixel_values.shape[2:])), False, False,
@@ -1142,14 +1147,14 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                     f"region_input_ids {tuple(region_input_ids.shape)} must be (B, K, L) aligned with the ROI inputs"
                 )
             region_valid = fields["roi_mask"]
-            caption_sets["region"] = (region_input_ids[region_valid], _optional_index(region_attention_mask, region_valid))
+            caption_sets["region"] = _valid_rows(region_valid, region_input_ids, region_attention_mask)
         if negative_input_ids is not None:
             if negative_mask is None:
                 negative_mask = torch.ones(negative_input_ids.shape[:2], dtype=torch.bool, device=negative_input_ids.device)
             negative_mask = negative_mask.to(torch.bool)
             if negative_mask.shape != negative_input_ids.shape[:2]:
                 raise ValueError(f"negative_mask {tuple(negative_mask.shape)} must be (B, M) of negative_input_ids")
-            caption_sets["negative"] = (negative_input_ids[negative_mask], _optional_index(negative_attention_mask, negative_mask))
+            caption_sets["negative"] = _valid_rows(negative_mask, negative_input_ids, negative_attention_mask)
         if region_negative_input_ids is not None:
             if "region" not in caption_sets:
                 raise ValueError("region_negative_input_ids need region_input_ids: they are negatives of region captions")
@@ -1163,8 +1168,8 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                                  "(B, K, M), aligned with the ROI inputs")
             # Negatives of padding ROI slots are never encoded.
             region_negative_mask = region_negative_mask.to(torch.bool) & fields["roi_mask"][..., None]
-            caption_sets["region_negative"] = (region_negative_input_ids[region_negative_mask],
-                                               _optional_index(region_negative_attention_mask, region_negative_mask))
+            caption_sets["region_negative"] = _valid_rows(region_negative_mask, region_negative_input_ids,
+                                                          region_negative_attention_mask)
         if caption_sets:
             if token_type_ids is not None and "text" not in caption_sets:
                 raise ValueError("token_type_ids belong to the report captions: pass input_ids with them")

@@ -142,12 +142,47 @@ def test_an_xformers_install_without_kernels_falls_back_to_sdpa_with_one_warning
     torch.testing.assert_close(actual.logits_per_image, expected.logits_per_image, rtol=0, atol=1e-6)
 
 
-def test_xformers_bias_is_expanded_with_aligned_stride():
+def test_the_xformers_mask_is_one_key_padding_row_per_caption_expanded_without_copies(monkeypatch):
+    from modeling_regionmed_clip import attention_regionmed_clip
+
+    seen = []
+
+    class RecordingKernels:  # records the bias the backend passes, then computes what xformers would
+        @staticmethod
+        def memory_efficient_attention(query, key, value, attn_bias=None, p=0.0, scale=None):
+            seen.append(attn_bias)
+            mask = None if attn_bias is None else attn_bias.to(query.dtype)
+            return torch.nn.functional.scaled_dot_product_attention(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, scale=scale,
+            ).transpose(1, 2)
+
+    monkeypatch.setattr(attention_regionmed_clip, "xops", RecordingKernels)
+    monkeypatch.setattr(attention_regionmed_clip, "_runs_xformers", lambda query: True)  # as if on CUDA
+    model = tiny_model()
+    model.set_attn_implementation("xformers")
+    ids = torch.randint(5, 100, (3, 13))
+    keep = torch.tensor([[1] * 13, [1] * 10 + [0] * 3, [1] * 4 + [0] * 9])
+    with torch.no_grad():
+        actual = model.get_text_features(ids, keep).pooler_output
+    heads = model.config.text_config.num_attention_heads
+    bias = seen[0]
+    assert bias.shape == (3, heads, 13, 13)
+    assert bias.stride()[1:3] == (0, 0)  # one row per caption, shared by every head and query: no copy
+    assert bias.untyped_storage().nbytes() == 3 * 16 * bias.element_size()  # B x Sk, key dim padded to 16
+    assert all(stride % 8 == 0 for stride in bias.stride()[:-1])
+    minimum = torch.finfo(bias.dtype).min
+    assert torch.equal(bias[:, 0, 0], torch.where(keep.bool(), 0.0, minimum).to(bias.dtype))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = model.get_text_features(ids, keep).pooler_output
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_an_xformers_bias_in_another_dtype_is_realigned_and_kept_finite():
     from modeling_regionmed_clip.attention_regionmed_clip import _aligned_bias
 
-    keep = torch.tensor([[1] * 10 + [0] * 3, [1] * 13], dtype=torch.bool)[:, None, None, :]
-    mask = torch.zeros(keep.shape, dtype=torch.float16).masked_fill(~keep, torch.finfo(torch.float16).min)
-    bias = _aligned_bias(mask, (2, 4, 13, 13), torch.float16)
-    assert bias.shape == (2, 4, 13, 13)
-    assert bias.stride(-2) % 8 == 0
-    assert torch.equal(bias, mask.expand(2, 4, 13, 13))
+    mask = torch.zeros(2, 1, 1, 13).masked_fill(torch.arange(13) >= 10, torch.finfo(torch.float32).min)
+    bias = _aligned_bias(mask, torch.bfloat16)  # float32 minimum would round to -inf in bfloat16
+    assert bias.dtype == torch.bfloat16 and bias.stride(0) == 16 and torch.isfinite(bias).all()
+    assert torch.equal(bias[..., 10:], torch.full((2, 1, 1, 3), torch.finfo(torch.bfloat16).min, dtype=torch.bfloat16))
+    assert _aligned_bias(bias, torch.bfloat16) is bias

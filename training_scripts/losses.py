@@ -40,7 +40,7 @@ __all__ = [
     "image_region_loss",
     "multi_positive_info_nce",
     "negative_text_margin_loss",
-    "pad_to_global_max",
+    "rank_sizes",
     "region_contrastive_loss",
     "regionmed_clip_loss",
     "training_loss",
@@ -79,19 +79,34 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_features(features: torch.Tensor, gather_with_grad: bool = True) -> tuple[torch.Tensor, int]:
+def rank_sizes(*sizes: int, device: torch.device) -> list[list[int]]:
+    """Every rank's values of this rank's `sizes`, in one all-gather and one host read: `result[i][r]`
+    is size `i` on rank `r`. Without a process group: `[[size] for size in sizes]`.
+
+    A loss gathers several tensors that share their ragged sizes (anchors, candidates and their
+    caption groups): reading the sizes once for all of them spares a collective and a host wait each."""
+    _, world = _distributed()
+    if world == 1:
+        return [[size] for size in sizes]
+    local = torch.tensor(sizes, device=device)
+    everyone = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(everyone, local)
+    return torch.stack(everyone).t().tolist()
+
+
+def gather_features(features: torch.Tensor, gather_with_grad: bool = True, counts: list[int] | None = None
+                    ) -> tuple[torch.Tensor, int]:
     """Concatenate `(N_r, ...)` features of every rank (ragged N_r allowed) -> `(sum N_r, ...)`, and
-    the offset of this rank's rows in it. Without a process group it returns the input and 0."""
+    the offset of this rank's rows in it. `counts` are every rank's N_r when already known
+    (`rank_sizes`); else they are gathered first. Without a process group it returns the input and 0."""
     rank, world = _distributed()
     if world == 1:
         return features, 0
+    if counts is None:
+        counts = rank_sizes(features.shape[0], device=features.device)[0]
     if features.dtype == torch.bool:  # not every backend gathers bools
-        gathered, offset = gather_features(features.to(torch.uint8), gather_with_grad=False)
+        gathered, offset = gather_features(features.to(torch.uint8), gather_with_grad=False, counts=counts)
         return gathered.bool(), offset
-    count = torch.tensor([features.shape[0]], device=features.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    counts = [int(c.item()) for c in counts]
     # all_gather needs equal shapes: pad to the largest rank, then cut the padding off again.
     padded = features.new_zeros((max(counts), *features.shape[1:]))
     padded[: features.shape[0]] = features
@@ -105,20 +120,12 @@ def gather_features(features: torch.Tensor, gather_with_grad: bool = True) -> tu
     return gathered, sum(counts[:rank])
 
 
-def pad_to_global_max(tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Zero-pad `dim` to its largest size over all ranks (a no-op in one process), so tensors whose
-    second dimension is ragged across ranks (e.g. M negatives per image) can be gathered."""
-    _, world = _distributed()
-    if world == 1:
-        return tensor
-    size = torch.tensor([tensor.shape[dim]], device=tensor.device)
-    dist.all_reduce(size, op=dist.ReduceOp.MAX)
-    extra = int(size.item()) - tensor.shape[dim]
+def _pad_dim1(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad dimension 1 to `size` (e.g. M negatives per image, ragged across ranks, before a gather)."""
+    extra = size - tensor.shape[1]
     if extra == 0:
         return tensor
-    padding = list(tensor.shape)
-    padding[dim] = extra
-    return torch.cat([tensor, tensor.new_zeros(padding)], dim=dim)
+    return torch.cat([tensor, tensor.new_zeros((tensor.shape[0], extra, *tensor.shape[2:]))], dim=1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -139,11 +146,11 @@ def caption_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
     return (tokens * coefficients).sum(-1)
 
 
-def _gathered_groups(groups: torch.Tensor | None, total: int, device: torch.device) -> torch.Tensor:
-    """Caption groups of every rank's rows; without groups each row is its own group."""
+def _gathered_groups(groups: torch.Tensor | None, total: int, device: torch.device, counts: list[int]) -> torch.Tensor:
+    """Caption groups of every rank's rows (`counts` of them per rank); without groups each row is its own group."""
     if groups is None:
         return torch.arange(total, device=device)
-    return gather_features(groups, gather_with_grad=False)[0]
+    return gather_features(groups, gather_with_grad=False, counts=counts)[0]
 
 
 def multi_positive_info_nce(
@@ -156,12 +163,12 @@ def multi_positive_info_nce(
     else by the number of rows with a positive.
     """
     has_positive = positives.any(dim=1)
-    if not has_positive.any():
-        return logits.sum() * 0.0
-    logits, positives = logits[has_positive], positives[has_positive]
     positive_logits = logits.masked_fill(~positives, torch.finfo(logits.dtype).min)
     per_row = torch.logsumexp(logits, dim=1) - torch.logsumexp(positive_logits, dim=1)
-    return per_row.mean() if denominator is None else per_row.sum() / denominator
+    # Masked rather than indexed: selecting the rows would make the host wait for the device. A row
+    # without a positive (its value meaningless) gets neither a value nor a gradient from `where`.
+    per_row = torch.where(has_positive, per_row, 0.0)
+    return per_row.sum() / (has_positive.sum().clamp(min=1) if denominator is None else denominator)
 
 
 def _local_denominator(total_anchors: int) -> float:
@@ -177,10 +184,11 @@ def _symmetric_loss(
     config: ContrastiveLossConfig,
 ) -> torch.Tensor:
     """Symmetric InfoNCE between matched rows of `anchors (N, D)` and `candidates (N, D)`, over all ranks."""
-    all_anchors, offset = gather_features(anchors, config.gather_with_grad)
-    all_candidates, _ = gather_features(candidates, config.gather_with_grad)
     count = anchors.shape[0]
-    all_groups = _gathered_groups(groups, all_anchors.shape[0], anchors.device)
+    (counts,) = rank_sizes(count, device=anchors.device)
+    all_anchors, offset = gather_features(anchors, config.gather_with_grad, counts)
+    all_candidates, _ = gather_features(candidates, config.gather_with_grad, counts)
+    all_groups = _gathered_groups(groups, all_anchors.shape[0], anchors.device, counts)
     if config.local_loss:
         rows = slice(offset, offset + count)
         positives = all_groups[rows, None] == all_groups[None, :]
@@ -222,8 +230,9 @@ def region_contrastive_loss(
             f"region_embeds {tuple(region_embeds.shape)}, region_text_embeds {tuple(region_text_embeds.shape)} "
             f"and roi_mask {tuple(roi_mask.shape)} must agree on (B, K)"
         )
-    groups = text_groups[roi_mask] if text_groups is not None else None
-    return _symmetric_loss(region_embeds[roi_mask], region_text_embeds[roi_mask], logit_scale, groups, config)
+    valid = roi_mask.nonzero(as_tuple=True)  # one host read; indexing by the mask would wait once per tensor
+    groups = text_groups[valid] if text_groups is not None else None
+    return _symmetric_loss(region_embeds[valid], region_text_embeds[valid], logit_scale, groups, config)
 
 
 def image_region_loss(
@@ -243,16 +252,18 @@ def image_region_loss(
             f"region_text_embeds {tuple(region_text_embeds.shape)} and roi_mask {tuple(roi_mask.shape)} must be "
             f"(B={image_embeds.shape[0]}, K, D) and (B, K)"
         )
-    all_images, image_offset = gather_features(image_embeds, config.gather_with_grad)
-    batch, slots = roi_mask.shape
-    owners = (torch.arange(batch, device=roi_mask.device)[:, None].expand(batch, slots) + image_offset)[roi_mask]
-    captions = region_text_embeds[roi_mask]
-    all_captions, caption_offset = gather_features(captions, config.gather_with_grad)
-    all_owners, _ = gather_features(owners, gather_with_grad=False)
-    groups = None if text_groups is None else text_groups[roi_mask]
-    all_groups = _gathered_groups(groups, all_captions.shape[0], captions.device)
+    valid = roi_mask.nonzero(as_tuple=True)  # one host read; indexing by the mask would wait once per tensor
+    captions = region_text_embeds[valid]
+    image_counts, caption_counts = rank_sizes(image_embeds.shape[0], captions.shape[0], device=captions.device)
+    all_images, image_offset = gather_features(image_embeds, config.gather_with_grad, image_counts)
+    owners = valid[0] + image_offset  # the row of each valid region's image in the gathered batch
+    all_captions, caption_offset = gather_features(captions, config.gather_with_grad, caption_counts)
+    all_owners, _ = gather_features(owners, gather_with_grad=False, counts=caption_counts)
+    groups = None if text_groups is None else text_groups[valid]
+    all_groups = _gathered_groups(groups, all_captions.shape[0], captions.device, caption_counts)
     # positives[n, b]: image b holds a caption of caption n's group (its own image always does)
-    owner_onehot = torch.nn.functional.one_hot(all_owners, all_images.shape[0]).float()
+    # (one_hot would check the owners' range on the host)
+    owner_onehot = (all_owners[:, None] == torch.arange(all_images.shape[0], device=all_owners.device)).float()
     positives = ((all_groups[:, None] == all_groups[None, :]).float() @ owner_onehot) > 0
     if config.local_loss:
         rows = slice(caption_offset, caption_offset + captions.shape[0])
@@ -286,18 +297,21 @@ def hard_negative_loss(
     image_embeds, text_embeds `(B, D)`; negative_embeds `(B, M, D)`; negative_mask `(B, M)` bool.
     """
     _check_negatives(image_embeds, negative_embeds, negative_mask)
-    all_texts, offset = gather_features(text_embeds, config.gather_with_grad)
     count = image_embeds.shape[0]
-    groups = _gathered_groups(text_groups, all_texts.shape[0], text_embeds.device)
+    counts, negative_counts = rank_sizes(count, negative_embeds.shape[1], device=text_embeds.device)
+    all_texts, offset = gather_features(text_embeds, config.gather_with_grad, counts)
+    groups = _gathered_groups(text_groups, all_texts.shape[0], text_embeds.device, counts)
     if config.local_loss:
         anchors = image_embeds
         row_groups = groups[offset : offset + count]
         own_negatives, own_negative_mask = negative_embeds, negative_mask
     else:
-        anchors, _ = gather_features(image_embeds, config.gather_with_grad)
+        anchors, _ = gather_features(image_embeds, config.gather_with_grad, counts)
         row_groups = groups
-        own_negatives, _ = gather_features(pad_to_global_max(negative_embeds), config.gather_with_grad)
-        own_negative_mask, _ = gather_features(pad_to_global_max(negative_mask), gather_with_grad=False)
+        # M is ragged across ranks too: pad every rank's negatives to the largest before gathering
+        most = max(negative_counts)
+        own_negatives, _ = gather_features(_pad_dim1(negative_embeds, most), config.gather_with_grad, counts)
+        own_negative_mask, _ = gather_features(_pad_dim1(negative_mask, most), gather_with_grad=False, counts=counts)
     in_batch = logit_scale * anchors @ all_texts.t()  # (R, T)
     negatives = logit_scale * torch.einsum("rd,rmd->rm", anchors, own_negatives)  # (R, M)
     negatives = negatives.masked_fill(~own_negative_mask, torch.finfo(negatives.dtype).min)
@@ -421,6 +435,8 @@ def regionmed_clip_loss(
                                  ("region_negative_mask", region_negative_mask)),
     }
     image_sets = [image_embeds] if box_free_image_embeds is None else [image_embeds, box_free_image_embeds]
+    # The valid ROIs' indices, read once for the terms below that select them
+    valid_rois = None if roi_mask is None else roi_mask.nonzero(as_tuple=True)
     total = image_embeds.new_zeros(())
     terms: dict[str, torch.Tensor] = {}
     for term, weight in weights.items():
@@ -447,15 +463,15 @@ def regionmed_clip_loss(
             value = _mean_over(image_sets, lambda images: hard_negative_loss(
                 images, text_embeds, negative_text_embeds, negative_mask, logit_scale, text_groups, config))
         elif term == "negative_text_margin":
-            value = negative_text_margin_loss(region_text_embeds[roi_mask], region_negative_embeds[roi_mask],
-                                              region_negative_mask[roi_mask], config.negative_text_margin)
+            value = negative_text_margin_loss(region_text_embeds[valid_rois], region_negative_embeds[valid_rois],
+                                              region_negative_mask[valid_rois], config.negative_text_margin)
         else:
             region_sets = [region_embeds] if dense_region_embeds is None else [region_embeds, dense_region_embeds]
-            valid_groups = None if region_groups is None else region_groups[roi_mask]
+            valid_groups = None if region_groups is None else region_groups[valid_rois]
             # Regions are the anchors: each valid ROI against its own negatives (NegCLIP at region level).
             value = _mean_over(region_sets, lambda regions, groups=valid_groups: hard_negative_loss(
-                regions[roi_mask], region_text_embeds[roi_mask], region_negative_embeds[roi_mask],
-                region_negative_mask[roi_mask], logit_scale, groups, config))
+                regions[valid_rois], region_text_embeds[valid_rois], region_negative_embeds[valid_rois],
+                region_negative_mask[valid_rois], logit_scale, groups, config))
         terms[term] = value.detach()
         total = total + weight * value
     return total, terms
