@@ -75,8 +75,8 @@ def build_model(preset: str, backend: str, image_size: int, device: torch.device
 
 # GPU kernels by kind, from their names (cuBLAS / CUTLASS / nvjet matrix products; flash, memory-efficient
 # and flex attention kernels); everything else is normalisation, activations, copies, reductions.
-_KERNEL_KINDS = (("matmul", ("gemm", "cutlass", "nvjet", "xmma", "matmul", "sm90_")),
-                 ("attention", ("flash", "fmha", "attention", "triton_tem")))
+_KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "efficient")),
+                 ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "matmul", "sm90_")))
 
 
 def kernel_time_by_kind(step, device: torch.device) -> dict[str, Any]:
@@ -90,16 +90,21 @@ def kernel_time_by_kind(step, device: torch.device) -> dict[str, Any]:
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - started
     kinds: dict[str, float] = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    kernels = []
     for event in profiler.key_averages():
-        seconds = event.device_time_total / 1e6 if hasattr(event, "device_time_total") else event.cuda_time_total / 1e6
+        seconds = event.device_time_total / 1e6
         if seconds <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
             continue
         name = event.key.lower()
         kind = next((kind for kind, marks in _KERNEL_KINDS if any(mark in name for mark in marks)), "other")
         kinds[kind] += seconds
+        kernels.append((seconds, event.count, kind, event.key[:120]))
     busy = sum(kinds.values())
+    top = [{"seconds": round(seconds, 5), "calls": count, "kind": kind, "kernel": name}
+           for seconds, count, kind, name in sorted(kernels, reverse=True)[:20]]
     return {"profiled_wall_seconds": round(wall, 4), "kernel_seconds": {k: round(v, 4) for k, v in kinds.items()},
-            "gpu_busy_fraction": round(busy / wall, 3)}
+            "kernel_launches": sum(count for _, count, _, _ in kernels), "gpu_busy_fraction": round(busy / wall, 3),
+            "top_kernels": top}
 
 
 def why_unavailable(backend: str, device: torch.device) -> str | None:
