@@ -796,18 +796,19 @@ def _trim_padding(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.T
     return ids[:, :length], mask[:, :length]
 
 
-def _valid_rows(mask: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """`tensor[mask]` of each tensor (None stays None) for a bool `mask` over their leading dims. One
-    host read (the mask's nonzero) for all of them, where indexing each by the mask would wait for the
-    device once per tensor, and again in backward."""
+def _valid_rows(mask: torch.Tensor, *tensors: torch.Tensor | None
+                ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
+    """The True places of a bool `mask` over the tensors' leading dims, as index tensors, and each
+    tensor's rows there (None stays None). One host read (the mask's nonzero) for all of them, where
+    indexing each by the mask would wait for the device once per tensor, and again in backward."""
     index = mask.nonzero(as_tuple=True)
-    return tuple(None if tensor is None else tensor[index] for tensor in tensors)
+    return index, tuple(None if tensor is None else tensor[index] for tensor in tensors)
 
 
-def _scatter_rows(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Packed `(N, D)` rows back into a zero `(*mask.shape, D)` grid at the True places of `mask`."""
-    grid = rows.new_zeros((*mask.shape, rows.shape[-1]))
-    return grid.masked_scatter(mask[..., None], rows)
+def _scatter_rows(rows: torch.Tensor, index: tuple[torch.Tensor, ...], shape: torch.Size) -> torch.Tensor:
+    """Packed `(N, D)` rows back into a zero `(*shape, D)` grid at `index` (from `_valid_rows`). An
+    `index_put`, whose backward gathers by the same index: `masked_scatter`'s reads the mask again."""
+    return rows.new_zeros((*shape, rows.shape[-1])).index_put(index, rows)
 
 
 def _check_roi_inputs(
@@ -934,15 +935,14 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             )
             return features[:, :0], pool, dense[:, :0]
         # Encode only the valid crops, packed across the batch: padding costs no tower compute.
-        crop_features = global_tokens.new_zeros(batch, num_rois, hidden)
-        (valid_crops,) = _valid_rows(roi_mask, roi_pixel_values)
+        index, (valid_crops,) = _valid_rows(roi_mask, roi_pixel_values)
         if valid_crops.shape[0]:  # known on the host once the mask is read
             packed = self.vision_model(valid_crops, False, False, return_dict=True).pooler_output
-            crop_features = crop_features.masked_scatter(roi_mask[..., None], packed)
+            crop_features = _scatter_rows(packed, index, roi_mask.shape)
         else:  # one blank crop, discarded, for the same FSDP reason
             blank = self.vision_model(roi_pixel_values.new_zeros((1, *roi_pixel_values.shape[2:])), False, False,
                                       return_dict=True).pooler_output
-            crop_features = crop_features + 0.0 * blank.sum()
+            crop_features = global_tokens.new_zeros(batch, num_rois, hidden) + 0.0 * blank.sum()
         # Padding slots may hold anything; give them a harmless box so they stay finite.
         safe_boxes = torch.where(roi_mask[..., None], roi_boxes, torch.zeros_like(roi_boxes)).to(global_tokens.dtype)
         return self.roi_processor(crop_features, safe_boxes, roi_mask, global_tokens, patch_grid)
@@ -1137,6 +1137,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             raise ValueError("ROI inputs need pixel_values: regions are fused with the global view")
 
         caption_sets: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        valid_index: dict[str, tuple[torch.Tensor, ...]] = {}  # where each packed level's captions go back
         if input_ids is not None:
             caption_sets["text"] = (input_ids, attention_mask)
         if summary_input_ids is not None:
@@ -1147,14 +1148,16 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                     f"region_input_ids {tuple(region_input_ids.shape)} must be (B, K, L) aligned with the ROI inputs"
                 )
             region_valid = fields["roi_mask"]
-            caption_sets["region"] = _valid_rows(region_valid, region_input_ids, region_attention_mask)
+            valid_index["region"], caption_sets["region"] = _valid_rows(region_valid, region_input_ids,
+                                                                        region_attention_mask)
         if negative_input_ids is not None:
             if negative_mask is None:
                 negative_mask = torch.ones(negative_input_ids.shape[:2], dtype=torch.bool, device=negative_input_ids.device)
             negative_mask = negative_mask.to(torch.bool)
             if negative_mask.shape != negative_input_ids.shape[:2]:
                 raise ValueError(f"negative_mask {tuple(negative_mask.shape)} must be (B, M) of negative_input_ids")
-            caption_sets["negative"] = _valid_rows(negative_mask, negative_input_ids, negative_attention_mask)
+            valid_index["negative"], caption_sets["negative"] = _valid_rows(negative_mask, negative_input_ids,
+                                                                            negative_attention_mask)
         if region_negative_input_ids is not None:
             if "region" not in caption_sets:
                 raise ValueError("region_negative_input_ids need region_input_ids: they are negatives of region captions")
@@ -1168,8 +1171,8 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                                  "(B, K, M), aligned with the ROI inputs")
             # Negatives of padding ROI slots are never encoded.
             region_negative_mask = region_negative_mask.to(torch.bool) & fields["roi_mask"][..., None]
-            caption_sets["region_negative"] = _valid_rows(region_negative_mask, region_negative_input_ids,
-                                                          region_negative_attention_mask)
+            valid_index["region_negative"], caption_sets["region_negative"] = _valid_rows(
+                region_negative_mask, region_negative_input_ids, region_negative_attention_mask)
         if caption_sets:
             if token_type_ids is not None and "text" not in caption_sets:
                 raise ValueError("token_type_ids belong to the report captions: pass input_ids with them")
@@ -1181,12 +1184,15 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             fields["text_embeds"] = encoded.get("text")
             fields["summary_text_embeds"] = encoded.get("summary")
             if "region" in encoded:
-                fields["region_text_embeds"] = _scatter_rows(encoded["region"], fields["roi_mask"])
+                fields["region_text_embeds"] = _scatter_rows(encoded["region"], valid_index["region"],
+                                                             fields["roi_mask"].shape)
             if "negative" in encoded:
-                fields["negative_text_embeds"] = _scatter_rows(encoded["negative"], negative_mask)
+                fields["negative_text_embeds"] = _scatter_rows(encoded["negative"], valid_index["negative"],
+                                                               negative_mask.shape)
                 fields["negative_mask"] = negative_mask
             if "region_negative" in encoded:
-                fields["region_negative_text_embeds"] = _scatter_rows(encoded["region_negative"], region_negative_mask)
+                fields["region_negative_text_embeds"] = _scatter_rows(
+                    encoded["region_negative"], valid_index["region_negative"], region_negative_mask.shape)
                 fields["region_negative_mask"] = region_negative_mask
 
         if pixel_values is not None and input_ids is not None:

@@ -129,8 +129,9 @@ def _pad_dim1(tensor: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _hash_coefficients(length: int) -> tuple[int, ...]:
-    return tuple(pow(1_000_003, t, 2**31 - 1) for t in range(length))
+def _hash_coefficients(length: int, device: torch.device) -> torch.Tensor:
+    """Kept per device: made each step, they would be a host-to-device copy each time."""
+    return torch.tensor([pow(1_000_003, t, 2**31 - 1) for t in range(length)], device=device)
 
 
 def caption_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,7 +140,7 @@ def caption_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
     A polynomial hash rather than `torch.unique`, so ids agree across ranks without communication.
     Coefficients stay below 2^31 and ids below 2^17, so the sum cannot overflow int64 for L <= 2^15.
     """
-    coefficients = torch.tensor(_hash_coefficients(input_ids.shape[-1]), device=input_ids.device)
+    coefficients = _hash_coefficients(input_ids.shape[-1], input_ids.device)
     tokens = input_ids.long() + 1
     if attention_mask is not None:
         tokens = tokens * (attention_mask != 0)

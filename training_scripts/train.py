@@ -48,7 +48,7 @@ from .schedule import DEFAULT_STAGES, StagedSchedule
 from .skips import TooManySkipsError
 from .trainer import JsonlLogCallback, RegionMedCLIPTrainer, StageCallback
 
-__all__ = ["build_trainer", "finding_vocabulary", "main", "resolve_run_config"]
+__all__ = ["build_trainer", "cpu_threads_advice", "finding_vocabulary", "main", "resolve_run_config"]
 
 logger = logging.getLogger("regionmed_clip.train")
 
@@ -232,6 +232,9 @@ def build_trainer(
     return trainer, checkpoint
 
 
+# Measured by benchmarks/bench_dataloader.py: two concurrent tiny runs at 2 threads each on 2 cores,
+# against the same two at 1 thread each (docs/PERFORMANCE.md).
+CONTENDED_SLOWDOWN = 5.5
 RUN_CONFIG_FILE = "run_config.yaml"
 DATA_FINGERPRINT_FILE = "data_fingerprint.json"
 # What a fresh run with --overwrite deletes from the folder of an earlier run.
@@ -323,6 +326,17 @@ def write_loss_plot(log_path: Path, schedule: StagedSchedule, plot_path: Path) -
     return plot_loss_curves(series, schedule.boundaries(), plot_path, title="RegionMed-CLIP training losses")
 
 
+def cpu_threads_advice(threads: int, cores: int, load: float) -> str | None:
+    """A warning when a CPU run's `threads` would contend with other work (the 1-minute `load`
+    average) for the `cores`; None when they fit."""
+    free = max(1, cores - round(load))
+    if threads <= free:
+        return None
+    return (f"the CPU is busy (1-minute load {load:.1f} on {cores} cores) and this run uses {threads} threads: "
+            f"threads that share cores wait on each other (two runs at 2 threads on 2 cores ran "
+            f"{CONTENDED_SLOWDOWN}x slower than at 1 each); pass --threads {free}, or stop the other work")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regionmed-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -338,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", type=Path, default=None, help="a local BERT-style tokenizer folder")
     parser.add_argument("--max-skip-fraction", type=float, default=None,
                         help=f"stop when more than this share of the rows is skipped (default {DEFAULT_MAX_SKIP_FRACTION})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the training process (default: torch's, one per core). With other "
+                             "jobs on the machine give each cores / jobs: two runs at 2 threads on 2 cores "
+                             f"ran {CONTENDED_SLOWDOWN}x slower than at 1 each (docs/PERFORMANCE.md). DataLoader "
+                             "workers use 1 thread each")
     parser.add_argument("--config", type=Path, default=None, help="run YAML (model, data, schedule, training_args)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
     parser.add_argument("--overwrite", action="store_true",
@@ -350,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"regionmed-train: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    if not torch.cuda.is_available() and hasattr(os, "getloadavg") and (
+            advice := cpu_threads_advice(torch.get_num_threads(), os.cpu_count() or 1, os.getloadavg()[0])):
+        logger.warning(advice)
     try:
         run = resolve_run_config(args)
         fingerprint = None
