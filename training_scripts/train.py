@@ -66,6 +66,8 @@ DEFAULT_TRAINING_ARGS: dict[str, Any] = {
     "report_to": "none",
     "remove_unused_columns": False,  # the collator needs every canonical column
     "label_names": [],
+    # Collation runs in the training process: on 2 cores, workers took cores from the compute threads
+    # (4.9 steps/s without, 4.1 with 1 or 2; docs/PERFORMANCE.md). Where cores are spare, add workers.
     "dataloader_num_workers": 0,
     "ddp_find_unused_parameters": True,  # the ROI processor has no gradient while it is off
     "max_grad_norm": 1.0,
@@ -232,9 +234,9 @@ def build_trainer(
     return trainer, checkpoint
 
 
-# Measured by benchmarks/bench_dataloader.py: two concurrent tiny runs at 2 threads each on 2 cores,
-# against the same two at 1 thread each (docs/PERFORMANCE.md).
-CONTENDED_SLOWDOWN = 5.5
+# Measured by benchmarks/bench_dataloader.py: two concurrent tiny runs at 2 threads each on 2 cores took
+# 3.1x the time of the same two at 1 thread each (each 3.9x its time alone; docs/PERFORMANCE.md).
+CONTENDED_SLOWDOWN = 3.1
 RUN_CONFIG_FILE = "run_config.yaml"
 DATA_FINGERPRINT_FILE = "data_fingerprint.json"
 # What a fresh run with --overwrite deletes from the folder of an earlier run.
