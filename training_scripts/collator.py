@@ -112,9 +112,10 @@ class BatchParts(NamedTuple):
 def prefetch_lookahead_steps(num_workers: int, prefetch_factor: int | None = None) -> int:
     """How many optimizer steps past the trainer's current one a batch being built may be used at.
 
-    Workers hold `num_workers x prefetch_factor` batches requested ahead; accelerate's loader holds
-    one more, and transformers fetches a step's whole accumulation window before the step begins:
-    two steps on top. Batches in the main process (`num_workers=0`) are built one ahead."""
+    transformers fetches a step's whole accumulation window before the step begins and accelerate's
+    loader holds one batch more: a batch built in the main process (`num_workers=0`) is used up to two
+    steps later (measured: tests/test_stage_aware_data.py). Workers add the `num_workers x
+    prefetch_factor` batches they are asked for ahead."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     return num_workers * (prefetch_factor or 2) + 2 if num_workers else 2
