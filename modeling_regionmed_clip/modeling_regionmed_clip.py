@@ -1036,14 +1036,19 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         `token_type_ids` these are; the others are single-segment).
 
         With `config.caption_length_buckets` 1: one pass, every set padded to the longest. Above 1:
-        the first set in a pass of its own and the other captions sorted by length into the other
-        passes (equal counts), each trimmed to its longest caption, so that few padding tokens are
-        computed; a pass whose captions all have the same length runs without a mask."""
+        the first set in a pass of its own and the other captions sorted by length into at most
+        `buckets - 1` passes that compute the fewest tokens (`_length_groups`), each trimmed to its
+        longest caption; a pass whose captions all have the same length runs without a mask."""
         buckets = self.config.caption_length_buckets
+        report_ids = caption_sets[0][0]
+        if token_type_ids is not None and token_type_ids.shape != report_ids.shape:
+            raise ValueError(f"token_type_ids {tuple(token_type_ids.shape)} must match input_ids {tuple(report_ids.shape)}")
         if buckets == 1 or len(caption_sets) == 1:
             first, rest = _pad_and_join(caption_sets, self.config.text_config.pad_token_id), None
-            first_types = None if token_type_ids is None else _pad_and_join(
-                [(token_type_ids, None), *((torch.zeros_like(ids), None) for ids, _ in caption_sets[1:])], 0)[0]
+            first_types = None
+            if token_type_ids is not None:  # the report rows' types, zeros for the other captions
+                first_types = torch.zeros_like(first[0])
+                first_types[: report_ids.shape[0], : report_ids.shape[1]] = token_type_ids
         else:
             first, first_types = (caption_sets[0][0], caption_sets[0][1]), token_type_ids
             rest = _pad_and_join(caption_sets[1:], self.config.text_config.pad_token_id)

@@ -76,6 +76,13 @@ def model() -> RegionMedCLIPModel:
     return tiny_model()
 
 
+def collator_processor(rows) -> RegionMedCLIPProcessor:
+    """A 64 px processor (32 px crops, 4 ROIs) whose tokenizer is trained on the canonical `rows`' captions."""
+    corpus = [row["report_caption"] for row in rows] + [r["caption"] for row in rows for r in row["regions"]]
+    return RegionMedCLIPProcessor(RegionMedCLIPImageProcessor(image_size=64, roi_size=32, max_rois=4),
+                                  build_tokenizer(corpus, vocab_size=400))
+
+
 def free_port() -> int:
     """A TCP port free right now, so parallel or repeated multi-process tests do not collide."""
     with socket.socket() as sock:

@@ -10,6 +10,8 @@ from training_scripts.data_schema import load_canonical
 from training_scripts.skips import SkipLedger
 from training_scripts.synthetic import write_synthetic_dataset
 
+from conftest import collator_processor
+
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
@@ -20,9 +22,7 @@ def rows(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def processor(rows):
-    corpus = [row["report_caption"] for row in rows] + [r["caption"] for row in rows for r in row["regions"]]
-    return RegionMedCLIPProcessor(RegionMedCLIPImageProcessor(image_size=64, roi_size=32, max_rois=4),
-                                  build_tokenizer(corpus, vocab_size=400))
+    return collator_processor(rows)
 
 
 def test_batch_has_every_model_input(processor, rows):

@@ -7,13 +7,14 @@ follow it; batches are built ahead of the step that uses them, within `prefetch_
 import pytest
 import torch
 
-from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
 from training_scripts.collator import RegionMedCLIPCollator, prefetch_lookahead_steps
 from training_scripts.data_schema import load_canonical
 from training_scripts.schedule import PROGRESSIVE_STAGES, StagedSchedule
 from training_scripts.synthetic import write_synthetic_dataset
 from training_scripts.train import DEFAULT_TRAINING_ARGS, build_trainer
 from training_scripts.trainer import stage_input_names
+
+from conftest import collator_processor
 
 GLOBAL_ONLY = {"loss_weights": {"global_report": 1.0}, "use_rois": False}
 FULL = {"loss_weights": {"global_report": 1.0, "global_summary": 0.5, "region": 0.5, "hard_negative": 0.5,
@@ -35,9 +36,7 @@ def rows(data_dir):
 
 @pytest.fixture(scope="module")
 def processor(rows):
-    corpus = [row["report_caption"] for row in rows] + [r["caption"] for row in rows for r in row["regions"]]
-    return RegionMedCLIPProcessor(RegionMedCLIPImageProcessor(image_size=64, roi_size=32, max_rois=4),
-                                  build_tokenizer(corpus, vocab_size=400))
+    return collator_processor(rows)
 
 
 def model_inputs(batch) -> set[str]:
