@@ -92,11 +92,8 @@ def xformers_key_padding_mask(
     keep = attention_mask[:, -kv_length:].to(torch.bool)
     if allow_is_bidirectional_skip and keep.all():
         return None
-    padded_length = -(-kv_length // _XFORMERS_BIAS_ALIGNMENT) * _XFORMERS_BIAS_ALIGNMENT
-    storage = torch.zeros(batch_size, 1, 1, padded_length, dtype=dtype, device=keep.device)
-    bias = storage[..., :kv_length]
-    bias.masked_fill_(~keep[:, None, None, :], torch.finfo(dtype).min)
-    return bias
+    bias = _aligned_empty((batch_size, 1, 1), kv_length, dtype, keep.device).zero_()
+    return bias.masked_fill_(~keep[:, None, None, :], torch.finfo(dtype).min)
 
 
 def _aligned_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -105,10 +102,15 @@ def _aligned_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     autocast the mask is made in the float32 of the embeddings and the query is half precision)."""
     if mask.dtype == dtype and all(stride % _XFORMERS_BIAS_ALIGNMENT == 0 for stride in mask.stride()[:-1]):
         return mask
-    length = mask.shape[-1]
-    padded_length = -(-length // _XFORMERS_BIAS_ALIGNMENT) * _XFORMERS_BIAS_ALIGNMENT
-    bias = mask.new_empty((*mask.shape[:-1], padded_length), dtype=dtype)[..., :length]
+    bias = _aligned_empty(mask.shape[:-1], mask.shape[-1], dtype, mask.device)
     return bias.copy_(mask.clamp(min=torch.finfo(dtype).min))
+
+
+def _aligned_empty(leading_shape: tuple[int, ...], length: int, dtype: torch.dtype, device: torch.device
+                   ) -> torch.Tensor:
+    """An uninitialised `(*leading_shape, length)` view of storage whose last dim is padded to a multiple of 8."""
+    padded_length = -(-length // _XFORMERS_BIAS_ALIGNMENT) * _XFORMERS_BIAS_ALIGNMENT
+    return torch.empty((*leading_shape, padded_length), dtype=dtype, device=device)[..., :length]
 
 
 def xformers_attention_forward(

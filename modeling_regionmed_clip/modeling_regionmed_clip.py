@@ -1050,7 +1050,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                 first_types = torch.zeros_like(first[0])
                 first_types[: report_ids.shape[0], : report_ids.shape[1]] = token_type_ids
         else:
-            first, first_types = (caption_sets[0][0], caption_sets[0][1]), token_type_ids
+            first, first_types = caption_sets[0], token_type_ids
             rest = _pad_and_join(caption_sets[1:], self.config.text_config.pad_token_id)
         ids, mask = _trim_padding(*first)
         types = None if first_types is None else first_types[:, : ids.shape[1]]
@@ -1058,7 +1058,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         embeds = [output.pooler_output]
         if rest is not None:
             embeds.append(self._encode_by_length(*rest, buckets - 1))
-        first_size = caption_sets[0][0].shape[0]
+        first_size = report_ids.shape[0]
         first_output = BaseModelOutputWithPooling(
             last_hidden_state=output.last_hidden_state[:first_size], pooler_output=output.pooler_output[:first_size],
             hidden_states=None if output.hidden_states is None else tuple(h[:first_size] for h in output.hidden_states),

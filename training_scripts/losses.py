@@ -216,6 +216,12 @@ def global_contrastive_loss(
     return _symmetric_loss(image_embeds, text_embeds, logit_scale, text_groups, config)
 
 
+def _roi_index(roi_mask: torch.Tensor, roi_index: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...]:
+    """The valid ROIs' indices: as given, else read from the mask (one host read; indexing each tensor
+    by the mask would wait for the device once per tensor)."""
+    return roi_mask.nonzero(as_tuple=True) if roi_index is None else roi_index
+
+
 def region_contrastive_loss(
     region_embeds: torch.Tensor,
     region_text_embeds: torch.Tensor,
@@ -223,15 +229,18 @@ def region_contrastive_loss(
     logit_scale: torch.Tensor,
     text_groups: torch.Tensor | None = None,
     config: ContrastiveLossConfig = ContrastiveLossConfig(),
+    *,
+    roi_index: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """Each valid ROI `(B, K, D)` against the region captions `(B, K, D)` of ALL valid ROIs of the
-    gathered batch. `text_groups (B, K)` marks identical region captions. Zero when no ROI is valid."""
+    gathered batch. `text_groups (B, K)` marks identical region captions. Zero when no ROI is valid.
+    `roi_index`: `roi_mask.nonzero(as_tuple=True)` when the caller has read it already."""
     if region_embeds.shape != region_text_embeds.shape or region_embeds.shape[:2] != roi_mask.shape:
         raise ValueError(
             f"region_embeds {tuple(region_embeds.shape)}, region_text_embeds {tuple(region_text_embeds.shape)} "
             f"and roi_mask {tuple(roi_mask.shape)} must agree on (B, K)"
         )
-    valid = roi_mask.nonzero(as_tuple=True)  # one host read; indexing by the mask would wait once per tensor
+    valid = _roi_index(roi_mask, roi_index)
     groups = text_groups[valid] if text_groups is not None else None
     return _symmetric_loss(region_embeds[valid], region_text_embeds[valid], logit_scale, groups, config)
 
@@ -243,17 +252,20 @@ def image_region_loss(
     logit_scale: torch.Tensor,
     text_groups: torch.Tensor | None = None,
     config: ContrastiveLossConfig = ContrastiveLossConfig(),
+    *,
+    roi_index: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """Region caption -> image InfoNCE: every valid region caption `(B, K, D)` must pick its own
     image `(B, D)` among the gathered batch's images (multi-positive: an image holding an identical
     caption counts too). It teaches the image embedding, box-free, to hold each of its findings and
-    where they are: short captions are a direct signal that long reports are not. Zero without ROIs."""
+    where they are: short captions are a direct signal that long reports are not. Zero without ROIs.
+    `roi_index`: `roi_mask.nonzero(as_tuple=True)` when the caller has read it already."""
     if region_text_embeds.shape[:2] != roi_mask.shape or region_text_embeds.shape[0] != image_embeds.shape[0]:
         raise ValueError(
             f"region_text_embeds {tuple(region_text_embeds.shape)} and roi_mask {tuple(roi_mask.shape)} must be "
             f"(B={image_embeds.shape[0]}, K, D) and (B, K)"
         )
-    valid = roi_mask.nonzero(as_tuple=True)  # one host read; indexing by the mask would wait once per tensor
+    valid = _roi_index(roi_mask, roi_index)
     captions = region_text_embeds[valid]
     image_counts, caption_counts = rank_sizes(image_embeds.shape[0], captions.shape[0], device=captions.device)
     all_images, image_offset = gather_features(image_embeds, config.gather_with_grad, image_counts)
@@ -436,8 +448,10 @@ def regionmed_clip_loss(
                                  ("region_negative_mask", region_negative_mask)),
     }
     image_sets = [image_embeds] if box_free_image_embeds is None else [image_embeds, box_free_image_embeds]
-    # The valid ROIs' indices, read once for the terms below that select them
-    valid_rois = None if roi_mask is None else roi_mask.nonzero(as_tuple=True)
+    # The valid ROIs' indices, read once for every term that selects them (those that need roi_mask)
+    valid_rois = None
+    if roi_mask is not None and any(weight != 0 and "roi_mask" in dict(needs[term]) for term, weight in weights.items()):
+        valid_rois = roi_mask.nonzero(as_tuple=True)
     total = image_embeds.new_zeros(())
     terms: dict[str, torch.Tensor] = {}
     for term, weight in weights.items():
@@ -454,12 +468,14 @@ def regionmed_clip_loss(
                 images, summary_text_embeds, logit_scale, summary_groups, config))
         elif term == "image_region":
             # On the box-free embedding only: one that pools the same regions would find them trivially.
-            value = image_region_loss(image_sets[-1], region_text_embeds, roi_mask, logit_scale, region_groups, config)
+            value = image_region_loss(image_sets[-1], region_text_embeds, roi_mask, logit_scale, region_groups, config,
+                                      roi_index=valid_rois)
         elif term == "region":
-            value = region_contrastive_loss(region_embeds, region_text_embeds, roi_mask, logit_scale, region_groups, config)
+            value = region_contrastive_loss(region_embeds, region_text_embeds, roi_mask, logit_scale, region_groups, config,
+                                            roi_index=valid_rois)
         elif term == "dense_region":
             value = region_contrastive_loss(dense_region_embeds, region_text_embeds, roi_mask, logit_scale,
-                                            region_groups, config)
+                                            region_groups, config, roi_index=valid_rois)
         elif term == "hard_negative":
             value = _mean_over(image_sets, lambda images: hard_negative_loss(
                 images, text_embeds, negative_text_embeds, negative_mask, logit_scale, text_groups, config))
