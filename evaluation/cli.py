@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from regionmed_cli import console_script
+
 from .probe import CONDITIONS, PARTS, ProbeInputError, run_probe
 from .results import load_results, markdown_report, to_json, write_results
 from .tasks import (
@@ -216,6 +218,7 @@ def _run_probe(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
+@console_script("regionmed-eval")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

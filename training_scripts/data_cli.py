@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from regionmed_cli import console_script
+
 __all__ = ["main"]
 
 
@@ -83,14 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@console_script("regionmed-data")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        summary = args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"regionmed-data {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    summary = args.run(args)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -30,6 +30,7 @@ from evaluation.cli import format_report
 from evaluation.probe import run_probe
 from evaluation.results import to_json, write_results
 from evaluation.tasks import EvalSettings, run_region, run_zero_shot
+from regionmed_cli import console_script
 
 from .data_schema import load_canonical
 from .export import export_model
@@ -99,6 +100,7 @@ def _reload_check(model_dir: Path, hub_dir: Path, film: Path, labels: list[str])
     return {"max_difference": difference, "pipeline": reloaded["pipeline"], "module": reloaded["module"]}
 
 
+@console_script("regionmed-demo")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="regionmed-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -31,6 +31,7 @@ from evaluation.results import load_results, markdown_report
 from modeling_regionmed_clip import RegionMedCLIPModel
 from processing import RegionMedCLIPProcessor
 from processing.tokenization_regionmed_clip import without_token_type_ids
+from regionmed_cli import console_script
 from training_scripts.data_schema import read_provenance
 
 __all__ = [
@@ -252,6 +253,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@console_script("regionmed-export")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not (args.model / "config.json").is_file():

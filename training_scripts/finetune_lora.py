@@ -32,6 +32,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from modeling_regionmed_clip import RegionMedCLIPModel
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, load_tokenizer
+from regionmed_cli import console_script
 
 from .schedule import DEFAULT_STAGES
 from .train import DEFAULT_TRAINING_ARGS, build_trainer
@@ -104,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@console_script("regionmed-finetune")
 def main(argv: list[str] | None = None) -> int:
     import yaml
 

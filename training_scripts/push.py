@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from huggingface_hub import HfApi, ModelCard, parse_eval_result_entries
 
+from regionmed_cli import console_script
 from training_scripts.export import AUTO_MAP, PICKLE_SUFFIXES
 
 __all__ = ["HubFolderError", "check_hub_folder", "main", "push_folder"]
@@ -107,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@console_script("regionmed-push")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:

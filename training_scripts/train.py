@@ -37,6 +37,7 @@ from transformers import TrainingArguments, set_seed
 
 from modeling_regionmed_clip import CONFIG_ERRORS, PRESETS, RegionMedCLIPConfig, RegionMedCLIPModel
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer, load_tokenizer
+from regionmed_cli import console_script
 
 from .checkpoints import checkpoint_step, latest_intact_checkpoint
 from .collator import RegionMedCLIPCollator, prefetch_lookahead_steps
@@ -368,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@console_script("regionmed-train")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)

@@ -27,6 +27,7 @@ from transformers import AutoProcessor, Trainer, TrainingArguments
 
 from evaluation.scoring import normalize_answer
 from modeling_regionmed_clip import RegionMedCLIPForVQA
+from regionmed_cli import console_script
 from training_scripts.data_schema import load_canonical
 from training_scripts.vqa_data import VQAExample, load_vqa_examples
 
@@ -171,6 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@console_script("regionmed-train-vqa")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
