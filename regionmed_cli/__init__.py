@@ -5,6 +5,7 @@ line on stderr and an exit code, never a raw traceback:
 
 - `UsageError` (a bad argument value found after parsing) and argparse's own errors: exit 2;
 - `ValueError` / `OSError` (bad input: a file, a row, a folder; their messages name it): exit 1;
+- an exception with an integer `exit_code` attribute (an expected end, e.g. too many bad rows): that code;
 - anything else is a bug: one line naming the exception, exit 1, and a hint to rerun with `--debug`;
 - Ctrl-C: exit 130.
 
@@ -18,7 +19,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["DEBUG_ENV", "DEBUG_FLAG", "UsageError", "console_script", "debug_requested", "fraction", "positive_int"]
+__all__ = ["DEBUG_ENV", "DEBUG_FLAG", "UsageError", "console_script", "debug_requested", "exit_code_of", "fraction",
+           "positive_int"]
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "REGIONMED_DEBUG"
@@ -35,6 +37,18 @@ class UsageError(ValueError):
 
 def debug_requested(argv: Sequence[str]) -> bool:
     return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def exit_code_of(error: Exception) -> int | None:
+    """The exit code for an expected error: its own `exit_code` attribute (e.g. a run stopped for too
+    many bad rows), 2 for a UsageError, 1 for bad input (ValueError, OSError); None for a bug."""
+    if isinstance(getattr(error, "exit_code", None), int):
+        return error.exit_code
+    if isinstance(error, UsageError):
+        return EXIT_USAGE_ERROR
+    if isinstance(error, (ValueError, OSError)):
+        return EXIT_INPUT_ERROR
+    return None
 
 
 def _one_line(error: BaseException) -> str:
@@ -61,16 +75,14 @@ def console_script(prog: str) -> Callable[[Callable[[list[str] | None], int]], C
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)
                 return EXIT_INTERRUPTED
-            except UsageError as error:
-                print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
-                return EXIT_USAGE_ERROR
-            except (ValueError, OSError) as error:
-                print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
-                return EXIT_INPUT_ERROR
             except Exception as error:  # noqa: BLE001 - the boundary: a bug still gets one line, not a traceback
-                print(f"{prog}: internal error: {type(error).__name__}: {_one_line(error)} "
-                      f"(a bug; rerun with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
-                return EXIT_INPUT_ERROR
+                code = exit_code_of(error)
+                if code is None:
+                    print(f"{prog}: internal error: {type(error).__name__}: {_one_line(error)} "
+                          f"(a bug; rerun with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+                    return EXIT_INPUT_ERROR
+                print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
+                return code
 
         return run
 

@@ -1,13 +1,16 @@
 """The shipped launch configs parse, and the base run YAML resolves into valid pieces."""
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import run_failing
 
 from modeling_regionmed_clip import RegionMedCLIPConfig
-from training_scripts.schedule import StagedSchedule
+from training_scripts.schedule import DEFAULT_STAGES, PROGRESSIVE_STAGES, StagedSchedule
 from training_scripts.train import build_parser, resolve_run_config
+from training_scripts.train import main as train_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training_scripts" / "configs"
 
@@ -42,7 +45,7 @@ def test_base_run_yaml_resolves(tmp_path):
 def test_flags_win_over_yaml_and_bad_sections_are_named(tmp_path):
     yaml_path = tmp_path / "run.yaml"
     yaml_path.write_text(yaml.safe_dump({"training_args": {"max_steps": 50, "learning_rate": 1.0}}))
-    args = build_parser().parse_args(["--config", str(yaml_path), "--data", "d", "--output-dir", "o",
+    args = build_parser().parse_args(["--config", str(yaml_path), "--data", str(tmp_path), "--output-dir", "o",
                                       "--learning-rate", "0.01"])
     run = resolve_run_config(args)
     assert run["training_args"]["learning_rate"] == 0.01 and run["training_args"]["max_steps"] == 50
@@ -50,4 +53,57 @@ def test_flags_win_over_yaml_and_bad_sections_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"unknown sections \['trainer'\]"):
         resolve_run_config(args)
     with pytest.raises(ValueError, match="max_steps is required"):
-        resolve_run_config(build_parser().parse_args(["--data", "d", "--output-dir", "o"]))
+        resolve_run_config(build_parser().parse_args(["--data", str(tmp_path), "--output-dir", "o"]))
+
+
+@pytest.mark.parametrize(("yaml_schedule", "flag", "expected"), [
+    ("progressive", None, PROGRESSIVE_STAGES),
+    (None, None, DEFAULT_STAGES),
+    ("progressive", "joint", DEFAULT_STAGES),
+    (None, "progressive", PROGRESSIVE_STAGES),
+])
+def test_named_schedules_in_yaml_and_as_a_flag(tmp_path, yaml_schedule, flag, expected):
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text(yaml.safe_dump({"schedule": yaml_schedule} if yaml_schedule else {}))
+    argv = ["--config", str(yaml_path), "--data", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--max-steps", "9"]
+    run = resolve_run_config(build_parser().parse_args(argv + (["--schedule", flag] if flag else [])))
+    assert run["schedule"] == expected  # saved resolved in run_config.yaml: the run says what it trained
+    assert [name for name, _ in StagedSchedule(run["schedule"], 9).boundaries()] == [stage["name"] for stage in expected]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("schedule: paper\n", r"unknown schedule 'paper'"),
+    ("schedule: [progressive]\n", r"schedule\[0\]: a stage must be a mapping"),
+    ("- training_args\n", "must be a mapping with sections .* got a list"),
+    ("training_args: {max_stepz: 3}\n", r"unknown training_args \['max_stepz'\]"),
+    ("training_args: [1]\n", "section 'training_args' must be a mapping"),
+    ("model: {overrides: {max_rois: 0}}\n", "model: "),
+    ("schedule: [\n", "is not valid YAML"),
+])
+def test_bad_run_yaml_is_one_usage_error_naming_the_file(tmp_path, capsys, content, message):
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text(content)
+    (tmp_path / "data").mkdir()
+    line = run_failing(train_main, ["--config", str(yaml_path), "--data", str(tmp_path / "data"), "--output-dir",
+                                    str(tmp_path / "o"), "--max-steps", "2"], capsys, 2, str(yaml_path))
+    assert re.search(message, line), line
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+@pytest.mark.parametrize(("argv", "names"), [
+    (["--max-steps", "0"], ["--max-steps", "positive"]),
+    (["--batch-size", "-1"], ["--batch-size"]),
+    (["--threads", "0"], ["--threads"]),
+    (["--schedule", "paper"], ["--schedule", "progressive"]),
+    (["--config", "missing.yaml"], ["--config", "missing.yaml", "no such file"]),
+    (["--data", "no-such-folder"], ["--data", "no-such-folder"]),
+    (["--output-dir", "a-file"], ["--output-dir", "a-file", "is a file"]),
+])
+def test_bad_train_arguments_are_usage_errors(tmp_path, capsys, monkeypatch, argv, names):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    base = {"--data": "data", "--output-dir": "out", "--max-steps": "2"}
+    for flag, value in zip(argv[::2], argv[1::2], strict=True):
+        base[flag] = value
+    run_failing(train_main, [part for pair in base.items() for part in pair], capsys, 2, *names)

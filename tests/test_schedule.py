@@ -1,6 +1,13 @@
 import pytest
 
-from training_scripts.schedule import PARAMETER_GROUPS, PROGRESSIVE_STAGES, StagedSchedule, parameter_group_of
+from training_scripts.schedule import (
+    DEFAULT_STAGES,
+    PARAMETER_GROUPS,
+    PROGRESSIVE_STAGES,
+    StagedSchedule,
+    parameter_group_of,
+    resolve_schedule,
+)
 
 from conftest import tiny_model
 
@@ -43,6 +50,12 @@ def test_stages_past_max_steps_do_not_run():
         ({"name": "a", "steps": 1, "loss_weights": {"global_report": 1}, "lr_multipliers": {"bert": 0}}, "unknown parameter groups"),
         ({"name": "a", "steps": 1, "loss_weights": {"global_report": 1}, "lr_multipliers": {"text": -1}}, ">= 0"),
         ({"name": "a", "steps": 1, "loss_weights": {"global_report": 1}, "frozen": ["text"]}, r"unknown keys \['frozen'\]"),
+        ({"name": "a", "steps": 1, "loss_weights": ["global_report"]}, r"schedule\[0\] \('a'\): 'loss_weights' must be a mapping"),
+        ({"name": "a", "steps": 1, "loss_weights": {"global_report": "high"}}, r"'loss_weights.global_report' must be a number"),
+        ({"name": "a", "steps": 1, "loss_weights": {"global_report": 1}, "lr_multipliers": {"text": None}},
+         r"'lr_multipliers.text' must be a number"),
+        ({"name": "a", "steps": 1, "loss_weights": {"global_report": 1}, "use_rois": "yes"}, "'use_rois' must be true or false"),
+        ({"name": ["a"], "steps": 1, "loss_weights": {"global_report": 1}}, "needs a non-empty 'name'"),
     ],
 )
 def test_bad_stages_are_named(stage, message):
@@ -63,3 +76,21 @@ def test_every_model_parameter_has_a_group():
     assert groups == set(PARAMETER_GROUPS)
     with pytest.raises(ValueError, match="no schedule group"):
         parameter_group_of("classifier.weight")
+
+
+def test_schedules_by_name():
+    assert StagedSchedule("progressive", max_steps=100).boundaries() == StagedSchedule(PROGRESSIVE_STAGES, 100).boundaries()
+    assert resolve_schedule("joint") == DEFAULT_STAGES and resolve_schedule("joint") is not DEFAULT_STAGES
+    with pytest.raises(ValueError, match=r"unknown schedule 'paper'; named schedules: \['joint', 'progressive'\]"):
+        StagedSchedule("paper", max_steps=10)
+
+
+@pytest.mark.parametrize(("schedule", "message"), [
+    (["progressive"], r"schedule\[0\]: a stage must be a mapping .* got 'progressive'"),
+    ([{"name": "a", "steps": 1, "loss_weights": {"global_report": 1}}, 3], r"schedule\[1\]: a stage must be a mapping"),
+    ({"name": "a", "steps": 1}, "a schedule name .* or a list of stages, got dict"),
+    (7, "got int"),
+])
+def test_a_schedule_that_is_not_a_list_of_mappings_is_named(schedule, message):
+    with pytest.raises(ValueError, match=message):
+        StagedSchedule(schedule, max_steps=10)

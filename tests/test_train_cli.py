@@ -151,6 +151,36 @@ def test_a_run_folder_is_never_silently_reused_or_trained_past_its_end(data_dir,
     assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
+def test_a_moved_run_folder_resumes_where_it_now_lives(data_dir, tmp_path):
+    config, scratch = run_config(tmp_path), tmp_path / "scratch" / "run"
+    first = subprocess.run(command(data_dir, scratch, config, max_steps=6, save_steps=2), cwd=ROOT, env=env(),
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    straight = weights(scratch / "final")
+    shutil.rmtree(scratch / "checkpoint-6")  # as if killed after checkpoint-4
+    shutil.rmtree(scratch / "final")
+    # the run folder and the data both move (scratch disk to persistent disk); the old places are gone
+    persistent, data = tmp_path / "persistent" / "run", tmp_path / "persistent" / "data"
+    shutil.copytree(scratch, persistent)
+    shutil.copytree(data_dir, data)
+    shutil.rmtree(scratch.parent)
+
+    resumed = subprocess.run(command(data, persistent, config, max_steps=6, save_steps=2, extra=["--resume"]),
+                             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "--resume of a moved run" in resumed.stderr and "changed run configuration" not in resumed.stderr
+    assert json.loads((persistent / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
+    moved_weights = weights(persistent / "final")
+    assert all(torch.equal(straight[name], moved_weights[name]) for name in straight)  # steps 5-6 as if never moved
+    saved = yaml.safe_load((persistent / "run_config.yaml").read_text())
+    assert saved["training_args"]["output_dir"] == str(persistent) and saved["data"]["path"] == str(data)
+
+    (data / "train-00000.parquet").write_bytes((data / "train-00000.parquet").read_bytes()[:-1] + b"\0")
+    changed = subprocess.run(command(data, persistent, config, max_steps=8, save_steps=2, extra=["--resume"]),
+                             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 2 and "data (file contents)" in changed.stderr  # moved data is compared by content
+
+
 def plant_bad_rows(source: Path, target: Path) -> dict[str, int]:
     """A copy of `source` whose train shard has 3 undecodable images and 2 null report captions."""
     import pyarrow as pa

@@ -3,7 +3,8 @@
     regionmed-finetune --model RUN/final --data DATA --output-dir OUT [--towers vision,text] [--rank 8]
                        [--alpha 16] [--dropout 0.05] [--modules-to-save projections,roi_processor]
                        [--max-steps 300] [--batch-size 32] [--learning-rate 1e-3]
-                       [--gradient-checkpointing off|reentrant|non-reentrant] [--config RUN.yaml] [--merge]
+                       [--gradient-checkpointing off|reentrant|non-reentrant] [--config RUN.yaml]
+                       [--schedule joint|progressive] [--merge]
 
 LoRA adapters go on the attention projections (q / k / v / out) of the chosen towers, picked by a
 regex on the module names (`lora_target_regex`); `--modules-to-save` trains full copies of the
@@ -22,9 +23,10 @@ classes and transformers' own architectures, not remote code):
 """
 
 import argparse
+import contextlib
 import json
-import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from modeling_regionmed_clip import RegionMedCLIPModel
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, load_tokenizer
-from regionmed_cli import console_script
+from regionmed_cli import UsageError, console_script, fraction, positive_int
 
-from .schedule import DEFAULT_STAGES
-from .train import DEFAULT_TRAINING_ARGS, build_trainer
+from .schedule import NAMED_SCHEDULES
+from .train import DEFAULT_TRAINING_ARGS, build_trainer, check_training_args, read_run_yaml, schedule_of
 
 __all__ = ["CHECKPOINTING_MODES", "SAVABLE_MODULES", "TOWERS", "lora_config", "lora_target_regex", "main", "merge_adapter"]
 
@@ -66,10 +68,21 @@ def lora_config(towers: Sequence[str], rank: int = 8, alpha: int = 16, dropout: 
                       modules_to_save=saved or None, task_type=None)
 
 
+@contextlib.contextmanager
+def _peft_reading_deprecated_checkpointing_flag() -> Iterator[None]:
+    """Wrapping a model in `PeftModel` reads transformers' deprecated `is_gradient_checkpointing`: a
+    FutureWarning per run that a user cannot act on (PEFT's call, not theirs or ours)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, output_dir: str | Path) -> Path:
     """The base folder's model with the adapter merged into its weights, saved with its processor as a
     plain RegionMed-CLIP folder (remote code, `auto_map`)."""
-    model = PeftModel.from_pretrained(RegionMedCLIPModel.from_pretrained(base_dir), str(adapter_dir)).merge_and_unload()
+    with _peft_reading_deprecated_checkpointing_flag():
+        model = PeftModel.from_pretrained(RegionMedCLIPModel.from_pretrained(base_dir), str(adapter_dir))
+    model = model.merge_and_unload()
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     RegionMedCLIPProcessor(RegionMedCLIPImageProcessor.from_pretrained(base_dir), load_tokenizer(base_dir)).save_pretrained(
@@ -90,37 +103,41 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, required=True, help="canonical dataset folder")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--towers", default="vision,text", help="comma-separated among vision, text")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--alpha", type=int, default=16)
-    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--rank", type=positive_int, default=8)
+    parser.add_argument("--alpha", type=positive_int, default=16)
+    parser.add_argument("--dropout", type=fraction, default=0.05, help="LoRA dropout, in [0, 1)")
     parser.add_argument("--modules-to-save", default="projections", help="comma-separated among "
                         f"{sorted(SAVABLE_MODULES)}, or 'none'")
-    parser.add_argument("--max-steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_TRAINING_ARGS["per_device_train_batch_size"])
+    parser.add_argument("--max-steps", type=positive_int, default=300)
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_TRAINING_ARGS["per_device_train_batch_size"])
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gradient-checkpointing", choices=CHECKPOINTING_MODES, default="off")
     parser.add_argument("--config", type=Path, default=None, help="run YAML: schedule and training_args")
+    parser.add_argument("--schedule", choices=sorted(NAMED_SCHEDULES), default=None,
+                        help="a named schedule (default: the YAML's `schedule`, else joint)")
     parser.add_argument("--merge", action="store_true", help="also write the merged model to OUT/merged")
     return parser
 
 
 @console_script("regionmed-finetune")
 def main(argv: list[str] | None = None) -> int:
-    import yaml
 
     args = _parser().parse_args(argv)
     if not (args.model / "config.json").is_file():
-        print(f"regionmed-finetune: error: --model {str(args.model)!r} is not a saved model folder", file=sys.stderr)
-        return 2
+        raise UsageError(f"--model {str(args.model)!r} is not a saved model folder (no config.json)")
+    if not args.data.is_dir():
+        raise UsageError(f"--data {str(args.data)!r}: no such dataset folder")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise UsageError(f"--output-dir {str(args.output_dir)!r} is a file, not a folder")
     saved = [] if args.modules_to_save == "none" else [name.strip() for name in args.modules_to_save.split(",")]
     try:
         config = lora_config([tower.strip() for tower in args.towers.split(",")], args.rank, args.alpha,
                              args.dropout, saved)
     except ValueError as error:
-        print(f"regionmed-finetune: error: {error}", file=sys.stderr)
-        return 2
-    run_yaml = yaml.safe_load(args.config.read_text()) if args.config else {}
+        raise UsageError(str(error)) from None
+    run_yaml = read_run_yaml(args.config)
+    check_training_args(run_yaml.get("training_args") or {}, f"--config {str(args.config)!r}")
     training_args = {**DEFAULT_TRAINING_ARGS, **(run_yaml.get("training_args") or {}),
                      "output_dir": str(args.output_dir), "max_steps": args.max_steps, "seed": args.seed,
                      "per_device_train_batch_size": args.batch_size, "learning_rate": args.learning_rate,
@@ -129,13 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         training_args["gradient_checkpointing"] = True
         training_args["gradient_checkpointing_kwargs"] = {"use_reentrant": args.gradient_checkpointing == "reentrant"}
     run = {"model": {"pretrained": str(args.model)}, "data": {"path": str(args.data), "split": "train"},
-           "schedule": run_yaml.get("schedule") or DEFAULT_STAGES, "training_args": training_args}
+           "schedule": schedule_of(args, run_yaml), "training_args": training_args}
     def wrap(model: RegionMedCLIPModel) -> PeftModel:
         if args.gradient_checkpointing == "reentrant":
             # Reentrant checkpointing back-propagates only through segments whose input requires grad;
             # with the towers frozen, none would, and no LoRA layer inside them would learn.
             model.enable_input_require_grads()
-        return get_peft_model(model, config)
+        with _peft_reading_deprecated_checkpointing_flag():
+            return get_peft_model(model, config)
 
     trainer, _ = build_trainer(run, model_wrapper=wrap)
     summary = _trainable(trainer.model)

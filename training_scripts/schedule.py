@@ -1,6 +1,7 @@
 """The training schedule, as data: one joint stage by default, the paper's progressive stages on request.
 
-A schedule is a list of stages (plain dicts, e.g. from YAML):
+A schedule is a name from `NAMED_SCHEDULES` (`joint`, the default; `progressive`, the paper's four
+stages) or a list of stages (plain dicts, e.g. from YAML):
 
     {"name": "roi", "fraction": 0.4,                    # or "steps": 300
      "loss_weights": {"global_report": 1.0, "region": 0.5},
@@ -25,7 +26,8 @@ from typing import Any
 
 from .losses import DEFAULT_LOSS_WEIGHTS, LOSS_TERMS, TERM_CAPTION_LEVELS
 
-__all__ = ["DEFAULT_STAGES", "PARAMETER_GROUPS", "PROGRESSIVE_STAGES", "Stage", "StagedSchedule", "parameter_group_of"]
+__all__ = ["DEFAULT_STAGES", "NAMED_SCHEDULES", "PARAMETER_GROUPS", "PROGRESSIVE_STAGES", "Stage", "StagedSchedule",
+           "parameter_group_of", "resolve_schedule"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ DEFAULT_STAGES: list[dict[str, Any]] = [
 
 # The paper's outline, kept for users who start from pretrained towers (where a global warm-up has
 # something to align): global warm-up -> refinement -> ROI processor on with region and negative
-# captions (towers x0.1) -> joint. Select it with `schedule:` in the run YAML.
+# captions (towers x0.1) -> joint. Select it with `schedule: progressive` in the run YAML or `--schedule progressive`.
 PROGRESSIVE_STAGES: list[dict[str, Any]] = [
     {"name": "warmup", "fraction": 0.1, "loss_weights": {"global_report": 1.0},
      "lr_multipliers": {"roi": 0.0}, "use_rois": False},
@@ -53,6 +55,29 @@ PROGRESSIVE_STAGES: list[dict[str, Any]] = [
      "lr_multipliers": {"vision": 0.1, "text": 0.1}, "use_rois": True},
     {"name": "joint", "fraction": 0.4, "loss_weights": dict(DEFAULT_LOSS_WEIGHTS), "lr_multipliers": {}, "use_rois": True},
 ]
+
+# Schedules by name: `schedule: progressive` in the run YAML, or `--schedule progressive`.
+NAMED_SCHEDULES: dict[str, list[dict[str, Any]]] = {"joint": DEFAULT_STAGES, "progressive": PROGRESSIVE_STAGES}
+
+
+def resolve_schedule(schedule: str | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The stages of `schedule`: a name from `NAMED_SCHEDULES` or a list of stage mappings (copied).
+
+    Raises ValueError naming an unknown schedule, or the stage that is not a mapping."""
+    if isinstance(schedule, str):
+        if schedule not in NAMED_SCHEDULES:
+            raise ValueError(f"schedule: unknown schedule {schedule!r}; named schedules: {sorted(NAMED_SCHEDULES)}, "
+                             "or a list of stages")
+        schedule = NAMED_SCHEDULES[schedule]
+    if isinstance(schedule, Mapping) or not isinstance(schedule, Sequence):
+        raise ValueError(f"schedule: must be a schedule name {sorted(NAMED_SCHEDULES)} or a list of stages, "
+                         f"got {type(schedule).__name__}")
+    for index, spec in enumerate(schedule):
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"schedule[{index}]: a stage must be a mapping (name, fraction or steps, loss_weights, "
+                             f"lr_multipliers, use_rois), got {spec!r}")
+    return [dict(spec) for spec in schedule]
+
 
 # Prefixes that wrappers put in front of parameter names (FSDP, activation checkpointing, DDP,
 # torch.compile, PEFT); the schedule groups are defined on the bare model's names.
@@ -122,6 +147,15 @@ def _check_stage(spec: Mapping[str, Any], index: int) -> None:
         raise ValueError(f"{where}: 'steps' must be a positive integer, got {spec['steps']!r}")
     if "fraction" in spec and not (isinstance(spec["fraction"], (int, float)) and 0 < spec["fraction"] <= 1):
         raise ValueError(f"{where}: 'fraction' must be in (0, 1], got {spec['fraction']!r}")
+    for key in ("loss_weights", "lr_multipliers"):
+        value = spec.get(key) or {}
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: '{key}' must be a mapping of names to numbers, got {value!r}")
+        for name, number in value.items():
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                raise ValueError(f"{where}: '{key}.{name}' must be a number, got {number!r}")
+    if not isinstance(spec.get("use_rois", False), bool):
+        raise ValueError(f"{where}: 'use_rois' must be true or false, got {spec['use_rois']!r}")
     weights = spec.get("loss_weights") or {}
     unknown_terms = sorted(set(weights) - set(LOSS_TERMS))
     if unknown_terms:
@@ -143,17 +177,19 @@ def _check_stage(spec: Mapping[str, Any], index: int) -> None:
 class StagedSchedule:
     """Stages resolved to step ranges for a run of `max_steps` optimizer steps."""
 
-    def __init__(self, stages: Sequence[Mapping[str, Any]], max_steps: int):
+    def __init__(self, stages: str | Sequence[Mapping[str, Any]], max_steps: int):
         if max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {max_steps}")
+        stages = resolve_schedule(stages)
         if not stages:
             raise ValueError("the schedule needs at least one stage")
-        names = [spec.get("name") for spec in stages]
-        if len(set(names)) != len(names):
-            raise ValueError(f"stage names must be unique, got {names}")
-        resolved, start = [], 0
         for index, spec in enumerate(stages):
             _check_stage(spec, index)
+        names = [spec["name"] for spec in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"schedule: stage names must be unique, got {names}")
+        resolved, start = [], 0
+        for spec in stages:
             length = spec["steps"] if "steps" in spec else max(1, round(spec["fraction"] * max_steps))
             if start >= max_steps:
                 logger.warning("stage %r starts at step %d >= max_steps %d and will not run", spec["name"], start,

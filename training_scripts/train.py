@@ -9,7 +9,7 @@ The YAML holds five optional sections (command-line flags win over it):
     model:          {preset: base, overrides: {max_rois: 8}, vision_path: ..., text_path: ..., tokenizer: ...}
                     or {pretrained: RUN/final} to continue from a saved RegionMed-CLIP folder
     data:           {path: data/synth, split: train}
-    schedule:       [list of stages, see training_scripts/schedule.py]; default DEFAULT_STAGES
+    schedule:       joint (the default) | progressive | [list of stages, see training_scripts/schedule.py]
     training_args:  any transformers.TrainingArguments field (per_device_train_batch_size, bf16, ...)
     loss:           training_scripts.losses.ContrastiveLossConfig fields (local_loss, hardest_k,
                     hard_negative_weight, negative_text_margin); the model's config.json holds none
@@ -17,6 +17,10 @@ The YAML holds five optional sections (command-line flags win over it):
 Writes to the output dir: `checkpoint-N/` (complete ones hold a marker), `tokenizer/`,
 `train_log.jsonl` (every logged loss term), `loss_curves.png` (stage boundaries marked),
 `run_config.yaml` (the resolved configuration) and `final/` (model + processor, Hub remote code).
+
+A run folder may be moved or copied (scratch disk to persistent disk, one machine to another) and
+resumed where it now is: where the run and its data live (`LOCATION_KEYS`) is not its configuration.
+The data's contents are compared instead (`data_fingerprint.json`).
 """
 
 import argparse
@@ -37,7 +41,7 @@ from transformers import TrainingArguments, set_seed
 
 from modeling_regionmed_clip import CONFIG_ERRORS, PRESETS, RegionMedCLIPConfig, RegionMedCLIPModel
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer, load_tokenizer
-from regionmed_cli import console_script
+from regionmed_cli import UsageError, console_script, positive_int
 
 from .checkpoints import checkpoint_step, latest_intact_checkpoint
 from .collator import RegionMedCLIPCollator, prefetch_lookahead_steps
@@ -45,8 +49,7 @@ from .data_schema import dataset_fingerprint, load_canonical
 from .heap import fix_mmap_threshold, limit_onednn_primitive_cache
 from .losses import ContrastiveLossConfig
 from .plotting import plot_loss_curves
-from .schedule import DEFAULT_STAGES, StagedSchedule
-from .skips import TooManySkipsError
+from .schedule import NAMED_SCHEDULES, StagedSchedule, resolve_schedule
 from .trainer import JsonlLogCallback, RegionMedCLIPTrainer, StageCallback
 
 __all__ = ["build_trainer", "cpu_threads_advice", "finding_vocabulary", "main", "resolve_run_config"]
@@ -81,18 +84,52 @@ _SECTIONS = {"model", "data", "schedule", "training_args", "loss"}
 DEFAULT_MAX_SKIP_FRACTION = 0.05
 
 
+def read_run_yaml(path: Path | None) -> dict[str, Any]:
+    """The run YAML at `path` (`--config`) as a mapping of its sections ({} without one); a UsageError
+    names the file and what is wrong with it."""
+    if path is None:
+        return {}
+    if not Path(path).is_file():
+        raise UsageError(f"--config {str(path)!r}: no such file")
+    try:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UsageError(f"--config {str(path)!r} is not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--config {str(path)!r}: the run config must be a mapping with sections {sorted(_SECTIONS)}, "
+                         f"got a {type(config).__name__}")
+    unknown = sorted(set(config) - _SECTIONS, key=str)
+    if unknown:
+        raise UsageError(f"--config {str(path)!r}: unknown sections {unknown}; allowed: {sorted(_SECTIONS)}")
+    for section in ("model", "data", "training_args", "loss"):
+        if config.get(section) is not None and not isinstance(config[section], dict):
+            raise UsageError(f"--config {str(path)!r}: section {section!r} must be a mapping, "
+                             f"got {config[section]!r}")
+    return config
+
+
+def check_training_args(training_args: dict[str, Any], where: str) -> None:
+    """UsageError naming the keys of `training_args` that `transformers.TrainingArguments` does not take."""
+    known = {field.name for field in dataclasses.fields(TrainingArguments) if field.init}
+    unknown = sorted(set(training_args) - known, key=str)
+    if unknown:
+        raise UsageError(f"{where}: unknown training_args {unknown} (not transformers.TrainingArguments fields)")
+
+
+def schedule_of(args: argparse.Namespace, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's stages: `--schedule NAME`, else the YAML's `schedule` (a name or a list), else `joint`."""
+    try:
+        return resolve_schedule(args.schedule or config.get("schedule") or "joint")
+    except ValueError as error:
+        raise UsageError(f"{'--schedule' if args.schedule else f'--config {str(args.config)!r}'}: {error}") from None
+
+
 def resolve_run_config(args: argparse.Namespace) -> dict[str, Any]:
     """Merge defaults < YAML < command-line flags into one plain dict."""
-    config: dict[str, Any] = {}
-    if args.config:
-        config = yaml.safe_load(Path(args.config).read_text()) or {}
-        if not isinstance(config, dict):
-            raise ValueError(f"{args.config}: the run config must be a mapping with sections {sorted(_SECTIONS)}")
-        unknown = sorted(set(config) - _SECTIONS)
-        if unknown:
-            raise ValueError(f"{args.config}: unknown sections {unknown}; allowed: {sorted(_SECTIONS)}")
+    config = read_run_yaml(args.config)
     model = {"preset": "tiny", "overrides": {}, **(config.get("model") or {})}
     data = {"split": "train", "max_skip_fraction": DEFAULT_MAX_SKIP_FRACTION, **(config.get("data") or {})}
+    check_training_args(config.get("training_args") or {}, f"--config {str(args.config)!r}")
     training_args = {**DEFAULT_TRAINING_ARGS, **(config.get("training_args") or {})}
     flags = {"max_steps": args.max_steps, "save_steps": args.save_steps, "seed": args.seed,
              "output_dir": args.output_dir, "per_device_train_batch_size": args.batch_size,
@@ -107,14 +144,25 @@ def resolve_run_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_skip_fraction is not None:
         data["max_skip_fraction"] = args.max_skip_fraction
     if not 0 <= data["max_skip_fraction"] < 1:
-        raise ValueError(f"max_skip_fraction must be in [0, 1), got {data['max_skip_fraction']!r}")
+        raise UsageError(f"max_skip_fraction must be in [0, 1), got {data['max_skip_fraction']!r}")
     for key, where in (("output_dir", "--output-dir"), ("max_steps", "--max-steps")):
         if training_args.get(key) in (None, -1):
-            raise ValueError(f"{key} is required ({where} or training_args.{key} in the YAML)")
+            raise UsageError(f"{key} is required ({where} or training_args.{key} in the YAML)")
     if not data.get("path"):
-        raise ValueError("the dataset is required (--data or data.path in the YAML)")
+        raise UsageError("the dataset is required (--data or data.path in the YAML)")
+    if not Path(data["path"]).is_dir():
+        raise UsageError(f"--data {str(data['path'])!r}: no such dataset folder")
+    if not isinstance(model.get("overrides") or {}, dict):
+        raise UsageError(f"--config {str(args.config)!r}: model.overrides must be a mapping of config fields, "
+                         f"got {model['overrides']!r}")
+    try:  # a bad preset or override is a one-line error now, not a traceback after the data is loaded
+        RegionMedCLIPConfig.from_preset(model["preset"], **(model.get("overrides") or {}))
+    except CONFIG_ERRORS as error:
+        raise UsageError(f"--config {str(args.config)!r}: model: {' '.join(str(error).split())}") from None
     training_args["output_dir"] = str(training_args["output_dir"])
-    return {"model": model, "data": data, "schedule": config.get("schedule") or DEFAULT_STAGES,
+    if Path(training_args["output_dir"]).exists() and not Path(training_args["output_dir"]).is_dir():
+        raise UsageError(f"--output-dir {training_args['output_dir']!r} is a file, not a folder")
+    return {"model": model, "data": data, "schedule": schedule_of(args, config),
             "loss": dict(config.get("loss") or {}),
             "training_args": training_args}
 
@@ -243,6 +291,9 @@ DATA_FINGERPRINT_FILE = "data_fingerprint.json"
 # What a fresh run with --overwrite deletes from the folder of an earlier run.
 _RUN_OUTPUTS = ("checkpoint-*", "final", "tokenizer", "train_log.jsonl", "loss_curves.png", RUN_CONFIG_FILE,
                 DATA_FINGERPRINT_FILE)
+# Where a run and its data live, not what the run is: a moved or copied run folder resumes (the data's
+# contents are compared through its fingerprint instead of its path); the new locations are saved.
+LOCATION_KEYS = ("training_args.output_dir", "training_args.logging_dir", "data.path")
 # training_args a resumed run would not honour: the optimizer's and the scheduler's states (learning
 # rates, moments) and the data order come back from the checkpoint. Changing one is always an error.
 RESTORED_ON_RESUME = ("seed", "data_seed", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
@@ -267,7 +318,7 @@ def prepare_run_folder(run: dict[str, Any], resume: bool, overwrite: bool = Fals
     A fresh run into a folder that holds a run needs `overwrite` (which deletes that run's outputs).
     `resume` compares the run with the one saved in the folder (its `run_config.yaml` and data
     fingerprint): a value the checkpoint would override (`RESTORED_ON_RESUME`) is an error, any other
-    change needs `allow_config_change`."""
+    change needs `allow_config_change`. A moved folder is no change (`LOCATION_KEYS`)."""
     output_dir = Path(run["training_args"]["output_dir"])
     saved_path = output_dir / RUN_CONFIG_FILE
     fingerprint = dataset_fingerprint(run["data"]["path"], run["data"]["split"])
@@ -275,7 +326,7 @@ def prepare_run_folder(run: dict[str, Any], resume: bool, overwrite: bool = Fals
     if not resume:
         if earlier and not overwrite:
             names = [path.name for path in earlier]
-            raise ValueError(f"{output_dir} holds a run ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): "
+            raise UsageError(f"{output_dir} holds a run ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): "
                              "pass --resume to continue it, or --overwrite to delete its outputs and start over")
         for path in earlier:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -284,6 +335,9 @@ def prepare_run_folder(run: dict[str, Any], resume: bool, overwrite: bool = Fals
         return fingerprint
     saved = yaml.safe_load(saved_path.read_text())
     changes = config_changes(saved, run)
+    moved = {key: changes.pop(key) for key in LOCATION_KEYS if key in changes}
+    if moved:
+        logger.info("--resume of a moved run: %s", "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in moved.items()))
     fingerprint_path = output_dir / DATA_FINGERPRINT_FILE
     if fingerprint_path.exists():
         before = json.loads(fingerprint_path.read_text())["sha256"]
@@ -292,10 +346,10 @@ def prepare_run_folder(run: dict[str, Any], resume: bool, overwrite: bool = Fals
     described = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
     ignored = [key for key in changes if key.removeprefix("training_args.") in RESTORED_ON_RESUME]
     if ignored:
-        raise ValueError(f"--resume would ignore {ignored}: the checkpoint restores them ({described}); "
+        raise UsageError(f"--resume would ignore {ignored}: the checkpoint restores them ({described}); "
                          f"resume with the saved values, or start a new run")
     if changes and not allow_config_change:
-        raise ValueError(f"--resume with a changed run configuration ({described}); pass "
+        raise UsageError(f"--resume with a changed run configuration ({described}); pass "
                          "--allow-config-change to continue with the new values, or resume with the saved ones")
     if changes:
         logger.warning("--resume with a changed run configuration: %s", described)
@@ -346,16 +400,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
     parser.add_argument("--data", type=Path, default=None, help="canonical dataset folder (parquet shards)")
     parser.add_argument("--output-dir", type=Path, default=None)
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--save-steps", type=int, default=None)
+    parser.add_argument("--max-steps", type=positive_int, default=None)
+    parser.add_argument("--save-steps", type=positive_int, default=None)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None, help="per-device train batch size")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="per-device train batch size")
     parser.add_argument("--learning-rate", type=float, default=None)
-    parser.add_argument("--logging-steps", type=int, default=None)
+    parser.add_argument("--logging-steps", type=positive_int, default=None)
+    parser.add_argument("--schedule", choices=sorted(NAMED_SCHEDULES), default=None,
+                        help="a named schedule (default: the YAML's `schedule`, else joint); progressive = the "
+                             "paper's four stages")
     parser.add_argument("--tokenizer", type=Path, default=None, help="a local BERT-style tokenizer folder")
     parser.add_argument("--max-skip-fraction", type=float, default=None,
                         help=f"stop when more than this share of the rows is skipped (default {DEFAULT_MAX_SKIP_FRACTION})")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for the training process (default: torch's, one per core). With other "
                              "jobs on the machine give each cores / jobs: two runs at 2 threads on 2 cores "
                              f"ran {CONTENDED_SLOWDOWN}x slower than at 1 each (docs/PERFORMANCE.md). DataLoader "
@@ -374,22 +431,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.threads is not None:
-        if args.threads < 1:
-            print(f"regionmed-train: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-            return 2
         torch.set_num_threads(args.threads)
     if not torch.cuda.is_available() and hasattr(os, "getloadavg") and (
             advice := cpu_threads_advice(torch.get_num_threads(), os.cpu_count() or 1, os.getloadavg()[0])):
         logger.warning(advice)
-    try:
-        run = resolve_run_config(args)
-        fingerprint = None
-        if int(os.environ.get("RANK", "0")) == 0:  # before any rank writes into the folder
-            fingerprint = prepare_run_folder(run, args.resume, args.overwrite, args.allow_config_change)
-        trainer, checkpoint = build_trainer(run, resume=args.resume)
-    except (*CONFIG_ERRORS, FileNotFoundError) as error:
-        print(f"regionmed-train: error: {error}", file=sys.stderr)
-        return 2
+    run = resolve_run_config(args)
+    fingerprint = None
+    if int(os.environ.get("RANK", "0")) == 0:  # before any rank writes into the folder
+        fingerprint = prepare_run_folder(run, args.resume, args.overwrite, args.allow_config_change)
+    trainer, checkpoint = build_trainer(run, resume=args.resume)
     output_dir = Path(trainer.args.output_dir)
     log_path = output_dir / "train_log.jsonl"
     final_dir = output_dir / "final"
@@ -410,19 +460,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         trainer._load_from_checkpoint(str(checkpoint))
     else:
-        try:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        except TooManySkipsError as error:
-            print(f"regionmed-train: error: {error}", file=sys.stderr)
-            return 3
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)  # TooManySkipsError: exit 3
         skips = trainer.run_skips()
         if trainer.is_world_process_zero():
             print(f"data: {skips.summary()}")
-        try:
-            skips.check(trainer.max_skip_fraction)
-        except TooManySkipsError as error:
-            print(f"regionmed-train: error: {error}", file=sys.stderr)
-            return 3
+        skips.check(trainer.max_skip_fraction)
 
     trainer.save_model(final_dir)  # on every rank: FSDP gathers the full weights collectively
     if trainer.is_world_process_zero():

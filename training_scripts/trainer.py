@@ -139,9 +139,13 @@ class RegionMedCLIPTrainer(Trainer):
         self._group_parameters: dict[str, list[nn.Parameter]] = defaultdict(list)
         # Read shapes now: the optimizer may be built after FSDP has flattened every parameter to 1-d.
         self._low_dim_parameters: set[str] = set()
+        # The log-temperature, trained or not (under LoRA it is frozen, and still logged).
+        self._logit_scale: nn.Parameter | None = None
         for name, parameter in self.model.named_parameters():
             if parameter.ndim < 2:
                 self._low_dim_parameters.add(bare_parameter_name(name))
+            if bare_parameter_name(name) == "logit_scale":
+                self._logit_scale = parameter
             if parameter.requires_grad:
                 self._group_parameters[parameter_group_of(name)].append(parameter)
         self.add_callback(_ClampTemperatureCallback(self._group_parameters["temperature"]))
@@ -284,7 +288,8 @@ class RegionMedCLIPTrainer(Trainer):
             stage = self.schedule.stage_at(max(self.state.global_step - 1, 0))
             logs["stage"] = stage.name
             logs["nonfinite_steps"] = self.nonfinite_steps
-            logs["logit_scale"] = round(mean_over_ranks(self._group_parameters["temperature"][0]).exp().item(), 4)
+            if self._logit_scale is not None:
+                logs["logit_scale"] = round(mean_over_ranks(self._logit_scale).exp().item(), 4)
         if "loss" in logs or "train_runtime" in logs:  # every training log, and the run's summary log
             skips = self.run_skips()
             logs.update(rows_seen=skips.rows_seen, skipped_rows=skips.rows_skipped,
