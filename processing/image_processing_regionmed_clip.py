@@ -125,9 +125,13 @@ def _binary_mask(array: np.ndarray, where: str) -> np.ndarray:
     spread the region over the whole image."""
     if not np.issubdtype(array.dtype, np.floating) or np.isin(array, (0.0, 1.0)).all():
         return array.astype(bool)
-    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+    if not np.isfinite(array).all():
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise ValueError(f"{where}: the float mask holds NaN or inf ({bad} of {array.size} pixels); a mask must hold "
+                         "0/1 or probabilities in [0, 1]")
+    if array.min() < 0 or array.max() > 1:
         raise ValueError(f"{where}: a float mask must hold 0/1 or probabilities in [0, 1], got values in "
-                         f"[{np.nanmin(array):g}, {np.nanmax(array):g}]")
+                         f"[{array.min():g}, {array.max():g}]")
     return array >= 0.5
 
 

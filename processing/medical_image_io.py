@@ -14,6 +14,8 @@ PIL images (``PIL.Image.Image``)
       A mode PIL cannot convert raises ``ValueError`` naming the mode.
     * ``"I;16"`` (and ``I;16B``/``I;16L``/``I;16N``), ``"I"`` (int32), ``"F"`` (float32) -> high-bit-depth rule.
     * Only the current frame of a multi-frame image (GIF, TIFF) is read; EXIF orientation is not applied.
+    * A lazily opened image (``Image.open``) is decoded here: pixel data PIL cannot decode (a truncated file)
+      raises ``ValueError`` ("Cannot decode the PIL image"), not PIL's ``OSError``.
 
 numpy arrays
     * Shapes ``(H, W)``, ``(H, W, 1)`` (returned as ``(H, W)``) and ``(H, W, 3)``. ``(H, W, 4)`` raises
@@ -48,7 +50,8 @@ DICOM (a ``pydicom.Dataset`` or a DICOM path; needs the optional ``pydicom>=3``,
        first, so windows are in modality units (e.g. Hounsfield units); a ``RescaleSlope`` of 0 (every pixel
        the same value) is an error, not a blank image. Then, in order of preference:
        a VOI LUT Sequence -> ``apply_voi_lut`` then min-max to 8 bits; ``WindowCenter``/``WindowWidth`` (the
-       first value when multi-valued, width > 0) -> linear window ``low = c - w/2``, ``high = c + w/2``:
+       first value when multi-valued, width > 0; a width <= 0 is ignored with a logged warning naming the file)
+       -> linear window ``low = c - w/2``, ``high = c + w/2``:
        values are clipped into the window (that is what a window means: everything below it is black,
        everything above it white) and mapped linearly onto 0..255; otherwise min-max. ``VOILUTFunction`` is
        ignored (always linear).
@@ -72,6 +75,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -82,6 +86,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = ["is_dicom_file", "load_medical_image", "load_medical_pil"]
+
+logger = logging.getLogger(__name__)
 
 _SUPPORTED_TYPES = (
     "a PIL.Image.Image, a numpy.ndarray, a str or os.PathLike path to an image or DICOM file, or a pydicom Dataset"
@@ -131,7 +137,7 @@ def load_medical_image(
         return _from_path(Path(os.fsdecode(image)), int(dicom_frame), max_image_pixels)
     if _looks_like_dicom_dataset(image):
         with _named_dicom_errors("DICOM dataset"):
-            return _from_dicom(image, int(dicom_frame), max_image_pixels)
+            return _from_dicom(image, int(dicom_frame), max_image_pixels, "DICOM dataset")
 
     kind = type(image)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
@@ -155,6 +161,7 @@ def load_medical_pil(
     if isinstance(image, Image.Image) and image.mode in _PIL_MODES:
         width, height = image.size
         _check_size(height, width, max_image_pixels)
+        _load_pil(image)
         return image
     if isinstance(image, (str, os.PathLike)):
         path = Path(os.fsdecode(image))
@@ -279,10 +286,26 @@ def _from_array(values: np.ndarray, max_image_pixels: int | None) -> np.ndarray:
     return _array_to_uint8(values)
 
 
+def _load_pil(image: Image.Image) -> None:
+    """Decode a lazily opened PIL image now (a no-op once loaded): a truncated or corrupt file then fails
+    here as a ValueError, not as PIL's OSError inside a later resize or conversion."""
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"Cannot decode the PIL image{_pil_source(image)}: {error}") from error
+
+
+def _pil_source(image: Image.Image) -> str:
+    """" of file '...'" for a PIL image opened from a named file, else ""."""
+    name = getattr(image, "filename", None)
+    return f" of file '{name}'" if isinstance(name, (str, os.PathLike)) and str(name) else ""
+
+
 def _from_pil(image: Image.Image, max_image_pixels: int | None) -> np.ndarray:
     """PIL image -> new uint8 (H, W) or (H, W, 3); the size is checked before any pixel is touched."""
     width, height = image.size
     _check_size(height, width, max_image_pixels)
+    _load_pil(image)
     mode = image.mode
     if mode in ("L", "RGB"):
         return np.array(image, dtype=np.uint8, order="C", copy=True)
@@ -316,7 +339,7 @@ def _from_path(path: Path, dicom_frame: int, max_image_pixels: int | None) -> np
         except Exception as error:  # pydicom raises many types for corrupt files; all mean "cannot read it"
             raise ValueError(f"Cannot read DICOM file '{path}': {error}") from error
         with _named_dicom_errors(f"DICOM file '{path}'"):
-            return _from_dicom(dataset, dicom_frame, max_image_pixels)
+            return _from_dicom(dataset, dicom_frame, max_image_pixels, f"DICOM file '{path}'")
     return _file_pixels(_decode_image_file(path, max_image_pixels), path, max_image_pixels)
 
 
@@ -480,8 +503,9 @@ def _decode_frame(dataset: Any, dicom_frame: int, num_frames: int) -> tuple[np.n
     return values, str(dataset.PhotometricInterpretation)
 
 
-def _from_dicom(dataset: Any, dicom_frame: int, max_image_pixels: int | None) -> np.ndarray:
-    """pydicom Dataset (or duck-typed stand-in) -> new uint8 (H, W) or (H, W, 3), following the DICOM rules."""
+def _from_dicom(dataset: Any, dicom_frame: int, max_image_pixels: int | None, source: str) -> np.ndarray:
+    """pydicom Dataset (or duck-typed stand-in) -> new uint8 (H, W) or (H, W, 3), following the DICOM rules.
+    `source` names it in warnings (e.g. "DICOM file '...'")."""
     pixels = _import_pydicom().pixels
     rows, columns = int(dataset.Rows), int(dataset.Columns)
     _check_size(rows, columns, max_image_pixels)
@@ -524,6 +548,10 @@ def _from_dicom(dataset: Any, dicom_frame: int, max_image_pixels: int | None) ->
                          "the header is wrong")
     values = pixels.apply_modality_lut(values, rescale)
     center, width = _frame_window(dataset, dicom_frame)
+    if center is not None and width is not None and width <= 0 and not getattr(dataset, "VOILUTSequence", None):
+        # A zero or negative width describes no window (the standard requires >= 1): min-max it, and say so.
+        logger.warning("%s: WindowWidth %g is not positive: the window (center %g) is ignored and the image "
+                       "min-max scaled", source, width, center)
     if getattr(dataset, "VOILUTSequence", None):
         out = _minmax_to_uint8(pixels.apply_voi_lut(values, dataset))
     elif center is not None and width is not None and width > 0:

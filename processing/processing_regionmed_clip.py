@@ -57,6 +57,11 @@ def _as_text_list(value: str | Sequence[str], name: str) -> list[str]:
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"{name}[{index}] must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # a lone surrogate, e.g. from a bad decode: the tokenizer cannot take it
+            raise ValueError(f"{name}[{index}] cannot be encoded as UTF-8 ({error.reason} at character {error.start}: "
+                             f"{text[error.start]!r}); fix or drop the character") from None
     return texts
 
 

@@ -1,14 +1,16 @@
 """Caption tokenizer: a BERT WordPiece tokenizer trained locally, or any local BERT-style folder."""
 
+import json
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
-from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
+from transformers import BertTokenizer, PreTrainedTokenizerBase
+from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
-__all__ = ["DEFAULT_MAX_LENGTH", "SPECIAL_TOKENS", "TEXT_INPUT_NAMES", "build_tokenizer", "load_tokenizer", "without_token_type_ids"]
+__all__ = ["DEFAULT_MAX_LENGTH", "SPECIAL_TOKENS", "TEXT_INPUT_NAMES", "TOKENIZER_FILES", "build_tokenizer", "load_tokenizer", "without_token_type_ids"]
 
 DEFAULT_MAX_LENGTH = 256
 # The order fixes the ids [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, which the text config defaults expect.
@@ -16,6 +18,9 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # What the text tower takes: it has no token types, so the tokenizer never emits token_type_ids
 # (transformers' pipelines call the tokenizer directly and pass everything it returns to forward).
 TEXT_INPUT_NAMES = ("input_ids", "attention_mask")
+# What a BERT-style tokenizer folder holds: the fast tokenizer's serialization (what `save_pretrained` of
+# ours writes) or a WordPiece vocabulary (e.g. a downloaded PubMedBERT).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
 def build_tokenizer(
@@ -75,13 +80,30 @@ def load_tokenizer(path: str | Path, model_max_length: int = DEFAULT_MAX_LENGTH)
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer folder {str(path)!r} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer in {str(path)!r} (expected {' or '.join(TOKENIZER_FILES)}: a folder saved by "
+            f"RegionMedCLIPProcessor / the tokenizer holds tokenizer.json, a BERT download vocab.txt); "
+            f"it holds {sorted(entry.name for entry in path.iterdir())[:10]}")
+    tokenizer = _tokenizer_class(path).from_pretrained(path)
     if tokenizer.model_max_length is None or tokenizer.model_max_length > 100_000:
         tokenizer.model_max_length = model_max_length
     for token in ("pad_token", "cls_token"):
         if getattr(tokenizer, token) is None:
             raise ValueError(f"the tokenizer in {str(path)!r} has no {token}; a BERT-style tokenizer is required")
     return without_token_type_ids(tokenizer)  # a BERT folder would also emit token_type_ids
+
+
+def _tokenizer_class(path: Path) -> type[PreTrainedTokenizerBase]:
+    """The class `tokenizer_config.json` names (BERT's without one). Not `AutoTokenizer`: it first reads
+    the folder's `config.json`, and for a saved RegionMed-CLIP model folder (remote code) that asks on
+    stdin whether to trust the code, blocking a batch job."""
+    config_file = path / "tokenizer_config.json"
+    name = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    found = tokenizer_class_from_name(name) if name else None
+    if name and found is None:
+        raise ValueError(f"{str(config_file)!r} names tokenizer_class {name!r}, which transformers does not know")
+    return found or BertTokenizer
 
 
 def without_token_type_ids(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -1,15 +1,18 @@
 """The bad-input corpus (tests/corpus/generate.py), layer by layer: each input is either a clear error
 (its type, a message naming the file, field or value) or a documented repair (and its result)."""
 
+import contextlib
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from corpus.generate import CASES, FILM_SIZE, LAYERS, Case, Error, generate
+from corpus.generate import CASES, FILM_SIZE, LAYERS, Case, Error, Repair, generate
+from PIL import Image
 
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer, load_medical_image
 
@@ -23,13 +26,21 @@ def layer_cases(layer: str) -> list[Any]:
     return [pytest.param(case, id=case.name) for case in CASES if case.layer == layer]
 
 
-def check(case: Case, run: Any) -> None:
-    """`run()` raises the case's error, or returns what its repair check accepts."""
+def check(case: Case, run: Any, caplog: pytest.LogCaptureFixture | None = None) -> None:
+    """`run()` raises the case's error, or returns what its repair check accepts (and logs the warning
+    the repair `warns` of: pass `caplog` for a layer that has such repairs)."""
     if isinstance(case.expect, Error):
         with pytest.raises(case.expect.type, match=case.expect.match):
             run()
-    else:
+        return
+    if case.expect.warns is None:
         case.expect.check(run())
+        return
+    assert caplog is not None, f"{case.layer} layer: pass caplog to check its repairs' warnings"
+    with caplog.at_level(logging.WARNING):
+        case.expect.check(run())
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert any(re.search(case.expect.warns, message) for message in warnings), warnings
 
 
 def test_every_layer_has_errors_or_repairs_and_the_manifest_lists_each_case(corpus):
@@ -39,6 +50,8 @@ def test_every_layer_has_errors_or_repairs_and_the_manifest_lists_each_case(corp
     manifest = json.loads((next(iter(corpus.values())).parents[1] / "manifest.json").read_text())
     assert [f"{entry['layer']}/{entry['name']}" for entry in manifest] == names
     assert {entry["outcome"] for entry in manifest} == {"error", "repair"}
+    assert [entry.get("warns") for entry in manifest] == [
+        case.expect.warns if isinstance(case.expect, Repair) else None for case in CASES]
 
 
 @pytest.mark.parametrize("case", layer_cases("image"))
@@ -47,9 +60,9 @@ def test_image_layer(corpus, case):
 
 
 @pytest.mark.parametrize("case", layer_cases("dicom"))
-def test_dicom_layer(corpus, case):
+def test_dicom_layer(corpus, case, caplog):
     pytest.importorskip("pydicom")
-    check(case, lambda: load_medical_image(str(corpus[f"dicom/{case.name}"])))
+    check(case, lambda: load_medical_image(str(corpus[f"dicom/{case.name}"])), caplog)
 
 
 @pytest.mark.parametrize("case", layer_cases("regions"))
@@ -59,17 +72,33 @@ def test_regions_layer(corpus, case, caplog):
     regions = spec if case.name.startswith("nine") else [spec]
     film = np.add.outer(np.arange(FILM_SIZE[1]), np.arange(FILM_SIZE[0])).astype(np.uint8)
     processor = RegionMedCLIPImageProcessor(image_size=64, roi_size=16, max_rois=8)
-    with caplog.at_level(logging.WARNING):
-        check(case, lambda: processor(film, regions=[regions]))
-    if case.name.startswith("nine"):
-        assert "has 9 regions; keeping the first max_rois=8, dropping 1" in caplog.text
+    check(case, lambda: processor(film, regions=[regions]), caplog)
+
+
+@pytest.mark.parametrize("case", layer_cases("processor"))
+def test_processor_layer(corpus, case):
+    path = corpus[f"processor/{case.name}"]
+    arguments = json.loads(path.read_text())
+    tokenizer = build_tokenizer(["a nodule in the right upper zone"], vocab_size=64)
+    processor = RegionMedCLIPProcessor(RegionMedCLIPImageProcessor(image_size=32, roi_size=16), tokenizer)
+    with contextlib.ExitStack() as files:
+        if "images" in arguments:
+            arguments["images"] = [files.enter_context(Image.open(path.parent / name)) for name in arguments["images"]]
+        check(case, lambda: processor(**arguments))
+
+
+@pytest.mark.parametrize("case", layer_cases("tokenizer"))
+def test_tokenizer_layer(corpus, case):
+    from processing import load_tokenizer
+
+    check(case, lambda: load_tokenizer(corpus[f"tokenizer/{case.name}"]))
 
 
 @pytest.mark.parametrize("case", layer_cases("dataset"))
-def test_dataset_layer(corpus, case):
+def test_dataset_layer(corpus, case, caplog):
     from training_scripts.data_schema import load_canonical
 
-    check(case, lambda: list(load_canonical(corpus[f"dataset/{case.name}"], "train", decode_images=False)))
+    check(case, lambda: list(load_canonical(corpus[f"dataset/{case.name}"], "train", decode_images=False)), caplog)
 
 
 @pytest.mark.parametrize("case", layer_cases("writer"))

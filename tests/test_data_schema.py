@@ -72,6 +72,23 @@ def test_streaming_and_load_from_disk(tmp_path):
     assert load_canonical(tmp_path / "arrow")[1]["image_id"] == "img-1"
 
 
+def test_duplicate_image_ids_are_left_out_in_every_form(tmp_path, caplog):
+    rows = [make_row(i) for i in range(5)]
+    rows[3]["image_id"] = rows[4]["image_id"] = rows[1]["image_id"]
+    write_rows(rows, tmp_path / "parquet", rows_per_shard=2)  # the copies of img-1 in three shards
+    export_to_disk(tmp_path / "parquet", tmp_path / "arrow")  # itself loads through the same rule
+    assert len(load_from_disk(str(tmp_path / "arrow"))["train"]) == 2
+    write_rows([make_row(0), make_row(0)], tmp_path / "twice", rows_per_shard=2)
+    with caplog.at_level("WARNING", logger="training_scripts.data_schema"):
+        for streaming in (False, True):
+            loaded = load_canonical(tmp_path / "parquet", streaming=streaming, decode_images=False)
+            assert [row["image_id"] for row in loaded] == ["img-0", "img-2"]
+            assert [row["image_id"] for row in loaded] == ["img-0", "img-2"]  # a second epoch streams the same
+        assert [row["image_id"] for row in load_canonical(tmp_path / "twice", streaming=True)] == []
+    assert caplog.text.count("1 image_id(s) appear in more than one row (3 rows, e.g. 'img-1')") == 3  # export, then two loads
+    assert "(2 rows, e.g. 'img-0')" in caplog.text
+
+
 def test_undecoded_images_for_the_collator(tmp_path):
     write_rows([make_row(0)], tmp_path)
     image = load_canonical(tmp_path, decode_images=False)[0]["image"]
@@ -175,8 +192,21 @@ def _rewrite_shard(folder, change) -> None:
          r"column 'regions' is list<element: struct<bbox: list<element: double>, caption: string>>, expected"),
         (lambda table: table.append_column("notes", pa.array(["x"] * table.num_rows)),
          r"columns \['notes'\] are not canonical"),
+        (lambda table: table.set_column(
+            table.schema.get_field_index("regions"), "regions",
+            pa.array([[{"bbox": [1.0, 2.0, 5.0, 6.0], "caption": "c", "label": "l"},
+                       {"bbox": [1.0, 2.0, 5.0, 6.0, 7.0], "caption": "c", "label": "l"}]] * table.num_rows)),
+         r"train-00000.parquet: column 'regions': 3 bbox value\(s\) do not hold 4 numbers \(the first: row 0 of the "
+         r"shard, 5 numbers\)"),
+        (lambda table: table.set_column(
+            table.schema.get_field_index("regions"), "regions",
+            pa.array([[{"bbox": [1.0, 2.0, 5.0], "caption": "c", "label": "l"}]] * table.num_rows,
+                     pa.list_(pa.struct([("bbox", pa.list_(pa.float32(), 3)), ("caption", pa.string()),
+                                         ("label", pa.string())])))),
+         r"column 'regions' has bbox fixed_size_list<element: float>\[3\], expected fixed_size_list<item: float>\[4\]"),
     ],
-    ids=["missing column", "numbers for text", "region without label", "extra column"],
+    ids=["missing column", "numbers for text", "region without label", "extra column", "boxes of 5 numbers",
+         "fixed boxes of 3 numbers"],
 )
 def test_a_shard_with_another_schema_is_refused_naming_file_and_column(tmp_path, change, message):
     write_rows([make_row(i) for i in range(3)], tmp_path)

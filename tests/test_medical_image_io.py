@@ -114,6 +114,20 @@ def test_pil_size_is_checked_before_conversion():
     assert load_medical_image(image, max_image_pixels=100).shape == (10, 10, 3)
 
 
+@pytest.mark.parametrize("mode", ["L", "I;16"])
+@pytest.mark.parametrize("image_format", ["PNG", "TIFF"])
+def test_a_truncated_lazily_opened_pil_image_is_a_value_error(mode, image_format):
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).convert(mode).save(
+        buffer, image_format)
+    for load in (load_medical_image, load_medical_pil):
+        image = Image.open(io.BytesIO(buffer.getvalue()[: len(buffer.getvalue()) // 2]))  # header whole, pixels cut
+        with pytest.raises(ValueError, match=r"Cannot decode the PIL image: "):
+            load(image)
+
+
 def test_pil_mode_that_cannot_become_rgb_is_a_value_error():
     image = Image.new("La", (2, 2))
     with pytest.raises(ValueError, match="'La'"):
@@ -433,6 +447,17 @@ def test_hand_computed_window_after_rescale():
     ds.WindowWidth = [200, 1]
     # Modality values: -100, 0, 100, 200, 300, 119900; window [0, 200]: clipped, then v / 200 * 255.
     np.testing.assert_array_equal(load_medical_image(ds), [[0, 0, 128], [255, 255, 255]])
+
+
+def test_a_window_of_no_width_is_ignored_with_a_warning(caplog):
+    pydicom = pytest.importorskip("pydicom")
+    ds = pydicom.Dataset()
+    ds.set_pixel_data(np.array([[0, 50], [100, 200]], dtype=np.uint16), "MONOCHROME2", 16)
+    ds.WindowCenter, ds.WindowWidth = 100, -5
+    with caplog.at_level("WARNING", logger="processing.medical_image_io"):
+        out = load_medical_image(ds)
+    np.testing.assert_array_equal(out, [[0, 64], [128, 255]])  # min-max, as without a window
+    assert "DICOM dataset: WindowWidth -5 is not positive: the window (center 100) is ignored" in caplog.text
 
 
 def test_ct_small_window_copy():

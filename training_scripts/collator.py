@@ -77,6 +77,14 @@ def _text_problem(value: Any, name: str) -> str | None:
     return None
 
 
+def _labels_problem(labels: Any) -> str | None:
+    """Why `labels` is not a list of class names (it may be empty), or None."""
+    if not isinstance(labels, (list, tuple)):
+        return f"labels is {'missing or null' if labels is None else type(labels).__name__}, not a list"
+    return next((f"labels[{index}] is {'null' if label is None else type(label).__name__}, not text"
+                 for index, label in enumerate(labels) if not isinstance(label, str)), None)
+
+
 def _region_problem(region: Any, width: int, height: int, image_processor: RegionMedCLIPImageProcessor) -> str | None:
     """Why `region` (a canonical region on a `width x height` image) cannot be used, or None."""
     if not isinstance(region, Mapping):
@@ -206,8 +214,12 @@ class RegionMedCLIPCollator:
 
     @staticmethod
     def _row_problem(row: Mapping[str, Any], parts: BatchParts) -> str | None:
-        """Why a row's text fields cannot give `parts` (the image is checked by decoding it), or None."""
-        problem = _text_problem(row.get("report_caption"), "report_caption")
+        """Why a row's text fields cannot give `parts` (the image is checked by decoding it), or None.
+        `image_id` (the row's name, and its region sampling's seed) and `labels` (its classes) are
+        checked whatever the parts: a row without them is not a canonical row."""
+        problem = _text_problem(row.get("image_id"), "image_id") or _labels_problem(row.get("labels"))
+        if problem is None:
+            problem = _text_problem(row.get("report_caption"), "report_caption")
         if problem is None and parts.summary:
             problem = _text_problem(row.get("summary_caption"), "summary_caption")
         if problem is None and parts.negatives:

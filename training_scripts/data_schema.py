@@ -19,6 +19,7 @@ import datetime
 import hashlib
 import io
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets import Dataset, Features, IterableDataset, List, Value, load_dataset, load_from_disk
 from datasets import Image as ImageFeature
@@ -50,6 +52,8 @@ __all__ = [
 ]
 
 SPLITS = ("train", "validation", "test")
+
+logger = logging.getLogger(__name__)
 
 CANONICAL_FEATURES = Features(
     {
@@ -140,6 +144,29 @@ def check_shard_schema(shard: Path) -> None:
     extra = sorted(set(schema.names) - set(CANONICAL_FEATURES))
     if extra:
         raise ValueError(f"{shard}: columns {extra} are not canonical (they would be dropped)")
+    _check_bbox_lengths(shard, schema)
+
+
+def _check_bbox_lengths(shard: Path, schema: pa.Schema) -> None:
+    """A `regions.bbox` stored as a variable-length list reads as the fixed-size list of 4 only when every
+    box has 4 values: one that has not would fail deep inside `datasets` (DatasetGenerationError). Reads the
+    regions column only, and only when the type does not already fix the length."""
+    expected = CANONICAL_FEATURES.arrow_schema.field("regions").type.value_type
+    bbox_type = schema.field("regions").type.value_type.field("bbox").type
+    if pa.types.is_fixed_size_list(bbox_type):
+        if bbox_type.list_size != 4:
+            raise ValueError(f"{shard}: column 'regions' has bbox {bbox_type}, expected {expected.field('bbox').type}")
+        return
+    regions = pq.read_table(shard, columns=["regions"]).column("regions").combine_chunks()
+    lengths = pc.list_value_length(pc.struct_field(pc.list_flatten(regions), "bbox"))
+    wrong = pc.and_(pc.is_valid(lengths), pc.not_equal(lengths, 4))
+    count = pc.sum(wrong).as_py() or 0
+    if count:
+        row_of_region = pc.list_parent_indices(regions)
+        first = pc.index(wrong, True).as_py()
+        raise ValueError(f"{shard}: column 'regions': {count} bbox value(s) do not hold 4 numbers (the first: row "
+                         f"{row_of_region[first].as_py()} of the shard, {lengths[first].as_py()} numbers); a canonical "
+                         f"bbox is [x0, y0, x1, y1], {expected.field('bbox').type}")
 
 
 def validate_row(row: Mapping[str, Any], where: str = "row") -> None:
@@ -332,13 +359,17 @@ def load_canonical(
     `decode_images=False` leaves images as `{"bytes", "path"}` so a training collator can decode
     them and skip a corrupt one instead of failing inside the DataLoader. A dataset written before
     `uncertain_labels` was added reads it as empty lists.
+
+    `image_id` must be unique within the split: every row of an id found in more than one row is
+    left out, with a warning naming the ids and the count (the converters' rule for an id listed
+    twice: which row is right is unknowable). Only the id column is read to find them.
     """
     path = Path(path)
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         loaded = load_from_disk(str(path))
         if hasattr(loaded, "keys") and split not in loaded:
             raise ValueError(f"split {split!r} not found in {str(path)!r}; available: {sorted(loaded)}")
-        dataset = loaded[split] if hasattr(loaded, "keys") else loaded
+        dataset = _without_duplicate_ids(loaded[split] if hasattr(loaded, "keys") else loaded, None, path, split)
         if streaming:
             dataset = dataset.to_iterable_dataset()
     else:
@@ -354,8 +385,36 @@ def load_canonical(
         dataset = load_dataset(
             "parquet", data_files={split: files[split]}, split=split, features=features, streaming=streaming
         )
+        ids = pa.chunked_array([pq.read_table(shard, columns=["image_id"]).column("image_id")
+                                for shard in sorted(path.glob(f"{split}-*.parquet"))]) if streaming else None
+        dataset = _without_duplicate_ids(dataset, ids, path, split)
     dataset = _with_later_column(dataset)
     return dataset if decode_images else dataset.cast_column("image", ImageFeature(decode=False))
+
+
+def _without_duplicate_ids(dataset: Dataset | IterableDataset, ids: pa.ChunkedArray | pa.Array | None, path: Path,
+                           split: str) -> Dataset | IterableDataset:
+    """`dataset` without the rows of any image_id found in more than one row (warned about); `ids` is its
+    image_id column (read from a `Dataset` itself when None). Null ids are left to the collator's checks."""
+    if ids is None:
+        ids = dataset.select_columns(["image_id"]).with_format("arrow")[:]["image_id"]
+    if not len(ids):
+        return dataset
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.and_(pc.greater(counts.field("counts"), 1), pc.is_valid(counts.field("values"))))
+    if not len(repeated):
+        return dataset
+    duplicates = set(repeated.field("values").to_pylist())
+    rows = pc.sum(repeated.field("counts")).as_py()
+    examples = sorted(duplicates)[:3]
+    logger.warning("%s, split %r: %d image_id(s) appear in more than one row (%d rows, e.g. %s); image_id must be "
+                   "unique within a dataset, so all %d rows are left out (which of them is right is unknowable)",
+                   path, split, len(duplicates), rows, ", ".join(map(repr, examples)), rows)
+    if isinstance(dataset, IterableDataset):
+        return dataset.filter(lambda image_id: image_id not in duplicates, input_columns=["image_id"])
+    keep = pc.indices_nonzero(pc.invert(pc.is_in(ids, value_set=pa.array(sorted(duplicates), pa.string()))))
+    return dataset.select(keep.to_numpy())
 
 
 def export_to_disk(parquet_dir: str | Path, output_dir: str | Path) -> None:

@@ -9,7 +9,10 @@ Layers, and the call the input goes through (tests/test_corpus.py, one parametri
     image        processing.load_medical_image(path)
     dicom        processing.load_medical_image(path) on DICOM files
     regions      RegionMedCLIPImageProcessor(max_rois=8) on a 64 x 48 film with the region of the file
-    dataset      training_scripts.data_schema.load_canonical(folder, "train")
+    processor    RegionMedCLIPProcessor(...)(**the file's JSON arguments); each name in its `images` is an
+                 image file beside it, passed as `Image.open(file)` (a lazily decoded PIL object)
+    tokenizer    processing.load_tokenizer(folder)
+    dataset      list(training_scripts.data_schema.load_canonical(folder, "train"))
     writer       training_scripts.data_schema.write_rows([a row holding the file's bytes])
     rows         RegionMedCLIPCollator on a good row and the row of the file (a JSON row; its `image`
                  names an image file of the corpus)
@@ -50,7 +53,7 @@ from converter_helpers import (  # noqa: E402
 
 __all__ = ["CASES", "LAYERS", "Case", "Error", "Repair", "dicom_with", "generate"]
 
-LAYERS = ("image", "dicom", "regions", "dataset", "writer", "rows", "checkpoints", "converters", "model")
+LAYERS = ("image", "dicom", "regions", "processor", "tokenizer", "dataset", "writer", "rows", "checkpoints", "converters", "model")
 FILM_SIZE = (64, 48)  # (W, H) of the film the `regions` layer cuts regions from
 
 
@@ -64,10 +67,12 @@ class Error:
 
 @dataclass(frozen=True)
 class Repair:
-    """The layer goes on, doing what `description` documents; `check(result)` asserts what it gave."""
+    """The layer goes on, doing what `description` documents; `check(result)` asserts what it gave, and
+    with `warns` its logged warnings match that regex (a repair that must be said)."""
 
     description: str
     check: Callable[[Any], None]
+    warns: str | None = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +235,10 @@ DICOM_CASES = [
          Repair("inverted after windowing: bright means dense", _equal(255 - _windowed(_DICOM_VALUES, 2048, 4096)))),
     Case("dicom", "narrow-window.dcm", _dicom(WindowCenter=1000, WindowWidth=200),
          Repair("clipped into the window", _equal(_windowed(_DICOM_VALUES, 1000, 200)))),
+    Case("dicom", "window-width-zero.dcm", _dicom(WindowWidth=0),
+         Repair("no window: min-max scaled, with a warning naming the file",
+                _equal(np.floor(_DICOM_VALUES * 255 / _DICOM_VALUES.max() + 0.5)),
+                warns=r"window-width-zero\.dcm': WindowWidth 0 is not positive: the window \(center 2048\) is ignored")),
 ]
 
 
@@ -281,6 +290,8 @@ REGION_CASES = [
     Case("regions", "mask-of-another-size.npy", _region(np.ones((10, 10), dtype=bool)),
          Error(ValueError, r"mask shape \(10, 10\) differs from the image's \(H, W\) = \(48, 64\)")),
     Case("regions", "empty-mask.npy", _region(_mask(0, dtype=bool)), Error(ValueError, r"the mask is empty")),
+    Case("regions", "nan-mask.npy", _region(_mask(np.nan)),
+         Error(ValueError, r"regions\[0\]\[0\]: the float mask holds NaN or inf \(288 of 3072 pixels\)")),
     Case("regions", "mask-beyond-one.npy", _region(_mask(2.0)),
          Error(ValueError, r"a float mask must hold 0/1 or probabilities in \[0, 1\], got values in \[0, 2\]")),
     Case("regions", "box-partly-off-the-image.json", _region([-8, 24, 32, 60]),
@@ -290,7 +301,72 @@ REGION_CASES = [
                 _roi_boxes([[16 / 64, (8 + 12) / 64, 40 / 64, (8 + 24) / 64]]))),
     Case("regions", "nine-boxes.json", _region(_NINE_BOXES),
          Repair("the first max_rois=8 kept, in order, with a warning",
-                _roi_boxes([[i / 64, (8 + i) / 64, (i + 10) / 64, (8 + i + 10) / 64] for i in range(8)]))),
+                _roi_boxes([[i / 64, (8 + i) / 64, (i + 10) / 64, (8 + i + 10) / 64] for i in range(8)]),
+                warns=r"has 9 regions; keeping the first max_rois=8, dropping 1")),
+]
+
+
+# -- processor ------------------------------------------------------------------------------------------------
+
+
+def _cut(image_format: str) -> Callable[[Path], None]:
+    """A 64 x 64 noise image saved as `image_format`, then cut in half (the header whole)."""
+    def write(path: Path) -> None:
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(path, image_format)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return write
+
+
+_IMAGE_FILES: dict[str, Callable[[Path], Any]] = {
+    "film.png": lambda path: write_image(path, size=(64, 48)), "cut.png": _cut("PNG"), "cut.jpg": _cut("JPEG")}
+
+
+def _call(**arguments: Any) -> Callable[[Path], Path]:
+    """Processor arguments as JSON (ensure_ascii keeps a lone surrogate); the images it names written beside it."""
+    def build(path: Path) -> Path:
+        for name in arguments.get("images", []):
+            _IMAGE_FILES[name](path.parent / name)
+        path.write_text(json.dumps(arguments))
+        return path
+    return build
+
+
+PROCESSOR_CASES = [
+    Case("processor", "truncated-png-object.json", _call(images=["film.png", "cut.png"], text=["a", "b"]),
+         Error(ValueError, r"images\[1\]: Cannot decode the PIL image of file '.*cut\.png': image file is truncated")),
+    Case("processor", "truncated-jpeg-object.json", _call(images=["cut.jpg"], text=["a"]),
+         Error(ValueError, r"images\[0\]: Cannot decode the PIL image of file '.*cut\.jpg': image file is truncated")),
+    Case("processor", "lone-surrogate-text.json", _call(text=["nodule", "nodule \ud800"]),
+         Error(ValueError, r"text\[1\] cannot be encoded as UTF-8 \(surrogates not allowed at character 7: '\\ud800'\)")),
+    Case("processor", "lone-surrogate-summary.json", _call(summary_text="left \udc80 lung"),
+         Error(ValueError, r"summary_text\[0\] cannot be encoded as UTF-8")),
+    Case("processor", "lone-surrogate-negative.json",
+         _call(images=["film.png"], text=["nodule"], negative_text=[["no nodule", "left \ud83d"]]),
+         Error(ValueError, r"negative_text\[0\]\[1\] cannot be encoded as UTF-8")),
+]
+
+
+# -- tokenizer ------------------------------------------------------------------------------------------------
+
+
+def _saved_processor_without(*names: str) -> Callable[[Path], Path]:
+    """A model folder as RegionMedCLIPProcessor.save_pretrained writes it, then the files `names` deleted."""
+    def build(folder: Path) -> Path:
+        from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
+
+        tokenizer = build_tokenizer(["a nodule in the right upper zone"], vocab_size=64)
+        RegionMedCLIPProcessor(RegionMedCLIPImageProcessor(), tokenizer).save_pretrained(folder)
+        for name in names:
+            (folder / name).unlink()
+        return folder
+    return build
+
+
+TOKENIZER_CASES = [
+    Case("tokenizer", "tokenizer-files-deleted", _saved_processor_without("tokenizer.json", "tokenizer_config.json"),
+         Error(FileNotFoundError, r"no tokenizer in '.*tokenizer-files-deleted' \(expected tokenizer\.json or vocab\.txt")),
+    Case("tokenizer", "only-tokenizer-json-deleted", _saved_processor_without("tokenizer.json"),
+         Error(FileNotFoundError, r"no tokenizer in .* it holds \[.*'tokenizer_config\.json'\]")),
 ]
 
 
@@ -337,11 +413,30 @@ def _shard(**columns: Any) -> Callable[[Path], Path]:
 _DROP = object()
 
 
-def _float64_regions() -> tuple[list[dict[str, Any]], Any]:
+def _variable_length_regions(bbox: list[float] | None = None, kind: str = "float64") -> tuple[list[dict[str, Any]], Any]:
+    """The canonical row's regions (its bbox replaced by `bbox`), typed with a variable-length bbox list."""
     import pyarrow as pa
 
-    region = pa.struct([("bbox", pa.list_(pa.float64())), ("caption", pa.string()), ("label", pa.string())])
-    return _canonical_row(b"")["regions"], pa.list_(region)
+    region = pa.struct([("bbox", pa.list_(pa.from_numpy_dtype(np.dtype(kind)))), ("caption", pa.string()),
+                        ("label", pa.string())])
+    regions = _canonical_row(b"")["regions"]
+    return ([{**regions[0], "bbox": bbox}] if bbox is not None else regions), pa.list_(region)
+
+
+def _rows_with_ids(*image_ids: str) -> Callable[[Path], Path]:
+    """A dataset folder of canonical rows with these image ids, two shards."""
+    def build(folder: Path) -> Path:
+        from training_scripts.data_schema import write_rows
+
+        write_rows([_canonical_row(_png_bytes(), image_id) for image_id in image_ids], folder, rows_per_shard=2)
+        return folder
+    return build
+
+
+def _ids(expected: list[str]) -> Callable[[Any], None]:
+    def check(rows: list[dict[str, Any]]) -> None:
+        assert [row["image_id"] for row in rows] == expected, [row["image_id"] for row in rows]
+    return check
 
 
 DATASET_CASES = [
@@ -353,7 +448,13 @@ DATASET_CASES = [
          Error(ValueError, r"train-00000\.parquet: columns \['notes'\] are not canonical")),
     Case("dataset", "other-region-keys", _shard(regions=[{"box": [1.0, 2.0, 3.0, 4.0], "caption": "x", "label": "y"}]),
          Error(ValueError, r"train-00000\.parquet: column 'regions' is list<element: struct<box")),
-    Case("dataset", "float64-boxes", _shard(regions=_float64_regions()),
+    Case("dataset", "three-number-boxes", _shard(regions=_variable_length_regions([1.0, 2.0, 3.0], "float32")),
+         Error(ValueError, r"train-00000\.parquet: column 'regions': 1 bbox value\(s\) do not hold 4 numbers "
+                           r"\(the first: row 0 of the shard, 3 numbers\)")),
+    Case("dataset", "duplicate-image-ids", _rows_with_ids("a", "b", "a", "c", "a"),
+         Repair("every row of an id found in more than one row left out, with a warning", _ids(["b", "c"]),
+                warns=r"split 'train': 1 image_id\(s\) appear in more than one row \(3 rows, e\.g\. 'a'\)")),
+    Case("dataset", "float64-boxes", _shard(regions=_variable_length_regions()),
          Repair("float64 boxes read as float32, values kept",
                 lambda rows: _equal([[4.0, 4.0, 20.0, 20.0]])([region["bbox"] for region in rows[0]["regions"]]))),
 ]
@@ -385,12 +486,12 @@ def _row(image: str = "film.png", **change: Any) -> Callable[[Path], Path]:
     return build
 
 
-def _skipped(reason: str) -> Repair:
+def _skipped(reason: str, row_id: str = "film-1") -> Repair:
     """Checked on the batch of a good row then this one: the row left out, or only its bad region."""
     def check(batch: dict[str, Any]) -> None:
         report = batch["skip_report"]
         assert report["reasons"] == {reason: 1}, report["reasons"]
-        assert report["examples"] == {reason: ["film-1"]}, report["examples"]
+        assert report["examples"] == {reason: [row_id]}, report["examples"]
         if reason.startswith("row:"):
             assert batch["pixel_values"].shape[0] == 1
         else:
@@ -401,6 +502,10 @@ def _skipped(reason: str) -> Repair:
 
 _BOX = [4.0, 4.0, 20.0, 20.0]
 ROW_CASES = [
+    Case("rows", "null-image-id.json", _row(image_id=None), _skipped("row: image_id is missing or null", "None")),
+    Case("rows", "empty-image-id.json", _row(image_id=""), _skipped("row: image_id is empty", "")),
+    Case("rows", "null-labels.json", _row(labels=None), _skipped("row: labels is missing or null, not a list")),
+    Case("rows", "null-label.json", _row(labels=["nodule", None]), _skipped("row: labels[1] is null, not text")),
     Case("rows", "null-report.json", _row(report_caption=None), _skipped("row: report_caption is missing or null")),
     Case("rows", "numeric-report.json", _row(report_caption=42), _skipped("row: report_caption is int, not text")),
     Case("rows", "blank-summary.json", _row(summary_caption="   "), _skipped("row: summary_caption is empty")),
@@ -611,7 +716,7 @@ MODEL_CASES = [
 ]
 
 
-CASES: list[Case] = [*IMAGE_CASES, *DICOM_CASES, *REGION_CASES, *DATASET_CASES, *WRITER_CASES, *ROW_CASES,
+CASES: list[Case] = [*IMAGE_CASES, *DICOM_CASES, *REGION_CASES, *PROCESSOR_CASES, *TOKENIZER_CASES, *DATASET_CASES, *WRITER_CASES, *ROW_CASES,
                      *CHECKPOINT_CASES, *CONVERTER_CASES, *MODEL_CASES]
 
 
@@ -625,7 +730,8 @@ def generate(out: Path, cases: list[Case] | None = None) -> dict[str, Path]:
         written[f"{case.layer}/{case.name}"] = case.build(folder / case.name)
     manifest = [{"layer": case.layer, "name": case.name, "input": str(written[f"{case.layer}/{case.name}"].relative_to(out)),
                  **({"outcome": "error", "error": case.expect.type.__name__, "message": case.expect.match}
-                    if isinstance(case.expect, Error) else {"outcome": "repair", "repair": case.expect.description})}
+                    if isinstance(case.expect, Error) else {"outcome": "repair", "repair": case.expect.description,
+                                                            **({"warns": case.expect.warns} if case.expect.warns else {})})}
                 for case in cases]
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return written
