@@ -15,8 +15,10 @@ Every task also takes [--split test] [--batch-size N] [--device cpu|cuda] [--lim
 `evaluation/results.py` for the fields, `evaluation/tasks.py` for what each number means) and keeps
 the embeddings in OUT/embeddings (or --cache-dir) so that re-scoring does not re-encode. `report`
 merges results into markdown tables. `probe` is the region-aware diagnostic with its controls
-(`evaluation/probe.py`); it writes one JSON report. Exit code 0, or 2 on a user error (the message
-names the bad argument).
+(`evaluation/probe.py`); it writes one JSON report. Rows a task cannot use (an image that does not
+decode, a null field it needs) are skipped and counted, and every figure says over how many rows it
+was computed (`evaluation/rows.py`). Exit code 0; 2 on a bad argument; 1 on a file or row that
+cannot be read (one line naming it; `--debug` shows the traceback; see `regionmed_cli`).
 """
 
 import argparse
@@ -26,10 +28,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from regionmed_cli import console_script
+from regionmed_cli import UsageError, console_script, positive_int
 
 from .probe import CONDITIONS, PARTS, ProbeInputError, run_probe
 from .results import load_results, markdown_report, to_json, write_results
+from .rows import describe
 from .tasks import (
     CAPTION_COLUMNS,
     ZERO_SHOT_MODES,
@@ -45,6 +48,8 @@ from .zero_shot import DEFAULT_PROMPTS, UNCERTAIN_POLICIES
 __all__ = ["format_report", "main"]
 
 TASKS = ("zero-shot", "region", "grounding", "retrieval", "vqa")
+
+
 def _number(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -126,19 +131,53 @@ def _names(text: str, flag: str) -> list[str]:
     return names
 
 
-def _numbers(text: str, flag: str, kind: type) -> list[Any]:
+def _argument_error(message: str) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(message)
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
     try:
-        return [kind(value) for value in _names(text, flag)]
+        value = int(text)
     except ValueError:
-        raise ProbeInputError(f"{flag} must be comma-separated {kind.__name__}s, got {text!r}") from None
+        raise _argument_error(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise _argument_error(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _unit_fraction(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise _argument_error(f"must be a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise _argument_error(f"must be in (0, 1], got {text!r}")
+    return value
+
+
+def _list_of(kind: Any, what: str) -> Any:
+    """argparse type: comma-separated values of `kind` (an argparse type), at least one."""
+
+    def parse(text: str) -> list[Any]:
+        parts = [part.strip() for part in text.split(",")]
+        if not parts or any(not part for part in parts):
+            raise _argument_error(f"must be comma-separated {what}, got {text!r}")
+        try:
+            return [kind(part) for part in parts]
+        except argparse.ArgumentTypeError as error:
+            raise _argument_error(f"must be comma-separated {what}: {error}") from None
+
+    return parse
 
 
 def _common(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--model", type=Path, required=True, help="saved model folder (AutoModel/AutoProcessor)")
     sub.add_argument("--data", type=Path, required=True, help="canonical dataset folder (parquet shards)")
     sub.add_argument("--split", default="test")
-    sub.add_argument("--batch-size", type=int, default=32)
-    sub.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
+    sub.add_argument("--batch-size", type=positive_int, default=32)
+    sub.add_argument("--limit", type=positive_int, default=None, help="only the first N images of the split")
     sub.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
@@ -151,7 +190,8 @@ def _parser() -> argparse.ArgumentParser:
         _common(sub)
         sub.add_argument("--output", type=Path, required=True, help="output folder")
         sub.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default OUT/embeddings)")
-        sub.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+        sub.add_argument("--resamples", type=_non_negative_int, default=1000,
+                         help="bootstrap resamples for the 95%% intervals (0: none)")
         sub.add_argument("--seed", type=int, default=0, help="bootstrap seed")
         sub.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name in ("zero-shot", "region"):
@@ -167,12 +207,15 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--blank-images", action="store_true",
                              help="the question-only control: every image replaced by a black one")
         if name == "grounding":
-            sub.add_argument("--window-sizes", default="0.125,0.25", help="proposal window sides (fractions)")
-            sub.add_argument("--stride", type=float, default=0.5, help="window step as a fraction of its side")
-            sub.add_argument("--iou", type=float, default=0.5, help="IoU threshold for a top-1 hit")
+            sub.add_argument("--window-sizes", type=_list_of(_unit_fraction, "fractions in (0, 1]"),
+                             default=[0.125, 0.25], help="proposal window sides (fractions of the shorter side)")
+            sub.add_argument("--stride", type=_unit_fraction, default=0.5,
+                             help="window step as a fraction of its side, in (0, 1]")
+            sub.add_argument("--iou", type=_unit_fraction, default=0.5, help="IoU threshold for a top-1 hit, in (0, 1]")
         if name == "retrieval":
             sub.add_argument("--captions", default="report", help=f"caption levels among {sorted(CAPTION_COLUMNS)}")
-            sub.add_argument("--ks", default="1,5,10", help="the K of Recall@K")
+            sub.add_argument("--ks", type=_list_of(positive_int, "positive integers"), default=[1, 5, 10],
+                             help="the K of Recall@K")
     report = commands.add_parser("report", help="merge results into markdown tables")
     report.add_argument("results", type=Path, nargs="+", help="results.json files or the folders holding them")
     report.add_argument("--output", type=Path, default=None, help="write the markdown here too")
@@ -198,23 +241,39 @@ def _run_task(args: argparse.Namespace, command: str) -> dict[str, Any]:
         classes = None if args.classes is None else _names(args.classes, "--classes")
         return run_region(settings, classes, args.prompts)
     if args.command == "grounding":
-        return run_grounding(settings, _numbers(args.window_sizes, "--window-sizes", float), args.stride, args.iou)
+        return run_grounding(settings, args.window_sizes, args.stride, args.iou)
     if args.command == "vqa":
         return run_vqa(settings, args.regions, args.blank_images)
-    return run_retrieval(settings, _names(args.captions, "--captions"), _numbers(args.ks, "--ks", int))
+    return run_retrieval(settings, _names(args.captions, "--captions"), args.ks)
 
 
 def _run_probe(args: argparse.Namespace, command: str) -> int:
     if args.output.is_dir():
         raise ProbeInputError(f"--output {str(args.output)!r} is a folder")
+    if args.output.parent.exists() and not args.output.parent.is_dir():
+        raise ProbeInputError(f"--output {str(args.output)!r}: {str(args.output.parent)!r} is not a folder")
     classes = None if args.classes is None else _names(args.classes, "--classes")
     report = run_probe(args.model, args.data, split=args.split, batch_size=args.batch_size, limit=args.limit,
                        baseline_dir=args.baseline, classes=classes, parts=_names(args.parts, "--parts"),
                        device=args.device, command=command)
     print(format_report(report))
+    print(f"rows: {describe(report['metadata']['rows'])}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(to_json(report))
     print(f"report: {args.output}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    if args.output is not None and args.output.is_dir():
+        raise UsageError(f"--output {str(args.output)!r} is a folder")
+    for path in args.results:
+        if not path.exists() or (path.is_dir() and not (path / "results.json").is_file()):
+            raise UsageError(f"results: no results file at {str(path if not path.is_dir() else path / 'results.json')!r}")
+    table = markdown_report([load_results(path) for path in args.results])  # a corrupt file: ValueError naming it
+    print(table, end="")
+    if args.output is not None:
+        args.output.write_text(table)
     return 0
 
 
@@ -226,24 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse already printed the message
         return int(exit_.code or 0) if exit_.code in (0, None) else 2
     command = shlex.join(["regionmed-eval", *argv])
-    try:
-        if args.command == "probe":
-            return _run_probe(args, command)
-        if args.command == "report":
-            try:
-                table = markdown_report([load_results(path) for path in args.results])
-            except (FileNotFoundError, ValueError) as error:
-                raise ProbeInputError(f"results: {error}") from None
-            print(table, end="")
-            if args.output is not None:
-                args.output.write_text(table)
-            return 0
-        record = _run_task(args, command)
-    except ProbeInputError as error:
-        print(f"regionmed-eval: error: {error}", file=sys.stderr)
-        return 2
+    if args.command == "probe":
+        return _run_probe(args, command)
+    if args.command == "report":
+        return _report(args)
+    record = _run_task(args, command)
     path = write_results(args.output, record)
-    print(markdown_report([record]), end="")
+    print(markdown_report([record], notes=False), end="")
+    print(f"rows: {describe(record['rows'])}")
     print(f"results: {path}" + "".join(f"\nfigure: {args.output / name}" for name in record["figures"]))
     return 0
 

@@ -4,12 +4,14 @@ Every evaluation task scores embeddings, never pixels, so encoding is the expens
 re-scoring (another prompt set, another uncertain-label policy, another K) should not repeat it.
 `EmbeddingCache` stores each named set of tensors in `<folder>/<name>.safetensors` together with a
 key (model weights and config hashes, data file hashes, split, limit, processor settings, what was
-encoded); a file whose key differs is recomputed, never silently reused.
+encoded) and a checksum of its tensors; a file whose key differs is recomputed, never silently
+reused, and a damaged one (truncated, unreadable, its checksum wrong) is rebuilt with a warning.
 
 All embeddings returned here are L2-normalised float32 on the CPU.
 """
 
 import copy
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -28,45 +30,112 @@ __all__ = [
     "encode_regions",
     "encode_texts",
     "processor_with_max_rois",
+    "tensors_sha256",
 ]
 
 logger = logging.getLogger(__name__)
 
 ROI_KEYS: tuple[str, ...] = ("roi_pixel_values", "roi_boxes", "roi_mask")
 _KEY_FIELD = "regionmed_eval_key"
+_SUM_FIELD = "regionmed_eval_sha256"
 
 
 class EmbeddingCache:
     """Named tensor sets under `folder`, each valid for one `key` (a JSON-able mapping); `folder=None`
-    computes every time."""
+    computes every time.
+
+    A file is reused only when it reads whole and its key and checksum (SHA-256 of the tensors' names,
+    dtypes, shapes and bytes, stored beside the key) match: a truncated or otherwise damaged file is
+    rebuilt, with a warning naming it."""
 
     def __init__(self, folder: str | Path | None, key: Mapping[str, Any]):
         self.folder = None if folder is None else Path(folder)
         self.key = dict(key)
 
-    def path(self, name: str) -> Path | None:
-        return None if self.folder is None else self.folder / f"{name}.safetensors"
+    def path(self, name: str, suffix: str = ".safetensors") -> Path | None:
+        return None if self.folder is None else self.folder / f"{name}{suffix}"
 
-    def get_or_compute(self, name: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The tensors stored under `name` when the file's key equals this cache's key (plus the name),
-        else `compute()`'s result, written for next time. Returns `{tensor name: tensor}`."""
-        key = json.dumps({**self.key, "name": name}, sort_keys=True)
+    def _key(self, name: str, extra: Mapping[str, Any] | None) -> str:
+        return json.dumps({**self.key, "name": name, **({"extra": dict(extra)} if extra else {})}, sort_keys=True,
+                          default=str)
+
+    def get_or_compute(self, name: str, compute: Callable[[], dict[str, torch.Tensor]],
+                       extra: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors stored under `name` when the file's key equals this cache's key (plus the name and
+        `extra`, e.g. a digest of the boxes encoded), else `compute()`'s result, written for next time.
+        Returns `{tensor name: tensor}`."""
+        key = self._key(name, extra)
         path = self.path(name)
         if path is not None and path.is_file():
-            with safe_open(str(path), framework="pt") as handle:
-                stored_key = (handle.metadata() or {}).get(_KEY_FIELD)
-                if stored_key == key:
-                    logger.info("embeddings %r read from %s", name, path)
-                    return {tensor: handle.get_tensor(tensor) for tensor in handle.keys()}
-            logger.info("embeddings %r in %s were made from other inputs; re-encoding", name, path)
+            stored = self._read(path, key)
+            if stored is not None:
+                logger.info("embeddings %r read from %s", name, path)
+                return stored
         tensors = compute()
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(path.name + ".partial")  # a kill mid-write never leaves a readable cache
-            save_file({name_: value.contiguous() for name_, value in tensors.items()}, str(partial),
-                      metadata={_KEY_FIELD: key})
-            partial.replace(path)
+            tensors = {name_: value.contiguous() for name_, value in tensors.items()}
+            _write_atomically(path, lambda partial: save_file(
+                tensors, str(partial), metadata={_KEY_FIELD: key, _SUM_FIELD: tensors_sha256(tensors)}))
         return tensors
+
+    @staticmethod
+    def _read(path: Path, key: str) -> dict[str, torch.Tensor] | None:
+        """The tensors of `path` when its key is `key` and it is whole; None (with a warning when
+        damaged) otherwise."""
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                if metadata.get(_KEY_FIELD) != key:
+                    logger.info("embeddings in %s were made from other inputs; re-encoding", path)
+                    return None
+                tensors = {tensor: handle.get_tensor(tensor) for tensor in handle.keys()}
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error type, and OSError
+            logger.warning("embedding cache %s is damaged (%s: %s); rebuilding it", path, type(error).__name__,
+                           str(error).splitlines()[0] if str(error) else "")
+            return None
+        if metadata.get(_SUM_FIELD) != tensors_sha256(tensors):
+            logger.warning("embedding cache %s is damaged (checksum mismatch); rebuilding it", path)
+            return None
+        return tensors
+
+    def get_or_compute_json(self, name: str, compute: Callable[[], Any]) -> Any:
+        """As `get_or_compute`, for a JSON-able value stored in `<name>.json` (with its key and checksum)."""
+        key = self._key(name, None)
+        path = self.path(name, ".json")
+        if path is not None and path.is_file():
+            try:
+                stored = json.loads(path.read_text())
+                if stored["key"] == key:
+                    text = json.dumps(stored["value"], sort_keys=True)
+                    if stored["sha256"] != hashlib.sha256(text.encode()).hexdigest():
+                        raise ValueError("checksum mismatch")
+                    return stored["value"]
+            except Exception as error:  # noqa: BLE001 - truncated JSON, missing fields, a bad checksum
+                logger.warning("embedding cache %s is damaged (%s: %s); rebuilding it", path, type(error).__name__,
+                               error)
+        value = compute()
+        if path is not None:
+            text = json.dumps(value, sort_keys=True)
+            record = {"key": key, "sha256": hashlib.sha256(text.encode()).hexdigest(), "value": value}
+            _write_atomically(path, lambda partial: partial.write_text(json.dumps(record)))
+        return value
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors: each name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")  # a kill mid-write never leaves a readable cache
+    write(partial)
+    partial.replace(path)
 
 
 def _normalised(embeds: torch.Tensor) -> torch.Tensor:

@@ -33,10 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from regionmed_cli import UsageError
 from training_scripts.negatives import FINDINGS, apply_rule
 
 from .embeddings import encode_texts
 from .retrieval import retrieval_recall_at_k
+from .rows import RowNeeds, decode_image, image_problem, screen_rows
 from .scoring import as_float_array, auroc
 from .zero_shot import DEFAULT_PROMPTS, load_prompt_templates, prompts_for
 
@@ -74,8 +76,10 @@ FALLBACK_RULES: dict[str, str] = {"side": "laterality", "zone": "location", "typ
 PARTS: tuple[str, ...] = ("zero_shot", "retrieval", "regions")
 
 
-class ProbeInputError(ValueError):
-    """A user error (missing folder, empty split, bad argument); the CLI turns it into exit code 2."""
+class ProbeInputError(UsageError):
+    """A user error (an argument naming a missing folder, an empty or absent split, a bad value): the
+    console-script boundary (`regionmed_cli`) prints it on one line with exit code 2. A file that is
+    there but unusable (corrupt, malformed) raises a plain ValueError / OSError instead (exit 1)."""
 
 
 # -- metrics: pure functions of scores / embeddings ----------------------------------------------
@@ -353,20 +357,43 @@ def _negative_or_none(value: Any) -> str | None:
 # -- running a model ------------------------------------------------------------------------------------
 
 
-def _load(model_dir: Path, device: torch.device, auto_class: str = "AutoModel") -> tuple[Any, Any]:
+def _load(model_dir: Path, device: torch.device, auto_class: str = "AutoModel", name: str = "--model") -> tuple[Any, Any]:
+    """The model and processor of a saved folder; what cannot be loaded raises one error naming the folder."""
     import transformers
+    from safetensors import SafetensorError
     from transformers import AutoProcessor
 
-    model = getattr(transformers, auto_class).from_pretrained(model_dir, trust_remote_code=True).to(device).eval()
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    return model, processor
+    _check_model_dir(model_dir, name)
+    try:
+        model = getattr(transformers, auto_class).from_pretrained(model_dir, trust_remote_code=True)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise OSError(f"{name} {str(model_dir)!r}: the model cannot be loaded: {_first_line(error)}") from error
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    except (OSError, ValueError) as error:  # e.g. its tokenizer files deleted
+        raise OSError(f"{name} {str(model_dir)!r}: the processor (tokenizer) cannot be loaded: "
+                      f"{_first_line(error)}") from error
+    return model.to(device).eval(), processor
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines) if lines else type(error).__name__
 
 
 def _check_model_dir(model_dir: Path, name: str) -> None:
     if not model_dir.is_dir():
         raise ProbeInputError(f"{name}: model folder {str(model_dir)!r} does not exist")
-    if not (model_dir / "config.json").is_file():
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
         raise ProbeInputError(f"{name}: {str(model_dir)!r} has no config.json (not a saved model folder)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{name}: {str(config_path)!r} is not valid JSON: {error}") from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise ProbeInputError(f"{name}: {str(model_dir)!r} is not a saved model folder (its config.json has no "
+                              "model_type)")
 
 
 def _region_plan(
@@ -417,7 +444,8 @@ def _embed_split(
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         regions = boxes[start : start + batch_size] if boxes is not None else None
-        inputs = processor(images=batch["image"], text=batch["report_caption"], regions=regions)
+        images = [decode_image(value, image_processor) for value in batch["image"]]
+        inputs = processor(images=images, text=batch["report_caption"], regions=regions)
         pixel_values = inputs["pixel_values"].to(device)
         image_embeds.append(model(pixel_values=pixel_values).image_embeds.float().cpu())
         text_embeds.append(model(input_ids=inputs["input_ids"].to(device),
@@ -542,22 +570,24 @@ def _verdicts(outcomes: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]]) 
     return verdicts
 
 
-def _load_rows(data_dir: Path, split: str, limit: int | None) -> Any:
+def _load_rows(data_dir: Path, split: str, limit: int | None, decode_images: bool = True) -> Any:
     from datasets.exceptions import DatasetNotFoundError
 
     from training_scripts.data_schema import load_canonical
 
     if not data_dir.is_dir():
         raise ProbeInputError(f"--data: folder {str(data_dir)!r} does not exist")
+    if limit is not None and limit <= 0:
+        raise ProbeInputError(f"--limit must be positive, got {limit}")
     try:
-        rows = load_canonical(data_dir, split)
+        rows = load_canonical(data_dir, split, decode_images=decode_images)
     except (FileNotFoundError, DatasetNotFoundError) as error:
         raise ProbeInputError(f"--data: {error}") from None
     except ValueError as error:
-        raise ProbeInputError(f"--split: {error}") from None
+        if f"split {split!r} not found" in str(error):
+            raise ProbeInputError(f"--split: {error}") from None
+        raise ValueError(f"--data: {error}") from None  # a shard that is there but not canonical
     if limit is not None:
-        if limit <= 0:
-            raise ProbeInputError(f"--limit must be positive, got {limit}")
         rows = rows.select(range(min(limit, len(rows))))
     if len(rows) == 0:
         raise ProbeInputError(f"--split: split {split!r} of {str(data_dir)!r} is empty")
@@ -603,21 +633,33 @@ def run_probe(
     if baseline_dir is not None:
         baseline_dir = Path(baseline_dir)
         _check_model_dir(baseline_dir, "--baseline")
-    rows = _load_rows(data_dir, split, limit)
+    rows = _load_rows(data_dir, split, limit, decode_images=False)
     device = _resolve_device(device)
+    model, processor = _load(model_dir, device)
 
-    # plain lists, read once (a datasets Column re-reads Arrow data on every pass)
-    rows_meta = {"labels": list(rows["labels"]), "reports": list(rows["report_caption"]),
-                 "image_ids": list(rows["image_id"]), "regions": list(rows["regions"])}
+    # the usable rows (the others skipped and counted, as the tasks do), as plain lists read once
+    image_processor = processor.image_processor
+    checks = [image_problem(value, image_processor) for start in range(0, len(rows), batch_size)
+              for value in rows[start : start + batch_size]["image"]]
+    needs = RowNeeds(texts=("report_caption",), labels="zero_shot" in parts, regions="regions" in parts,
+                     region_caption=True, region_label=True)
+    screened = screen_rows(list(rows.remove_columns("image")), checks, needs, image_processor,
+                           lambda: f"split {split!r} of {str(data_dir)!r}")
+    rows = rows if len(screened.indices) == len(rows) else rows.select(screened.indices)
+    meta = screened.meta
+    rows_meta = {"labels": [row["labels"] or [] for row in meta], "reports": [row["report_caption"] for row in meta],
+                 "image_ids": [row["image_id"] for row in meta], "regions": [row["regions"] or [] for row in meta]}
     class_list = list(classes) if classes is not None else class_names(rows_meta["labels"])
     if classes is not None and (not class_list or any(not name.strip() for name in class_list)):
         raise ProbeInputError(f"--classes must name at least one non-empty class, got {list(classes)}")
+    known = {label for labels in rows_meta["labels"] for label in labels}
+    if classes is not None and "zero_shot" in parts and (unknown := [name for name in class_list if name not in known]):
+        raise ProbeInputError(f"--classes: {unknown} not among the split's labels ({sorted(known)})")
     if "zero_shot" in parts and not class_list:
         raise ProbeInputError(f"--split: split {split!r} has no labels other than {NO_FINDING!r}; pass --classes")
     templates = load_prompt_templates(DEFAULT_PROMPTS)
     prompts = prompts_for(templates, class_list)
 
-    model, processor = _load(model_dir, device)
     want_regions = "regions" in parts
     plan = None
     sidecar_path = data_dir / "region_negatives" / f"{split}.json"
@@ -645,6 +687,7 @@ def run_probe(
             "device": str(device),
             "batch_size": batch_size,
             "limit": limit,
+            "rows": screened.skips.to_dict(),
         }
     }
     if box_free_parts:
@@ -666,7 +709,7 @@ def run_probe(
     del model
 
     if baseline_dir is not None and box_free_parts:
-        base_model, base_processor = _load(baseline_dir, device)
+        base_model, base_processor = _load(baseline_dir, device, name="--baseline")
         base_embeds = _embed_split(base_model, base_processor, rows, batch_size, device, None, False)
         base_block = _box_free(base_model, base_processor, base_embeds, rows_meta, prompts, box_free_parts,
                                batch_size, device)

@@ -11,6 +11,9 @@ A results file says exactly what was measured, so a number can be reproduced or 
     model         {"path", "config_sha256", "weights_sha256"}
     command       the command line;  versions  {python, torch, transformers, ...};  date  ISO 8601 UTC
     settings      the task's options (batch size, limit, device, policy, ...);  figures  PNG names
+    rows          the rows used and skipped: {"rows_seen", "rows_used", "rows_skipped", "regions_skipped",
+                  "reasons": {reason: count}, "examples": {reason: [row ids]}} (`evaluation.rows`); absent
+                  from files written before rows were screened, so not among the required fields
 
 Hashes identify the bytes: the same model and data files give the same hashes wherever they live.
 """
@@ -24,6 +27,8 @@ import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from .rows import describe
 
 __all__ = [
     "RESULTS_FILE",
@@ -128,8 +133,10 @@ def results_record(
     settings: Mapping[str, Any],
     prompts: Mapping[str, Any] | None = None,
     figures: Sequence[str] = (),
+    rows: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One task's results with every field of `RESULTS_FIELDS` (date and versions filled in here)."""
+    """One task's results with every field of `RESULTS_FIELDS` (date and versions filled in here) and
+    `rows` (what was skipped, `SkipCounter.to_dict()`)."""
     return {
         "task": task,
         "dataset": dict(dataset),
@@ -143,6 +150,7 @@ def results_record(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": dict(settings),
         "figures": list(figures),
+        "rows": None if rows is None else dict(rows),
     }
 
 
@@ -184,12 +192,25 @@ def load_results(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no results file at {str(path)!r}")
     try:
         record = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{str(path)!r} is not valid JSON: {error}") from None
     missing = [field for field in RESULTS_FIELDS if not isinstance(record, dict) or field not in record]
     if missing:
         raise ValueError(f"{str(path)!r} is not a regionmed-eval results file: it lacks {missing}")
+    shapes = {"dataset": dict, "headline": dict, "model": dict, "settings": dict, "task": str}
+    wrong = [field for field, kind in shapes.items() if not isinstance(record[field], kind)]
+    wrong += [f"headline.{name}" for name, entry in (record["headline"] if isinstance(record["headline"], dict)
+                                                     else {}).items()
+              if not isinstance(entry, dict) or not all(value is None or _number(value) for value in entry.values())]
+    if not wrong and not ({"name", "split"} <= set(record["dataset"]) and "path" in record["model"]):
+        wrong = ["dataset.name / dataset.split / model.path"]
+    if wrong:
+        raise ValueError(f"{str(path)!r} is not a regionmed-eval results file: {wrong} malformed")
     return record
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _cell(entry: Mapping[str, Any] | None) -> str:
@@ -203,9 +224,11 @@ def _cell(entry: Mapping[str, Any] | None) -> str:
     return text
 
 
-def markdown_report(records: Sequence[Mapping[str, Any]]) -> str:
+def markdown_report(records: Sequence[Mapping[str, Any]], notes: bool = True) -> str:
     """One markdown table per task: a row per results file (model, with the boolean settings that are on,
-    e.g. a control; dataset, split, n) and a column per headline figure, with its 95% interval."""
+    e.g. a control; dataset, split, n) and a column per headline figure, with its 95% interval; with
+    `notes`, a line under the table for each result computed over fewer rows than its split holds
+    (rows skipped or regions dropped, and why)."""
     if not records:
         raise ValueError("markdown_report needs at least one results record")
     sections = []
@@ -214,6 +237,7 @@ def markdown_report(records: Sequence[Mapping[str, Any]]) -> str:
         figures = list(dict.fromkeys(name for record in rows for name in record["headline"]))
         header = ["model", "dataset", "split", "n", *figures]
         lines = [f"### {task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        table_cells = []
         for record in rows:
             model_name = Path(record["model"]["path"]).name
             if model_name in ("final", "model"):  # a run folder's final/ says less than the run's name
@@ -223,6 +247,12 @@ def markdown_report(records: Sequence[Mapping[str, Any]]) -> str:
                 model_name += f" ({', '.join(switches)})"
             cells = [model_name, record["dataset"]["name"], record["dataset"]["split"], str(record["n_examples"]),
                      *(_cell(record["headline"].get(name)) for name in figures)]
+            table_cells.append(cells)
             lines.append("| " + " | ".join(cells) + " |")
+        skipped = [f"- {cells[0]}: {describe(record['rows'])}" for record, cells in zip(rows, table_cells, strict=True)
+                   if isinstance(record.get("rows"), Mapping)
+                   and (record["rows"].get("rows_skipped") or record["rows"].get("regions_skipped"))]
+        if notes and skipped:
+            lines += ["", "Figures over fewer rows than the split holds:", *skipped]
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"

@@ -2,7 +2,8 @@
 
 Each task loads a saved model folder and one split of a canonical dataset, encodes what it needs
 once (cached as safetensors, `evaluation.embeddings`), scores it, draws its figures and returns the
-`results.json` record (`evaluation.results`). Units: AUROC and accuracies are fractions; Recall@K
+`results.json` record (`evaluation.results`). Rows a task cannot use are skipped and counted, bad
+regions dropped (`evaluation.rows`); the record's `rows` says over how many rows it ran. Units: AUROC and accuracies are fractions; Recall@K
 is in percent; every interval is a 95% percentile bootstrap over images (zero-shot, retrieval) or
 regions / phrases (region, grounding).
 
@@ -21,6 +22,7 @@ regions / phrases (region, grounding).
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -46,6 +48,7 @@ from .probe import (
 )
 from .results import dataset_fingerprint, file_sha256, headline_entry, model_fingerprint, results_record
 from .retrieval import rank_summary, retrieval_ranks
+from .rows import RowNeeds, decode_image, image_problem, screen_rows
 from .scoring import ANSWER_TYPES, bootstrap_interval, normalize_answer
 from .zero_shot import (
     DEFAULT_PROMPTS,
@@ -112,35 +115,43 @@ class EvalSettings:
 
 
 class _Run:
-    """A task's loaded model, processor, rows and embedding cache."""
+    """A task's loaded model, processor, usable rows (`evaluation.rows`: the others skipped and counted)
+    and embedding cache."""
 
-    def __init__(self, settings: EvalSettings, auto_class: str = "AutoModel"):
+    def __init__(self, settings: EvalSettings, needs: RowNeeds, auto_class: str = "AutoModel"):
         from .probe import _load, _load_rows, _resolve_device
 
         self.settings = settings
-        self.rows = _load_rows(settings.data_dir, settings.split, settings.limit)
+        rows = _load_rows(settings.data_dir, settings.split, settings.limit, decode_images=False)
         self.device = _resolve_device(settings.device)
         self.model, self.processor = _load(settings.model_dir, self.device, auto_class)
         self.dataset = dataset_fingerprint(settings.data_dir, settings.split)
         self.model_info = model_fingerprint(settings.model_dir)
         image_processor = self.processor.image_processor
-        self.cache = EmbeddingCache(
-            settings.cache_dir if settings.cache_dir is not None else settings.output_dir / "embeddings",
-            {"model": self.model_info, "data_files": self.dataset["files"], "split": settings.split,
-             "limit": settings.limit, "image_processor": image_processor.to_dict()},
-        )
-        self.images = _ImageColumn(self.rows)
+        folder = settings.cache_dir if settings.cache_dir is not None else settings.output_dir / "embeddings"
+        key = {"model": self.model_info, "data_files": self.dataset["files"], "split": settings.split,
+               "limit": settings.limit, "image_processor": image_processor.to_dict()}
+        checks = EmbeddingCache(folder, key).get_or_compute_json(
+            "image_checks", lambda: _image_checks(rows, image_processor, settings.batch_size, settings.progress))
+        screened = screen_rows(list(rows.remove_columns("image")), checks, needs, image_processor,
+                               lambda: f"split {settings.split!r} of {str(settings.data_dir)!r}")
+        self.rows = rows if len(screened.indices) == len(rows) else rows.select(screened.indices)
+        self.meta, self.sizes, self.skips = screened.meta, screened.sizes, screened.skips
+        self.skipped_ids = screened.skipped_ids
+        # the rows used are part of every cached set's identity (another task may skip other rows)
+        self.cache = EmbeddingCache(folder, {**key, "rows_used": _digest(screened.indices)})
+        self.images = _ImageColumn(self.rows, image_processor)
 
     def column(self, name: str) -> list[Any]:
         if name not in self.rows.column_names:
             raise ProbeInputError(f"--data: split {self.settings.split!r} has no {name!r} column")
-        return list(self.rows[name])
+        return [row.get(name) for row in self.meta]
 
     def image_embeds(self, boxes: list[list[list[float]]] | None = None) -> torch.Tensor:
         name = "images" if boxes is None else "images_with_boxes"
         return self.cache.get_or_compute(name, lambda: {"embeds": encode_images(
             self.model, self.processor, self.images, self.settings.batch_size, self.device, boxes,
-            self.settings.progress)})["embeds"]
+            self.settings.progress)}, extra=None if boxes is None else {"boxes": _digest(boxes)})["embeds"]
 
     def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
         return encode_texts(self.model, self.processor, texts, self.settings.batch_size, self.device,
@@ -150,29 +161,50 @@ class _Run:
                settings: dict[str, Any], prompts: dict[str, Any] | None, figures: list[str]) -> dict[str, Any]:
         return results_record(task, self.dataset, n_examples, metrics, headline, self.model_info,
                               self.settings.command, {**self.settings.as_dict(), "device": str(self.device), **settings},
-                              prompts, figures)
+                              prompts, figures, rows=self.skips.to_dict())
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _image_checks(rows: Any, image_processor: Any, batch_size: int, progress: bool) -> list[list[Any]]:
+    """`[[width, height] or None, why or None]` per row: each image decoded once, as the processor reads it."""
+    checks = []
+    with tqdm(total=len(rows), desc="checking images", unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, len(rows), batch_size):
+            for value in rows[start : start + batch_size]["image"]:
+                size, problem = image_problem(value, image_processor)
+                checks.append([None if size is None else list(size), problem])
+            bar.update(min(batch_size, len(rows) - start))
+    return checks
 
 
 class _ImageColumn(Sequence):
-    """The split's images, decoded on access a slice at a time (a whole column never sits in memory)."""
+    """The usable rows' images, decoded on access a slice at a time (a whole column never sits in memory)."""
 
-    def __init__(self, rows: Any):
+    def __init__(self, rows: Any, image_processor: Any = None):
         self._rows = rows
+        self._image_processor = image_processor
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
-            return self._rows[index]["image"]
-        return self._rows[int(index)]["image"]
+            return [decode_image(value, self._image_processor) for value in self._rows[index]["image"]]
+        return decode_image(self._rows[int(index)]["image"], self._image_processor)
 
 
-def _classes(label_lists: Sequence[Sequence[str]], requested: Sequence[str] | None) -> list[str]:
+def _classes(label_lists: Sequence[Sequence[str]], requested: Sequence[str] | None, what: str = "labels") -> list[str]:
     if requested is not None:
         classes = [name.strip() for name in requested]
         if not classes or any(not name for name in classes) or len(set(classes)) != len(classes):
             raise ProbeInputError(f"--classes must be distinct non-empty names, got {list(requested)}")
+        known = {label for labels in label_lists for label in labels}
+        unknown = [name for name in classes if name not in known]
+        if unknown:
+            raise ProbeInputError(f"--classes: {unknown} not among the split's {what} ({sorted(known)})")
         return classes
     classes = sorted({label for labels in label_lists for label in labels if label.lower() not in _NO_FINDING_NAMES})
     if not classes:
@@ -181,10 +213,12 @@ def _classes(label_lists: Sequence[Sequence[str]], requested: Sequence[str] | No
 
 
 def _templates(prompts_path: str | Path) -> dict[str, Any]:
+    if not Path(prompts_path).is_file():
+        raise ProbeInputError(f"--prompts: no prompt-template file at {str(prompts_path)!r}")
     try:
         return load_prompt_templates(prompts_path)
-    except (OSError, ValueError) as error:
-        raise ProbeInputError(f"--prompts: {error}") from None
+    except (OSError, ValueError) as error:  # a file that is there but unusable: a bad input, exit 1
+        raise ValueError(f"--prompts: {error}") from None
 
 
 def _prompt_embeds(run: _Run, prompts: dict[str, dict[str, list[str]]]) -> dict[str, dict[str, torch.Tensor]]:
@@ -259,11 +293,11 @@ def run_zero_shot(
     if uncertain_policy not in UNCERTAIN_POLICIES:
         raise ProbeInputError(f"--uncertain must be one of {UNCERTAIN_POLICIES}, got {uncertain_policy!r}")
     templates = _templates(prompts_path)
-    run = _Run(settings)
+    run = _Run(settings, RowNeeds(labels=True, regions=use_regions))
     label_lists = run.column("labels")
-    uncertain = run.column("uncertain_labels") if "uncertain_labels" in run.rows.column_names else None
-    uncertain = None if uncertain is None or not any(uncertain) else [list(names or []) for names in uncertain]
-    class_list = _classes(label_lists, classes)
+    uncertain = [[name for name in names or [] if isinstance(name, str)] for names in run.column("uncertain_labels")]
+    uncertain = uncertain if any(uncertain) else None
+    class_list = _classes(label_lists if uncertain is None else [*label_lists, *uncertain], classes)
     in_classes = [[name for name in labels if name in class_list] for labels in label_lists]
     single = all(len(labels) == 1 for labels in in_classes) and uncertain is None
     if mode == "auto":
@@ -271,7 +305,7 @@ def run_zero_shot(
     elif mode == "multiclass" and not single:
         bad = next(index for index, labels in enumerate(in_classes) if len(labels) != 1)
         raise ProbeInputError(f"--mode multiclass needs exactly one label per image among the classes; image {bad} "
-                              f"({run.rows[bad]['image_id']!r}) has {in_classes[bad]}")
+                              f"({run.meta[bad]['image_id']!r}) has {in_classes[bad]}")
     prompts = prompts_for(templates, class_list)
     prompt_embeds = _prompt_embeds(run, prompts)
     metrics: dict[str, Any] = {"mode": mode}
@@ -319,7 +353,7 @@ def _region_figure(run: _Run, boxes: list[list[list[float]]], predicted: list[st
             colours = [(0, 200, 0) if p == t else (230, 30, 30) for p, t in zip(names, truth[offset : offset + count],
                                                                                 strict=True)]
             pictures.append(overlay_regions(run.images[index], image_boxes, names, colours,
-                                            title=f"{run.rows[index]['image_id']}: predicted class per box", side=320))
+                                            title=f"{run.meta[index]['image_id']}: predicted class per box", side=320))
         offset += count
     if not pictures:
         return []
@@ -347,9 +381,10 @@ def run_region(
     controls. The controls say what the number rests on: crops blanked -> the crop pixels; boxes
     mirrored or geometry removed -> the box coordinates."""
     templates = _templates(prompts_path)
-    run = _Run(settings)
+    run = _Run(settings, RowNeeds(regions=True, region_label=True))
     regions = run.column("regions")
-    class_list = _classes([[region["label"] for region in image_regions] for image_regions in regions], classes)
+    class_list = _classes([[region["label"] for region in image_regions] for image_regions in regions], classes,
+                          "region labels")
     if len(class_list) < 2:
         raise ProbeInputError(f"region classification needs >= 2 region classes, the split has {class_list}")
     boxes = [[region["bbox"] for region in image_regions if region["label"] in class_list] for image_regions in regions]
@@ -358,7 +393,7 @@ def run_region(
         raise ProbeInputError("no region of the split carries one of the classes")
     embeds = run.cache.get_or_compute("regions", lambda: encode_regions(
         run.model, run.processor, run.images, boxes, settings.batch_size, run.device, _controls(run.processor),
-        settings.progress))
+        settings.progress), extra={"boxes": _digest(boxes)})
     prompts = prompts_for(templates, class_list)
     class_embeds = _ensemble_matrix(_prompt_embeds(run, prompts)["positive"], class_list)
     targets = np.array([class_list.index(label) for label in truth])
@@ -457,7 +492,7 @@ def run_grounding(
     annotated boxes (images with >= 2 boxes), is the phrase's own box ranked first; (b) among
     sliding-window proposals (box-free), does the top window point into the true box and overlap
     it by IoU > `iou_threshold`. Chance rates are reported beside each."""
-    run = _Run(settings)
+    run = _Run(settings, RowNeeds(regions=True, region_caption=True))
     regions = run.column("regions")
     phrases = [region["caption"] for image_regions in regions for region in image_regions]
     if not phrases:
@@ -465,10 +500,11 @@ def run_grounding(
     phrase_embeds = run.text_embeds(phrases)
     boxes = [[region["bbox"] for region in image_regions] for image_regions in regions]
     box_embeds = run.cache.get_or_compute("regions_true", lambda: encode_regions(
-        run.model, run.processor, run.images, boxes, settings.batch_size, run.device, progress=settings.progress))["true"]
+        run.model, run.processor, run.images, boxes, settings.batch_size, run.device, progress=settings.progress),
+        extra={"boxes": _digest(boxes)})["true"]
     if len(box_embeds) != len(phrases):
         raise ProbeInputError(f"the processor kept {len(box_embeds)} of the split's {len(phrases)} boxes")
-    sizes = _image_sizes(run)
+    sizes = run.sizes
     windows = [proposal_windows(width, height, window_sizes, stride) if image_boxes else []
                for (width, height), image_boxes in zip(sizes, boxes, strict=True)]
     window_embeds = run.cache.get_or_compute(
@@ -525,14 +561,6 @@ def run_grounding(
                        "images": len(run.rows)}, None, figures)
 
 
-def _image_sizes(run: _Run) -> list[tuple[int, int]]:
-    """`(width, height)` of every image, decoded a batch at a time."""
-    sizes = []
-    for start in range(0, len(run.images), run.settings.batch_size):
-        sizes += [image.size for image in run.images[start : start + run.settings.batch_size]]
-    return sizes
-
-
 def _grounding_picture(run: _Run, index: int, phrase: str, true_box: Sequence[float], candidates: torch.Tensor,
                        candidate_boxes: torch.Tensor, phrase_embed: torch.Tensor, size: tuple[int, int]) -> Any:
     """The image with the phrase's similarity heat map (the mean over the windows covering each pixel),
@@ -562,7 +590,7 @@ def run_retrieval(settings: EvalSettings, captions: Sequence[str] = ("report",),
         raise ProbeInputError(f"--captions must be among {sorted(CAPTION_COLUMNS)}, got {list(captions)}")
     if any(k <= 0 for k in ks):
         raise ProbeInputError(f"--ks must be positive, got {list(ks)}")
-    run = _Run(settings)
+    run = _Run(settings, RowNeeds(texts=tuple(CAPTION_COLUMNS[name] for name in captions)))
     owners: dict[str, set[int]] = {}
     for name in captions:
         for index, text in enumerate(run.column(CAPTION_COLUMNS[name])):
@@ -625,12 +653,13 @@ def run_vqa(settings: EvalSettings, use_regions: bool = False, blank_images: boo
     if "AutoModelForVisualQuestionAnswering" not in auto_map:
         raise ProbeInputError(f"--model {str(settings.model_dir)!r} is not a VQA model folder (no answer set; "
                               "train one with regionmed-train-vqa)")
-    run = _Run(settings, auto_class="AutoModelForVisualQuestionAnswering")
+    run = _Run(settings, RowNeeds(regions=use_regions), auto_class="AutoModelForVisualQuestionAnswering")
     try:
         examples = load_vqa_examples(settings.data_dir, settings.split)
     except (FileNotFoundError, ValueError) as error:
         raise ProbeInputError(f"--data: {error}") from None
     row_of = {image_id: index for index, image_id in enumerate(run.column("image_id"))}
+    about_skipped = sum(example.image_id in run.skipped_ids for example in examples)
     examples = [example for example in examples if example.image_id in row_of]  # --limit keeps the first images
     if not examples:
         raise ProbeInputError(f"no question of split {settings.split!r} is about the images evaluated")
@@ -657,7 +686,7 @@ def run_vqa(settings: EvalSettings, use_regions: bool = False, blank_images: boo
     types = [example.answer_type for example in examples]
     correct = np.array([normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True)])
     known = set(run.model.config.label2id)
-    metrics: dict[str, Any] = {"answers_in_model": len(known),
+    metrics: dict[str, Any] = {"answers_in_model": len(known), "questions_about_skipped_images": about_skipped,
                                "references_outside_answer_set": sum(normalize_answer(r) not in known for r in references)}
     headline = {}
     for kind in ("overall", *ANSWER_TYPES):

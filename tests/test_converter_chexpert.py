@@ -98,3 +98,24 @@ def test_chexpert_labels_parsing():
     assert chexpert._chexpert_labels(row) == (["Edema", "Pneumonia"], ["Cardiomegaly", "Atelectasis"])
     with pytest.raises(ValueError, match=r"unknown label value Fracture='0.5'"):
         chexpert._chexpert_labels({**row, "Fracture": "0.5"})
+
+
+def test_chexpert_duplicates_and_short_rows(tmp_path):
+    """A Path listed twice: identical rows keep one (counted), disagreeing rows keep none; a row cut short (4 of 19
+    fields) is skipped as malformed, not written without labels (the shared rules, issue 21 item 7)."""
+    root = tmp_path / "CheXpert-v1.0-small"
+    header = (CHEXPERT / "valid.csv").read_text().splitlines()[0]
+
+    def line(patient, no_finding="1.0"):
+        return f"{chexpert_row(patient, split='valid')},Female,68,Frontal,AP,{no_finding}" + "," * 13
+
+    lines = [header, line("p1"), line("p1"), line("p2"), line("p2", no_finding="0.0"),
+             f"{chexpert_row('p3', split='valid')},Female,68,Frontal", line("p4")]
+    for patient in ("p1", "p2", "p3", "p4"):
+        write_image(root / Path(chexpert_row(patient, split="valid")).relative_to("CheXpert-v1.0-small"))
+    (root / "valid.csv").write_text("\n".join(lines) + "\n")
+    stats, rows = run("chexpert", root, None, tmp_path / "out")
+    assert sorted(rows) == [chexpert_row("p1", split="valid"), chexpert_row("p4", split="valid")]
+    assert reasons(stats) == {"duplicate image (Path)": 1, "image (Path) listed twice, disagreeing": 1,
+                              "malformed row (fields do not match the header)": 1}
+    assert stats.rows_skipped == 3

@@ -84,7 +84,12 @@ def test_mimic_cxr_needs_the_metadata_and_one_label_row_per_study(tmp_path, mimi
     (mimic_root / MIMIC_FILES[0]).write_text("\n".join([*lines, lines[1].replace(",1.0,", ",0.0,")]) + "\n")
     stats, rows = run("mimic-cxr", mimic_root / MIMIC_FILES[0], None, tmp_path / "out")
     assert "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014" not in rows  # two label rows disagree: not guessed
-    assert reasons(stats)["several label rows for one study"] == 1
+    assert reasons(stats)["study (label row) listed twice, disagreeing"] == 1
+    # the same label row twice: a duplicate, the study kept once (the shared rule, `rows._listed_once`)
+    (mimic_root / MIMIC_FILES[0]).write_text("\n".join([*lines, lines[1]]) + "\n")
+    stats, rows = run("mimic-cxr", mimic_root / MIMIC_FILES[0], None, tmp_path / "duplicate")
+    assert "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014" in rows
+    assert reasons(stats)["duplicate study (label row)"] == 1
     (mimic_root / MIMIC_FILES[1]).unlink()
     with pytest.raises(FileNotFoundError, match="mimic-cxr-2.0.0-metadata.csv"):
         list(iter_rows("mimic-cxr", mimic_root / MIMIC_FILES[0], None, skipped=SkipCounter()))

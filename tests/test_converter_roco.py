@@ -104,3 +104,16 @@ def test_roco_dlinks_parsing(tmp_path):
     assert roco._roco_dlinks(tmp_path / "absent.txt") == {}
     assert roco._roco_candidates("ROCO_00002", links["ROCO_00002"], tmp_path) == [
         tmp_path / "gr1.jpg", tmp_path / "ROCO_00002.jpg", tmp_path / "ROCO_00002.png"]
+
+
+def test_roco_an_id_listed_twice(tmp_path):
+    """The shared duplicate rule: the same line twice keeps one (counted); two captions for one id keep none."""
+    folder = tmp_path / "data" / "train" / "radiology"
+    for name in ("ROCO_1", "ROCO_2", "ROCO_3"):
+        write_image(folder / "images" / f"{name}.jpg")
+    (folder / "captions.txt").write_text("ROCO_1\t A CT of the chest.\nROCO_1\t A CT of the chest.\n"
+                                         "ROCO_2\t An MRI of the knee.\nROCO_2\t An X-ray of the hand.\n"
+                                         "ROCO_3\t An ultrasound of the liver.\n")
+    stats, rows = run("roco", tmp_path / "data", None, tmp_path / "out")
+    assert sorted(rows) == ["ROCO_1", "ROCO_3"]
+    assert reasons(stats) == {"duplicate ROCO id": 1, "ROCO id listed twice, disagreeing": 1}

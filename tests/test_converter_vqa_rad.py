@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from converter_helpers import VQA_RAD, VQA_RAD_SPLITS, make_vqa_rad_release, reasons, run, write_corrupt
+from converter_helpers import VQA_RAD, VQA_RAD_SPLITS, make_vqa_rad_release, reasons, run, write_corrupt, write_image
 
 from training_scripts.converters import SkipCounter, iter_rows
 
@@ -95,3 +95,18 @@ def test_vqa_rad_errors(tmp_path):
     not_a_list.write_text('{"qid": 1}')
     with pytest.raises(ValueError, match="expected a JSON list"):
         list(iter_rows("vqa-rad", not_a_list, None, skipped=SkipCounter()))
+
+
+def test_vqa_rad_questions_sharing_a_qid(tmp_path):
+    """The shared duplicate rule on questions: an identical repeat is written once, disagreeing ones not at all."""
+    root = tmp_path / "vqa"
+    write_image(root / "VQA_RAD Image Folder" / "a.jpg")
+    question = {"qid": 1, "image_name": "a.jpg", "question": "Is it?", "answer": "yes", "answer_type": "CLOSED",
+                "phrase_type": "freeform", "qid_linked_id": "", "image_organ": "CHEST"}
+    records = [question, dict(question), {**question, "qid": 2}, {**question, "qid": 2, "answer": "no"},
+               {**question, "qid": 3}]
+    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(records))
+    stats, rows = run("vqa-rad", root, None, tmp_path / "out", split="train")
+    written = json.loads((tmp_path / "out" / "vqa" / "train.json").read_text())
+    assert [record["qid"] for record in written] == [1, 3]
+    assert reasons(stats) == {"question skipped: duplicate qid": 1, "question skipped: qid listed twice, disagreeing": 1}

@@ -72,3 +72,74 @@ def test_an_option_the_format_does_not_take_is_a_clear_error(tmp_path, capsys):
                  "--modality", "ct"]) == 2
     error = capsys.readouterr().err
     assert "format 'ms-cxr' takes no option ['modality']" in error and "Traceback" not in error
+
+
+# -- a killed run (issue 21, item 4) ------------------------------------------------------------------------------
+
+KILLED_SYNTH = """
+import os, signal, sys
+import training_scripts.synthetic as synthetic
+real = synthetic._generate
+def dies_after_five(*args, **kwargs):
+    for index, item in enumerate(real(*args, **kwargs)):
+        if index == 5:
+            os.kill(os.getpid(), signal.SIGKILL)  # no handler, no finally: as `kill -9` mid-write
+        yield item
+synthetic._generate = dies_after_five
+synthetic.write_synthetic_dataset(sys.argv[1], n=20, image_size=64, rows_per_shard=2)
+"""
+
+
+def test_a_killed_synth_leaves_nothing_that_stays(tmp_path, capsys):
+    """SIGKILL mid-write leaves only a hidden staging folder beside the output (never the output); the next run
+    writing that output removes it and writes a complete dataset."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "killed"
+    killed = subprocess.run([sys.executable, "-c", KILLED_SYNTH, str(out)], cwd=Path(__file__).parents[1],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not out.exists()
+    [staging] = tmp_path.glob(".killed.partial-*")  # beside the output, never inside it
+    assert list(staging.glob("train-*.parquet"))  # shards were flushed before the kill
+    assert main(["synth", "--n", "4", "--image-size", "64", "--output", str(out)]) == 0
+    assert list(tmp_path.glob(".killed.partial-*")) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["killed"]
+    assert sum(json.loads(capsys.readouterr().out)["rows"].values()) == 4
+    assert not (out / ".staging.lock").exists()
+
+
+def test_a_living_runs_staging_folder_is_left_alone(tmp_path):
+    """Only dead runs' staging folders are removed: one whose lock is held (a run still writing) is kept."""
+    fcntl = pytest.importorskip("fcntl")
+    from training_scripts.data_schema import STAGING_LOCK, remove_stale_staging
+
+    living, dead = tmp_path / ".out.partial-living", tmp_path / ".out.partial-dead"
+    for folder in (living, dead):
+        folder.mkdir()
+        (folder / STAGING_LOCK).write_text("1\n")
+    other = tmp_path / ".other.partial-x"  # another output's: not ours to judge
+    other.mkdir()
+    with open(living / STAGING_LOCK) as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        assert remove_stale_staging(tmp_path / "out") == [dead]
+    assert living.is_dir() and other.is_dir() and not dead.exists()
+
+
+def test_a_failed_synth_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """An error inside the writer (not a kill) removes the staging folder at once."""
+    import training_scripts.synthetic as synthetic
+
+    real = synthetic._generate
+
+    def fails_after_three(*args, **kwargs):
+        for index, item in enumerate(real(*args, **kwargs)):
+            if index == 3:
+                raise OSError("disk full")
+            yield item
+
+    monkeypatch.setattr(synthetic, "_generate", fails_after_three)
+    assert main(["synth", "--n", "10", "--image-size", "64", "--rows-per-shard", "1",
+                 "--output", str(tmp_path / "out")]) == 1
+    assert "disk full" in capsys.readouterr().err and list(tmp_path.iterdir()) == []

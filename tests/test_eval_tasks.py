@@ -130,6 +130,15 @@ def test_embedding_cache_reuses_only_a_matching_key(tmp_path):
     assert len(calls) == 2 and not list(tmp_path.glob("*.partial"))
     EmbeddingCache(None, {"model": "a"}).get_or_compute("images", compute)  # no folder: never cached
     assert len(calls) == 3
+    # damaged files are rebuilt, never read: cut short, or a tensor byte changed (the checksum catches it)
+    path = tmp_path / "images.safetensors"
+    for damage in (lambda data: data[:-7], lambda data: data[:-1] + bytes([data[-1] ^ 0xFF])):
+        path.write_bytes(damage(path.read_bytes()))
+        again = EmbeddingCache(tmp_path, {"model": "b"}).get_or_compute("images", compute)
+        assert torch.equal(again["embeds"], first["embeds"])
+    assert len(calls) == 5
+    EmbeddingCache(tmp_path, {"model": "b"}).get_or_compute("images", compute)
+    assert len(calls) == 5
 
 
 # -- tasks on a tiny saved model ------------------------------------------------------------------

@@ -284,7 +284,7 @@ def test_controls_need_roi_inputs():
 def test_cli_user_errors_name_the_bad_argument(tmp_path, capsys):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
+    (model_dir / "config.json").write_text('{"model_type": "regionmed_clip"}')  # fails only once loaded
     data_dir = tmp_path / "data"
     write_synthetic_dataset(data_dir, n=5)  # rows 0-4: train only
 

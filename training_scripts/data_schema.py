@@ -21,8 +21,10 @@ import io
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,9 @@ __all__ = [
     "ShardedParquetWriter",
     "check_shard_schema",
     "dataset_fingerprint",
+    "STAGING_LOCK",
     "dataset_output",
+    "remove_stale_staging",
     "encode_image",
     "export_to_disk",
     "PROVENANCE_FILE",
@@ -54,6 +58,11 @@ __all__ = [
 SPLITS = ("train", "validation", "test")
 
 logger = logging.getLogger(__name__)
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; stale staging folders are then left alone
+    fcntl = None
 
 CANONICAL_FEATURES = Features(
     {
@@ -314,24 +323,81 @@ def read_provenance(data_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+STAGING_LOCK = ".staging.lock"  # held (flock) inside a staging folder while its run is alive
+_STAGING_AGE_S = 3600.0  # a staging folder without a lock file (not yet locked, or older code) is stale past this
+
+
+def _is_stale(staging: Path) -> bool:
+    """Whether the staging folder belongs to no living run: its lock file's flock can be taken (the kernel drops a
+    dead process's locks, SIGKILL included), or, without a lock file, it is over `_STAGING_AGE_S` old."""
+    lock = staging / STAGING_LOCK
+    if not lock.is_file():
+        return time.time() - staging.stat().st_mtime > _STAGING_AGE_S
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # a living run writes into it
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return True
+
+
+def remove_stale_staging(output_dir: str | Path) -> list[Path]:
+    """Remove the staging folders (`.{name}.partial-*` beside `output_dir`) that killed runs writing `output_dir`
+    left behind; a folder a living run still writes into is kept. Returns what was removed."""
+    output_dir = Path(output_dir)
+    if fcntl is None or not output_dir.parent.is_dir():
+        return []
+    removed = []
+    for staging in output_dir.parent.glob(f".{output_dir.name}.partial-*"):
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove: left as it is
+            if staging.is_dir() and not staging.is_symlink() and _is_stale(staging):
+                shutil.rmtree(staging)
+                removed.append(staging)
+    return removed
+
+
 @contextlib.contextmanager
 def dataset_output(output_dir: str | Path) -> Iterator[Path]:
-    """A hidden sibling folder to write a dataset into, renamed to `output_dir` only when the block
-    finishes: an interrupted or failed write never leaves shards that load as a complete dataset.
-    `output_dir` must be new or empty."""
+    """A hidden staging folder beside `output_dir` to write a dataset (or any output folder) into, renamed to
+    `output_dir` only when the block finishes and removed when it fails: an interrupted or failed write never
+    leaves files that load as complete. It survives SIGKILL too: the folder is locked while its run lives, and
+    the next run writing the same output removes the staging folders of dead runs first. `output_dir` must be
+    new or empty."""
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"{output_dir} is not empty: write the dataset into a new folder (refusing to mix datasets)")
+    removed = remove_stale_staging(output_dir)
+    if removed:
+        logger.warning("removed %d staging folder(s) of an earlier, killed run: %s", len(removed),
+                       ", ".join(str(path) for path in removed))
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
-        yield partial
+        with _locked_while_written(staging):
+            yield staging
         if output_dir.exists():
             output_dir.rmdir()  # empty, checked above
-        partial.rename(output_dir)
+        staging.rename(output_dir)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _locked_while_written(staging: Path) -> Iterator[None]:
+    """Hold an flock on `staging`'s lock file while the block runs (the kernel drops it when the process dies,
+    SIGKILL included); the lock file is not part of the output."""
+    lock = staging / STAGING_LOCK
+    with open(lock, "w") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # not part of the output
 
 
 def dataset_fingerprint(path: str | Path, split: str) -> dict[str, Any]:

@@ -30,11 +30,11 @@ from evaluation.cli import format_report
 from evaluation.probe import run_probe
 from evaluation.results import to_json, write_results
 from evaluation.tasks import EvalSettings, run_region, run_zero_shot
-from regionmed_cli import console_script
+from regionmed_cli import console_script, positive_int
 
 from .data_schema import load_canonical
 from .export import export_model
-from .launch import GLOBAL_ONLY_CONFIG, train_in_subprocesses
+from .launch import GLOBAL_ONLY_CONFIG, StepFailedError, train_in_subprocesses
 from .synthetic import write_synthetic_dataset
 
 __all__ = ["main"]
@@ -88,7 +88,9 @@ def _reload_check(model_dir: Path, hub_dir: Path, film: Path, labels: list[str])
     result = subprocess.run([sys.executable, "-c", _RELOAD_SCRIPT, str(hub_dir), str(film), ",".join(labels)],
                             env=env, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
-        raise RuntimeError(f"the exported folder did not reload in a fresh process:\n{result.stderr[-2000:]}")
+        log = hub_dir.with_name("reload.log")
+        log.write_text(result.stdout + result.stderr)
+        raise StepFailedError(f"the exported folder did not reload in a fresh process: see {log}")
     reloaded = json.loads(result.stdout.strip().splitlines()[-1])
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
@@ -96,7 +98,7 @@ def _reload_check(model_dir: Path, hub_dir: Path, film: Path, labels: list[str])
         original = model(**processor(images=[str(film)])).image_embeds[0]
     difference = (original - torch.tensor(reloaded["embeds"])).abs().max().item()
     if difference > 1e-4:
-        raise RuntimeError(f"the reloaded export's embedding differs from the trained model's by {difference:.2e}")
+        raise StepFailedError(f"the reloaded export's embedding differs from the trained model's by {difference:.2e}")
     return {"max_difference": difference, "pipeline": reloaded["pipeline"], "module": reloaded["module"]}
 
 
@@ -105,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="regionmed-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--n", type=int, default=2000, help="synthetic images to generate")
-    parser.add_argument("--max-steps", type=int, default=DEMO_STEPS)
+    parser.add_argument("--n", type=positive_int, default=2000, help="synthetic images to generate")
+    parser.add_argument("--max-steps", type=positive_int, default=DEMO_STEPS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -118,11 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = write_synthetic_dataset(data_dir, n=args.n, seed=args.seed)
     times["generate data"] = time.perf_counter() - start
     print(f"[1/5] generated {summary['rows']} synthetic films in {summary['seconds']}s -> {data_dir}", flush=True)
-    try:
-        runs = _train_both(data_dir, args.output_dir, args.max_steps, args.seed)
-    except RuntimeError as error:
-        print(f"regionmed-demo: {error}", file=sys.stderr)
-        return 1
+    runs = _train_both(data_dir, args.output_dir, args.max_steps, args.seed)  # StepFailedError: exit 1
     print(f"[2/5] trained the default recipe and the global-only ablation ({args.max_steps} steps each) "
           f"in {time.perf_counter() - start:.0f}s so far", flush=True)
     times["train (both, in parallel)"] = time.perf_counter() - start - sum(times.values())

@@ -7,14 +7,20 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["GLOBAL_ONLY_CONFIG", "train_in_subprocesses"]
+__all__ = ["GLOBAL_ONLY_CONFIG", "StepFailedError", "train_in_subprocesses"]
 
 GLOBAL_ONLY_CONFIG = Path(__file__).parent / "configs" / "global_only.yaml"
 
 
+class StepFailedError(RuntimeError):
+    """A step of a multi-step job (a training subprocess, a reload check) failed; the message says where to look."""
+
+    exit_code = 1  # the console scripts' error boundary prints the message on one line (regionmed_cli)
+
+
 def train_in_subprocesses(runs: Mapping[Path, Sequence[str]], jobs: int = 2) -> None:
     """Run `python -m training_scripts.train ARGS --output-dir RUN_DIR` for every `RUN_DIR -> ARGS`,
-    `jobs` at a time, each logging to `RUN_DIR.log`; RuntimeError naming the log of a failed run."""
+    `jobs` at a time, each logging to `RUN_DIR.log`; StepFailedError naming the log of a failed run."""
     # One thread each: two trainings with the default two threads each slow each other down ~5x on 2 cores.
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     pending = list(runs.items())
@@ -33,4 +39,4 @@ def train_in_subprocesses(runs: Mapping[Path, Sequence[str]], jobs: int = 2) -> 
         if process.wait() != 0:
             for other, _ in running:
                 other.kill()
-            raise RuntimeError(f"training failed (exit {process.returncode}): see {log_path}")
+            raise StepFailedError(f"training failed (exit {process.returncode}): see {log_path}")

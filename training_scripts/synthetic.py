@@ -44,6 +44,10 @@ Also written, next to the parquet shards:
   to its look-alike partner, or to a random other type when it has none). A JSON list of
   `{"image_id", "region_index" (into the row's regions), "caption", "label", "side", "zone",
   "negatives": {"side", "zone", "type"}}`.
+
+The dataset is written through `data_schema.dataset_output`: into a hidden staging folder beside the output,
+renamed to the output only once complete; a staging folder that a killed run left behind is removed by the next
+run that writes the same output.
 """
 
 import json

@@ -30,10 +30,13 @@ VQA-RAD-style records `{qid, image_name, question, answer, answer_type, question
 whose `image_name` is the `image_id` of the canonical row of that split the question is about
 (`training_scripts.vqa_data` reads them back).
 
-Bad input never raises and never ends a run; everything left out is counted in a `SkipCounter`:
+A bad row never raises and never ends a run (a file that cannot be read as its format does: an error naming
+the file, line or entry); everything left out is counted in a `SkipCounter`:
 
-* a whole ROW is skipped for a missing or undecodable image, an annotation without an image id, a malformed
-  ROCO line, COCO annotations of an unknown image id, a CheXpert label value other than 1 / 0 / -1 / blank (the
+* a whole ROW is skipped for a missing or undecodable image, an image path outside the images folder (absolute or
+  with `..`; never opened), a CSV row whose fields do not match the header, a duplicate (an identical repeat of
+  what a source lists once: the first is kept) or repeats that disagree (none kept; `rows._listed_once`), an
+  annotation without an image id, a malformed ROCO line, COCO annotations of an unknown image id, a CheXpert label value other than 1 / 0 / -1 / blank (the
   reason names the column and value), a MIMIC-CXR study without images or image without labels, a lateral view
   with `frontal_only`, or a row failing `validate_row` (e.g. an unknown split);
 * a single REGION is dropped (the row is kept, with its labels) for missing or unparsable coordinates, a
@@ -41,12 +44,13 @@ Bad input never raises and never ends a run; everything left out is counted in a
   category that is not declared, or a malformed SLAKE detection.json entry;
 * a single QUESTION (VQA formats) is left out of the VQA records when its image's row was skipped (the reason
   names the image) or, VQA-RAD, when it has no qid, image_name, question text or answer, or an answer_type other
-  than OPEN / CLOSED.
+  than OPEN / CLOSED, or shares its qid with another question (the shared duplicate rule).
 
 Boxes end up as [x0, y0, x1, y1] pixels of the STORED image: DICOMs become 8-bit PNGs of the same size
 (`load_medical_image`, windowed), other files are embedded as their own bytes; boxes are rescaled when a format
 declares the annotated image size (MS-CXR `image_width/height`, COCO `width/height`) and it differs from the
-file, then clipped to the image.
+file, then clipped to the image. An image with an EXIF orientation is stored upright (PNG, the tag gone), its
+boxes as drawn on the image viewers show (or turned with it where the declared size is the file's own).
 
 Caption templates (the dataset's own text wins where there is one):
 
@@ -80,6 +84,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from regionmed_cli import UsageError
 from training_scripts.data_schema import ShardedParquetWriter, dataset_output, write_provenance
 
 from .chestxray14 import _chestxray14
@@ -95,10 +100,12 @@ from .slake import _slake
 from .vindr_cxr import _vindr_cxr
 from .vqa_rad import VQA_RAD_VALIDATION_FRACTION, _vqa_rad
 
-__all__ = ["CONVERTERS", "VQA_RAD_VALIDATION_FRACTION", "ConversionStats", "SkipCounter", "convert", "iter_rows"]
+__all__ = ["CONVERTERS", "VQA_RAD_VALIDATION_FRACTION", "ConversionStats", "SkipCounter", "check_options", "convert",
+           "iter_rows"]
 
 logger = logging.getLogger(__name__)
 
+_INTERNAL_OPTIONS = frozenset({"skipped", "given_images", "forced_split"})  # passed by the formats themselves
 _VQA_FORMATS = frozenset({"slake", "vqa-rad"})  # formats that also write `vqa/{split}.json`
 
 CONVERTERS: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {
@@ -139,21 +146,26 @@ def iter_rows(
     if not input_path.exists():
         raise FileNotFoundError(f"input {str(input_path)!r} does not exist")
     images = Path(images_dir) if images_dir is not None else None
-    _check_options(format, options)
+    check_options(format, options)
     return CONVERTERS[format](input_path, images, seed=seed, skipped=skipped, **options)
 
 
-def _check_options(format: str, options: dict[str, Any]) -> None:
+def check_options(format: str, options: dict[str, Any]) -> None:
     """A clear error for an option the format does not take (`--modality` with `ms-cxr`), instead of a
-    TypeError from deep inside the generator; formats that forward `**options` check their own."""
-    parameters = inspect.signature(CONVERTERS[format]).parameters
-    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters.values()):
-        return
-    accepted = {name for name, parameter in parameters.items() if parameter.kind is parameter.KEYWORD_ONLY}
-    accepted = (accepted - {"skipped"}) | {"split"}
+    TypeError from deep inside the generator (a format that forwards `**options` names where, `forwards_to`). A
+    `UsageError`
+    (a ValueError): on the command line it is a bad argument (exit 2)."""
+    accepted: set[str] = set()
+    converter: Any = CONVERTERS[format]
+    while converter is not None:  # a format that forwards `**options` names the function it forwards them to
+        parameters = inspect.signature(converter).parameters.values()
+        accepted |= {parameter.name for parameter in parameters if parameter.kind is parameter.KEYWORD_ONLY}
+        forwards = any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters)
+        converter = getattr(converter, "forwards_to", None) if forwards else None
+    accepted = (accepted - _INTERNAL_OPTIONS) | {"split"}
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise ValueError(f"format {format!r} takes no option {unknown}; its options: {sorted(accepted)}")
+        raise UsageError(f"format {format!r} takes no option {unknown}; its options: {sorted(accepted)}")
 
 
 def convert(
@@ -174,7 +186,7 @@ def convert(
     output_dir = Path(output_dir)
     skipped = SkipCounter()
     start = time.perf_counter()
-    with dataset_output(output_dir) as partial:
+    with dataset_output(output_dir) as partial:  # a killed conversion leaves nothing that stays
         if format in _VQA_FORMATS:
             # The questions are a second output, written next to the shards as the synthetic set does.
             options["vqa_dir"] = partial / "vqa" if options.get("vqa_dir") in (None, output_dir / "vqa") else options["vqa_dir"]

@@ -19,7 +19,7 @@ def _chestxray14(input_path: Path, images_dir: Path, *, skipped: SkipCounter) ->
     """ChestX-ray14 BBox_List_2017.csv (no split in the file: "train" unless `split=` is given)."""
     records = (
         (row["Image Index"], {"label": row["Finding Label"], "box": _xywh(*(row[c] for c in _CXR14_BOX_COLUMNS))})
-        for row in _read_csv(input_path, ("Image Index", "Finding Label", *_CXR14_BOX_COLUMNS))
+        for row in _read_csv(input_path, ("Image Index", "Finding Label", *_CXR14_BOX_COLUMNS), skipped)
     )
     for image_id, group in _grouped(records, skipped):
         yield _Draft(

@@ -1,13 +1,14 @@
 """CheXpert: train.csv / valid.csv / test.csv (or their folder), images `Path`, as written or without its first
 folder. Its labeler classes and values, and the labels-only draft, serve MIMIC-CXR too (`mimic_cxr`)."""
 
-import json
 from collections.abc import Iterator
+from operator import itemgetter
 from pathlib import Path
+from typing import Any
 
 from .captions import CXR, _modality_name
-from .inputs import _read_csv
-from .rows import SkipCounter, _converter, _Draft
+from .inputs import _grouped, _read_csv
+from .rows import SkipCounter, _converter, _Draft, _listed_once
 from .splits import _split_from_path
 
 __all__ = ["_CHEXPERT_CLASSES", "_chexpert", "_chexpert_labels", "_labelled_draft"]
@@ -60,27 +61,33 @@ def _chexpert(
 
     `Path` ("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg") is looked for in `images_dir` as
     written, then without its first folder (`images_dir` = the CheXpert-v1.0-small folder itself). A label value
-    other than 1 / 0 / -1 / blank skips the row; `frontal_only` skips lateral views (both counted).
+    other than 1 / 0 / -1 / blank skips the row; `frontal_only` skips lateral views; a `Path` listed again is a
+    duplicate (identical rows: the first kept) or, when the rows disagree, left out (all counted).
     """
     files = [input_path / name for name in _CHEXPERT_FILES] if input_path.is_dir() else [input_path]
     required = ("Path", *_CHEXPERT_CLASSES, *(["Frontal/Lateral"] if frontal_only else []))
-    for path in filter(Path.is_file, files):
-        split = _split_from_path(path)
-        for row in _read_csv(path, required):
-            image_id = row["Path"]
-            if not image_id:
-                skipped.skip_row("annotation without an image id", json.dumps(row))
-                continue
-            if frontal_only and row["Frontal/Lateral"] != "Frontal":
-                skipped.skip_row("not a frontal view", image_id)
-                continue
-            try:
-                labels = _chexpert_labels(row)
-            except ValueError as error:
-                skipped.skip_row(str(error), image_id)
-                continue
-            relative = Path(image_id)
-            candidates = [images_dir / relative]
-            if len(relative.parts) > 1:
-                candidates.append(images_dir.joinpath(*relative.parts[1:]))
-            yield _labelled_draft(image_id, candidates, split, labels)
+
+    def records() -> Iterator[tuple[str, dict[str, Any]]]:
+        for path in filter(Path.is_file, files):
+            split = _split_from_path(path)
+            for row in _read_csv(path, required, skipped):
+                yield row["Path"], {"split": split, "row": dict(row), "where": f"{path}, line {row.line}"}
+
+    for image_id, group in _grouped(records(), skipped):
+        record = _listed_once(group, "image (Path)", image_id, skipped.skip_row, same=itemgetter("split", "row"))
+        if record is None:
+            continue
+        row = record["row"]
+        if frontal_only and row["Frontal/Lateral"] != "Frontal":
+            skipped.skip_row("not a frontal view", image_id)
+            continue
+        try:
+            labels = _chexpert_labels(row)
+        except ValueError as error:
+            skipped.skip_row(str(error), image_id)
+            continue
+        relative = Path(image_id)
+        candidates = [images_dir / relative]
+        if len(relative.parts) > 1:
+            candidates.append(images_dir.joinpath(*relative.parts[1:]))
+        yield _labelled_draft(image_id, candidates, record["split"], labels)

@@ -1,6 +1,7 @@
 """Region geometry: the `_Box` a format gives for a region (xyxy in the source's pixel frame), coordinates parsed
 from text (`_numbers`, [x, y, w, h] -> [x0, y0, x1, y1], a declared image size), the IoU and greedy fusion of
-several readers' boxes (VinDr-CXR), and RLE masks decoded on the image grid into tight boxes (SIIM-ACR)."""
+several readers' boxes (VinDr-CXR), a box turned upright with its image (`_orient_box`, an EXIF orientation), and
+RLE masks decoded on the image grid into tight boxes (SIIM-ACR)."""
 
 import math
 from collections.abc import Sequence
@@ -9,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["_Box", "_declared_size", "_fuse_boxes", "_numbers", "_rle_boxes", "_xywh"]
+__all__ = ["_Box", "_declared_size", "_fuse_boxes", "_numbers", "_orient_box", "_rle_boxes", "_xywh"]
 
 FUSION_IOU = 0.4  # VinDr-CXR: same-class boxes of different readers overlapping this much are one finding
 
@@ -48,6 +49,26 @@ def _xywh(*values: Any) -> list[float] | None:
 def _declared_size(width: Any, height: Any) -> tuple[float, float] | None:
     numbers = _numbers(width, height)
     return (numbers[0], numbers[1]) if numbers is not None and min(numbers) > 0 else None
+
+
+def _orient_box(bbox: Sequence[float], orientation: int, size: tuple[int, int]) -> list[float]:
+    """An xyxy box on an image of `size` (W, H) whose EXIF orientation is `orientation` (1..8), in the pixels of the
+    upright image (as `PIL.ImageOps.exif_transpose` makes it)."""
+    width, height = size
+    # Where a point (x, y) of the file's pixels lands in the upright image, per orientation.
+    moves = {
+        1: lambda x, y: (x, y),
+        2: lambda x, y: (width - x, y),  # mirrored left-right
+        3: lambda x, y: (width - x, height - y),  # rotated 180
+        4: lambda x, y: (x, height - y),  # mirrored top-bottom
+        5: lambda x, y: (y, x),  # transposed
+        6: lambda x, y: (height - y, x),  # rotated 90 clockwise to display
+        7: lambda x, y: (height - y, width - x),  # transversed
+        8: lambda x, y: (y, width - x),  # rotated 90 counter-clockwise to display
+    }
+    move = moves[orientation]
+    (ax, ay), (bx, by) = move(bbox[0], bbox[1]), move(bbox[2], bbox[3])
+    return [min(ax, bx), min(ay, by), max(ax, bx), max(ay, by)]
 
 
 def _iou(a: Sequence[float], b: Sequence[float]) -> float:

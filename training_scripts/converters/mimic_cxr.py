@@ -2,13 +2,13 @@
 each may be .csv.gz), images `files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg`."""
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .chexpert import _CHEXPERT_CLASSES, _chexpert_labels, _labelled_draft
 from .inputs import _grouped, _read_csv
-from .rows import SkipCounter, _converter, _Draft
+from .rows import SkipCounter, _converter, _Draft, _listed_once
 from .splits import _split_name
 
 __all__ = ["_mimic_cxr"]
@@ -33,9 +33,10 @@ def _mimic_cxr(
     mimic-cxr-2.0.0-split.csv when it is beside the input ("validate" -> validation), else "train". Each file may
     also be `.csv.gz`.
 
-    Counted skips, once per study: an unknown label value, several label rows, no image in the metadata; once per
-    image: its study has no label row, it is not in the split file, or (`frontal_only`) its ViewPosition is not
-    PA / AP.
+    Counted skips, once per study: an unknown label value, label rows that disagree (identical ones are
+    duplicates, the first kept), no image in the metadata; once per image: its study has no label row, it is not in
+    the split file, it is listed twice in the metadata or the split file with different values, or (`frontal_only`)
+    its ViewPosition is not PA / AP.
     """
     metadata = _beside(input_path, _MIMIC_METADATA)
     if metadata is None:
@@ -43,7 +44,7 @@ def _mimic_cxr(
     split_file = _beside(input_path, _MIMIC_SPLIT)
 
     def label_records() -> Iterator[tuple[str, dict[str, Any]]]:
-        for row in _read_csv(input_path, ("study_id", *_CHEXPERT_CLASSES)):
+        for row in _read_csv(input_path, ("study_id", *_CHEXPERT_CLASSES), skipped):
             try:
                 positive, uncertain = _chexpert_labels(row)
             except ValueError as error:
@@ -53,36 +54,51 @@ def _mimic_cxr(
 
     image_records = (
         (row["study_id"], {"kind": "image", **{key: row[key] for key in ("dicom_id", "subject_id", "ViewPosition")}})
-        for row in _read_csv(metadata, ("dicom_id", "subject_id", "study_id", "ViewPosition"))
+        for row in _read_csv(metadata, ("dicom_id", "subject_id", "study_id", "ViewPosition"), skipped)
     )
     split_records = (
         (row["study_id"], {"kind": "split", "dicom_id": row["dicom_id"], "split": row["split"]})
-        for row in (_read_csv(split_file, ("dicom_id", "study_id", "split")) if split_file is not None else ())
+        for row in (_read_csv(split_file, ("dicom_id", "study_id", "split"), skipped) if split_file is not None else ())
     )
     for study_id, group in _grouped(itertools.chain(label_records(), image_records, split_records), skipped):
         label_rows = [record for record in group if record["kind"] == "labels"]
-        study_images = [record for record in group if record["kind"] == "image"]
-        image_splits = {record["dicom_id"]: record["split"] for record in group if record["kind"] == "split"}
+        study_images = _by_key(record for record in group if record["kind"] == "image")
+        image_splits = _by_key(record for record in group if record["kind"] == "split")
         if not label_rows:
-            for image in study_images:
-                skipped.skip_row("image of a study without labels", image["dicom_id"])
+            for dicom_id in study_images:
+                skipped.skip_row("image of a study without labels", dicom_id)
             continue
-        if len(label_rows) > 1:
-            skipped.skip_row("several label rows for one study", study_id)
+        study = _listed_once(label_rows, "study (label row)", study_id, skipped.skip_row)
+        if study is None:
             continue
-        [study] = label_rows
         if study["invalid"] or not study_images:
             skipped.skip_row(study["invalid"] or "study without images in the metadata", study_id)
             continue
-        for image in study_images:
-            dicom_id, subject_id = image["dicom_id"], image["subject_id"]
+        for dicom_id, listed in study_images.items():
+            image = _listed_once(listed, "image (dicom_id) in the metadata", dicom_id, skipped.skip_row)
+            if image is None:
+                continue
+            subject_id = image["subject_id"]
             if frontal_only and image["ViewPosition"] not in _MIMIC_FRONTAL:
                 skipped.skip_row("not a frontal view", dicom_id)
                 continue
             if split_file is not None and dicom_id not in image_splits:
                 skipped.skip_row("image not in the split file", dicom_id)
                 continue
+            if split_file is not None:
+                listed_split = _listed_once(image_splits[dicom_id], "image (dicom_id) in the split file", dicom_id,
+                                            skipped.skip_row)
+                if listed_split is None:
+                    continue
             folder = images_dir / "files" / f"p{subject_id[:2]}" / f"p{subject_id}" / f"s{study_id}"
-            split = _split_name(image_splits.get(dicom_id, "train"))
+            split = _split_name(listed_split["split"] if split_file is not None else "train")
             labels = (study["positive"], study["uncertain"])
             yield _labelled_draft(dicom_id, [folder / f"{dicom_id}.jpg"], split, labels)
+
+
+def _by_key(records: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Records by their dicom_id, in input order."""
+    listed: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        listed.setdefault(record["dicom_id"], []).append(record)
+    return listed

@@ -16,7 +16,7 @@ __all__ = ["_ms_cxr"]
 def _ms_cxr(input_path: Path, images_dir: Path, *, skipped: SkipCounter) -> Iterator[_Draft]:
     """MS-CXR v1.0.0 (no `split` column: "train") and v1.1.0 (`split`, "val" -> "validation")."""
     columns = ("dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height")
-    records = ((row["dicom_id"], row) for row in _read_csv(input_path, columns))
+    records = ((row["dicom_id"], row) for row in _read_csv(input_path, columns, skipped))
     for image_id, group in _grouped(records, skipped):
         first = group[0]
         if len({row["path"] for row in group}) > 1:

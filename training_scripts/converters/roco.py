@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .captions import _sentence
-from .rows import SkipCounter, _converter, _Draft
+from .inputs import _grouped, _text_lines
+from .rows import SkipCounter, _converter, _Draft, _listed_once
 from .splits import _split_from_path
 
 __all__ = ["_roco"]
@@ -28,16 +29,15 @@ def _roco_dlinks(path: Path) -> dict[str, tuple[str | None, str]]:
     links: dict[str, tuple[str | None, str]] = {}
     if not path.is_file():
         return links
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            columns = line.rstrip("\r\n").split("\t")
-            name, image = columns[0].strip(), columns[-1].strip()
-            if len(columns) < 2 or not (name and image):
-                if line.strip():
-                    logger.debug("ignored dlinks line %s:%d", path, number)
-                continue
-            archive = _ROCO_ARCHIVE.search(columns[1]) if len(columns) > 2 else None
-            links[name] = (archive.group(1) if archive else None, image)
+    for number, line in _text_lines(path):
+        columns = line.rstrip("\r\n").split("\t")
+        name, image = columns[0].strip(), columns[-1].strip()
+        if len(columns) < 2 or not (name and image):
+            if line.strip():
+                logger.debug("ignored dlinks line %s:%d", path, number)
+            continue
+        archive = _ROCO_ARCHIVE.search(columns[1]) if len(columns) > 2 else None
+        links[name] = (archive.group(1) if archive else None, image)
     return links
 
 
@@ -58,13 +58,14 @@ def _roco_drafts(
 ) -> Iterator[_Draft]:
     """ROCO drafts; `given_images` is the images folder the caller passed (None: each captions file's `images/`)."""
     files = sorted(input_path.rglob("captions.txt")) if input_path.is_dir() else [input_path]
-    for path in files:
-        split = _split_from_path(path)
-        modality = "non_radiology" if "non-radiology" in path.parts else "radiology"
-        folder = given_images if given_images is not None else path.parent / "images"
-        links = _roco_dlinks(path.parent / "dlinks.txt")  # one id -> name dict per captions file
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
+
+    def records() -> Iterator[tuple[str, dict[str, Any]]]:
+        for path in files:
+            split = _split_from_path(path)
+            modality = "non_radiology" if "non-radiology" in path.parts else "radiology"
+            folder = given_images if given_images is not None else path.parent / "images"
+            links = _roco_dlinks(path.parent / "dlinks.txt")  # one id -> name dict per captions file
+            for number, line in _text_lines(path):
                 if not line.strip():
                     continue
                 name, tab, caption = line.partition("\t")
@@ -72,14 +73,23 @@ def _roco_drafts(
                 if not (tab and name and caption):
                     skipped.skip_row("malformed captions line", f"{path}:{number}")
                     continue
-                yield _Draft(
-                    name,
-                    _roco_candidates(name, links.get(name), folder),
-                    split=split,
-                    modality=modality,
-                    summary=_sentence(re.split(r"(?<=[.!?])\s", caption, maxsplit=1)[0]),
-                    report=caption,
-                )
+                candidates = [str(candidate) for candidate in _roco_candidates(name, links.get(name), folder)]
+                yield name, {"split": split, "modality": modality, "caption": caption, "candidates": candidates}
+
+    # Grouped by id, so that an id listed twice is found and follows the one rule of `_listed_once`.
+    for name, group in _grouped(records(), skipped):
+        record = _listed_once(group, "ROCO id", name, skipped.skip_row)
+        if record is None:
+            continue
+        caption = record["caption"]
+        yield _Draft(
+            name,
+            [Path(candidate) for candidate in record["candidates"]],
+            split=record["split"],
+            modality=record["modality"],
+            summary=_sentence(re.split(r"(?<=[.!?])\s", caption, maxsplit=1)[0]),
+            report=caption,
+        )
 
 
 def _roco(input_path: Path, images_dir: Path | None, **options: Any) -> Iterator[dict[str, Any]]:
@@ -90,8 +100,12 @@ def _roco(input_path: Path, images_dir: Path | None, **options: Any) -> Iterator
     scripts/fetch.py saves each image as `images/{PMCid}_{image name}` beside them. An image is looked for in
     `images_dir` when given, else in the captions file's own `images/` folder, as `{PMCid}_{name}`, then `{name}`
     (from the sibling dlinks.txt, when there is one), then `{ROCO_id}.jpg|.png` (mirrors that rename by id); a row
-    whose image is in none of them is skipped as "missing image" (the debug log lists the paths tried).
+    whose image is in none of them is skipped as "missing image" (the debug log lists the paths tried). An id listed
+    twice is a duplicate (same caption, split and image: the first kept) or, when the lines disagree, left out.
 
     Split from the path; modality "radiology" ("non_radiology" under a `non-radiology` folder).
     """
     return _roco_drafts(input_path, images_dir, given_images=images_dir, **options)
+
+
+_roco.forwards_to = _roco_drafts  # type: ignore[attr-defined]  # what `check_options` reads

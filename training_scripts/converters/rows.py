@@ -1,14 +1,16 @@
 """The row pipeline every format shares. `SkipCounter` counts what a conversion leaves out, by reason, and
 `ConversionStats` reports what it did; a format yields one `_Draft` per image (what it knows before the shared
-steps), and `_converter` turns that draft generator into a row converter: find and fully decode the image (DICOMs
-rendered to 8 bits, EXIF-rotated images stored upright), fit each region to the stored image (rescaled from a
-declared size, clipped, or dropped and counted), fill in the caption templates and hard negatives, and validate
-the canonical row (an invalid one is skipped and counted)."""
+steps), and `_converter` turns that draft generator into a row converter: refuse an image path outside the images
+folder, find and fully decode the image (DICOMs rendered to 8 bits, images with an EXIF orientation stored upright),
+fit each region to the stored image (rescaled from a declared size, clipped, or dropped and counted), fill in the
+caption templates and hard negatives, and validate the canonical row (an invalid one is skipped and counted).
+`_listed_once` is the one rule for a source that lists what should be listed once (an image, a study, a qid) more
+than once."""
 
 import collections
 import functools
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,14 +23,16 @@ from training_scripts.negatives import make_hard_negatives
 from training_scripts.skips import EXAMPLES_PER_REASON
 
 from .captions import CXR, _default_report, _position_caption, _summary
-from .geometry import _Box
+from .geometry import _Box, _orient_box
 from .splits import _split_name
 
-__all__ = ["ConversionStats", "SkipCounter", "_Draft", "_converter"]
+__all__ = ["ConversionStats", "SkipCounter", "_Draft", "_converter", "_inside", "_listed_once"]
 
 logger = logging.getLogger(__name__)
 
 NUM_NEGATIVES = 3
+OUTSIDE_IMAGES = "path outside --images"  # the skip reason of an image path that leaves the images folder
+_EXIF_ORIENTATION = 0x0112
 
 
 class SkipCounter:
@@ -116,9 +120,45 @@ class _Draft:
 
 @dataclass
 class _LoadedImage:
-    value: Any  # a path (embedded as its bytes) or a PIL image (a DICOM rendered to 8 bits, or an EXIF-rotated
-    # image turned upright; embedded as PNG)
+    value: Any  # a path (embedded as its bytes) or a PIL image (a DICOM rendered to 8 bits, or an image with an
+    # EXIF orientation turned upright; embedded as PNG)
     size: tuple[int, int]  # (W, H)
+    orientation: int = 1  # the EXIF orientation the file's pixels were turned upright from (1: none)
+    file_size: tuple[int, int] | None = None  # (W, H) of the file's pixels before they were turned upright
+
+
+def _listed_once(
+    records: Sequence[Any], what: str, where: str, skip: Callable[[str, str], None],
+    same: Callable[[Any], Any] | None = None,
+) -> Any | None:
+    """The one record of something a source should list once (an image, a study's label row, a question's qid).
+
+    The rule every format follows: repeats that agree with the first (`same(record)` equal; default the record) are
+    duplicates: the first is kept and each repeat counted as "duplicate {what}"; repeats that disagree are not
+    guessed between: none is kept, counted once as "{what} listed twice, disagreeing". `skip` is the SkipCounter's
+    `skip_row` or `skip_question`; `where` names the key.
+    """
+    if len(records) == 1:
+        return records[0]
+    key = same or (lambda record: record)
+    first = key(records[0])
+    if any(key(record) != first for record in records[1:]):
+        skip(f"{what} listed twice, disagreeing", f"{where} ({len(records)} times)")
+        return None
+    for _ in records[1:]:
+        skip(f"duplicate {what}", where)
+    return records[0]
+
+
+def _inside(folder: Path, path: Path) -> bool:
+    """Whether `path` (a file named by the source, joined to `folder`) stays inside `folder`: not absolute elsewhere
+    and no `..` part. Decided on the names alone, without touching the file system: a symlink the user put inside
+    the folder is followed, a name in the annotations cannot leave it."""
+    try:
+        relative = Path(path).relative_to(folder)
+    except ValueError:
+        return False
+    return ".." not in relative.parts
 
 
 def _converter(drafts: Callable[..., Iterable[_Draft]]) -> Callable[..., Iterator[dict[str, Any]]]:
@@ -139,6 +179,10 @@ def _converter(drafts: Callable[..., Iterable[_Draft]]) -> Callable[..., Iterato
         for draft in drafts(input_path, images_dir, skipped=skipped, **options):
             if split is not None:
                 draft.split = _split_name(split)
+            outside = next((str(path) for path in draft.candidates if not _inside(images_dir, path)), None)
+            if outside is not None:  # never opened, nor looked for
+                skipped.skip_row(OUTSIDE_IMAGES, f"{draft.image_id} ({outside} is not inside {str(images_dir)!r})")
+                continue
             image = _load_image(draft, skipped)
             if image is not None and (row := _to_row(draft, image, skipped, seed)) is not None:
                 draft.kept = True
@@ -160,13 +204,16 @@ def _load_image(draft: _Draft, skipped: SkipCounter) -> _LoadedImage | None:
             return _LoadedImage(image, image.size)
         with Image.open(path) as image:
             image.load()  # a full decode, so a truncated file is caught here rather than in training
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            if orientation not in range(2, 9):
+                return _LoadedImage(path, image.size)
+            # An EXIF orientation (2..8: mirrored, rotated or both): viewers show the pixels turned by it, and that
+            # is what the annotation was drawn on. Store those upright pixels (as PNG, the tag gone), never the
+            # file's, which a reader without EXIF handling would show otherwise than its boxes.
             upright = ImageOps.exif_transpose(image)
-            if upright.size != image.size and draft.declared_size != image.size:
-                # EXIF-rotated, and the annotation does not say it used the stored pixels: it was made on
-                # the image as viewers show it. Store those pixels (as PNG), so boxes are mapped, never
-                # rescaled across the swapped axes.
-                return _LoadedImage(upright, upright.size)
-            return _LoadedImage(path, image.size)
+            if upright.mode == "CMYK":  # PNG has no CMYK
+                upright = upright.convert("RGB")
+            return _LoadedImage(upright, upright.size, orientation, image.size)
     except Exception as error:  # any decoder failure (PIL, pydicom, numpy) leaves this image unusable
         skipped.skip_row("undecodable image", f"{draft.image_id} ({path}: {error})")
         return None
@@ -175,9 +222,16 @@ def _load_image(draft: _Draft, skipped: SkipCounter) -> _LoadedImage | None:
 def _to_row(draft: _Draft, image: _LoadedImage, skipped: SkipCounter, seed: int) -> dict[str, Any] | None:
     """Build and validate the canonical row; bad regions are dropped, an invalid row is skipped (both counted)."""
     boxes = draft.boxes(image.size) if callable(draft.boxes) else draft.boxes
+    declared = draft.declared_size
+    if image.orientation > 1 and declared == image.file_size != image.size:
+        # The annotation declares the size of the file's own pixels, which the orientation swaps: its boxes were
+        # drawn on those pixels; turn them upright with the image.
+        boxes = [_Box(_orient_box(box.bbox, image.orientation, image.file_size), box.label, box.caption, box.invalid)
+                 if box.bbox is not None else box for box in boxes]
+        declared = image.size
     regions = []
     for box in boxes:
-        bbox = _fit_box(box, image.size, draft.declared_size, skipped, draft.image_id)
+        bbox = _fit_box(box, image.size, declared, skipped, draft.image_id)
         if bbox is not None:
             caption = box.caption or _position_caption(box.label, bbox, image.size, draft.modality)
             regions.append({"bbox": bbox, "caption": caption, "label": box.label})

@@ -34,11 +34,11 @@ def _rsna_pneumonia(input_path: Path, images_dir: Path, *, skipped: SkipCounter)
     boxes = (
         (row["patientId"], {"target": _binary_flag(row, "Target", input_path),
                             "box": _xywh(*itemgetter("x", "y", "width", "height")(row))})
-        for row in _read_csv(input_path, ("patientId", "x", "y", "width", "height", "Target"))
+        for row in _read_csv(input_path, ("patientId", "x", "y", "width", "height", "Target"), skipped)
     )
     class_file = input_path.parent / _RSNA_CLASS_FILE
     classes = (
-        ((row["patientId"], {"class": row["class"]}) for row in _read_csv(class_file, ("patientId", "class")))
+        ((row["patientId"], {"class": row["class"]}) for row in _read_csv(class_file, ("patientId", "class"), skipped))
         if class_file.is_file()
         else ()
     )

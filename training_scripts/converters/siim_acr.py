@@ -20,7 +20,7 @@ def _siim_acr(input_path: Path, images_dir: Path, *, skipped: SkipCounter) -> It
 
     Masks are decoded on the real image's size (1024x1024 in the release), not an assumed one.
     """
-    rows = _read_csv(input_path, ("ImageId", "EncodedPixels"))
+    rows = _read_csv(input_path, ("ImageId", "EncodedPixels"), skipped)
     records = ((row["ImageId"], {"rle": row["EncodedPixels"]}) for row in rows)
     for image_id, group in _grouped(records, skipped):
         rles = [record["rle"] for record in group if record["rle"] != "-1"]

@@ -9,7 +9,7 @@ from typing import Any
 from .captions import CXR, _organ_captions, _unique
 from .geometry import _Box, _xywh
 from .inputs import _grouped, _load_json
-from .rows import SkipCounter, _converter, _Draft
+from .rows import SkipCounter, _converter, _Draft, _inside
 from .splits import _split_from_path
 from .vqa_records import _vqa_question, _VQAWriter
 
@@ -77,7 +77,9 @@ def _slake(
             questions = _load_json(path)
             if not isinstance(questions, list):
                 raise ValueError(f"{path}: a SLAKE split file is a JSON list of questions, got a {type(questions).__name__}")
-            for question in questions:
+            for index, question in enumerate(questions):
+                if not isinstance(question, dict):
+                    raise ValueError(f"{path}: question [{index}] must be a JSON object, got a {type(question).__name__}")
                 about = {key: question.get(key) or "" for key in ("modality", "location")}
                 yield question.get("img_name") or "", {"split": split, "vqa": _slake_vqa(question), **about}
 
@@ -86,7 +88,9 @@ def _slake(
             first = group[0]
             location = first["location"].replace("_", " ").lower()
             modality = _slake_modality(first["modality"], location)
-            organs = _slake_organs(images_dir / "imgs" / Path(img_name).parent / "detection.json")
+            detection = images_dir / "imgs" / Path(img_name).parent / "detection.json"
+            # An img_name leaving the images folder: nothing read here, the row is skipped by the shared rule.
+            organs = _slake_organs(detection) if _inside(images_dir, detection) else []
             names = _unique(box.label for box in organs)
             summary, report = _organ_captions(modality, location, names)
             draft = _Draft(

@@ -27,7 +27,7 @@ def _vindr_cxr(input_path: Path, images_dir: Path, *, skipped: SkipCounter) -> I
             "finding": row["class_id"] != _VINDR_NO_FINDING_ID,
             "box": _numbers(row["x_min"], row["y_min"], row["x_max"], row["y_max"]),
         })
-        for row in _read_csv(input_path, columns)
+        for row in _read_csv(input_path, columns, skipped)
     )
     for image_id, group in _grouped(records, skipped):
         findings = [record for record in group if record["finding"]]

@@ -10,7 +10,7 @@ from training_scripts.data_schema import SPLITS
 
 from .captions import _organ_captions
 from .inputs import _grouped, _load_json
-from .rows import SkipCounter, _converter, _Draft
+from .rows import SkipCounter, _converter, _Draft, _listed_once
 from .splits import _split_name
 from .vqa_records import _vqa_question, _VQAWriter
 
@@ -91,12 +91,18 @@ def _vqa_rad_drafts(
         return "validation" if _hash_fraction(group) < validation_fraction else "train"
 
     def questions() -> Iterator[tuple[str, dict[str, Any]]]:
+        by_qid: dict[str, list[dict[str, Any]]] = {}  # a qid names one question: `_listed_once` for repeats
         for index, record in enumerate(records):
             fields = _vqa_rad_fields(record)
             if isinstance(fields, str):
                 skipped.skip_question(fields, f"{input_path}[{index}]")
                 continue
-            yield str(record["image_name"]).strip(), {"split": split_of(_vqa_rad_group(record)), "vqa": fields}
+            by_qid.setdefault(str(fields["qid"]).strip(), []).append(record)
+        for qid, listed in by_qid.items():
+            record = _listed_once(listed, "qid", f"qid {qid}", skipped.skip_question)
+            if record is not None:
+                fields = _vqa_rad_fields(record)
+                yield str(record["image_name"]).strip(), {"split": split_of(_vqa_rad_group(record)), "vqa": fields}
 
     with _VQAWriter(vqa_dir, skipped) as vqa:
         for image_name, group in _grouped(questions(), skipped):
@@ -129,7 +135,8 @@ def _vqa_rad(
     any question of the group has a `phrase_type` starting with "test" (test_freeform, test_para: the release's test
     set), else "validation" when SHA-256 of the group id puts it in the first `validation_fraction` (0.1), else
     "train". So paraphrases never cross splits, and the split does not depend on the seed. `split=` forces one
-    split for every question.
+    split for every question. A qid listed twice is a duplicate (identical records: the first kept) or, when the
+    records disagree, none is kept (counted).
     """
     json_path = input_path / _VQA_RAD_FILE if input_path.is_dir() else input_path
     if not json_path.is_file():
@@ -137,3 +144,6 @@ def _vqa_rad(
     images = images_dir if images_dir is not None else json_path.parent / _VQA_RAD_IMAGES
     forced = _split_name(split) if split is not None else None
     return _vqa_rad_drafts(json_path, images, split=split, forced_split=forced, **options)
+
+
+_vqa_rad.forwards_to = _vqa_rad_drafts  # type: ignore[attr-defined]  # what `check_options` reads

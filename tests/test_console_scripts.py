@@ -1,0 +1,164 @@
+"""Every console script, end to end, as the README shows it: in a subprocess, stdin closed, offline,
+with its defaults on the tiny preset (only the scale shrunk: fewer films and steps), past at least one
+logging and one save step. A prompt, a traceback or a FutureWarning in the output fails it; so does a
+FutureWarning raised from any of our modules (turned into an error in the child process)."""
+
+import configparser
+import json
+import math
+import pkgutil
+import re
+from pathlib import Path
+
+import pytest
+from cli_helpers import assert_clean_exit, run_console_script
+from safetensors.torch import load_file
+
+from training_scripts.checkpoints import CHECKPOINT_COMPLETE
+from training_scripts.push import check_hub_folder
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+OUR_PACKAGES = ("regionmed_cli", "modeling_regionmed_clip", "processing", "training_scripts", "evaluation")
+FILMS = 150  # the synthetic generator puts every 10th film in the test split
+STEPS = 12  # past the default logging step (10); --save-steps 10 puts a checkpoint there too
+EVAL_TASKS = ("zero-shot", "region", "grounding", "retrieval")
+# Every console script in setup.cfg must have its end-to-end test here (test_every_console_script_is_covered).
+COVERED = {"regionmed-data", "regionmed-train", "regionmed-finetune", "regionmed-train-vqa", "regionmed-eval",
+           "regionmed-export", "regionmed-push", "regionmed-demo"}
+
+
+def _our_module_names() -> list[str]:
+    names = []
+    for package in OUR_PACKAGES:
+        names.append(package)
+        names += [info.name for info in pkgutil.walk_packages([str(ROOT / package)], prefix=f"{package}.")]
+    return names
+
+
+def run(name: str, *args: str, cwd: Path) -> str:
+    """`name args` as a user types it; asserts a clean exit and no warning of ours; returns stdout + stderr."""
+    # -W's module field is an exact module name: one filter per module of ours.
+    filters = ",".join(f"error::FutureWarning:{module}" for module in _our_module_names())
+    result = run_console_script(name, args, cwd=cwd, env={"PYTHONWARNINGS": filters})
+    assert_clean_exit(result)
+    output = result.stdout + result.stderr
+    assert "FutureWarning" not in output, output[-4000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A synthetic dataset and a trained tiny run, made with the console scripts themselves."""
+    root = tmp_path_factory.mktemp("console")
+    out = run("regionmed-data", "synth", "--n", str(FILMS), "--seed", "0", "--output", "data", cwd=root)
+    summary = json.loads(out[out.index("{"):out.rindex("}") + 1])
+    assert sum(summary["rows"].values()) == FILMS and summary["rows"]["test"] == FILMS // 10
+    run("regionmed-train", "--preset", "tiny", "--data", "data", "--output-dir", "run", "--max-steps", str(STEPS),
+        "--save-steps", "10", cwd=root)
+    return root
+
+
+def train_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_every_console_script_is_covered():
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    scripts = {line.split("=")[0].strip() for line in parser["options.entry_points"]["console_scripts"].splitlines()
+               if line.strip()}
+    assert scripts == COVERED
+
+
+def test_data_and_train(workspace):
+    assert (workspace / "data" / "provenance.json").is_file() and list((workspace / "data").glob("train-*.parquet"))
+    run_dir = workspace / "run"
+    logged = [entry for entry in train_log(run_dir) if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [10]
+    # ten steps from chance: the report loss is near ln(batch 32) = 3.47, the temperature near 1 / 0.07
+    assert 1.0 < logged[0]["loss_global_report"] < math.log(32) + 0.3
+    assert 10.0 < logged[0]["logit_scale"] < 20.0
+    assert (run_dir / "checkpoint-10" / CHECKPOINT_COMPLETE).is_file()
+    assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "loss_curves.png").is_file()
+    saved = (run_dir / "run_config.yaml").read_text()
+    assert "name: joint" in saved  # the default schedule, saved resolved
+
+
+def test_train_with_the_progressive_schedule_by_name(workspace):
+    run("regionmed-train", "--preset", "tiny", "--data", "data", "--output-dir", "progressive", "--max-steps", "10",
+        "--schedule", "progressive", cwd=workspace)
+    stages = [entry["stage"] for entry in train_log(workspace / "progressive") if "stage" in entry]
+    assert stages == ["joint"]  # logged at step 10: the last of the paper's four stages (10/10/40/40 %)
+
+
+def test_finetune_with_its_defaults(workspace):
+    out = run("regionmed-finetune", "--model", "run/final", "--data", "data", "--output-dir", "lora",
+              "--max-steps", str(STEPS), "--merge", cwd=workspace)
+    assert "[y/N]" not in out and "instantiate a model of type" not in out
+    lora = workspace / "lora"
+    assert {path.name for path in (lora / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert (lora / "merged" / "model.safetensors").is_file() and (lora / "merged" / "tokenizer.json").is_file()
+    logged = [entry for entry in train_log(lora) if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [10]
+    # under LoRA the temperature is frozen: the log reports the base model's, unchanged
+    base_scale = load_file(workspace / "run" / "final" / "model.safetensors")["logit_scale"].exp().item()
+    assert logged[0]["logit_scale"] == pytest.approx(base_scale, abs=1e-4)
+    summary = json.loads((lora / "lora_summary.json").read_text())
+    assert summary["towers"] == "vision,text" and summary["rank"] == 8 and summary["modules_to_save"] == ["projections"]
+
+
+@pytest.mark.parametrize("task", EVAL_TASKS)
+def test_eval_task(workspace, task):
+    out = run("regionmed-eval", task, "--model", "run/final", "--data", "data", "--output", f"eval/{task}",
+              cwd=workspace)
+    results = json.loads((workspace / "eval" / task / "results.json").read_text())
+    assert results["task"] == task.replace("-", "_") or results["task"] == task
+    assert results["n_examples"] >= FILMS // 10
+    assert f"over {FILMS // 10} of {FILMS // 10} rows" in out  # no row of the synthetic test split is skipped
+    figures = [path for path in (workspace / "eval" / task).glob("*.png")]
+    assert figures and all(path.stat().st_size > 1000 for path in figures)
+
+
+def test_eval_report_and_probe(workspace):
+    for task in ("zero-shot", "retrieval"):
+        if not (workspace / "eval" / task / "results.json").is_file():
+            run("regionmed-eval", task, "--model", "run/final", "--data", "data", "--output", f"eval/{task}",
+                cwd=workspace)
+    out = run("regionmed-eval", "report", "eval/zero-shot", "eval/retrieval", cwd=workspace)
+    zero_shot = json.loads((workspace / "eval" / "zero-shot" / "results.json").read_text())
+    macro = zero_shot["metrics"]["box_free"]["macro_auroc"]
+    assert f"{macro:.3f}" in out  # the table shows the figure results.json holds
+    run("regionmed-eval", "probe", "--model", "run/final", "--data", "data", "--output", "probe.json", cwd=workspace)
+    report = json.loads((workspace / "probe.json").read_text())
+    assert report["metadata"]["n_images"] == FILMS // 10
+    assert set(report["regions"]["conditions"]) == {"true", "crops_blanked", "boxes_mirrored", "box_geometry_removed"}
+
+
+def test_vqa_train_and_eval(workspace):
+    run("regionmed-train-vqa", "--model", "run/final", "--data", "data", "--output-dir", "vqa", "--max-steps", "20",
+        cwd=workspace)
+    assert (workspace / "vqa" / "final" / "model.safetensors").is_file()
+    run("regionmed-eval", "vqa", "--model", "vqa/final", "--data", "data", "--output", "eval/vqa", cwd=workspace)
+    metrics = json.loads((workspace / "eval" / "vqa" / "results.json").read_text())["metrics"]
+    assert {"closed", "open", "overall"} <= set(metrics) or any(re.search("overall", key) for key in metrics)
+
+
+def test_export_and_push_dry_run(workspace):
+    for task in ("zero-shot", "region"):
+        if not (workspace / "eval" / task / "results.json").is_file():
+            run("regionmed-eval", task, "--model", "run/final", "--data", "data", "--output", f"eval/{task}",
+                cwd=workspace)
+    run("regionmed-export", "--model", "run/final", "--output", "hub", "--eval-results", "eval/zero-shot",
+        "eval/region", "--repo-id", "org/regionmed-tiny", cwd=workspace)
+    checked = check_hub_folder(workspace / "hub")
+    assert checked["model_index_results"] > 0
+    out = run("regionmed-push", "hub", "--repo-id", "org/regionmed-tiny", "--dry-run", cwd=workspace)
+    assert "model.safetensors" in out and "README.md" in out
+
+
+def test_demo(tmp_path):
+    out = run("regionmed-demo", "--output-dir", "demo", "--n", "60", "--max-steps", "12", cwd=tmp_path)
+    assert "[5/5] the export reloads in a fresh offline process" in out and "same embedding" in out
+    assert (tmp_path / "demo" / "probe.json").is_file() and check_hub_folder(tmp_path / "demo" / "hub")["files"] > 0
