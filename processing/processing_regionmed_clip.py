@@ -3,6 +3,7 @@ through the tokenizer, in one `BatchFeature` whose shapes line up with the model
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,7 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .image_processing_regionmed_clip import RegionMedCLIPImageProcessor
+from .tokenization_regionmed_clip import load_tokenizer
 
 __all__ = ["CAPTION_LEVELS", "CaptionLevel", "RegionMedCLIPProcessor", "caption_level"]
 
@@ -103,6 +105,18 @@ class RegionMedCLIPProcessor(ProcessorMixin):
 
     def __init__(self, image_processor: RegionMedCLIPImageProcessor | None = None, tokenizer: Any = None, **kwargs: Any):
         super().__init__(image_processor, tokenizer, **kwargs)
+
+    @classmethod
+    def _load_tokenizer_from_pretrained(cls, sub_processor_type: str, pretrained_model_name_or_path: Any,
+                                        subfolder: str = "", **kwargs: Any) -> Any:
+        # A local folder loads through `load_tokenizer`: a missing tokenizer is named ("no tokenizer in DIR",
+        # not a message about sentencepiece), and the folder's config.json is not read (AutoTokenizer's
+        # reading of it asks on stdin whether to trust the remote code when the caller did not say).
+        folder = Path(str(pretrained_model_name_or_path)) / subfolder
+        if sub_processor_type == "tokenizer" and folder.is_dir():
+            return load_tokenizer(folder)
+        return super()._load_tokenizer_from_pretrained(sub_processor_type, pretrained_model_name_or_path,
+                                                       subfolder=subfolder, **kwargs)
 
     def _tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         encoded = self.tokenizer(

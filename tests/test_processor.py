@@ -9,7 +9,7 @@ import torch
 
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer, load_tokenizer
 
-from conftest import tiny_model
+from conftest import tiny_config, tiny_model
 
 CORPUS = [
     "small nodule in the left upper zone",
@@ -145,6 +145,32 @@ def test_tokenizer_errors(tmp_path):
         build_tokenizer(["a", None], vocab_size=100)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_a_processor_folder_loads_its_tokenizer_without_asking_and_names_a_missing_one(processor, tmp_path):
+    import builtins
+
+    from transformers import AutoProcessor
+
+    from modeling_regionmed_clip import RegionMedCLIPModel
+
+    RegionMedCLIPModel(tiny_config()).save_pretrained(tmp_path)  # a model folder: config.json with auto_map
+    processor.save_pretrained(tmp_path)
+
+    def no_prompt(*args, **kwargs):
+        raise AssertionError(f"asked on stdin: {args}")
+
+    original_input, builtins.input = builtins.input, no_prompt
+    try:  # the tokenizer alone: loading it must not read the remote-code config.json, nor ask
+        assert load_tokenizer(tmp_path)("a nodule")["input_ids"] == processor.tokenizer("a nodule")["input_ids"]
+    finally:
+        builtins.input = original_input
+    loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    assert loaded.tokenizer("a nodule")["input_ids"] == processor.tokenizer("a nodule")["input_ids"]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).unlink()
+    with pytest.raises(FileNotFoundError, match=f"no tokenizer in '{tmp_path}'"):
+        AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
 
 
 LOAD_AND_RUN = textwrap.dedent(
