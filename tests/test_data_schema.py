@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -229,3 +231,17 @@ def test_the_writer_refuses_image_bytes_the_reader_cannot_open(tmp_path):
     with pytest.raises(ValueError, match=r"row 'img-0': image: bytes that PIL cannot read \(DICOM: convert it"):
         write_rows([make_row(0, image=dicom_like)], tmp_path)
     assert not list(tmp_path.glob("*.parquet"))
+
+
+def test_dataset_output_gives_the_folder_a_plain_mode_and_names_a_broken_provenance(tmp_path):
+    from training_scripts.data_schema import dataset_output, read_provenance
+
+    umask = os.umask(0o022)
+    try:
+        with dataset_output(tmp_path / "out") as staging:
+            (staging / "provenance.json").write_text("{not json")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    with pytest.raises(ValueError, match="provenance.json' is not valid JSON"):
+        read_provenance(tmp_path / "out")

@@ -15,15 +15,18 @@ from huggingface_hub import ModelCard, parse_eval_result_entries
 
 from evaluation.results import results_record, write_results
 from processing import build_tokenizer
+from regionmed_cli import UsageError
 from training_scripts.export import AUTO_MAP, CUSTOM_PIPELINES, export_model
 from training_scripts.push import HubFolderError, check_hub_folder, push_folder
+from training_scripts.schedule import resolve_schedule
 
 from conftest import build_saved_model
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _results(folder: Path, task: str, dataset: str, value: float) -> Path:
+def results_file(folder: Path, task: str, dataset: str, value: float) -> Path:
+    """`folder/results.json`: a regionmed-eval record of `task` on `dataset` with one headline figure."""
     record = results_record(task, {"name": dataset, "path": f"/data/{dataset}", "split": "test", "files": [],
                                    "revision": None}, 20, {}, {"macro_auroc": {"value": value, "low": 0.6, "high": 0.8}},
                             {"path": "/runs/a/final", "config_sha256": "c", "weights_sha256": "w"},
@@ -31,19 +34,32 @@ def _results(folder: Path, task: str, dataset: str, value: float) -> Path:
     return write_results(folder, record)
 
 
+def run_config(data_dir: Path) -> dict:
+    """A `run_config.yaml` as regionmed-train writes it (the parts the export reads)."""
+    return {"model": {"preset": "tiny"}, "data": {"path": str(data_dir), "split": "train"},
+            "schedule": resolve_schedule("progressive"),
+            "training_args": {"max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 0.002,
+                              "lr_scheduler_type": "cosine", "seed": 0}}
+
+
+def make_run_folder(tmp: Path) -> dict:
+    """A regionmed-train run folder `tmp/run` (`final/` with a tiny untrained model, `run_config.yaml`) over a
+    40-row synthetic dataset `tmp/data`: `{"run", "model_dir" (run/final), "data_dir", "model"}`."""
+    model_dir, data_dir, model, _ = build_saved_model(tmp, n=40)
+    run = tmp / "run"
+    shutil.copytree(model_dir, run / "final")
+    (run / "run_config.yaml").write_text(yaml.safe_dump(run_config(data_dir)))
+    (run / "final" / "training_args.bin").write_bytes(b"pickle")  # what Trainer.save_model leaves: must not ship
+    return {"run": run, "model_dir": run / "final", "data_dir": data_dir, "model": model}
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
-    model_dir, data_dir, model, processor = build_saved_model(tmp, n=40)
-    run = tmp / "run"
-    shutil.copytree(model_dir, run / "final")
-    (run / "run_config.yaml").write_text(yaml.safe_dump({
-        "model": {"preset": "tiny"}, "data": {"path": str(data_dir), "split": "train"},
-        "schedule": [{"name": "joint", "fraction": 1.0}],
-        "training_args": {"max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 0.002,
-                          "lr_scheduler_type": "cosine", "seed": 0}}))
-    (run / "final" / "training_args.bin").write_bytes(b"pickle")  # what Trainer.save_model leaves: must not ship
-    results = [_results(tmp / "zs", "zero-shot", "chexpert", 0.71), _results(tmp / "rt", "retrieval", "mimic", 12.0)]
+    made = make_run_folder(tmp)
+    run, data_dir, model = made["run"], made["data_dir"], made["model"]
+    results = [results_file(tmp / "zs", "zero-shot", "chexpert", 0.71),
+               results_file(tmp / "rt", "retrieval", "mimic", 12.0)]
     benchmarks = tmp / "benchmarks.yaml"
     benchmarks.write_text(yaml.safe_dump([{"task": "zero-shot", "dataset": "chexpert", "hub_dataset_id": "org/chexpert",
                                            "hub_task_id": "five_findings"}]))
@@ -71,6 +87,7 @@ def test_model_card_metadata_training_data_and_results(exported):
     assert "not-for-clinical-use" in card.data.tags and "**Not for clinical use.**" in card.text
     assert "made by `regionmed-data synth` (seed 0)" in card.text and "**No real patient data**" in card.text
     assert "Preset `tiny`, 12 steps of batch 8" in card.text
+    assert "stages: warmup (steps 0-0), refine (steps 1-1), roi (steps 2-6), joint (steps 7-11)" in card.text
     assert 'from_pretrained("org/regionmed-tiny"' in card.text
     assert "| a/final | chexpert | test | 20 | 0.710 [0.600, 0.800] |" in card.text
     metrics = {(result.task_type, result.metric_type): result.metric_value for result in card.data.eval_results}
@@ -113,7 +130,7 @@ def test_push_check_names_what_is_wrong(exported, tmp_path):
     assert "zero-shot.yaml" in broken(lambda f: (f / ".eval_results" / "zero-shot.yaml").write_text("[{nope: 1}]"))
     assert "license" in broken(lambda f: (f / "README.md").write_text(
         (f / "README.md").read_text().replace("license: apache-2.0\n", "")))
-    with pytest.raises(HubFolderError, match="ORG/NAME"):
+    with pytest.raises(UsageError, match="--repo-id must be ORG/NAME"):
         push_folder(exported["hub"], "just-a-name", dry_run=True)
 
 

@@ -168,3 +168,17 @@ def test_vqa_blank_images_control_feeds_constant_images(saved, tmp_path, monkeyp
     record = tasks.run_vqa(settings)
     # (consecutive questions often share an image, so only some rows differ from the first)
     assert torch.cat(seen).max() > 0.1 and record["settings"]["blank_images"] is False
+
+
+def test_train_vqa_cli_writes_a_complete_final_and_refuses_to_overwrite_it(saved, tmp_path, capsys):
+    from training_scripts.vqa import main
+
+    argv = ["--model", str(saved["model_dir"]), "--data", str(saved["data_dir"]), "--output-dir", str(tmp_path / "vqa"),
+            "--max-steps", "1", "--batch-size", "4"]
+    assert main(argv) == 0
+    final = tmp_path / "vqa" / "final"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {path.name for path in final.iterdir()}
+    assert (tmp_path / "vqa" / "train_log.jsonl").is_file() and not list((tmp_path / "vqa").glob(".final.partial-*"))
+    capsys.readouterr()
+    assert main(argv) == 2  # a second run into the same folder is refused before training
+    assert "--output-dir" in capsys.readouterr().err and (final / "model.safetensors").is_file()

@@ -320,7 +320,12 @@ def write_provenance(output_dir: str | Path, source: str, real_patient_data: boo
 def read_provenance(data_dir: str | Path) -> dict[str, Any] | None:
     """The dataset's provenance record, or None for a folder written before it was recorded."""
     path = Path(data_dir) / PROVENANCE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {error}") from None
 
 
 STAGING_LOCK = ".staging.lock"  # held (flock) inside a staging folder while its run is alive
@@ -376,6 +381,9 @@ def dataset_output(output_dir: str | Path) -> Iterator[Path]:
     try:
         with _locked_while_written(staging):
             yield staging
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700, made what a plain mkdir would have given
         if output_dir.exists():
             output_dir.rmdir()  # empty, checked above
         staging.rename(output_dir)

@@ -8,22 +8,29 @@ model card loads with `huggingface_hub.ModelCard` and carries a licence, pipelin
 name, its `model-index` parses back into evaluation results, and every `.eval_results/*.yaml`
 parses with `parse_eval_result_entries`. `--dry-run` stops there and lists the files. Otherwise
 `HfApi.create_repo` (existing repos are kept) and `upload_folder` publish it; the token is the
-usual one (`HF_TOKEN` or `hf auth login`'s cache) and is never printed.
+usual one (`HF_TOKEN` or `hf auth login`'s cache) and is never printed. Offline
+(`HF_HUB_OFFLINE=1`), without a token, or when the Hub cannot be reached or refuses, the command
+ends with one line saying so (`HubUploadError`).
 """
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
-from huggingface_hub import HfApi, ModelCard, parse_eval_result_entries
+from huggingface_hub import HfApi, ModelCard, constants, get_token, parse_eval_result_entries
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
-from regionmed_cli import console_script
-from training_scripts.export import AUTO_MAP, PICKLE_SUFFIXES
+from regionmed_cli import UsageError, console_script
+from training_scripts.export import AUTO_MAP, PICKLE_SUFFIXES, check_repo_id
 
-__all__ = ["HubFolderError", "check_hub_folder", "main", "push_folder"]
+try:  # the HTTP library under huggingface_hub: its base error is also a network failure's
+    from httpx2 import HTTPError as _HTTPError  # huggingface_hub >= 2
+except ImportError:  # pragma: no cover - huggingface_hub 1.x
+    from httpx import HTTPError as _HTTPError
+
+__all__ = ["HubFolderError", "HubUploadError", "check_hub_folder", "main", "push_folder"]
 
 _REQUIRED_CARD_FIELDS = ("license", "pipeline_tag", "library_name")
 
@@ -32,47 +39,68 @@ class HubFolderError(ValueError):
     """The folder is not ready to publish; the message names the file and what is wrong."""
 
 
+class HubUploadError(OSError):
+    """The upload could not be done (offline, no token, the Hub unreachable or refusing); the message
+    says why and what to do."""
+
+
+OFFLINE_MESSAGE = "offline (HF_HUB_OFFLINE=1): cannot upload; use --dry-run to check the folder without uploading"
+NO_TOKEN_MESSAGE = "no token: run `hf auth login` or set HF_TOKEN (a token with write access)"
+
+
 def check_hub_folder(folder: str | Path) -> dict[str, Any]:
     """Validate an exported folder offline; returns `{"files", "bytes", "model_index_results",
-    "eval_result_entries"}` or raises `HubFolderError`."""
+    "eval_result_entries"}` or raises `HubFolderError` naming the folder's file that is wrong."""
     folder = Path(folder)
     if not folder.is_dir():
         raise HubFolderError(f"{str(folder)!r} is not a folder")
+    where = str(folder)
     files = sorted(path for path in folder.rglob("*") if path.is_file())
     names = [path.relative_to(folder).as_posix() for path in files]
     pickles = [name for name in names if Path(name).suffix in PICKLE_SUFFIXES]
     if pickles:
-        raise HubFolderError(f"pickled files would be published: {pickles}; only safetensors may ship")
+        raise HubFolderError(f"{where}: pickled files would be published: {pickles}; only safetensors may ship")
     if not any(name.endswith(".safetensors") for name in names):
-        raise HubFolderError(f"{str(folder)!r} has no .safetensors weights")
+        raise HubFolderError(f"{where} has no .safetensors weights (is it a folder written by regionmed-export?)")
     try:
         config = json.loads((folder / "config.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as error:
-        raise HubFolderError(f"config.json: {error}") from None
-    missing = sorted(set(AUTO_MAP) - set(config.get("auto_map", {})))
+    except FileNotFoundError:
+        raise HubFolderError(f"{where}/config.json is missing (export with regionmed-export)") from None
+    except ValueError as error:
+        raise HubFolderError(f"{where}/config.json is not valid JSON: {error}") from None
+    auto_map = config.get("auto_map", {}) if isinstance(config, dict) else None
+    if not isinstance(auto_map, dict):
+        raise HubFolderError(f"{where}/config.json: must be a JSON object with an 'auto_map' mapping")
+    missing = sorted(set(AUTO_MAP) - set(auto_map))
     if missing:
-        raise HubFolderError(f"config.json: auto_map lacks {missing} (export with regionmed-export)")
-    for reference in config["auto_map"].values():
+        raise HubFolderError(f"{where}/config.json: auto_map lacks {missing} (export with regionmed-export)")
+    for reference in auto_map.values():
         module = reference.split(".")[0] if isinstance(reference, str) else None
         if module and not (folder / f"{module}.py").is_file():
-            raise HubFolderError(f"config.json: auto_map names {reference!r} but {module}.py is not in the folder")
+            raise HubFolderError(f"{where}/config.json: auto_map names {reference!r} but {module}.py is not in "
+                                 "the folder")
     if not (folder / "README.md").is_file():
-        raise HubFolderError("README.md (the model card) is missing")
-    card = ModelCard.load(folder / "README.md")
+        raise HubFolderError(f"{where}/README.md (the model card) is missing")
+    try:
+        card = ModelCard.load(folder / "README.md")
+    except (yaml.YAMLError, ValueError, TypeError) as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise HubFolderError(f"{where}/README.md: the card metadata does not parse: {problem}") from None
     absent = [field for field in _REQUIRED_CARD_FIELDS if not getattr(card.data, field, None)]
     if absent:
-        raise HubFolderError(f"README.md: the card metadata lacks {absent}")
+        raise HubFolderError(f"{where}/README.md: the card metadata lacks {absent}")
     if "model-index" in card.content and not card.data.eval_results:
-        raise HubFolderError("README.md: model-index does not parse back into evaluation results")
+        raise HubFolderError(f"{where}/README.md: model-index does not parse back into evaluation results")
     entries = 0
     for path in sorted((folder / ".eval_results").glob("*.yaml")):
         try:
             data = yaml.safe_load(path.read_text())
             entries += len(parse_eval_result_entries(data if isinstance(data, list) else []))
         except (yaml.YAMLError, KeyError, TypeError, ValueError) as error:
-            raise HubFolderError(f".eval_results/{path.name}: {error}") from None
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise HubFolderError(f"{where}/.eval_results/{path.name}: {problem}") from None
         if not isinstance(data, list) or not data:
-            raise HubFolderError(f".eval_results/{path.name}: expected a non-empty list of results")
+            raise HubFolderError(f"{where}/.eval_results/{path.name}: expected a non-empty list of results")
     return {"files": names, "bytes": sum(path.stat().st_size for path in files),
             "model_index_results": len(card.data.eval_results or []), "eval_result_entries": entries}
 
@@ -82,19 +110,51 @@ def push_folder(
     api: HfApi | None = None,
 ) -> dict[str, Any]:
     """Check `folder`, then (unless `dry_run`) create the repo if needed and upload the folder.
-    Returns the check's summary plus `"url"` (the commit URL) when uploaded."""
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise HubFolderError(f"--repo-id must be ORG/NAME, got {repo_id!r}")
+    Returns the check's summary plus `"url"` (the commit URL) when uploaded. Raises UsageError for a
+    bad repo id or a folder argument that is no folder, HubFolderError for a folder not ready to
+    publish and HubUploadError when the upload cannot be done."""
+    check_repo_id(repo_id)
+    if not Path(folder).is_dir():
+        raise UsageError(f"folder {str(folder)!r} is not a folder (give the folder regionmed-export wrote)")
     summary = check_hub_folder(folder)
     if dry_run:
         return summary
-    api = api or HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision is not None:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                               commit_message="Upload RegionMed-CLIP (regionmed-push)")
-    return {**summary, "url": str(getattr(commit, "commit_url", commit))}
+    return {**summary, "url": _upload(folder, repo_id, private, revision, api)}
+
+
+def _upload(folder: str | Path, repo_id: str, private: bool, revision: str | None, api: HfApi | None) -> str:
+    """Create the repo (kept if it exists), the branch, and upload; the Hub's failures become one
+    `HubUploadError` line each (offline, no token, refused, unreachable)."""
+    if api is None:
+        if constants.HF_HUB_OFFLINE:  # every request would raise OfflineModeIsEnabled
+            raise HubUploadError(OFFLINE_MESSAGE)
+        api = HfApi()
+        if api.token is None and get_token() is None:
+            raise HubUploadError(NO_TOKEN_MESSAGE)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                                   commit_message="Upload RegionMed-CLIP (regionmed-push)")
+    except OfflineModeIsEnabled as error:
+        raise HubUploadError(OFFLINE_MESSAGE) from error
+    except LocalTokenNotFoundError as error:
+        raise HubUploadError(NO_TOKEN_MESSAGE) from error
+    except HfHubHTTPError as error:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status == 401:
+            raise HubUploadError(f"the Hub refused the token (401) for {repo_id!r}: run `hf auth login` or set "
+                                 "HF_TOKEN to a valid token") from error
+        if status == 403:
+            raise HubUploadError(f"the token may not write to {repo_id!r} (403): use a token with write access "
+                                 "to that namespace") from error
+        first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise HubUploadError(f"upload to {repo_id!r} failed: {first_line}") from error
+    except _HTTPError as error:  # no response at all: DNS, connection, timeout
+        raise HubUploadError(f"cannot reach the Hub to upload to {repo_id!r} ({type(error).__name__}: {error}); "
+                             "check the network, or use --dry-run") from error
+    return str(getattr(commit, "commit_url", commit))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,11 +171,7 @@ def _parser() -> argparse.ArgumentParser:
 @console_script("regionmed-push")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        summary = push_folder(args.folder, args.repo_id, args.private, args.revision, args.dry_run)
-    except HubFolderError as error:
-        print(f"regionmed-push: error: {error}", file=sys.stderr)
-        return 2
+    summary = push_folder(args.folder, args.repo_id, args.private, args.revision, args.dry_run)
     for name in summary["files"]:
         print(f"  {name}")
     print(f"{len(summary['files'])} files, {summary['bytes'] / 2**20:.1f} MiB; model-index results: "

@@ -10,14 +10,16 @@ head's learning rate, so a small VQA set adapts the fusion head without erasing 
 alignment; 0 freezes it. The box-free centre of the pretrained model is kept as it is. With
 `--regions` the dataset's boxes are given to the model as ROI inputs (region tokens); without,
 the image is its box-free embedding and global patch tokens. `OUT/final/` holds the model and
-processor (`AutoModelForVisualQuestionAnswering` / `AutoProcessor` with `trust_remote_code`).
+processor (`AutoModelForVisualQuestionAnswering` / `AutoProcessor` with `trust_remote_code`), written
+into a hidden folder and renamed to `final/` once complete; an output folder that already holds a
+`final/` is refused before training starts.
 """
 
 import argparse
 import collections
 import json
 import logging
-import sys
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,8 @@ from transformers import AutoProcessor, Trainer, TrainingArguments
 
 from evaluation.scoring import normalize_answer
 from modeling_regionmed_clip import RegionMedCLIPForVQA
-from regionmed_cli import console_script
-from training_scripts.data_schema import load_canonical
+from regionmed_cli import UsageError, console_script, positive_int
+from training_scripts.data_schema import dataset_output, load_canonical
 from training_scripts.vqa_data import VQAExample, load_vqa_examples
 
 __all__ = ["IGNORE_INDEX", "RegionMedCLIPVQATrainer", "VQACollator", "answer_vocabulary", "build_vqa_trainer", "main"]
@@ -144,10 +146,19 @@ def build_vqa_trainer(
     if not examples:
         raise ValueError(f"{str(data_dir)!r} has no training questions (vqa/train.json is empty)")
     answers = answer_vocabulary(examples)
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    model = RegionMedCLIPForVQA.from_pretrained(
-        model_dir, id2label=dict(enumerate(answers)), label2id={answer: index for index, answer in enumerate(answers)},
-        box_free_center_momentum=0.0)
+    if not answers:
+        raise ValueError(f"{str(data_dir)!r}: every answer of vqa/train.json is empty after normalisation")
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--model {str(model_dir)!r}: the processor / tokenizer files do not load "
+                         f"(save the processor beside the model): {error}") from error
+    try:
+        model = RegionMedCLIPForVQA.from_pretrained(
+            model_dir, id2label=dict(enumerate(answers)),
+            label2id={answer: index for index, answer in enumerate(answers)}, box_free_center_momentum=0.0)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--model {str(model_dir)!r}: the model does not load: {error}") from error
     rows = split_rows(data_dir, "train", {example.image_id for example in examples})
     args = TrainingArguments(**{**DEFAULT_VQA_ARGS, **(training_args or {}), "output_dir": str(output_dir)})
     trainer = RegionMedCLIPVQATrainer(
@@ -163,8 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, required=True, help="pretrained RegionMed-CLIP folder")
     parser.add_argument("--data", type=Path, required=True, help="canonical dataset with vqa/train.json")
     parser.add_argument("--output-dir", type=Path, required=True)
-    parser.add_argument("--max-steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_VQA_ARGS["per_device_train_batch_size"])
+    parser.add_argument("--max-steps", type=positive_int, default=600)
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_VQA_ARGS["per_device_train_batch_size"])
     parser.add_argument("--learning-rate", type=float, default=DEFAULT_VQA_ARGS["learning_rate"])
     parser.add_argument("--backbone-lr-scale", type=float, default=0.1, help="0 freezes the backbone")
     parser.add_argument("--regions", action="store_true", help="give the dataset's boxes as ROI inputs")
@@ -172,30 +183,41 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """UsageError naming the first argument whose value cannot work (before any model is loaded)."""
+    if not math.isfinite(args.learning_rate) or args.learning_rate <= 0:
+        raise UsageError(f"--learning-rate must be a positive number, got {args.learning_rate}")
+    if not 0.0 <= args.backbone_lr_scale <= 1.0:
+        raise UsageError(f"--backbone-lr-scale must be in [0, 1] (0 freezes the backbone), got {args.backbone_lr_scale}")
+    if not args.model.is_dir():
+        raise UsageError(f"--model {str(args.model)!r} is not a folder")
+    if not (args.model / "config.json").is_file():
+        raise UsageError(f"--model {str(args.model)!r} is not a saved model folder (it has no config.json)")
+    if not args.data.is_dir():
+        raise UsageError(f"--data {str(args.data)!r} is not a folder")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise UsageError(f"--output-dir {str(args.output_dir)!r} is a file, not a folder")
+    final = args.output_dir / "final"
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise UsageError(f"--output-dir {str(args.output_dir)!r} already holds a trained model (final/): "
+                         "train into a new folder")
+
+
 @console_script("regionmed-train-vqa")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _check_arguments(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for flag, value in (("--max-steps", args.max_steps), ("--batch-size", args.batch_size)):
-        if value <= 0:
-            print(f"regionmed-train-vqa: error: {flag} must be positive, got {value}", file=sys.stderr)
-            return 2
-    if not (args.model / "config.json").is_file():
-        print(f"regionmed-train-vqa: error: --model {str(args.model)!r} is not a saved model folder", file=sys.stderr)
-        return 2
-    try:
-        trainer, processor = build_vqa_trainer(
-            args.model, args.data, args.output_dir,
-            {"max_steps": args.max_steps, "per_device_train_batch_size": args.batch_size,
-             "learning_rate": args.learning_rate, "seed": args.seed},
-            args.backbone_lr_scale, args.regions)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"regionmed-train-vqa: error: {error}", file=sys.stderr)
-        return 2
+    trainer, processor = build_vqa_trainer(
+        args.model, args.data, args.output_dir,
+        {"max_steps": args.max_steps, "per_device_train_batch_size": args.batch_size,
+         "learning_rate": args.learning_rate, "seed": args.seed},
+        args.backbone_lr_scale, args.regions)
     trainer.train()
     final = args.output_dir / "final"
-    trainer.model.save_pretrained(final)  # no training_args.bin pickle beside the weights
-    processor.save_pretrained(final)
+    with dataset_output(final) as staging:  # a half-written final/ never looks like a trained model
+        trainer.model.save_pretrained(staging)  # no training_args.bin pickle beside the weights
+        processor.save_pretrained(staging)
     (args.output_dir / "train_log.jsonl").write_text(
         "".join(json.dumps(entry) + "\n" for entry in trainer.state.log_history))
     print(f"VQA model: {final} ({trainer.model.config.num_labels} answers)")

@@ -76,7 +76,8 @@ def load_vqa_examples(data_dir: str | Path, split: str) -> list[VQAExample]:
     """
     path = vqa_path(data_dir, split)
     if not path.is_file():
-        raise FileNotFoundError(f"no VQA records for split {split!r}: {str(path)!r} does not exist")
+        raise FileNotFoundError(f"no VQA records for split {split!r}: {str(path)!r} does not exist (the dataset has "
+                                "no VQA sidecar; `regionmed-data synth` and the slake / vqa-rad converters write one)")
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:
