@@ -120,6 +120,9 @@ def test_finetune_paths_that_are_not_what_they_should_be(tmp_path, capsys, saved
     }
     for flag, argv in cases.items():
         run_failing(main, argv, capsys, 2, flag)
+    (tmp_path / "earlier" / "adapter").mkdir(parents=True)
+    run_failing(main, ["--model", str(model_dir), "--data", str(data_dir), "--output-dir", str(tmp_path / "earlier")],
+                capsys, 2, "--output-dir", "holds an earlier fine-tune (adapter)")
 
 
 @pytest.mark.parametrize("argv", [["--n", "0"], ["--max-steps", "-1"]])

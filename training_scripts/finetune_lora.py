@@ -36,6 +36,7 @@ from modeling_regionmed_clip import RegionMedCLIPModel
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, load_tokenizer
 from regionmed_cli import UsageError, console_script, fraction, positive_int
 
+from .data_schema import dataset_output
 from .schedule import NAMED_SCHEDULES
 from .train import DEFAULT_TRAINING_ARGS, build_trainer, check_training_args, read_run_yaml, schedule_of
 
@@ -83,11 +84,11 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, output_dir: str
     with _peft_reading_deprecated_checkpointing_flag():
         model = PeftModel.from_pretrained(RegionMedCLIPModel.from_pretrained(base_dir), str(adapter_dir))
     model = model.merge_and_unload()
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    RegionMedCLIPProcessor(RegionMedCLIPImageProcessor.from_pretrained(base_dir), load_tokenizer(base_dir)).save_pretrained(
-        output_dir)
-    return output_dir
+    processor = RegionMedCLIPProcessor(RegionMedCLIPImageProcessor.from_pretrained(base_dir), load_tokenizer(base_dir))
+    with dataset_output(output_dir) as staging:  # a half-written folder never looks like a model
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+    return Path(output_dir)
 
 
 def _trainable(model: Any) -> dict[str, Any]:
@@ -130,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--data {str(args.data)!r}: no such dataset folder")
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise UsageError(f"--output-dir {str(args.output_dir)!r} is a file, not a folder")
+    earlier = [args.output_dir / name for name in ("adapter", "merged") if (args.output_dir / name).exists()]
+    if earlier:
+        raise UsageError(f"--output-dir {str(args.output_dir)!r} holds an earlier fine-tune ({', '.join(path.name for path in earlier)}): "
+                         "choose a new folder, or delete it first")
     saved = [] if args.modules_to_save == "none" else [name.strip() for name in args.modules_to_save.split(",")]
     try:
         config = lora_config([tower.strip() for tower in args.towers.split(",")], args.rank, args.alpha,
@@ -161,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
           f"trainable ({100 * summary['trainable_share']:.2f}%)", flush=True)
     trainer.train()
     adapter = args.output_dir / "adapter"
-    trainer.model.save_pretrained(adapter)
+    with dataset_output(adapter) as staging:
+        trainer.model.save_pretrained(staging)
     (args.output_dir / "lora_summary.json").write_text(json.dumps(
         {**summary, "towers": args.towers, "rank": args.rank, "modules_to_save": saved,
          "gradient_checkpointing": args.gradient_checkpointing, "max_steps": args.max_steps}, indent=2) + "\n")
