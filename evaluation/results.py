@@ -136,7 +136,7 @@ def results_record(
     rows: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One task's results with every field of `RESULTS_FIELDS` (date and versions filled in here) and
-    `rows` (what was skipped, `SkipCounter.to_dict()`)."""
+    `rows` (what was skipped, `SkipLedger.to_dict()`)."""
     return {
         "task": task,
         "dataset": dict(dataset),

@@ -5,75 +5,32 @@ that the processor rejects, a caption or `labels` / `regions` field the task nee
 not text) is skipped, never the end of the run; for the region-level uses (region boxes pooled into
 an image, region classification, grounding, the probe's lesions) a region it cannot use (no or bad
 `bbox`, an inverted box or one off the image or its view, a null caption or label the task needs)
-is dropped and its row kept. Each is counted by reason with example row ids (`SkipCounter`), and
+is dropped and its row kept. Each is counted by reason with example row ids (`SkipLedger`), and
 every figure says over how many rows it was computed (`describe`).
 
-`SkipCounter` duplicates `training_scripts.skips.SkipLedger` (evaluation does not import the
-training layer), as `text_problem` / `region_problem` follow `training_scripts.collator`'s checks
-and reason wording.
+The counting (`SkipLedger`) and the text checks (`text_problem`) are the data layer's, shared with
+training's collator, so a skipped row reads the same in a training log and an evaluation.
 """
 
 import dataclasses
 import io
-import math
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from training_scripts.data_schema import region_problem, text_problem
+from training_scripts.skips import SkipLedger
+
 __all__ = [
-    "EXAMPLES_PER_REASON",
     "RowNeeds",
     "Screened",
-    "SkipCounter",
     "decode_image",
     "describe",
     "image_problem",
-    "region_problem",
     "screen_rows",
-    "text_problem",
 ]
 
-EXAMPLES_PER_REASON = 3
-
-
-@dataclasses.dataclass
-class SkipCounter:
-    """Rows seen and skipped, regions dropped, and per reason (keyed `"row: ..."` / `"region: ..."`) a
-    count and the first example row ids."""
-
-    rows_seen: int = 0
-    rows_skipped: int = 0
-    regions_skipped: int = 0
-    reasons: Counter = dataclasses.field(default_factory=Counter)
-    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-
-    def skip_row(self, reason: str, row_id: Any) -> None:
-        self.rows_skipped += 1
-        self._note(f"row: {reason}", row_id)
-
-    def skip_region(self, reason: str, row_id: Any) -> None:
-        self.regions_skipped += 1
-        self._note(f"region: {reason}", row_id)
-
-    def _note(self, key: str, row_id: Any) -> None:
-        self.reasons[key] += 1
-        examples = self.examples.setdefault(key, [])
-        if len(examples) < EXAMPLES_PER_REASON:
-            examples.append(str(row_id))
-
-    @property
-    def rows_used(self) -> int:
-        return self.rows_seen - self.rows_skipped
-
-    def to_dict(self) -> dict[str, Any]:
-        """What `results.json` records under `rows`."""
-        return {"rows_seen": self.rows_seen, "rows_used": self.rows_used, "rows_skipped": self.rows_skipped,
-                "regions_skipped": self.regions_skipped, "reasons": dict(self.reasons.most_common()),
-                "examples": {key: list(ids) for key, ids in self.examples.items()}}
-
-
 def describe(rows: Mapping[str, Any] | None) -> str | None:
-    """"over N of M rows; K skipped: reason x2, ..." for a `SkipCounter.to_dict()`; None when there
+    """"over N of M rows; K skipped: reason x2, ..." for a `SkipLedger.to_dict()`; None when there
     is no record (an older results file)."""
     if not rows:
         return None
@@ -90,52 +47,11 @@ def describe(rows: Mapping[str, Any] | None) -> str | None:
 # -- checks -----------------------------------------------------------------------------------------
 
 
-def text_problem(value: Any, name: str) -> str | None:
-    """Why `value` cannot serve as the text `name`, or None."""
-    if not isinstance(value, str):
-        return f"{name} is {'missing or null' if value is None else type(value).__name__ + ', not text'}"
-    if not value.strip():
-        return f"{name} is empty"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return f"{name} is not valid UTF-8 (a lone surrogate)"
-    return None
-
-
 def _list_problem(value: Any, name: str) -> str | None:
     if not isinstance(value, (list, tuple)):
         return f"{name} is {'missing or null' if value is None else type(value).__name__}, not a list"
     if not all(isinstance(item, str) for item in value):
         return f"{name} holds a null or non-text entry"
-    return None
-
-
-def region_problem(region: Any, width: int, height: int, image_processor: Any = None, caption: bool = False,
-                   label: bool = False) -> str | None:
-    """Why `region` (a canonical region on a `width x height` image) cannot be used, or None; its
-    caption and label are checked when asked for."""
-    if not isinstance(region, Mapping):
-        return f"region is {type(region).__name__}, not a mapping"
-    bbox = region.get("bbox")
-    if bbox is None:
-        return "bbox missing or null"
-    if (not isinstance(bbox, Sequence) or isinstance(bbox, str) or len(bbox) != 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
-        return "bbox is not 4 numbers"
-    if not all(math.isfinite(v) for v in bbox):
-        return "bbox holds NaN or inf"
-    if caption and (problem := text_problem(region.get("caption"), "region caption")):
-        return problem
-    if label and (problem := text_problem(region.get("label"), "region label")):
-        return problem
-    x0, y0, x1, y1 = bbox
-    if not (x1 > x0 and y1 > y0):
-        return "box inverted or of zero area"
-    if not (x1 > 0 and y1 > 0 and x0 < width and y0 < height):
-        return "box outside the image"
-    if image_processor is not None and not image_processor.region_has_view_area(bbox, height, width):
-        return "box outside the global view (cut off by its crop)"
     return None
 
 
@@ -199,7 +115,7 @@ class Screened:
     indices: list[int]
     meta: list[dict[str, Any]]
     sizes: list[tuple[int, int]]
-    skips: SkipCounter
+    skips: SkipLedger
     skipped_ids: set[str]
 
 
@@ -212,7 +128,7 @@ def screen_rows(
 ) -> Screened:
     """Screen the rows' fields (`meta`, one mapping per row without its image) and their image checks
     (`image_problem`'s result per row) against `needs`. Raises ValueError when no row is usable."""
-    skips = SkipCounter(rows_seen=len(meta))
+    skips = SkipLedger(rows_seen=len(meta))
     indices, kept, sizes, skipped_ids = [], [], [], set()
     for index, (row, (size, problem)) in enumerate(zip(meta, image_checks, strict=True)):
         row_id = row.get("image_id", index)

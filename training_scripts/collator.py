@@ -32,7 +32,6 @@ the epoch of their first copy of the collator.
 
 import io
 import logging
-import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -42,8 +41,8 @@ from PIL import Image
 from transformers.image_processing_utils import BatchFeature
 
 from processing import RegionMedCLIPProcessor
-from processing.image_processing_regionmed_clip import RegionMedCLIPImageProcessor
 
+from .data_schema import region_problem, text_problem
 from .negatives import FINDINGS, REGION_FINDING_SWAPS, region_hard_negatives
 from .schedule import StagedSchedule
 from .skips import SkipLedger
@@ -64,48 +63,12 @@ def _decode(image: Any) -> Image.Image:
     raise ValueError(f"no image bytes (got {type(image).__name__})")
 
 
-def _text_problem(value: Any, name: str) -> str | None:
-    """Why `value` cannot serve as the caption `name`, or None."""
-    if not isinstance(value, str):
-        return f"{name} is {'missing or null' if value is None else type(value).__name__ + ', not text'}"
-    if not value.strip():
-        return f"{name} is empty"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return f"{name} is not valid UTF-8 (a lone surrogate)"
-    return None
-
-
 def _labels_problem(labels: Any) -> str | None:
     """Why `labels` is not a list of class names (it may be empty), or None."""
     if not isinstance(labels, (list, tuple)):
         return f"labels is {'missing or null' if labels is None else type(labels).__name__}, not a list"
     return next((f"labels[{index}] is {'null' if label is None else type(label).__name__}, not text"
                  for index, label in enumerate(labels) if not isinstance(label, str)), None)
-
-
-def _region_problem(region: Any, width: int, height: int, image_processor: RegionMedCLIPImageProcessor) -> str | None:
-    """Why `region` (a canonical region on a `width x height` image) cannot be used, or None."""
-    if not isinstance(region, Mapping):
-        return f"region is {type(region).__name__}, not a mapping"
-    bbox = region.get("bbox")
-    if bbox is None:
-        return "bbox missing or null"
-    if (not isinstance(bbox, Sequence) or isinstance(bbox, str) or len(bbox) != 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
-        return "bbox is not 4 numbers"
-    if not all(math.isfinite(v) for v in bbox):
-        return "bbox holds NaN or inf"
-    problem = _text_problem(region.get("caption"), "region caption")
-    if problem:
-        return problem
-    x0, y0, x1, y1 = bbox
-    if not (x1 > x0 and y1 > y0 and x1 > 0 and y1 > 0 and x0 < width and y0 < height):
-        return "box outside the image or degenerate"
-    if not image_processor.region_has_view_area(bbox, height, width):
-        return "box outside the global view (cut off by its crop)"
-    return None
 
 
 class BatchParts(NamedTuple):
@@ -217,17 +180,17 @@ class RegionMedCLIPCollator:
         """Why a row's text fields cannot give `parts` (the image is checked by decoding it), or None.
         `image_id` (the row's name, and its region sampling's seed) and `labels` (its classes) are
         checked whatever the parts: a row without them is not a canonical row."""
-        problem = _text_problem(row.get("image_id"), "image_id") or _labels_problem(row.get("labels"))
+        problem = text_problem(row.get("image_id"), "image_id") or _labels_problem(row.get("labels"))
         if problem is None:
-            problem = _text_problem(row.get("report_caption"), "report_caption")
+            problem = text_problem(row.get("report_caption"), "report_caption")
         if problem is None and parts.summary:
-            problem = _text_problem(row.get("summary_caption"), "summary_caption")
+            problem = text_problem(row.get("summary_caption"), "summary_caption")
         if problem is None and parts.negatives:
             negatives = row.get("negative_captions")
             if not isinstance(negatives, (list, tuple)):
                 return f"negative_captions is {'missing or null' if negatives is None else type(negatives).__name__}, not a list"
             problem = next((found for index, text in enumerate(negatives)
-                            if (found := _text_problem(text, f"negative_captions[{index}]"))), None)
+                            if (found := text_problem(text, f"negative_captions[{index}]"))), None)
         if problem is None and parts.regions and not isinstance(row.get("regions"), (list, tuple)):
             regions = row.get("regions")
             problem = f"regions is {'missing or null' if regions is None else type(regions).__name__}, not a list"
@@ -236,7 +199,7 @@ class RegionMedCLIPCollator:
     def _sample_regions(self, row: Mapping[str, Any], image: Image.Image, report: SkipLedger) -> list[Mapping[str, Any]]:
         usable = []
         for region in row["regions"]:
-            problem = _region_problem(region, *image.size, self.processor.image_processor)
+            problem = region_problem(region, *image.size, self.processor.image_processor, caption=True)
             if problem is None:
                 usable.append(region)
             else:

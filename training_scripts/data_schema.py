@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,9 @@ __all__ = [
     "dataset_fingerprint",
     "STAGING_LOCK",
     "dataset_output",
+    "region_problem",
     "remove_stale_staging",
+    "text_problem",
     "encode_image",
     "export_to_disk",
     "PROVENANCE_FILE",
@@ -176,6 +178,49 @@ def _check_bbox_lengths(shard: Path, schema: pa.Schema) -> None:
         raise ValueError(f"{shard}: column 'regions': {count} bbox value(s) do not hold 4 numbers (the first: row "
                          f"{row_of_region[first].as_py()} of the shard, {lengths[first].as_py()} numbers); a canonical "
                          f"bbox is [x0, y0, x1, y1], {expected.field('bbox').type}")
+
+
+def text_problem(value: Any, name: str) -> str | None:
+    """Why `value` cannot serve as the text field `name` (a caption, an id), or None: the one wording
+    training's collator and evaluation skip rows with."""
+    if not isinstance(value, str):
+        return f"{name} is {'missing or null' if value is None else type(value).__name__ + ', not text'}"
+    if not value.strip():
+        return f"{name} is empty"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{name} is not valid UTF-8 (a lone surrogate)"
+    return None
+
+
+def region_problem(region: Any, width: int, height: int, image_processor: Any = None, caption: bool = False,
+                   label: bool = False) -> str | None:
+    """Why `region` (a canonical region on a `width x height` image) cannot be used, or None: the one
+    check training's collator and evaluation drop regions with. Its caption and label are checked when
+    asked for; with an `image_processor`, a box its global view cuts off entirely is refused too."""
+    if not isinstance(region, Mapping):
+        return f"region is {type(region).__name__}, not a mapping"
+    bbox = region.get("bbox")
+    if bbox is None:
+        return "bbox missing or null"
+    if (not isinstance(bbox, Sequence) or isinstance(bbox, str) or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+        return "bbox is not 4 numbers"
+    if not all(math.isfinite(v) for v in bbox):
+        return "bbox holds NaN or inf"
+    if caption and (problem := text_problem(region.get("caption"), "region caption")):
+        return problem
+    if label and (problem := text_problem(region.get("label"), "region label")):
+        return problem
+    x0, y0, x1, y1 = bbox
+    if not (x1 > x0 and y1 > y0):
+        return "box inverted or of zero area"
+    if not (x1 > 0 and y1 > 0 and x0 < width and y0 < height):
+        return "box outside the image"
+    if image_processor is not None and not image_processor.region_has_view_area(bbox, height, width):
+        return "box outside the global view (cut off by its crop)"
+    return None
 
 
 def validate_row(row: Mapping[str, Any], where: str = "row") -> None:

@@ -54,11 +54,15 @@ class SkipLedger:
             kept.extend(ids[: EXAMPLES_PER_REASON - len(kept)])
 
     @property
+    def rows_used(self) -> int:
+        return self.rows_seen - self.rows_skipped
+
+    @property
     def skipped_fraction(self) -> float:
         return self.rows_skipped / self.rows_seen if self.rows_seen else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows_seen": self.rows_seen, "rows_skipped": self.rows_skipped,
+        return {"rows_seen": self.rows_seen, "rows_used": self.rows_used, "rows_skipped": self.rows_skipped,
                 "regions_skipped": self.regions_skipped, "reasons": dict(self.reasons.most_common()),
                 "examples": {key: list(ids) for key, ids in self.examples.items()}}
 

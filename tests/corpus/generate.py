@@ -528,9 +528,11 @@ ROW_CASES = [
          _skipped("region: bbox holds NaN or inf")),
     Case("rows", "no-region-caption.json", _row(region={"bbox": _BOX, "label": "nodule"}),
          _skipped("region: region caption is missing or null")),
+    Case("rows", "inverted-box.json", _row(region={"bbox": [40.0, 40.0, 10.0, 10.0], "caption": "x", "label": "nodule"}),
+         _skipped("region: box inverted or of zero area")),
     Case("rows", "box-off-the-image.json", _row(region={"bbox": [900.0, 900.0, 950.0, 950.0], "caption": "x",
                                                         "label": "nodule"}),
-         _skipped("region: box outside the image or degenerate")),
+         _skipped("region: box outside the image")),
 ]
 
 
