@@ -1,6 +1,7 @@
 """`regionmed-train --threads` and the warning when a CPU run's threads would share cores with other work."""
 
 import pytest
+from cli_helpers import run_failing
 
 from training_scripts.train import cpu_threads_advice, main
 
@@ -18,5 +19,4 @@ def test_a_busy_machine_gets_the_thread_count_that_fits():
 
 @pytest.mark.parametrize("threads", ["0", "-2"])
 def test_a_thread_count_below_one_is_refused(threads, capsys):
-    assert main(["--threads", threads]) == 2
-    assert f"--threads must be >= 1, got {threads}" in capsys.readouterr().err
+    run_failing(main, ["--threads", threads], capsys, 2, "--threads", f"must be a positive integer, got '{threads}'")
