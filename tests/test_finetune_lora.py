@@ -96,3 +96,27 @@ with torch.no_grad():
     assert out["module"].startswith("transformers_modules.")
     torch.testing.assert_close(out["adapted"], expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["merged"], expected, atol=1e-5, rtol=0)  # merged = base + adapter
+
+
+@pytest.mark.slow
+def test_the_model_trained_is_exactly_base_plus_adapter(tmp_path, monkeypatch):
+    """Every state the fine-tune changes travels in the adapter: the box-free centre (a buffer PEFT does not
+    save) is held at the base's value, so the trained model and base + saved adapter embed alike."""
+    import training_scripts.finetune_lora as finetune
+
+    built, build_trainer = [], finetune.build_trainer
+
+    def recording_build_trainer(*args, **kwargs):
+        built.append(build_trainer(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(finetune, "build_trainer", recording_build_trainer)
+    model_dir, data_dir, _, _ = build_saved_model(tmp_path, n=40)
+    output = tmp_path / "lora"
+    assert main(["--model", str(model_dir), "--data", str(data_dir), "--output-dir", str(output), "--max-steps", "4",
+                 "--batch-size", "8", "--learning-rate", "0.01"]) == 0
+    trained = built[0][0].model.eval()
+    inputs = make_inputs(RegionMedCLIPModel.from_pretrained(model_dir).config, [0, 2])
+    reloaded = PeftModel.from_pretrained(RegionMedCLIPModel.from_pretrained(model_dir), str(output / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).image_embeds, trained(**inputs).image_embeds, atol=1e-6, rtol=0)
