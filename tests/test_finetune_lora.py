@@ -32,6 +32,13 @@ def test_lora_targets_only_the_chosen_towers_attention_projections():
     both = get_peft_model(tiny_model(), lora_config(["vision", "text"]))
     assert sum(".lora_A." in name for name, _ in both.named_parameters()) == 4 * (
         layers + model.config.text_config.num_hidden_layers)
+    with_mlp = get_peft_model(tiny_model(), lora_config(["text"], layers=["attention", "mlp"]))
+    adapted = {name.split(".lora_A")[0].split("encoder.layers.")[1] for name, _ in with_mlp.named_parameters()
+               if ".lora_A." in name}
+    assert {name.split(".", 1)[1] for name in adapted} == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                            "self_attn.out_proj", "mlp.fc1", "mlp.fc2"}
+    with pytest.raises(ValueError, match="--layers"):
+        lora_target_regex(["text"], ["norms"])
     with pytest.raises(ValueError, match="--towers"):
         lora_target_regex(["audio"])
     with pytest.raises(ValueError, match="--modules-to-save"):

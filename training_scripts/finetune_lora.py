@@ -1,13 +1,13 @@
 """`regionmed-finetune`: PEFT LoRA fine-tuning of a saved RegionMed-CLIP folder with the staged Trainer.
 
-    regionmed-finetune --model RUN/final --data DATA --output-dir OUT [--towers vision,text] [--rank 8]
-                       [--alpha 16] [--dropout 0.05] [--modules-to-save projections,roi_processor]
+    regionmed-finetune --model RUN/final --data DATA --output-dir OUT [--towers vision,text] [--layers attention,mlp]
+                       [--rank 8] [--alpha 16] [--dropout 0.05] [--modules-to-save projections,roi_processor]
                        [--max-steps 300] [--batch-size 32] [--learning-rate 1e-3]
                        [--gradient-checkpointing off|reentrant|non-reentrant] [--config RUN.yaml]
                        [--schedule joint|progressive] [--merge]
 
-LoRA adapters go on the attention projections (q / k / v / out) of the chosen towers, picked by a
-regex on the module names (`lora_target_regex`); `--modules-to-save` trains full copies of the
+LoRA adapters go on the attention projections (q / k / v / out) and / or the MLP (fc1 / fc2) of the
+chosen towers' encoder layers, picked by a regex on the module names (`lora_target_regex`); `--modules-to-save` trains full copies of the
 projections and / or the ROI processor. PEFT's `task_type` is None: RegionMed-CLIP is no PEFT task
 model. Training is `regionmed-train`'s (the run YAML's schedule and loss weights, or the default
 stage) starting from the saved folder. Writes `OUT/adapter/` (`adapter_config.json`,
@@ -40,32 +40,39 @@ from .data_schema import dataset_output
 from .schedule import NAMED_SCHEDULES
 from .train import DEFAULT_TRAINING_ARGS, build_trainer, check_training_args, read_run_yaml, schedule_of
 
-__all__ = ["CHECKPOINTING_MODES", "SAVABLE_MODULES", "TOWERS", "lora_config", "lora_target_regex", "main", "merge_adapter"]
+__all__ = ["ADAPTED_LAYERS", "CHECKPOINTING_MODES", "SAVABLE_MODULES", "TOWERS", "lora_config", "lora_target_regex", "main", "merge_adapter"]
 
 TOWERS: dict[str, str] = {"vision": "vision_model", "text": "text_model"}  # --towers name -> module prefix
 SAVABLE_MODULES: dict[str, list[str]] = {
     "projections": ["visual_projection", "text_projection"],
     "roi_processor": ["roi_processor"],
 }
+# --layers name -> the linear layers of each encoder layer that get adapters
+ADAPTED_LAYERS: dict[str, str] = {"attention": r"self_attn\.(q_proj|k_proj|v_proj|out_proj)", "mlp": r"mlp\.(fc1|fc2)"}
 CHECKPOINTING_MODES = ("off", "reentrant", "non-reentrant")
 
 
-def lora_target_regex(towers: Sequence[str]) -> str:
-    """A regex PEFT matches against full module names: the attention projections of `towers`' encoder layers."""
+def lora_target_regex(towers: Sequence[str], layers: Sequence[str] = ("attention",)) -> str:
+    """A regex PEFT matches against full module names: the `layers` (`ADAPTED_LAYERS`: the attention
+    projections, the MLP) of `towers`' encoder layers."""
     unknown = sorted(set(towers) - set(TOWERS))
     if unknown or not towers:
         raise ValueError(f"--towers must be among {sorted(TOWERS)}, got {list(towers)}")
+    unknown = sorted(set(layers) - set(ADAPTED_LAYERS))
+    if unknown or not layers:
+        raise ValueError(f"--layers must be among {sorted(ADAPTED_LAYERS)}, got {list(layers)}")
     prefixes = "|".join(TOWERS[tower] for tower in towers)
-    return rf"^({prefixes})\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$"
+    targets = "|".join(ADAPTED_LAYERS[layer] for layer in layers)
+    return rf"^({prefixes})\.encoder\.layers\.\d+\.({targets})$"
 
 
 def lora_config(towers: Sequence[str], rank: int = 8, alpha: int = 16, dropout: float = 0.05,
-                modules_to_save: Sequence[str] = ()) -> LoraConfig:
+                modules_to_save: Sequence[str] = (), layers: Sequence[str] = ("attention",)) -> LoraConfig:
     unknown = sorted(set(modules_to_save) - set(SAVABLE_MODULES))
     if unknown:
         raise ValueError(f"--modules-to-save must be among {sorted(SAVABLE_MODULES)}, got {list(modules_to_save)}")
     saved = [module for name in modules_to_save for module in SAVABLE_MODULES[name]]
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(towers),
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(towers, layers),
                       modules_to_save=saved or None, task_type=None)
 
 
@@ -104,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, required=True, help="canonical dataset folder")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--towers", default="vision,text", help="comma-separated among vision, text")
+    parser.add_argument("--layers", default="attention",
+                        help=f"comma-separated among {sorted(ADAPTED_LAYERS)}: which linear layers get adapters")
     parser.add_argument("--rank", type=positive_int, default=8)
     parser.add_argument("--alpha", type=positive_int, default=16)
     parser.add_argument("--dropout", type=fraction, default=0.05, help="LoRA dropout, in [0, 1)")
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     saved = [] if args.modules_to_save == "none" else [name.strip() for name in args.modules_to_save.split(",")]
     try:
         config = lora_config([tower.strip() for tower in args.towers.split(",")], args.rank, args.alpha,
-                             args.dropout, saved)
+                             args.dropout, saved, [layer.strip() for layer in args.layers.split(",")])
     except ValueError as error:
         raise UsageError(str(error)) from None
     run_yaml = read_run_yaml(args.config)
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     with dataset_output(adapter) as staging:
         trainer.model.save_pretrained(staging)
     (args.output_dir / "lora_summary.json").write_text(json.dumps(
-        {**summary, "towers": args.towers, "rank": args.rank, "modules_to_save": saved,
+        {**summary, "towers": args.towers, "layers": args.layers, "rank": args.rank, "modules_to_save": saved,
          "gradient_checkpointing": args.gradient_checkpointing, "max_steps": args.max_steps}, indent=2) + "\n")
     print(f"adapter: {adapter}")
     if args.merge:
