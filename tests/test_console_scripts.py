@@ -159,7 +159,21 @@ def test_export_and_push_dry_run(workspace):
 
 
 def test_demo(tmp_path):
-    out = run("regionmed-demo", "--output-dir", "demo", "--n", "60", "--max-steps", "12", cwd=tmp_path)
+    out = run("regionmed-demo", "--output-dir", "demo", "--n", "60", "--max-steps", "6", cwd=tmp_path)
+    demo = tmp_path / "demo"
     assert "[5/5] the export reloads in a fresh offline process" in out and "same embedding" in out
-    assert (tmp_path / "demo" / "probe.json").is_file()
-    assert "model.safetensors" in check_hub_folder(tmp_path / "demo" / "hub")["files"]
+    assert "total time" in out and "demo/run/final" in out
+    report = json.loads((demo / "probe.json").read_text())
+    # the probe ran on the test split (every 10th film) against the global-only ablation trained beside it
+    assert report["metadata"]["n_images"] == 6
+    assert report["baseline"]["model"] == str(demo / "global_only" / "final")
+    assert set(report["regions"]["conditions"]) == {"true", "crops_blanked", "boxes_mirrored", "box_geometry_removed"}
+    for name in ("run", "global_only"):
+        assert (demo / name / "loss_curves.png").exists()
+        logged = train_log(demo / name)
+        assert logged[-1]["step"] == 6
+    assert not any(key.startswith("loss_region") for key in logged[0])  # the ablation never saw a region term
+    for task in ("zero-shot", "region"):  # evaluated and exported: results for the card, a Hub folder that checks
+        assert json.loads((demo / "eval" / task / "results.json").read_text())["task"] == task
+    checked = check_hub_folder(demo / "hub")
+    assert checked["model_index_results"] > 0 and "model.safetensors" in checked["files"]
