@@ -69,7 +69,7 @@ def worker(size: str, variant: str, steps: int) -> dict[str, Any]:
         if reentrant:
             model.enable_input_require_grads()
     if variant != "full":
-        model = get_peft_model(model, lora_config(["vision", "text"], modules_to_save=["projections"]))
+        model = get_peft_model(model, lora_config(["vision", "text"]))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     batch = _batch(config, spec["batch"])

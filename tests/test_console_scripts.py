@@ -106,7 +106,8 @@ def test_finetune_with_its_defaults(workspace):
     base_scale = load_file(workspace / "run" / "final" / "model.safetensors")["logit_scale"].exp().item()
     assert logged[0]["logit_scale"] == pytest.approx(base_scale, abs=1e-4)
     summary = json.loads((lora / "lora_summary.json").read_text())
-    assert summary["towers"] == "vision,text" and summary["rank"] == 8 and summary["modules_to_save"] == ["projections"]
+    assert summary["towers"] == "vision,text" and summary["rank"] == 8 and summary["modules_to_save"] == []
+    assert summary["layers"] == "attention,mlp,projections,context"
 
 
 @pytest.mark.parametrize("task", EVAL_TASKS)

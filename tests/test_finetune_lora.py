@@ -20,29 +20,62 @@ from conftest import build_saved_model, make_inputs, tiny_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_lora_targets_only_the_chosen_towers_attention_projections():
+def _adapted(model) -> set[str]:
+    return {name.split(".lora_A")[0].removeprefix("base_model.model.") for name, _ in model.named_parameters()
+            if ".lora_A." in name}
+
+
+def test_lora_targets_exactly_the_chosen_layers_of_the_chosen_towers():
     model = tiny_model()
-    lora = get_peft_model(model, lora_config(["vision"], modules_to_save=["projections"]))
-    adapted = {name.split(".lora_A")[0] for name, _ in lora.named_parameters() if ".lora_A." in name}
     layers = model.config.vision_config.num_hidden_layers
-    assert len(adapted) == 4 * layers and all("vision_model.encoder.layers." in name for name in adapted)
+    attention = get_peft_model(tiny_model(), lora_config(["vision"], layers=["attention"]))
+    adapted = _adapted(attention)
+    assert len(adapted) == 4 * layers and all(name.startswith("vision_model.encoder.layers.") for name in adapted)
     assert not any("roi_processor" in name or "text_model" in name for name in adapted)  # fusion cross-attn excluded
-    trainable = {name for name, p in lora.named_parameters() if p.requires_grad}
-    assert all(".lora_" in name or "_projection.modules_to_save" in name for name in trainable)
-    both = get_peft_model(tiny_model(), lora_config(["vision", "text"]))
-    assert sum(".lora_A." in name for name, _ in both.named_parameters()) == 4 * (
-        layers + model.config.text_config.num_hidden_layers)
-    with_mlp = get_peft_model(tiny_model(), lora_config(["text"], layers=["attention", "mlp"]))
-    adapted = {name.split(".lora_A")[0].split("encoder.layers.")[1] for name, _ in with_mlp.named_parameters()
-               if ".lora_A." in name}
-    assert {name.split(".", 1)[1] for name in adapted} == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                            "self_attn.out_proj", "mlp.fc1", "mlp.fc2"}
+    assert all(".lora_" in name for name, p in attention.named_parameters() if p.requires_grad)
+
+    everything = get_peft_model(tiny_model(), lora_config(["vision", "text"]))  # the default layers
+    adapted = _adapted(everything)
+    per_layer = {name.split(".", 4)[4] for name in adapted if ".encoder.layers." in name}
+    assert per_layer == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                         "mlp.fc1", "mlp.fc2"}
+    assert len(adapted) == 6 * (layers + model.config.text_config.num_hidden_layers) + 2
+    assert {"text_projection", "roi_processor.context_projection"} <= adapted
+    saved_whole = {name.split(".modules_to_save")[0].removeprefix("base_model.model.")
+                   for name, p in everything.named_parameters() if p.requires_grad and ".lora_" not in name}
+    assert saved_whole == {"visual_projection"}  # the model reads its weight directly: a LoRA layer would be bypassed
+    text_only = _adapted(get_peft_model(tiny_model(), lora_config(["text"], layers=["projections", "context"])))
+    assert text_only == {"text_projection"}  # the context head belongs to the vision side
     with pytest.raises(ValueError, match="--layers"):
         lora_target_regex(["text"], ["norms"])
+    with pytest.raises(ValueError, match="name no layer"):
+        lora_target_regex(["text"], ["context"])
     with pytest.raises(ValueError, match="--towers"):
         lora_target_regex(["audio"])
     with pytest.raises(ValueError, match="--modules-to-save"):
         lora_config(["text"], modules_to_save=["heads"])
+    with pytest.raises(ValueError, match="--layers projections"):
+        lora_config(["text"], modules_to_save=["projections"])
+
+
+def test_the_roi_processor_saved_whole_holds_each_module_once_and_reloads(tmp_path):
+    """PEFT picks `modules_to_save` by name suffix: `text_projection` there also caught
+    `roi_processor.context_projection`, and a saved ROI processor then held it twice and did not reload."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    lora = get_peft_model(tiny_model(), lora_config(["vision", "text"], modules_to_save=["roi_processor"]))
+    wrapped = [name for name, module in lora.named_modules() if isinstance(module, ModulesToSaveWrapper)]
+    assert sorted(wrapped) == ["base_model.model.roi_processor", "base_model.model.visual_projection"]
+    with torch.no_grad():
+        for name, parameter in lora.named_parameters():
+            if ".lora_B." in name or ".modules_to_save." in name:
+                parameter.add_(0.01)  # an adapter that changes the model
+    lora.save_pretrained(tmp_path)
+    inputs = make_inputs(lora.base_model.model.config, [1, 2])
+    reloaded = PeftModel.from_pretrained(tiny_model(), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).image_embeds, lora.eval()(**inputs).image_embeds)
+        assert not torch.allclose(reloaded(**inputs).image_embeds, tiny_model()(**inputs).image_embeds, atol=1e-4)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -73,7 +106,8 @@ def test_finetune_saves_an_adapter_that_reloads_on_automodel_and_merges(tmp_path
     # under reentrant checkpointing every layer's adapter of both towers trained (lora_B starts at zero)
     lora_b = {name: value for name, value in load_file(output / "adapter" / "adapter_model.safetensors").items()
               if ".lora_B." in name}
-    assert len(lora_b) == 4 * 4 and all(value.abs().sum() > 0 for value in lora_b.values()), sorted(lora_b)
+    # 6 linear layers in each of the 4 encoder layers, the text projection and the box-free dense head
+    assert len(lora_b) == 6 * 4 + 2 and all(value.abs().sum() > 0 for value in lora_b.values()), sorted(lora_b)
 
     inputs = make_inputs(RegionMedCLIPModel.from_pretrained(model_dir).config, [1, 2])
     torch.save(inputs, tmp_path / "inputs.pt")

@@ -1,19 +1,22 @@
 """`regionmed-finetune`: PEFT LoRA fine-tuning of a saved RegionMed-CLIP folder with the staged Trainer.
 
-    regionmed-finetune --model RUN/final --data DATA --output-dir OUT [--towers vision,text] [--layers attention,mlp]
-                       [--rank 8] [--alpha 16] [--dropout 0.05] [--modules-to-save projections,roi_processor]
-                       [--max-steps 300] [--batch-size 32] [--learning-rate 1e-3]
+    regionmed-finetune --model RUN/final --data DATA --output-dir OUT [--towers vision,text]
+                       [--layers attention,mlp,projections,context] [--rank 8] [--alpha 16] [--dropout 0.05]
+                       [--modules-to-save roi_processor] [--max-steps 300] [--batch-size 32] [--learning-rate 1e-3]
                        [--gradient-checkpointing off|reentrant|non-reentrant] [--config RUN.yaml]
                        [--schedule joint|progressive] [--merge]
 
-LoRA adapters go on the attention projections (q / k / v / out) and / or the MLP (fc1 / fc2) of the
-chosen towers' encoder layers, picked by a regex on the module names (`lora_target_regex`); `--modules-to-save` trains full copies of the
-projections and / or the ROI processor. PEFT's `task_type` is None: RegionMed-CLIP is no PEFT task
-model. Training is `regionmed-train`'s (the run YAML's schedule and loss weights, or the default
-stage) starting from the saved folder. Writes `OUT/adapter/` (`adapter_config.json`,
-`adapter_model.safetensors`), `OUT/lora_summary.json` (trainable parameters and share) and, with
-`--merge`, `OUT/merged/`: the adapter merged into the weights, a plain model + processor folder
-that loads with `AutoModel.from_pretrained(..., trust_remote_code=True)`.
+LoRA adapters go on the linear layers `--layers` names (`lora_target_regex`, exact module names): the
+attention projections (q / k / v / out) and the MLP (fc1 / fc2) of the chosen towers' encoder layers, the
+text projection, and the dense head the box-free path pools windows through
+(`roi_processor.context_projection`); with `projections` the visual projection is trained whole (the model
+reads its weight directly). `--modules-to-save roi_processor` trains the ROI processor whole.
+PEFT's `task_type` is None: RegionMed-CLIP is no PEFT task model. Training is `regionmed-train`'s (the run
+YAML's schedule and loss weights, or the default stage) starting from the saved folder; the box-free
+centre is held at the base's value, so the model trained is exactly base + adapter. Writes
+`OUT/adapter/` (`adapter_config.json`, `adapter_model.safetensors`), `OUT/lora_summary.json` (trainable
+parameters and share) and, with `--merge`, `OUT/merged/`: the adapter merged into the weights, a plain
+model + processor folder that loads with `AutoModel.from_pretrained(..., trust_remote_code=True)`.
 
 Reload an adapter onto the remote-code model (`AutoPeftModel` cannot: it knows only PEFT's task
 classes and transformers' own architectures, not remote code):
@@ -40,38 +43,61 @@ from .data_schema import dataset_output
 from .schedule import NAMED_SCHEDULES
 from .train import DEFAULT_TRAINING_ARGS, build_trainer, check_training_args, read_run_yaml, schedule_of
 
-__all__ = ["ADAPTED_LAYERS", "CHECKPOINTING_MODES", "SAVABLE_MODULES", "TOWERS", "lora_config", "lora_target_regex", "main", "merge_adapter"]
+__all__ = ["ADAPTED_LAYERS", "CHECKPOINTING_MODES", "DEFAULT_LAYERS", "ENCODER_LAYERS", "HEAD_LAYERS", "SAVABLE_MODULES",
+           "TOWERS", "lora_config", "lora_target_regex", "main", "merge_adapter"]
 
 TOWERS: dict[str, str] = {"vision": "vision_model", "text": "text_model"}  # --towers name -> module prefix
-SAVABLE_MODULES: dict[str, list[str]] = {
-    "projections": ["visual_projection", "text_projection"],
-    "roi_processor": ["roi_processor"],
+# --layers name -> the linear layers that get adapters: in each encoder layer of a tower ...
+ENCODER_LAYERS: dict[str, str] = {"attention": r"self_attn\.(q_proj|k_proj|v_proj|out_proj)", "mlp": r"mlp\.(fc1|fc2)"}
+# ... or outside the encoders, per tower: the text projection and the dense head the box-free path pools
+# windows through. Adapted with LoRA, not saved whole: PEFT picks `modules_to_save` by name suffix, and
+# `text_projection` also caught `roi_processor.context_projection` (trained unasked; a saved ROI processor
+# then held it twice and no longer loaded).
+HEAD_LAYERS: dict[str, dict[str, str]] = {
+    "projections": {"text": "text_projection"},
+    "context": {"vision": r"roi_processor\.context_projection"},
 }
-# --layers name -> the linear layers of each encoder layer that get adapters
-ADAPTED_LAYERS: dict[str, str] = {"attention": r"self_attn\.(q_proj|k_proj|v_proj|out_proj)", "mlp": r"mlp\.(fc1|fc2)"}
+# The visual projection is trained whole with "projections" (no other module's name ends in it): the model
+# reads its weight directly, to project in float32, which a LoRA layer around it would not change.
+WHOLE_PROJECTIONS: dict[str, str] = {"vision": "visual_projection"}
+ADAPTED_LAYERS = (*ENCODER_LAYERS, *HEAD_LAYERS)
+DEFAULT_LAYERS = ("attention", "mlp", "projections", "context")
+SAVABLE_MODULES: dict[str, list[str]] = {"roi_processor": ["roi_processor"]}  # --modules-to-save: trained whole
 CHECKPOINTING_MODES = ("off", "reentrant", "non-reentrant")
 
 
-def lora_target_regex(towers: Sequence[str], layers: Sequence[str] = ("attention",)) -> str:
-    """A regex PEFT matches against full module names: the `layers` (`ADAPTED_LAYERS`: the attention
-    projections, the MLP) of `towers`' encoder layers."""
+def lora_target_regex(towers: Sequence[str], layers: Sequence[str] = DEFAULT_LAYERS) -> str:
+    """A regex PEFT matches against whole module names: the `layers` (`ADAPTED_LAYERS`) of `towers`."""
     unknown = sorted(set(towers) - set(TOWERS))
     if unknown or not towers:
         raise ValueError(f"--towers must be among {sorted(TOWERS)}, got {list(towers)}")
     unknown = sorted(set(layers) - set(ADAPTED_LAYERS))
     if unknown or not layers:
-        raise ValueError(f"--layers must be among {sorted(ADAPTED_LAYERS)}, got {list(layers)}")
-    prefixes = "|".join(TOWERS[tower] for tower in towers)
-    targets = "|".join(ADAPTED_LAYERS[layer] for layer in layers)
-    return rf"^({prefixes})\.encoder\.layers\.\d+\.({targets})$"
+        raise ValueError(f"--layers must be among {list(ADAPTED_LAYERS)}, got {list(layers)}")
+    alternatives = []
+    encoder = [ENCODER_LAYERS[layer] for layer in layers if layer in ENCODER_LAYERS]
+    if encoder:
+        prefixes = "|".join(TOWERS[tower] for tower in towers)
+        alternatives.append(rf"({prefixes})\.encoder\.layers\.\d+\.({'|'.join(encoder)})")
+    alternatives += [HEAD_LAYERS[layer][tower] for layer in layers if layer in HEAD_LAYERS
+                     for tower in towers if tower in HEAD_LAYERS[layer]]
+    if not alternatives:
+        raise ValueError(f"--layers {list(layers)} name no layer of --towers {list(towers)}")
+    return rf"^({'|'.join(alternatives)})$"
 
 
 def lora_config(towers: Sequence[str], rank: int = 8, alpha: int = 16, dropout: float = 0.05,
-                modules_to_save: Sequence[str] = (), layers: Sequence[str] = ("attention",)) -> LoraConfig:
+                modules_to_save: Sequence[str] = (), layers: Sequence[str] = DEFAULT_LAYERS) -> LoraConfig:
+    if "projections" in modules_to_save:
+        raise ValueError("--modules-to-save projections: the projections now get LoRA adapters (--layers "
+                         "projections, a default), since PEFT's suffix match of 'text_projection' also caught "
+                         "roi_processor.context_projection")
     unknown = sorted(set(modules_to_save) - set(SAVABLE_MODULES))
     if unknown:
         raise ValueError(f"--modules-to-save must be among {sorted(SAVABLE_MODULES)}, got {list(modules_to_save)}")
     saved = [module for name in modules_to_save for module in SAVABLE_MODULES[name]]
+    if "projections" in layers:
+        saved += [WHOLE_PROJECTIONS[tower] for tower in towers if tower in WHOLE_PROJECTIONS]
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(towers, layers),
                       modules_to_save=saved or None, task_type=None)
 
@@ -111,13 +137,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, required=True, help="canonical dataset folder")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--towers", default="vision,text", help="comma-separated among vision, text")
-    parser.add_argument("--layers", default="attention",
-                        help=f"comma-separated among {sorted(ADAPTED_LAYERS)}: which linear layers get adapters")
+    parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS),
+                        help=f"comma-separated among {list(ADAPTED_LAYERS)}: which linear layers get adapters "
+                             "(the encoders' attention and MLP, the embedding projections, the box-free dense head)")
     parser.add_argument("--rank", type=positive_int, default=8)
     parser.add_argument("--alpha", type=positive_int, default=16)
     parser.add_argument("--dropout", type=fraction, default=0.05, help="LoRA dropout, in [0, 1)")
-    parser.add_argument("--modules-to-save", default="projections", help="comma-separated among "
-                        f"{sorted(SAVABLE_MODULES)}, or 'none'")
+    parser.add_argument("--modules-to-save", default="none", help="comma-separated among "
+                        f"{sorted(SAVABLE_MODULES)} (trained whole), or 'none'")
     parser.add_argument("--max-steps", type=positive_int, default=300)
     parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_TRAINING_ARGS["per_device_train_batch_size"])
     parser.add_argument("--learning-rate", type=float, default=1e-3)
