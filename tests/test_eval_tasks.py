@@ -3,10 +3,6 @@
 from the model's outputs for the tasks."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,9 +21,6 @@ from evaluation.zero_shot import load_prompt_templates, prompts_for
 from training_scripts.data_schema import load_canonical, write_rows
 
 from conftest import build_saved_model
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 # -- pure parts -----------------------------------------------------------------------------------
 
@@ -278,53 +271,3 @@ def test_retrieval_equals_the_full_matrix_and_leaves_out_shared_texts(saved):
             assert record["metrics"][direction][f"R@{k}"] == pytest.approx(full[f"{direction}_R@{k}"])
     assert record["metrics"]["texts"] == len(texts)
     assert record["metrics"]["texts_shared_by_several_images"] == sum(len(w) > 1 for w in owners.values()) > 0
-
-
-# -- the CLI end to end ---------------------------------------------------------------------------
-
-
-def _run_module(tmp_path: Path, module: str, argv: list[str]) -> subprocess.CompletedProcess:
-    """`module`'s `main(argv)` in a fresh offline process: only the model folders supply the model code."""
-    env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    code = f"import sys; from {module} import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-
-
-@pytest.mark.slow
-def test_cli_every_task_on_a_tiny_trained_model_and_report_merges_them(saved):
-    """The user's path: regionmed-train, regionmed-eval of each task, regionmed-train-vqa, regionmed-eval vqa,
-    regionmed-eval report; every results.json complete, every figure a PNG."""
-    tmp, data = saved["tmp"] / "cli", str(saved["data_dir"])
-    trained = _run_module(saved["tmp"], "training_scripts.train", [
-        "--preset", "tiny", "--data", data, "--output-dir", str(tmp / "run"), "--max-steps", "12", "--batch-size", "8"])
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    vqa_trained = _run_module(saved["tmp"], "training_scripts.vqa", [
-        "--model", str(tmp / "run" / "final"), "--data", data, "--output-dir", str(tmp / "vqa_run"), "--max-steps", "6",
-        "--batch-size", "8"])
-    assert vqa_trained.returncode == 0, vqa_trained.stderr[-3000:]
-    common = ["--data", data, "--batch-size", "4", "--resamples", "10", "--no-progress", "--device", "cpu"]
-    tasks_flags = {"zero-shot": ["--regions"], "region": [], "grounding": ["--window-sizes", "0.25"], "retrieval": [],
-                   "vqa": ["--blank-images"]}
-    for task, flags in tasks_flags.items():
-        model = tmp / ("vqa_run" if task == "vqa" else "run") / "final"
-        result = _run_module(saved["tmp"], "evaluation.cli", [task, "--model", str(model), *common,
-                                                              "--output", str(tmp / task), *flags])
-        assert result.returncode == 0, result.stderr[-3000:]
-        record = json.loads((tmp / task / "results.json").read_text())
-        assert set(RESULTS_FIELDS) <= set(record) and record["task"] == task
-        assert record["command"].startswith(f"regionmed-eval {task}") and record["n_examples"] > 0
-        assert record["dataset"]["files"] and len(record["dataset"]["files"][0]["sha256"]) == 64
-        assert record["model"]["config_sha256"] and record["settings"]["device"] == "cpu"
-        assert record["headline"] and all(entry["value"] is not None for entry in record["headline"].values())
-        for figure in record["figures"]:
-            with Image.open(tmp / task / figure) as image:
-                assert image.format == "PNG"
-    report = _run_module(saved["tmp"], "evaluation.cli", ["report", *(str(tmp / task) for task in tasks_flags),
-                                                          "--output", str(tmp / "t.md")])
-    assert report.returncode == 0, report.stderr[-3000:]
-    assert all(f"### {task}" in report.stdout for task in tasks_flags) and (tmp / "t.md").read_text() == report.stdout
-    bad = _run_module(saved["tmp"], "evaluation.cli", ["retrieval", "--model", str(tmp / "run" / "final"), *common,
-                                                       "--output", str(tmp / "bad"), "--captions", "findings"])
-    assert bad.returncode == 2 and "--captions" in bad.stderr
