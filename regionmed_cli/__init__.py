@@ -17,10 +17,11 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["DEBUG_ENV", "DEBUG_FLAG", "UsageError", "console_script", "debug_requested", "exit_code_of", "fraction",
-           "positive_int"]
+__all__ = ["DEBUG_ENV", "DEBUG_FLAG", "UsageError", "console_script", "debug_requested", "exit_code_of", "folder",
+           "fraction", "model_folder", "output_folder", "positive_int"]
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "REGIONMED_DEBUG"
@@ -103,6 +104,30 @@ def fraction(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise _argparse_error(f"must be in [0, 1), got {text!r}")
     return value
+
+
+def folder(text: str) -> Path:
+    """argparse type: an existing folder."""
+    path = Path(text)
+    if not path.is_dir():
+        raise _argparse_error(f"{text!r} is not a folder" + ("" if path.exists() else " (it does not exist)"))
+    return path
+
+
+def model_folder(text: str) -> Path:
+    """argparse type: a saved model folder (a folder holding config.json)."""
+    path = folder(text)
+    if not (path / "config.json").is_file():
+        raise _argparse_error(f"{text!r} is not a saved model folder (it has no config.json)")
+    return path
+
+
+def output_folder(text: str) -> Path:
+    """argparse type: a folder to write into, new or existing, but not an existing file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise _argparse_error(f"{text!r} is a file, not a folder")
+    return path
 
 
 def _parse(kind: Callable[[str], Any], text: str, what: str) -> Any:

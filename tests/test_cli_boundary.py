@@ -2,12 +2,22 @@
 demo's bad-input cases through it."""
 
 import argparse
+import re
 
 import pytest
 import yaml
 from cli_helpers import run_failing
 
-from regionmed_cli import DEBUG_ENV, UsageError, console_script, fraction, positive_int
+from regionmed_cli import (
+    DEBUG_ENV,
+    UsageError,
+    console_script,
+    folder,
+    fraction,
+    model_folder,
+    output_folder,
+    positive_int,
+)
 
 
 class StoppedByData(RuntimeError):
@@ -67,6 +77,20 @@ def test_argument_types_accept(parse, text, value):
 def test_argument_types_refuse_naming_the_value(parse, text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=message):
         parse(text)
+
+
+def test_path_types(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "a-file").write_text("x")
+    assert folder(str(tmp_path)) == tmp_path and model_folder(str(tmp_path / "model")) == tmp_path / "model"
+    assert output_folder(str(tmp_path / "new")) == tmp_path / "new" and output_folder(str(tmp_path)) == tmp_path
+    for parse, text, message in [(folder, "none", "is not a folder (it does not exist)"),
+                                 (folder, "a-file", "is not a folder"),
+                                 (model_folder, ".", "is not a saved model folder (it has no config.json)"),
+                                 (output_folder, "a-file", "is a file, not a folder")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+            parse(str(tmp_path / text))
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from modeling_regionmed_clip import RegionMedCLIPModel
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, load_tokenizer
-from regionmed_cli import UsageError, console_script, fraction, positive_int
+from regionmed_cli import UsageError, console_script, folder, fraction, model_folder, output_folder, positive_int
 
 from .data_schema import dataset_output
 from .schedule import NAMED_SCHEDULES
@@ -137,9 +137,9 @@ def _trainable(model: Any) -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regionmed-finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True, help="saved RegionMed-CLIP folder")
-    parser.add_argument("--data", type=Path, required=True, help="canonical dataset folder")
-    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--model", type=model_folder, required=True, help="saved RegionMed-CLIP folder")
+    parser.add_argument("--data", type=folder, required=True, help="canonical dataset folder")
+    parser.add_argument("--output-dir", type=output_folder, required=True)
     parser.add_argument("--towers", default="vision,text", help="comma-separated among vision, text")
     parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS),
                         help=f"comma-separated among {list(ADAPTED_LAYERS)}: which linear layers get adapters "
@@ -165,12 +165,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
-    if not (args.model / "config.json").is_file():
-        raise UsageError(f"--model {str(args.model)!r} is not a saved model folder (no config.json)")
-    if not args.data.is_dir():
-        raise UsageError(f"--data {str(args.data)!r}: no such dataset folder")
-    if args.output_dir.exists() and not args.output_dir.is_dir():
-        raise UsageError(f"--output-dir {str(args.output_dir)!r} is a file, not a folder")
     earlier = [args.output_dir / name for name in ("adapter", "merged") if (args.output_dir / name).exists()]
     if earlier:
         raise UsageError(f"--output-dir {str(args.output_dir)!r} holds an earlier fine-tune ({', '.join(path.name for path in earlier)}): "

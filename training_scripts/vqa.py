@@ -29,7 +29,7 @@ from transformers import AutoProcessor, Trainer, TrainingArguments
 
 from evaluation.scoring import normalize_answer
 from modeling_regionmed_clip import RegionMedCLIPForVQA
-from regionmed_cli import UsageError, console_script, positive_int
+from regionmed_cli import UsageError, console_script, folder, model_folder, output_folder, positive_int
 from training_scripts.data_schema import dataset_output, load_canonical
 from training_scripts.vqa_data import VQAExample, load_vqa_examples
 
@@ -171,9 +171,9 @@ def build_vqa_trainer(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regionmed-train-vqa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True, help="pretrained RegionMed-CLIP folder")
-    parser.add_argument("--data", type=Path, required=True, help="canonical dataset with vqa/train.json")
-    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--model", type=model_folder, required=True, help="pretrained RegionMed-CLIP folder")
+    parser.add_argument("--data", type=folder, required=True, help="canonical dataset with vqa/train.json")
+    parser.add_argument("--output-dir", type=output_folder, required=True)
     parser.add_argument("--max-steps", type=positive_int, default=600)
     parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_VQA_ARGS["per_device_train_batch_size"])
     parser.add_argument("--learning-rate", type=float, default=DEFAULT_VQA_ARGS["learning_rate"])
@@ -189,14 +189,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--learning-rate must be a positive number, got {args.learning_rate}")
     if not 0.0 <= args.backbone_lr_scale <= 1.0:
         raise UsageError(f"--backbone-lr-scale must be in [0, 1] (0 freezes the backbone), got {args.backbone_lr_scale}")
-    if not args.model.is_dir():
-        raise UsageError(f"--model {str(args.model)!r} is not a folder")
-    if not (args.model / "config.json").is_file():
-        raise UsageError(f"--model {str(args.model)!r} is not a saved model folder (it has no config.json)")
-    if not args.data.is_dir():
-        raise UsageError(f"--data {str(args.data)!r} is not a folder")
-    if args.output_dir.exists() and not args.output_dir.is_dir():
-        raise UsageError(f"--output-dir {str(args.output_dir)!r} is a file, not a folder")
     final = args.output_dir / "final"
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise UsageError(f"--output-dir {str(args.output_dir)!r} already holds a trained model (final/): "
