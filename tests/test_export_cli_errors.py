@@ -70,6 +70,18 @@ def _file(path: Path, text: str) -> Path:
     return path
 
 
+def _model_folder_cases(command) -> dict:
+    """The bad `--model` folders every command that loads a saved model refuses, for `command(made, tmp, model=...)`."""
+    return {
+        "model-missing": lambda m, t: (command(m, t, model=t / "nowhere"), 2, ["--model", "not a folder"]),
+        "model-not-a-model-folder": lambda m, t: (command(m, t, model=t), 2, ["--model", "config.json"]),
+        "model-without-weights": lambda m, t: (command(m, t, model=_model_without(t, m, "model.safetensors")), 1,
+                                               ["--model", "does not load"]),
+        "model-without-tokenizer": lambda m, t: (command(m, t, model=_model_without(
+            t, m, "tokenizer.json", "tokenizer_config.json")), 1, ["--model", "processor"]),
+    }
+
+
 EXPORT_CASES = {
     "unknown-task": lambda m, t: (_export(m, t, "--eval-results", str(_results_with(
         t, m, lambda r: r.update(task="no-such-task")).parent)), 1, ["results.json", "'no-such-task'", "zero-shot"]),
@@ -83,12 +95,7 @@ EXPORT_CASES = {
                                           ["r.json", "not valid JSON"]),
     "results-json-a-list": lambda m, t: (_export(m, t, "--eval-results", str(_file(t / "r.json", "[]"))), 1,
                                          ["r.json", "not a regionmed-eval results file"]),
-    "model-missing": lambda m, t: (_export(m, t, model=t / "nowhere"), 2, ["--model", "is not a folder"]),
-    "model-not-a-model-folder": lambda m, t: (_export(m, t, model=t), 2, ["--model", "config.json"]),
-    "model-without-weights": lambda m, t: (_export(m, t, model=_model_without(t, m, "model.safetensors")), 1,
-                                           ["--model", "does not load"]),
-    "model-without-tokenizer": lambda m, t: (_export(m, t, model=_model_without(
-        t, m, "tokenizer.json", "tokenizer_config.json")), 1, ["--model", "processor"]),
+    **_model_folder_cases(_export),
     "model-config-corrupt": lambda m, t: (_export(m, t, model=_model_without(t, m, config="{")), 1,
                                           ["--model", "config.json"]),
     "output-a-file": lambda m, t: (["--model", str(m["model_dir"]), "--output", str(_file(t / "out", "x"))], 2,
@@ -295,12 +302,7 @@ VQA_CASES = {
     "learning-rate-0": lambda m, t: (_vqa(m, t, "--learning-rate", "0"), 2, ["--learning-rate"]),
     "learning-rate-nan": lambda m, t: (_vqa(m, t, "--learning-rate", "nan"), 2, ["--learning-rate"]),
     "backbone-lr-scale-2": lambda m, t: (_vqa(m, t, "--backbone-lr-scale", "2"), 2, ["--backbone-lr-scale", "[0, 1]"]),
-    "model-missing": lambda m, t: (_vqa(m, t, model=t / "nowhere"), 2, ["--model", "not a folder"]),
-    "model-not-a-model-folder": lambda m, t: (_vqa(m, t, model=t), 2, ["--model", "config.json"]),
-    "model-without-weights": lambda m, t: (_vqa(m, t, model=_model_without(t, m, "model.safetensors")), 1,
-                                           ["--model", "does not load"]),
-    "model-without-tokenizer": lambda m, t: (_vqa(m, t, model=_model_without(
-        t, m, "tokenizer.json", "tokenizer_config.json")), 1, ["--model", "processor"]),
+    **_model_folder_cases(_vqa),
     "data-missing": lambda m, t: (_vqa(m, t, data=t / "nowhere"), 2, ["--data", "not a folder"]),
     "data-without-vqa-sidecar": lambda m, t: (_vqa(m, t, data=_data_with(t, m, lambda d: shutil.rmtree(d / "vqa"))),
                                               1, ["vqa/train.json", "does not exist", "sidecar"]),
