@@ -208,9 +208,11 @@ def _parser() -> argparse.ArgumentParser:
                              help="the question-only control: every image replaced by a black one")
         if name == "grounding":
             sub.add_argument("--window-sizes", type=_list_of(_unit_fraction, "fractions in (0, 1]"),
-                             default=[0.125, 0.25], help="proposal window sides (fractions of the shorter side)")
-            sub.add_argument("--stride", type=_unit_fraction, default=0.5,
-                             help="window step as a fraction of its side, in (0, 1]")
+                             help="proposal window sides (fractions of the shorter side; default: the model's "
+                                  "image processor's proposal_sizes)")
+            sub.add_argument("--stride", type=_unit_fraction,
+                             help="window step as a fraction of its side, in (0, 1] (default: the image processor's "
+                                  "proposal_stride)")
             sub.add_argument("--iou", type=_unit_fraction, default=0.5, help="IoU threshold for a top-1 hit, in (0, 1]")
         if name == "retrieval":
             sub.add_argument("--captions", default="report", help=f"caption levels among {sorted(CAPTION_COLUMNS)}")

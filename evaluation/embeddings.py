@@ -10,7 +10,6 @@ reused, and a damaged one (truncated, unreadable, its checksum wrong) is rebuilt
 All embeddings returned here are L2-normalised float32 on the CPU.
 """
 
-import copy
 import hashlib
 import json
 import logging
@@ -23,19 +22,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from processing import PROPOSAL_INPUT_NAMES, ROI_INPUT_NAMES
+
 __all__ = [
     "EmbeddingCache",
-    "ROI_KEYS",
     "encode_images",
+    "encode_proposals",
     "encode_regions",
     "encode_texts",
-    "processor_with_max_rois",
     "tensors_sha256",
 ]
 
 logger = logging.getLogger(__name__)
 
-ROI_KEYS: tuple[str, ...] = ("roi_pixel_values", "roi_boxes", "roi_mask")
 _KEY_FIELD = "regionmed_eval_key"
 _SUM_FIELD = "regionmed_eval_sha256"
 
@@ -172,30 +171,62 @@ def encode_images(
     boxes: Sequence[Sequence[Sequence[float]]] | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """`(N, D)` normalised image embeddings: box-free (the global view and its proposal windows), or with
-    `boxes[i]` (xyxy pixels, may be empty) pooled into image i's embedding."""
+    """`(N, D)` normalised image embeddings: box-free (the global view and the processor's proposals
+    pooled), or with `boxes[i]` (xyxy pixels, may be empty) pooled into image i's embedding."""
     chunks = []
     with _progress(len(images), "images" if boxes is None else "images + boxes", progress) as bar:
         for start in range(0, len(images), batch_size):
             batch = list(images[start : start + batch_size])
             regions = None if boxes is None else [list(b) for b in boxes[start : start + batch_size]]
             inputs = processor(images=batch, regions=regions)
-            roi = {key: inputs[key].to(device) for key in ROI_KEYS if key in inputs}
+            roi = {key: inputs[key].to(device) for key in (*ROI_INPUT_NAMES, *PROPOSAL_INPUT_NAMES) if key in inputs}
             chunks.append(_normalised(model.get_image_features(pixel_values=inputs["pixel_values"].to(device),
                                                                       **roi, return_dict=True).pooler_output))
             bar.update(len(batch))
     return torch.cat(chunks) if chunks else torch.zeros(0, model.config.projection_dim)
 
 
-def processor_with_max_rois(processor: Any, max_rois: int) -> Any:
-    """A copy of `processor` whose image processor keeps up to `max_rois` regions per image (the
-    saved processor keeps the training `max_rois`; proposal windows and long box lists need more)."""
-    if max_rois <= processor.image_processor.max_rois:
-        return processor
-    widened = copy.copy(processor)
-    widened.image_processor = copy.copy(processor.image_processor)
-    widened.image_processor.max_rois = max_rois
-    return widened
+def _height_width(image: Any, image_processor: Any) -> tuple[int, int]:
+    """`(height, width)` of an image as the processor reads it (a PIL image's own size)."""
+    from PIL import Image
+
+    from processing.medical_image_io import load_medical_pil
+
+    if not isinstance(image, Image.Image):
+        image = load_medical_pil(image, dicom_frame=image_processor.dicom_frame,
+                                 max_image_pixels=image_processor.max_image_pixels)
+    return image.size[1], image.size[0]
+
+
+@torch.no_grad()
+def encode_proposals(
+    model: Any, processor: Any, images: Sequence[Any], batch_size: int, device: torch.device, progress: bool = False
+) -> dict[str, torch.Tensor]:
+    """Box-free, with every proposal kept: `image_embeds (N, D)` (as `encode_images`), normalised
+    `proposal_embeds (N, P, D)` (zeros at padding), `proposal_mask (N, P)` bool and `proposal_boxes
+    (N, P, 4)` pixel xyxy on each original image; P is the most proposals of any image."""
+    images_out, embeds, masks, boxes = [], [], [], []
+    image_processor = processor.image_processor
+    with _progress(len(images), "images + proposals", progress) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = list(images[start : start + batch_size])
+            inputs = processor(images=batch, proposals=True)
+            output = model(pixel_values=inputs["pixel_values"].to(device),
+                           **{key: inputs[key].to(device) for key in PROPOSAL_INPUT_NAMES})
+            images_out.append(_normalised(output.image_embeds))
+            embeds.append(output.proposal_embeds.float().cpu())
+            masks.append(output.proposal_mask.bool().cpu())
+            for image, mask in zip(batch, masks[-1], strict=True):
+                pixel_boxes = torch.zeros(mask.shape[0], 4)
+                windows = image_processor.proposal_boxes(*_height_width(image, image_processor))
+                pixel_boxes[: len(windows)] = torch.as_tensor(windows, dtype=torch.float32)
+                boxes.append(pixel_boxes)
+            bar.update(len(batch))
+    slots = max(chunk.shape[1] for chunk in embeds)
+    pad = lambda chunk: torch.nn.functional.pad(chunk, (0, 0) * (chunk.ndim - 2) + (0, slots - chunk.shape[1]))  # noqa: E731
+    return {"image_embeds": torch.cat(images_out), "proposal_embeds": torch.cat([pad(chunk) for chunk in embeds]),
+            "proposal_mask": torch.cat([pad(chunk) for chunk in masks]), "proposal_boxes": torch.stack(
+                [torch.nn.functional.pad(box, (0, 0, 0, slots - box.shape[0])) for box in boxes])}
 
 
 @torch.no_grad()
@@ -211,18 +242,18 @@ def encode_regions(
 ) -> dict[str, torch.Tensor]:
     """Normalised region embeddings `(L, D)` of every box in `boxes` (per image, xyxy pixels), in
     order, once per entry of `transforms` (`{"true": identity}` by default): each transform maps the
-    processor's ROI batch (`ROI_KEYS`) to a changed one, e.g. the probe's controls. Every box is kept
+    processor's ROI batch (`ROI_INPUT_NAMES`) to a changed one, e.g. the probe's controls. Every box is kept
     (the processor is widened past its `max_rois` when an image has more)."""
     transforms = transforms or {"true": lambda roi: roi}
     widest = max((len(image_boxes) for image_boxes in boxes), default=0)
-    processor = processor_with_max_rois(processor, widest)
+    processor = processor.with_max_rois(widest)
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in transforms}
     with _progress(len(images), "regions", progress) as bar:
         for start in range(0, len(images), batch_size):
             batch = list(images[start : start + batch_size])
             inputs = processor(images=batch, regions=[list(b) for b in boxes[start : start + batch_size]])
             pixel_values = inputs["pixel_values"].to(device)
-            roi = {key: inputs[key] for key in ROI_KEYS}
+            roi = {key: inputs[key] for key in ROI_INPUT_NAMES}
             mask = roi["roi_mask"].to(torch.bool)
             if mask.any():
                 for name, transform in transforms.items():

@@ -183,7 +183,8 @@ def overlay_regions(
     side: int = 384,
 ) -> Image.Image:
     """The image scaled to `side` with `boxes` (xyxy pixels of `image`) outlined in `colours` and
-    labelled with `captions`; an optional `heatmap` `(H, W)` (any range, image-sized) is blended in
+    labelled with `captions`; an optional `heatmap` `(h, w)` (any range, the image's aspect at any
+    resolution, e.g. `proposal_heatmap`'s) is blended in
     red-yellow over the image. Returns the picture (save it with `save_figure`)."""
     if not (len(boxes) == len(captions) == len(colours)):
         raise ValueError("overlay_regions needs one caption and one colour per box")
@@ -191,8 +192,9 @@ def overlay_regions(
     picture = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
     if heatmap is not None:
         values = np.asarray(heatmap, dtype=np.float64)
-        if values.shape != (image.height, image.width):
-            raise ValueError(f"heatmap shape {values.shape} must be the image's (H, W) = {(image.height, image.width)}")
+        if values.ndim != 2 or abs(values.shape[0] / values.shape[1] - image.height / image.width) > 0.05:
+            raise ValueError(f"heatmap shape {values.shape} must be 2-D with the image's aspect (H, W) = "
+                             f"{(image.height, image.width)}")
         span = values.max() - values.min()
         values = (values - values.min()) / span if span > 0 else np.zeros_like(values)
         heat = np.stack([255 * np.ones_like(values), 255 * values, np.zeros_like(values)], axis=-1).astype(np.uint8)

@@ -3,9 +3,11 @@
 Three families of numbers, each computed only from the model's forward outputs
 (`image_embeds`, `region_embeds`, `text_embeds`), so the probe does not depend on model internals:
 
-* **Box-free** (global view only, `model(pixel_values=...)`): zero-shot classification AUROC with
-  positive-vs-negative prompt pairs (CheXzero style), image<->report retrieval Recall@K, and the mean
-  pairwise cosine of image and report embeddings (1.0 = the embedding has collapsed).
+* **Box-free** (`model(**processor(images=...))`: the global view and the processor's proposals
+  pooled): zero-shot classification AUROC with positive-vs-negative prompt pairs (CheXzero style),
+  image<->report retrieval Recall@K, and the mean pairwise cosine of image and report embeddings
+  (1.0 = the embedding has collapsed). Beside them, zero-shot scored by each class's best-matching
+  proposal (`best_region_scores`) and by the global view alone (`global_image_embeds`).
 * **Regions**: for every lesion box, does the region embedding prefer its true caption over a hard
   negative that changes one thing: the side (left<->right), the zone (upper<->lower) or the finding
   type? Measured with the true inputs and three controls on the processor's batch:
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from processing import PROPOSAL_INPUT_NAMES
 from regionmed_cli import UsageError
 from training_scripts.negatives import FINDINGS, apply_rule
 
@@ -50,6 +53,7 @@ __all__ = [
     "PARTS",
     "ProbeInputError",
     "accuracy_by_label",
+    "best_region_scores",
     "blank_crops",
     "class_names",
     "load_region_negatives",
@@ -117,6 +121,31 @@ def zero_shot_scores(
         - images @ _ensemble(negative_prompt_embeds[name]).to(images)
         for name in positive_prompt_embeds
     }
+
+
+def best_region_scores(
+    proposal_embeds: torch.Tensor,
+    proposal_mask: torch.Tensor,
+    positive_prompt_embeds: Mapping[str, torch.Tensor],
+    negative_prompt_embeds: Mapping[str, torch.Tensor],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per class, each image's best-matching proposal: `(scores (N,), index (N,))`, the largest
+    `cos(proposal, pos) - cos(proposal, neg)` over its valid proposals (float64) and which proposal.
+
+    proposal_embeds `(N, P, D)`, proposal_mask `(N, P)` bool (every image needs one valid proposal);
+    `{class: (P_c, D)}` prompt embeddings as `zero_shot_scores`."""
+    if proposal_embeds.ndim != 3 or proposal_mask.shape != proposal_embeds.shape[:2]:
+        raise ValueError(f"proposal_embeds must be (N, P, D) with proposal_mask (N, P), got "
+                         f"{tuple(proposal_embeds.shape)} and {tuple(proposal_mask.shape)}")
+    if not bool(proposal_mask.any(dim=1).all()):
+        raise ValueError("every image needs at least one valid proposal")
+    proposals = _normalise(proposal_embeds)
+    result = {}
+    for name, scores in zero_shot_scores(proposals.reshape(-1, proposals.shape[-1]), positive_prompt_embeds,
+                                         negative_prompt_embeds).items():
+        scores = scores.reshape(proposal_mask.shape).masked_fill(~proposal_mask.bool(), -math.inf)
+        result[name] = scores.max(dim=1)
+    return {name: (best.values, best.indices) for name, best in result.items()}
 
 
 def zero_shot_auroc(scores: Mapping[str, Any], labels: Mapping[str, Any]) -> dict[str, Any]:
@@ -436,9 +465,10 @@ def _region_plan(
 def _embed_split(
     model: Any, processor: Any, rows: Any, batch_size: int, device: torch.device, boxes: list | None, want_regions: bool
 ) -> dict[str, Any]:
-    """Box-free image embeds, report embeds, and (with `want_regions`) region embeds `(L, D)` of
-    every valid ROI for each condition, in lesion order."""
-    image_embeds, text_embeds, with_boxes = [], [], []
+    """Box-free image embeds (the view and its proposals pooled), the view's alone, every proposal's
+    (`proposal_embeds (N, P, D)` with `proposal_mask`), report embeds, and (with `want_regions`)
+    region embeds `(L, D)` of every valid ROI for each condition, in lesion order."""
+    image_embeds, view_embeds, proposal_embeds, proposal_masks, text_embeds, with_boxes = [], [], [], [], [], []
     region_embeds: dict[str, list[torch.Tensor]] = {condition: [] for condition in CONDITIONS}
     image_processor = processor.image_processor
     for start in range(0, len(rows), batch_size):
@@ -447,7 +477,12 @@ def _embed_split(
         images = [decode_image(value, image_processor) for value in batch["image"]]
         inputs = processor(images=images, text=batch["report_caption"], regions=regions)
         pixel_values = inputs["pixel_values"].to(device)
-        image_embeds.append(model(pixel_values=pixel_values).image_embeds.float().cpu())
+        box_free = model(pixel_values=pixel_values, **{key: value.to(device) for key, value in processor.image_processor(
+            images, proposals=True, return_tensors="pt").items() if key in PROPOSAL_INPUT_NAMES})
+        image_embeds.append(box_free.image_embeds.float().cpu())
+        view_embeds.append(box_free.global_image_embeds.float().cpu())
+        proposal_embeds.append(box_free.proposal_embeds.float().cpu())
+        proposal_masks.append(box_free.proposal_mask.bool().cpu())
         text_embeds.append(model(input_ids=inputs["input_ids"].to(device),
                                  attention_mask=inputs["attention_mask"].to(device)).text_embeds.float().cpu())
         if not want_regions or not bool(inputs["roi_mask"].any()):
@@ -467,7 +502,13 @@ def _embed_split(
             region_embeds[condition].append(output.region_embeds.float().cpu()[mask])
             if condition == "true":  # the image embedding with the true boxes pooled into it
                 with_boxes.append(output.image_embeds.float().cpu())
-    result = {"image_embeds": torch.cat(image_embeds), "text_embeds": torch.cat(text_embeds)}
+    slots = max(chunk.shape[1] for chunk in proposal_masks)
+    result = {"image_embeds": torch.cat(image_embeds), "text_embeds": torch.cat(text_embeds),
+              "view_embeds": torch.cat(view_embeds),
+              "proposal_embeds": torch.cat([torch.nn.functional.pad(chunk, (0, 0, 0, slots - chunk.shape[1]))
+                                            for chunk in proposal_embeds]),
+              "proposal_mask": torch.cat([torch.nn.functional.pad(chunk, (0, slots - chunk.shape[1]))
+                                          for chunk in proposal_masks])}
     if want_regions:
         result["with_boxes_image_embeds"] = torch.cat(with_boxes)
         result["region_embeds"] = {condition: torch.cat(chunks) if chunks else torch.zeros(0, 0)
@@ -499,11 +540,18 @@ def _box_free(
         encoded = dict(zip(flat, encode_texts(model, processor, flat, batch_size, device), strict=True))
         positive = {name: torch.stack([encoded[text] for text in prompts["positive"][name]]) for name in classes}
         negative = {name: torch.stack([encoded[text] for text in prompts["negative"][name]]) for name in classes}
-        scores = zero_shot_scores(embeds["image_embeds"], positive, negative)
         labels = {name: torch.tensor([name in row_labels for row_labels in rows_meta["labels"]]) for name in classes}
-        block["zero_shot"] = zero_shot_auroc(scores, labels)
+        block["zero_shot"] = zero_shot_auroc(zero_shot_scores(embeds["image_embeds"], positive, negative), labels)
+        if "proposal_embeds" in embeds:  # box-free: also each class's best-matching proposal, and the view alone
+            best = best_region_scores(embeds["proposal_embeds"], embeds["proposal_mask"], positive, negative)
+            block["zero_shot_best_region"] = zero_shot_auroc({name: value[0] for name, value in best.items()}, labels)
+            block["zero_shot_global_view"] = zero_shot_auroc(
+                zero_shot_scores(embeds["view_embeds"], positive, negative), labels)
     if "retrieval" in parts:
         block["retrieval"] = _retrieval(embeds["image_embeds"], embeds["text_embeds"], rows_meta["reports"])
+        if "view_embeds" in embeds:
+            block["retrieval_global_view"] = _retrieval(embeds["view_embeds"], embeds["text_embeds"],
+                                                        rows_meta["reports"])
     block["mean_pairwise_cosine"] = {
         "image": mean_pairwise_cosine(embeds["image_embeds"]),
         "text": mean_pairwise_cosine(embeds["text_embeds"]),

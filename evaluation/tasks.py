@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from processing import CAPTION_LEVELS
+from processing import CAPTION_LEVELS, proposal_heatmap, proposal_windows
 
 from .embeddings import EmbeddingCache, encode_images, encode_regions, encode_texts
 from .figures import COLOURS, confusion_grid, overlay_regions, plot_roc_curves, retrieval_grid, save_figure
@@ -66,7 +66,6 @@ __all__ = [
     "ZERO_SHOT_MODES",
     "box_iou",
     "grounding_outcomes",
-    "proposal_windows",
     "run_grounding",
     "run_region",
     "run_retrieval",
@@ -424,27 +423,6 @@ def run_region(
 # -- phrase grounding ------------------------------------------------------------------------------
 
 
-def proposal_windows(width: int, height: int, sizes: Sequence[float], stride: float = 0.5) -> list[list[float]]:
-    """Square sliding windows over a `width x height` image, xyxy pixels: for each size (a fraction of
-    the shorter side) a grid with step `stride x side`, the last row and column flush with the edge
-    so that every pixel is covered."""
-    if not sizes or any(not 0 < size <= 1 for size in sizes):
-        raise ValueError(f"window sizes must be fractions in (0, 1], got {list(sizes)}")
-    if not 0 < stride <= 1:
-        raise ValueError(f"stride must be in (0, 1], got {stride}")
-    windows = []
-    for size in sizes:
-        side = size * min(width, height)
-        step = side * stride
-
-        def starts(extent: float, side: float = side, step: float = step) -> list[float]:
-            count = max(1, math.ceil((extent - side) / step - 1e-9) + 1)
-            return [min(index * step, extent - side) for index in range(count)]
-
-        windows += [[x, y, x + side, y + side] for y in starts(height) for x in starts(width)]
-    return windows
-
-
 def box_iou(boxes: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     """IoU of each of `boxes` `(K, 4)` with `box` `(4,)`, xyxy: `(K,)`."""
     top_left = torch.maximum(boxes[:, :2], box[:2])
@@ -485,14 +463,17 @@ def _rate(hits: list[bool], settings: EvalSettings) -> dict[str, Any]:
 
 
 def run_grounding(
-    settings: EvalSettings, window_sizes: Sequence[float] = (0.125, 0.25), stride: float = 0.5,
+    settings: EvalSettings, window_sizes: Sequence[float] | None = None, stride: float | None = None,
     iou_threshold: float = 0.5,
 ) -> dict[str, Any]:
     """Phrase grounding with each region caption as the phrase (MS-CXR style): (a) among the image's
     annotated boxes (images with >= 2 boxes), is the phrase's own box ranked first; (b) among
     sliding-window proposals (box-free), does the top window point into the true box and overlap
-    it by IoU > `iou_threshold`. Chance rates are reported beside each."""
+    it by IoU > `iou_threshold`. Chance rates are reported beside each. The windows are the image
+    processor's box-free proposals (`proposal_windows`), with `window_sizes` / `stride` its own by default."""
     run = _Run(settings, RowNeeds(regions=True, region_caption=True))
+    window_sizes = run.processor.image_processor.proposal_sizes if window_sizes is None else list(window_sizes)
+    stride = run.processor.image_processor.proposal_stride if stride is None else stride
     regions = run.column("regions")
     phrases = [region["caption"] for image_regions in regions for region in image_regions]
     if not phrases:
@@ -505,7 +486,7 @@ def run_grounding(
     if len(box_embeds) != len(phrases):
         raise ProbeInputError(f"the processor kept {len(box_embeds)} of the split's {len(phrases)} boxes")
     sizes = run.sizes
-    windows = [proposal_windows(width, height, window_sizes, stride) if image_boxes else []
+    windows = [proposal_windows([0, 0, width, height], window_sizes, stride).tolist() if image_boxes else []
                for (width, height), image_boxes in zip(sizes, boxes, strict=True)]
     window_embeds = run.cache.get_or_compute(
         f"proposals_{'_'.join(str(size) for size in window_sizes)}_stride{stride}",
@@ -567,11 +548,7 @@ def _grounding_picture(run: _Run, index: int, phrase: str, true_box: Sequence[fl
     its true box (green) and the top window (yellow)."""
     width, height = size
     similarity = candidates @ phrase_embed
-    total, cover = np.zeros((height, width)), np.zeros((height, width))
-    for value, (x0, y0, x1, y1) in zip(similarity.tolist(), candidate_boxes.round().long().tolist(), strict=True):
-        total[y0:y1, x0:x1] += value
-        cover[y0:y1, x0:x1] += 1
-    heat = np.where(cover > 0, total / np.maximum(cover, 1), total[cover > 0].min() if (cover > 0).any() else 0.0)
+    heat = proposal_heatmap(candidate_boxes.numpy(), similarity.numpy(), height, width)
     top = candidate_boxes[int(similarity.argmax())].tolist()
     return overlay_regions(run.images[index], [true_box, top], ["true", "top window"], [COLOURS[2], (255, 215, 0)],
                            heatmap=heat, title=phrase[:60], side=320)

@@ -68,7 +68,7 @@ def clip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
             + nn.functional.cross_entropy(logits_per_text.t(), targets)) / 2
 
 
-_OUTPUT_MASKS = ("roi_mask", "negative_mask", "region_negative_mask")
+_OUTPUT_MASKS = ("roi_mask", "negative_mask", "region_negative_mask", "proposal_mask")
 
 
 @dataclass
@@ -78,7 +78,7 @@ class RegionMedCLIPOutput(ModelOutput):
     loss: CLIP's contrastive loss of the report captions and images (when `return_loss`).
     logits_per_image: `(B, T)` scaled cosine similarities; `logits_per_text` is its transpose.
     logit_scale: `()` the clamped temperature they were scaled by (the training objective reuses it).
-    image_embeds: `(B, D)` global embedding plus the gated pool of the regions.
+    image_embeds: `(B, D)` global embedding plus the gated pool of the regions (or, box-free, of the proposals).
     text_embeds: `(T, D)` report captions.
     region_embeds: `(B, K, D)`, zeros where `roi_mask` is False; None without ROI inputs.
     roi_mask: `(B, K)` int 0/1, which ROIs are real (the given `roi_mask`, all ones by default).
@@ -88,6 +88,8 @@ class RegionMedCLIPOutput(ModelOutput):
     negative_text_embeds: `(B, M, D)` with `negative_mask (B, M)` (int 0/1, as every mask here).
     dense_region_embeds: `(B, K, D)` each ROI's box pooled from the global patch grid alone (no
     crop), zeros at padding; region_negative_text_embeds: `(B, K, M, D)` with `region_negative_mask (B, K, M)`.
+    proposal_embeds: `(B, P, D)` each box-free proposal read as a region (zeros at padding), with
+    `proposal_mask (B, P)`: what a class's best-matching region is found among.
     vision_model_output: the global view's tower output; text_model_output: the report captions' (their
     rows of the packed caption pass). With `output_hidden_states` / `output_attentions` they hold every
     layer's hidden states (`num_layers + 1`) and attention weights (None from backends that do not
@@ -110,6 +112,8 @@ class RegionMedCLIPOutput(ModelOutput):
     dense_region_embeds: torch.Tensor | None = None
     region_negative_text_embeds: torch.Tensor | None = None
     region_negative_mask: torch.Tensor | None = None
+    proposal_embeds: torch.Tensor | None = None
+    proposal_mask: torch.Tensor | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
 
@@ -620,6 +624,8 @@ def window_sampling_weights(window_sizes: tuple[float, ...], patch_grid: tuple[i
     return roi_align(identity, windows, output_size)[0].reshape(-1, cells)
 
 
+# Crops per vision-tower call when no gradient is kept (see `_encode_regions`).
+_INFERENCE_CROP_CHUNK = 1024
 # Log-sum-exp pooling of window features: 1 would be near a mean, large values near a max. Window
 # features are LayerNorm-ed (unit scale), so 5 lets a channel's strongest windows dominate.
 _PROPOSAL_POOL_SHARPNESS = 5.0
@@ -816,27 +822,29 @@ def _check_roi_inputs(
     roi_pixel_values: torch.Tensor | None,
     roi_boxes: torch.Tensor | None,
     roi_mask: torch.Tensor | None,
+    prefix: str = "roi",
 ) -> torch.Tensor | None:
-    """Validate ROI inputs against `pixel_values (B, 3, H, W)`; returns the bool `(B, K)` mask or None."""
+    """Validate ROI (or, with `prefix="proposal"`, proposal) inputs against `pixel_values (B, 3, H, W)`;
+    returns the bool `(B, K)` mask or None."""
     if roi_pixel_values is None and roi_boxes is None:
         if roi_mask is not None:
-            raise ValueError("roi_mask was given without roi_pixel_values and roi_boxes")
+            raise ValueError(f"{prefix}_mask was given without {prefix}_pixel_values and {prefix}_boxes")
         return None
     if roi_pixel_values is None or roi_boxes is None:
-        missing = "roi_pixel_values" if roi_pixel_values is None else "roi_boxes"
-        raise ValueError(f"{missing} is required when the other ROI input is given")
+        missing = f"{prefix}_pixel_values" if roi_pixel_values is None else f"{prefix}_boxes"
+        raise ValueError(f"{missing} is required when the other {prefix} input is given")
     batch = pixel_values.shape[0]
     if roi_pixel_values.ndim != 5 or roi_pixel_values.shape[0] != batch:
         raise ValueError(
-            f"roi_pixel_values must be (B={batch}, K, C, h, w), got {tuple(roi_pixel_values.shape)}"
+            f"{prefix}_pixel_values must be (B={batch}, K, C, h, w), got {tuple(roi_pixel_values.shape)}"
         )
     num_rois = roi_pixel_values.shape[1]
     if tuple(roi_boxes.shape) != (batch, num_rois, 4):
-        raise ValueError(f"roi_boxes must be (B={batch}, K={num_rois}, 4), got {tuple(roi_boxes.shape)}")
+        raise ValueError(f"{prefix}_boxes must be (B={batch}, K={num_rois}, 4), got {tuple(roi_boxes.shape)}")
     if roi_mask is None:
         roi_mask = torch.ones(batch, num_rois, dtype=torch.bool, device=roi_boxes.device)
     elif tuple(roi_mask.shape) != (batch, num_rois):
-        raise ValueError(f"roi_mask must be (B={batch}, K={num_rois}), got {tuple(roi_mask.shape)}")
+        raise ValueError(f"{prefix}_mask must be (B={batch}, K={num_rois}), got {tuple(roi_mask.shape)}")
     roi_mask = roi_mask.to(torch.bool)
     # Normalised xyxy on the global view: a box in pixels, or with its corners swapped, would be
     # pooled from the wrong place (or from nothing) without a word.
@@ -846,10 +854,10 @@ def _check_roi_inputs(
     problems = torch.stack([~torch.isfinite(roi_boxes).all(dim=-1), outside | inverted]) & roi_mask  # (2, B, K)
     if problems.any():  # the one host read of a valid batch; the error path finds what was wrong
         if problems[0].any():
-            raise ValueError("roi_boxes holds NaN or inf in a valid ROI")
+            raise ValueError(f"{prefix}_boxes holds NaN or inf in a valid slot")
         first = roi_boxes[problems[1]][0].tolist()
-        raise ValueError(f"roi_boxes must be normalised xyxy in [0, 1] with x1 > x0 and y1 > y0 (the processor "
-                         f"makes them from pixel boxes); got {[round(value, 4) for value in first]} in a valid ROI")
+        raise ValueError(f"{prefix}_boxes must be normalised xyxy in [0, 1] with x1 > x0 and y1 > y0 (the processor "
+                         f"makes them from pixel boxes); got {[round(value, 4) for value in first]} in a valid slot")
     return roi_mask
 
 
@@ -937,7 +945,11 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         # Encode only the valid crops, packed across the batch: padding costs no tower compute.
         index, (valid_crops,) = _valid_rows(roi_mask, roi_pixel_values)
         if valid_crops.shape[0]:  # known on the host once the mask is read
-            packed = self.vision_model(valid_crops, False, False, return_dict=True).pooler_output
+            # Without gradients (inference: hundreds of proposals per film) the crops go through in
+            # chunks, so activation memory is bounded by the chunk, not by the proposal count.
+            chunk = valid_crops.shape[0] if torch.is_grad_enabled() else _INFERENCE_CROP_CHUNK
+            packed = torch.cat([self.vision_model(part, False, False, return_dict=True).pooler_output
+                                for part in valid_crops.split(chunk)])
             crop_features = _scatter_rows(packed, index, roi_mask.shape)
         else:  # one blank crop, discarded, for the same FSDP reason
             blank = self.vision_model(roi_pixel_values.new_zeros((1, *roi_pixel_values.shape[2:])), False, False,
@@ -955,8 +967,15 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         roi_mask: torch.Tensor | None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        proposal_pixel_values: torch.Tensor | None = None,
+        proposal_boxes: torch.Tensor | None = None,
+        proposal_mask: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         roi_mask = _check_roi_inputs(pixel_values, roi_pixel_values, roi_boxes, roi_mask)
+        proposal_mask = _check_roi_inputs(pixel_values, proposal_pixel_values, proposal_boxes, proposal_mask, "proposal")
+        if roi_mask is not None and proposal_mask is not None:
+            raise ValueError("give ROI inputs (the regions to read) or proposal inputs (box-free), not both: the "
+                             "image embedding pools one of them")
         vision_output = self.vision_model(pixel_values, output_hidden_states, output_attentions, return_dict=True)
         patch = self.config.vision_config.patch_size
         patch_grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
@@ -974,7 +993,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                                            1 - self.config.box_free_center_momentum)
         global_features = global_features - self.box_free_center.float()
         image_features = global_features
-        region_embeds = dense_region_embeds = None
+        region_embeds = dense_region_embeds = proposal_embeds = None
         if roi_mask is not None:
             region_features, region_pool, dense_features = self._encode_regions(
                 vision_output, roi_pixel_values, roi_boxes, roi_mask, patch_grid
@@ -982,8 +1001,17 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             image_features = global_features + region_pool.float()
             region_embeds = self.visual_projection(region_features)
             dense_region_embeds = self.visual_projection(dense_features)
+        elif proposal_mask is not None:
+            # Box-free at the crops' resolution: every proposal is read as a region is, and pooled the same way.
+            proposal_features, proposal_pool, _ = self._encode_regions(
+                vision_output, proposal_pixel_values, proposal_boxes, proposal_mask, patch_grid
+            )
+            image_features = global_features + proposal_pool.float()
+            proposal_embeds = self.visual_projection(proposal_features)
         projection = self.visual_projection.weight.float()
         return {
+            "proposal_embeds": proposal_embeds,
+            "proposal_mask": proposal_mask,
             "vision_output": vision_output,
             "global_embeds": nn.functional.linear(global_features, projection),  # float32
             "image_embeds": nn.functional.linear(image_features, projection),  # float32
@@ -1001,14 +1029,18 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        proposal_pixel_values: torch.Tensor | None = None,
+        proposal_boxes: torch.Tensor | None = None,
+        proposal_mask: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPooling | tuple:
         """The global view's tower output (`last_hidden_state` `(B, 1 + P, C)`, per request every layer's
         hidden states and attentions) with `pooler_output` the projected (unnormalised) image embeddings
-        `(B, D)`: box-free (proposal windows pooled), or region-pooled when ROIs are given; a tuple with
-        `return_dict=False`."""
+        `(B, D)`: region-pooled when ROIs are given, box-free otherwise (with the processor's
+        proposals `proposal_*` pooled, or the global view alone without them); a tuple with `return_dict=False`."""
         hidden, attentions, return_dict = self._output_flags(output_hidden_states, output_attentions, return_dict,
                                                              self.config.vision_config)
-        vision = self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask, hidden, attentions)
+        vision = self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask, hidden, attentions,
+                                      proposal_pixel_values, proposal_boxes, proposal_mask)
         vision["vision_output"].pooler_output = vision["image_embeds"].to(vision["vision_output"].last_hidden_state.dtype)
         return vision["vision_output"] if return_dict else vision["vision_output"].to_tuple()
 
@@ -1103,6 +1135,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         region_negative_input_ids: torch.Tensor | None = None,
         region_negative_attention_mask: torch.Tensor | None = None,
         region_negative_mask: torch.Tensor | None = None,
+        proposal_pixel_values: torch.Tensor | None = None,
+        proposal_boxes: torch.Tensor | None = None,
+        proposal_mask: torch.Tensor | None = None,
         return_loss: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
@@ -1114,7 +1149,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         view; roi_mask `(B, K)` (default: all valid); summary_* `(B, L)`; region_* `(B, K, L)`
         aligned with the ROI slots; negative_* `(B, M, L)` with negative_mask `(B, M)`;
         region_negative_* `(B, K, M, L)` with region_negative_mask `(B, K, M)`: negatives of each
-        region caption.
+        region caption; proposal_pixel_values `(B, P, 3, h, w)`, proposal_boxes `(B, P, 4)`,
+        proposal_mask `(B, P)`: the processor's box-free proposals (instead of ROIs), read as regions
+        and pooled into `image_embeds`, each returned in `proposal_embeds`.
 
         `return_loss` needs `T == B` matched pairs: CLIP's loss, as transformers' CLIPModel; the
         multi-level objective of training is `training_scripts.losses.training_loss`.
@@ -1128,7 +1165,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         fields: dict[str, Any] = {}
         if pixel_values is not None:
             vision = self._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask, output_hidden_states,
-                                          output_attentions)
+                                          output_attentions, proposal_pixel_values, proposal_boxes, proposal_mask)
             fields["vision_model_output"] = vision["vision_output"]
             dtype = vision["vision_output"].last_hidden_state.dtype
             fields["image_embeds"] = nn.functional.normalize(vision["image_embeds"], dim=-1).to(dtype)
@@ -1138,8 +1175,12 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                 valid = vision["roi_mask"][..., None].to(vision["region_embeds"].dtype)
                 fields["region_embeds"] = nn.functional.normalize(vision["region_embeds"], dim=-1) * valid
                 fields["dense_region_embeds"] = nn.functional.normalize(vision["dense_region_embeds"], dim=-1) * valid
-        elif roi_pixel_values is not None or roi_boxes is not None:
-            raise ValueError("ROI inputs need pixel_values: regions are fused with the global view")
+            if vision["proposal_embeds"] is not None:
+                valid = vision["proposal_mask"][..., None].to(vision["proposal_embeds"].dtype)
+                fields["proposal_embeds"] = nn.functional.normalize(vision["proposal_embeds"], dim=-1) * valid
+                fields["proposal_mask"] = vision["proposal_mask"]
+        elif any(value is not None for value in (roi_pixel_values, roi_boxes, proposal_pixel_values, proposal_boxes)):
+            raise ValueError("ROI and proposal inputs need pixel_values: regions are fused with the global view")
 
         caption_sets: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         valid_index: dict[str, tuple[torch.Tensor, ...]] = {}  # where each packed level's captions go back

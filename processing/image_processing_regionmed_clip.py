@@ -31,9 +31,19 @@ Rules (they are the documentation):
   until the end, then is repeated to 3 channels. An "L" / "RGB" PIL image or image file is
   resampled where it is, never copied whole: one huge image costs about its decoded size.
 
+* **Proposals** (box-free inference): without `regions`, and unless `proposals=False`, each image
+  also gets region proposals that the model reads as it reads ROIs (crop encoder + ROI processor)
+  and pools per image beside the global view (the whole-image term): for each of `proposal_sizes`
+  (fractions of the shorter side of the part the view shows) square windows `proposal_stride x side` apart, the last
+  flush with the far edge, so that each scale covers every pixel (`proposal_windows`). They are
+  cut exactly as region crops are (context factor, letterbox) from the ORIGINAL image, one at a time:
+  memory holds the decoded image and the `R x R` crops, whatever the film's size.
+
 Outputs: `pixel_values (B, 3, S, S)`, and with `regions`: `roi_pixel_values (B, K, 3, R, R)`,
 `roi_boxes (B, K, 4)` normalised xyxy, `roi_mask (B, K)` bool, with K the most regions of any
-image in the batch (after the `max_rois` cut).
+image in the batch (after the `max_rois` cut); without them, `proposal_pixel_values (B, P, 3, R, R)`,
+`proposal_boxes (B, P, 4)` and `proposal_mask (B, P)` (`proposal_boxes(height, width)` gives their
+pixel boxes on the original).
 """
 
 from collections.abc import Mapping, Sequence
@@ -47,13 +57,23 @@ from transformers.utils import logging
 
 from .medical_image_io import load_medical_pil
 
-__all__ = ["RegionMedCLIPImageProcessor", "ViewTransform"]
+__all__ = [
+    "PROPOSAL_INPUT_NAMES",
+    "ROI_INPUT_NAMES",
+    "RegionMedCLIPImageProcessor",
+    "ViewTransform",
+    "proposal_heatmap",
+    "proposal_windows",
+]
 
 logger = logging.get_logger(__name__)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZE_MODES = ("pad", "center_crop")
+# The model inputs of given regions, and of the box-free proposals made without them.
+ROI_INPUT_NAMES = ("roi_pixel_values", "roi_boxes", "roi_mask")
+PROPOSAL_INPUT_NAMES = ("proposal_pixel_values", "proposal_boxes", "proposal_mask")
 BOX_FORMATS = ("xyxy", "xywh")
 # Smallest width/height (fraction of the view side) a mapped region box may have. Not zero: a box
 # that only touches a centre-cropped view's edge maps to float-rounding noise (~1e-16), which is
@@ -119,6 +139,50 @@ class ViewTransform:
         return np.clip(mapped / view_size, 0.0, 1.0)
 
 
+def proposal_windows(area: Sequence[float], sizes: Sequence[float], stride: float) -> np.ndarray:
+    """`(P, 4)` pixel xyxy square windows over the `area` box (xyxy): for each of `sizes` (a fraction
+    of the area's shorter side), windows `stride` sides apart along each axis (evenly spread, the
+    last flush with the far edge), row-major. Each scale covers every pixel of the area."""
+    if not len(sizes) or any(not 0 < size <= 1 for size in sizes):
+        raise ValueError(f"proposal window sizes must be fractions of the shorter side in (0, 1], got {list(sizes)}")
+    if not 0 < stride <= 1:
+        raise ValueError(f"proposal stride must be a fraction of the window side in (0, 1], got {stride}")
+    x0, y0, x1, y1 = (float(value) for value in area)
+    windows = []
+    for size in sizes:
+        side = size * min(x1 - x0, y1 - y0)
+
+        def starts(low: float, high: float, side: float = side) -> np.ndarray:
+            # ceil: the fewest windows at most `stride` sides apart that still reach the far edge
+            count = int(np.ceil((high - low - side) / (stride * side) - 1e-9)) + 1
+            return np.linspace(low, high - side, max(count, 1))
+
+        ys, xs = np.meshgrid(starts(y0, y1), starts(x0, x1), indexing="ij")
+        corners = np.stack([xs.ravel(), ys.ravel()], axis=-1)
+        windows.append(np.concatenate([corners, corners + side], axis=-1))
+    return np.concatenate(windows) if windows else np.zeros((0, 4))
+
+
+def proposal_heatmap(boxes: np.ndarray, scores: np.ndarray, height: int, width: int, max_side: int = 512) -> np.ndarray:
+    """Proposal scores painted back onto an image: `(h, w)` float64, each pixel the mean score of the
+    proposals that cover it (the lowest score where none does), on the `height x width` image scaled
+    so that its longer side is at most `max_side` (a 3000 px film costs a 512 px map, not 9M cells).
+
+    boxes `(P, 4)` pixel xyxy on the image; scores `(P,)`."""
+    boxes, scores = np.asarray(boxes, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or scores.shape != boxes.shape[:1] or not len(scores):
+        raise ValueError(f"proposal_heatmap needs boxes (P >= 1, 4) and scores (P,), got {boxes.shape} and {scores.shape}")
+    scale = min(1.0, max_side / max(height, width))
+    rows, cols = max(1, round(height * scale)), max(1, round(width * scale))
+    total, cover = np.zeros((rows, cols)), np.zeros((rows, cols))
+    cells = np.rint(boxes * scale).astype(np.int64)
+    for score, (x0, y0, x1, y1) in zip(scores, cells, strict=True):
+        # at least one cell each way: a proposal smaller than a cell of a downscaled map still paints
+        total[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)] += score
+        cover[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)] += 1
+    return np.where(cover > 0, total / np.maximum(cover, 1), scores.min())
+
+
 def _binary_mask(array: np.ndarray, where: str) -> np.ndarray:
     """A region mask as bool: nonzero pixels of an integer / bool mask; a float mask of probabilities
     (values between 0 and 1) is thresholded at 0.5, since every nonzero probability would otherwise
@@ -156,7 +220,7 @@ def _letterbox(image: Image.Image, box: tuple[float, float, float, float], size:
 class RegionMedCLIPImageProcessor(BaseImageProcessor):
     """Global view + ROI crops for RegionMed-CLIP. See the module docstring for the rules."""
 
-    model_input_names = ["pixel_values", "roi_pixel_values", "roi_boxes", "roi_mask"]
+    model_input_names = ["pixel_values", *ROI_INPUT_NAMES, *PROPOSAL_INPUT_NAMES]
 
     def __init__(
         self,
@@ -174,6 +238,9 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
         mask_crop: bool = False,
         max_image_pixels: int | None = 178_956_970,
         dicom_frame: int = 0,
+        proposals: bool = True,
+        proposal_sizes: Sequence[float] = (0.125, 0.25),
+        proposal_stride: float = 0.5,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -191,6 +258,9 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
         self.mask_crop = mask_crop
         self.max_image_pixels = max_image_pixels
         self.dicom_frame = dicom_frame
+        self.proposals = proposals
+        self.proposal_sizes = [float(size) for size in proposal_sizes]
+        self.proposal_stride = float(proposal_stride)
         self._validate_settings()
 
     def _validate_settings(self) -> None:
@@ -208,6 +278,10 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
             raise ValueError(f"roi_context_factor must be in [1, 10], got {self.roi_context_factor!r}")
         if not 0.0 < self.point_extent <= 1.0:
             raise ValueError(f"point_extent must be in (0, 1], got {self.point_extent!r}")
+        if not self.proposal_sizes or not all(0.0 < size <= 1.0 for size in self.proposal_sizes):
+            raise ValueError(f"proposal_sizes must be fractions of the image side in (0, 1], got {self.proposal_sizes!r}")
+        if not 0.0 < self.proposal_stride <= 1.0:
+            raise ValueError(f"proposal_stride must be a fraction of the window side in (0, 1], got {self.proposal_stride!r}")
         if not 0 <= self.pad_value <= 255:
             raise ValueError(f"pad_value must be an 8-bit intensity in [0, 255], got {self.pad_value!r}")
 
@@ -299,8 +373,9 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
         # Pad mode shows the whole image, so only a box far below one view pixel gets here.
         raise ValueError(f"{where}: region (pixel box [{described}]) is too small to cover any of the view")
 
-    def _crop_box(self, box: np.ndarray, height: int, width: int) -> tuple[float, float, float, float]:
-        """Expand `box` by the context factor about its centre and clamp it to the image. The crop
+    def crop_box(self, box: np.ndarray, height: int, width: int) -> tuple[float, float, float, float]:
+        """The pixel box a region's crop is cut from: `box` expanded by the context factor about its
+        centre and clamped to the image. The crop
         always covers the (clamped) box: `min` / `max` with its edges absorb float rounding, which
         could otherwise put a crop edge an ulp inside the box at a context factor of 1."""
         centre_x, centre_y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
@@ -338,9 +413,12 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
         box_format: str | None = None,
         normalized_boxes: bool = False,
         return_tensors: str | None = None,
+        proposals: bool | None = None,
         **kwargs: Any,
     ) -> BatchFeature:
-        """images: one image or a list; regions: one list of region specs per image (ragged)."""
+        """images: one image or a list; regions: one list of region specs per image (ragged).
+        `proposals` (default: the processor's `proposals`) adds the box-free proposals when no
+        `regions` are given."""
         if kwargs:
             raise TypeError(f"RegionMedCLIPImageProcessor got unexpected arguments {sorted(kwargs)}")
         box_format = box_format or self.box_format
@@ -354,7 +432,8 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
                 count = len(regions) if isinstance(regions, (list, tuple)) else type(regions).__name__
                 raise ValueError(f"regions needs one list of regions per image: {len(image_list)} images, got {count}")
 
-        pixel_values, roi_pixels, roi_boxes = [], [], []
+        with_proposals = regions is None and (self.proposals if proposals is None else proposals)
+        pixel_values, roi_pixels, roi_boxes, pixel_boxes = [], [], [], []
         for index, raw in enumerate(image_list):
             try:
                 image = load_medical_pil(raw, dicom_frame=self.dicom_frame, max_image_pixels=self.max_image_pixels)
@@ -363,6 +442,11 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
             width, height = image.size
             transform = ViewTransform.for_image(height, width, self.image_size, self.resize_mode)
             pixel_values.append(self._normalise(self._global_view(image, transform)))
+            if with_proposals:
+                windows = self.proposal_boxes(height, width)
+                roi_pixels.append([self._crop(image, box) for box in windows])
+                roi_boxes.append([transform.map_box(box, self.image_size) for box in windows])
+                pixel_boxes.append(windows)
             if regions is None:
                 continue
             specs = list(regions[index])
@@ -377,23 +461,39 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
                 where = f"regions[{index}][{region_index}]"
                 box, mask = self._region_box(spec, where, height, width, box_format, normalized_boxes)
                 boxes.append(self._view_box(box, transform, where))  # checked before the (costlier) crop
-                crop_box = self._crop_box(box, height, width)
                 source = image
                 if mask is not None and self.mask_crop:
                     pixels = np.asarray(image)
                     blanked = np.where(mask if pixels.ndim == 2 else mask[..., None], pixels, self.pad_value)
                     source = Image.fromarray(blanked.astype(np.uint8), mode=image.mode)
-                crops.append(self._normalise(_letterbox(source, crop_box, self.roi_size, self.pad_value, self.resample)))
+                crops.append(self._crop(source, box))
             roi_pixels.append(crops)
             roi_boxes.append(boxes)
 
         data: dict[str, Any] = {"pixel_values": np.stack(pixel_values)}
         if regions is not None:
             data.update(self._pad_regions(roi_pixels, roi_boxes))
+        elif with_proposals:
+            data.update(self._pad_regions(roi_pixels, roi_boxes, prefix="proposal"))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def _pad_regions(self, roi_pixels: list[list[np.ndarray]], roi_boxes: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
-        """Ragged per-image crops/boxes -> padded `(B, K, ...)` arrays and the `(B, K)` mask."""
+    def proposal_boxes(self, height: int, width: int) -> np.ndarray:
+        """`(P, 4)` pixel xyxy proposals of a `height x width` image: `proposal_windows` over the part
+        the view shows, at `proposal_sizes` and `proposal_stride` (the whole image is the global view's)."""
+        visible = ViewTransform.for_image(height, width, self.image_size, self.resize_mode).visible_box(self.image_size)
+        return proposal_windows(visible, self.proposal_sizes, self.proposal_stride)
+
+    def _crop(self, image: Image.Image, box: np.ndarray) -> np.ndarray:
+        """The normalised `(3, R, R)` crop of the pixel `box` of `image`: grown by the context factor,
+        clamped, letterboxed."""
+        width, height = image.size
+        crop_box = self.crop_box(box, height, width)
+        return self._normalise(_letterbox(image, crop_box, self.roi_size, self.pad_value, self.resample))
+
+    def _pad_regions(self, roi_pixels: list[list[np.ndarray]], roi_boxes: list[list[np.ndarray]],
+                     prefix: str = "roi") -> dict[str, np.ndarray]:
+        """Ragged per-image crops/boxes -> padded `(B, K, ...)` arrays and the `(B, K)` mask, named
+        `{prefix}_pixel_values`, `{prefix}_boxes`, `{prefix}_mask`."""
         batch = len(roi_pixels)
         slots = max((len(crops) for crops in roi_pixels), default=0)
         pixels = np.zeros((batch, slots, 3, self.roi_size, self.roi_size), dtype=np.float32)
@@ -402,19 +502,22 @@ class RegionMedCLIPImageProcessor(BaseImageProcessor):
         for row, (crops, row_boxes) in enumerate(zip(roi_pixels, roi_boxes, strict=True)):
             for slot, (crop, box) in enumerate(zip(crops, row_boxes, strict=True)):
                 pixels[row, slot], boxes[row, slot], mask[row, slot] = crop, box, True
-        return {"roi_pixel_values": pixels, "roi_boxes": boxes, "roi_mask": mask}
+        return {f"{prefix}_pixel_values": pixels, f"{prefix}_boxes": boxes, f"{prefix}_mask": mask}
 
     def stack(self, rows: Sequence[Mapping[str, np.ndarray]], return_tensors: str | None = None) -> BatchFeature:
-        """Outputs of `preprocess` for one image each (numpy) -> one batch, region slots padded as
-        `preprocess` pads them. Lets a caller reduce every image to its view and crops as it decodes
-        it, instead of holding a batch of decoded images (the training collator does)."""
+        """Outputs of `preprocess` for one image each (numpy) -> one batch, region (or proposal) slots
+        padded as `preprocess` pads them. Lets a caller reduce every image to its view and crops as it
+        decodes it, instead of holding a batch of decoded images (the training collator does)."""
         data: dict[str, Any] = {"pixel_values": np.concatenate([row["pixel_values"] for row in rows])}
-        with_regions = {"roi_mask" in row for row in rows}
-        if with_regions == {True}:
-            data.update(self._pad_regions([list(row["roi_pixel_values"][0][row["roi_mask"][0]]) for row in rows],
-                                          [list(row["roi_boxes"][0][row["roi_mask"][0]]) for row in rows]))
-        elif with_regions == {True, False}:
-            raise ValueError("stack needs every row with regions or none")
+        for prefix in ("roi", "proposal"):
+            present = {f"{prefix}_mask" in row for row in rows}
+            if present == {True}:
+                valid = [(row, row[f"{prefix}_mask"][0]) for row in rows]
+                data.update(self._pad_regions([list(row[f"{prefix}_pixel_values"][0][mask]) for row, mask in valid],
+                                              [list(row[f"{prefix}_boxes"][0][mask]) for row, mask in valid],
+                                              prefix=prefix))
+            elif present == {True, False}:
+                raise ValueError(f"stack needs every row with {'regions' if prefix == 'roi' else 'proposals'} or none")
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def __call__(self, images: Any, *args: Any, **kwargs: Any) -> BatchFeature:

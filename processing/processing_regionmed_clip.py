@@ -1,6 +1,7 @@
 """RegionMed-CLIP processor: images + regions through the image processor, four caption levels
 through the tokenizer, in one `BatchFeature` whose shapes line up with the model's forward."""
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,16 @@ class RegionMedCLIPProcessor(ProcessorMixin):
             return load_tokenizer(folder)
         return super()._load_tokenizer_from_pretrained(sub_processor_type, pretrained_model_name_or_path,
                                                        subfolder=subfolder, **kwargs)
+
+    def with_max_rois(self, max_rois: int) -> "RegionMedCLIPProcessor":
+        """This processor, or a copy whose image processor keeps up to `max_rois` regions per image
+        when that is more than it keeps (the saved processor keeps the training `max_rois`)."""
+        if max_rois <= self.image_processor.max_rois:
+            return self
+        widened = copy.copy(self)
+        widened.image_processor = copy.copy(self.image_processor)
+        widened.image_processor.max_rois = max_rois
+        return widened
 
     def _tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         encoded = self.tokenizer(

@@ -1,4 +1,5 @@
-"""Box-free inference: proposal windows pooled from the global patch grid, and the dense-region head."""
+"""Box-free inference: proposal windows pooled from the global patch grid, the dense-region head, and the
+processor's full-resolution proposals read as regions and pooled per image."""
 
 import math
 
@@ -7,6 +8,7 @@ import torch
 
 from modeling_regionmed_clip import CONFIG_ERRORS, RegionMedCLIPConfig
 from modeling_regionmed_clip.modeling_regionmed_clip import (
+    RegionMedCLIPAttentionPool,
     log_mean_exp_centred,
     roi_align,
     sliding_window_boxes,
@@ -118,3 +120,65 @@ def test_box_dropout_acts_in_training_only():
         shifted = model(**inputs).region_embeds
     valid = inputs["roi_mask"]
     assert not torch.allclose(with_boxes[valid], shifted[valid], atol=1e-4)
+
+
+# -- full-resolution proposals ---------------------------------------------------------------------
+
+
+def _proposal_inputs(config, count: int = 5, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    inputs = make_inputs(config, [count] * batch, seed=seed)
+    return {"pixel_values": inputs["pixel_values"], "proposal_pixel_values": inputs["roi_pixel_values"],
+            "proposal_boxes": inputs["roi_boxes"], "proposal_mask": inputs["roi_mask"]}
+
+
+@torch.no_grad()
+def test_proposals_are_read_and_pooled_exactly_as_regions_are():
+    model = tiny_model(roi_gate_init=0.5, region_pool_gate_init=0.7)
+    inputs = _proposal_inputs(model.config)
+    inputs["proposal_mask"][1, 3:] = False  # the second image has 3 proposals
+    box_free = model(**inputs)
+    as_rois = model(pixel_values=inputs["pixel_values"], roi_pixel_values=inputs["proposal_pixel_values"],
+                    roi_boxes=inputs["proposal_boxes"], roi_mask=inputs["proposal_mask"])
+    torch.testing.assert_close(box_free.image_embeds, as_rois.image_embeds)
+    torch.testing.assert_close(box_free.proposal_embeds, as_rois.region_embeds)
+    assert box_free.region_embeds is None and box_free.proposal_mask.tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
+    features = model.get_image_features(**inputs).pooler_output
+    torch.testing.assert_close(torch.nn.functional.normalize(features, dim=-1), box_free.image_embeds)
+    # padding proposals are inert: dropping them changes nothing
+    second = model(**{key: value[1:, :3] if key.startswith("proposal") else value[1:] for key, value in inputs.items()})
+    torch.testing.assert_close(second.image_embeds, box_free.image_embeds[1:])
+
+
+@torch.no_grad()
+def test_a_fresh_model_is_unchanged_by_proposals_and_a_trained_pool_uses_them():
+    model = tiny_model()  # gates closed: the region machinery starts closed
+    inputs = _proposal_inputs(model.config)
+    plain = model(pixel_values=inputs["pixel_values"]).image_embeds
+    torch.testing.assert_close(model(**inputs).image_embeds, plain)
+    model.roi_processor.pool_gate.fill_(1.0)
+    assert (model(**inputs).image_embeds - plain).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_the_region_pool_follows_the_planted_best_item_and_ignores_masked_ones():
+    pool = RegionMedCLIPAttentionPool(4)
+    for layer in (pool.query, pool.key, pool.output):
+        layer.weight.copy_(torch.eye(4))
+        layer.bias.zero_()
+    query = torch.tensor([[1.0, 0, 0, 0]])
+    items = torch.tensor([[[0, 1.0, 0, 0], [40.0, 0, 0, 0], [0, 0, 1.0, 0], [90.0, 0, 0, 1.0]]])
+    mask = torch.tensor([[True, True, True, False]])  # the strongest item is padding
+    torch.testing.assert_close(pool(query, items, mask), items[:, 1], atol=1e-6, rtol=0)
+    assert pool(query, items, torch.zeros_like(mask)).abs().max() == 0  # no valid item: zero
+
+
+def test_proposal_inputs_are_checked_by_name():
+    model = tiny_model()
+    inputs = _proposal_inputs(model.config)
+    with pytest.raises(ValueError, match="proposal_boxes must be"):
+        model(**{**inputs, "proposal_boxes": inputs["proposal_boxes"][:, :2]})
+    with pytest.raises(ValueError, match="proposal_boxes is required"):
+        model(**{key: value for key, value in inputs.items() if key != "proposal_boxes"})
+    rois = make_inputs(model.config, [1, 1])
+    with pytest.raises(ValueError, match="not both"):
+        model(**inputs, roi_pixel_values=rois["roi_pixel_values"], roi_boxes=rois["roi_boxes"])

@@ -16,30 +16,13 @@ from evaluation.probe import _load, blank_crops, zero_shot_scores
 from evaluation.results import RESULTS_FIELDS, load_results, markdown_report, results_record, write_results
 from evaluation.retrieval import retrieval_recall_at_k
 from evaluation.scoring import auroc
-from evaluation.tasks import EvalSettings, box_iou, grounding_outcomes, proposal_windows
+from evaluation.tasks import EvalSettings, box_iou, grounding_outcomes
 from evaluation.zero_shot import load_prompt_templates, prompts_for
 from training_scripts.data_schema import load_canonical, write_rows
 
 from conftest import build_saved_model
 
 # -- pure parts -----------------------------------------------------------------------------------
-
-
-def test_proposal_windows_cover_every_pixel_flush_with_the_edges():
-    windows = proposal_windows(100, 60, sizes=[0.5, 1.0], stride=0.5)
-    # side 30 (half the shorter side), step 15: x starts 0..70 (6), y starts 0, 15, 30 (3); side 60: x 0, 30, 40 (3)
-    small = [w for w in windows if w[2] - w[0] == 30]
-    large = [w for w in windows if w[2] - w[0] == 60]
-    assert len(small) == 6 * 3 and len(large) == 3 * 1
-    assert max(w[2] for w in windows) == 100 and max(w[3] for w in windows) == 60
-    covered = np.zeros((60, 100), dtype=bool)
-    for x0, y0, x1, y1 in small:
-        covered[int(y0) : int(y1), int(x0) : int(x1)] = True
-    assert covered.all()
-    with pytest.raises(ValueError, match="window sizes"):
-        proposal_windows(100, 60, sizes=[0.0])
-    with pytest.raises(ValueError, match="stride"):
-        proposal_windows(100, 60, sizes=[0.5], stride=1.5)
 
 
 def test_box_iou_by_hand():

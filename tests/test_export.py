@@ -183,13 +183,24 @@ def test_exported_folder_in_a_fresh_offline_process(exported, tmp_path):
     script = f"""
 import json, torch
 from PIL import Image
-from transformers import AutoModel, pipeline
+from transformers import AutoModel, AutoProcessor, pipeline
 hub = {str(exported["hub"])!r}
 model = AutoModel.from_pretrained(hub, trust_remote_code=True).eval()
 torch.save(model(pixel_values=torch.load({str(tmp_path / "pixels.pt")!r})).image_embeds, {str(tmp_path / "out.pt")!r})
 classifier = pipeline("zero-shot-image-classification", model=hub, trust_remote_code=True)
 labels = ["nodule", "mass", "effusion"]
 film = {str(tmp_path / "film.png")!r}
+
+def best_boxes():
+    # each label's best-matching proposal, from the model's own outputs
+    processor = AutoProcessor.from_pretrained(hub, trust_remote_code=True)
+    image = Image.open(film)
+    with torch.no_grad():
+        out = model(**processor(images=image, text=[f"There is a {{label}}." for label in labels]))
+    best = (out.proposal_embeds[0] @ out.text_embeds.t()).argmax(0)
+    boxes = processor.image_processor.proposal_boxes(image.height, image.width)
+    return {{label: boxes[int(index)].tolist() for label, index in zip(labels, best)}}
+
 print(json.dumps({{
     "pipeline": type(classifier).__name__, "module": type(model).__module__,
     "pil": classifier(Image.open(film), candidate_labels=labels),
@@ -197,6 +208,8 @@ print(json.dumps({{
     "dicom": classifier({dicom!r}, candidate_labels=labels),
     "boxes": classifier(film, candidate_labels=labels, boxes={boxes!r}),
     "points": classifier(film, candidate_labels=labels, points=[[40, 40]]),
+    "heatmap": [entry["heatmap"].shape for entry in classifier(film, candidate_labels=labels, heatmap=True)],
+    "best": best_boxes(),
 }}))
 """
     env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -213,4 +226,8 @@ print(json.dumps({{
     ranked = lambda key: [(entry["label"], round(entry["score"], 5)) for entry in out[key]]  # noqa: E731
     assert ranked("pil") == ranked("path")  # a path and the decoded image are the same input
     assert len(out["boxes"]) == len(boxes) and len(out["points"]) == 1  # one ranking per region
+    # box-free: each label's box is its best-matching proposal; the heat map is the film's shape
+    assert {entry["label"]: entry["box"] for entry in out["path"]} == out["best"]
+    assert all(entry.get("box") is None for region in out["boxes"] for entry in region)
+    assert out["heatmap"] == [list(row["image"].size)[::-1]] * 3
     assert all(len(ranking) == 3 for ranking in out["boxes"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from processing import RegionMedCLIPImageProcessor
+from processing import RegionMedCLIPImageProcessor, proposal_heatmap, proposal_windows
 
 
 def make_processor(**overrides) -> RegionMedCLIPImageProcessor:
@@ -242,7 +242,8 @@ def test_bad_images_name_the_index():
     ("setting", "message"),
     [({"resize_mode": "stretch"}, "resize_mode"), ({"box_format": "cxcywh"}, "box_format"),
      ({"roi_size": 0}, "roi_size"), ({"roi_context_factor": 0.5}, "roi_context_factor"),
-     ({"image_std": [0.5, 0.5, 0]}, "image_std")],
+     ({"image_std": [0.5, 0.5, 0]}, "image_std"), ({"proposal_sizes": [0.25, 0.0]}, "proposal_sizes"),
+     ({"proposal_sizes": []}, "proposal_sizes"), ({"proposal_stride": 1.5}, "proposal_stride")],
 )
 def test_bad_settings_are_named(setting, message):
     with pytest.raises(ValueError, match=message):
@@ -293,3 +294,100 @@ def test_stacking_one_image_outputs_equals_preprocessing_the_batch():
     assert set(stacked) == set(whole)
     for key in whole:
         np.testing.assert_array_equal(stacked[key], whole[key], err_msg=key)
+
+
+# -- box-free proposals ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("area", "sizes", "stride"), [((0, 0, 100, 60), [0.5, 1.0], 0.5),
+                                                        ((10, 20, 310, 220), [0.125, 0.25], 0.5),
+                                                        ((0, 0, 256, 256), [0.3], 0.75)])
+def test_proposal_windows_cover_every_pixel_of_the_area_at_each_scale(area, sizes, stride):
+    windows = proposal_windows(area, sizes, stride)
+    x0, y0, x1, y1 = area
+    short = min(x1 - x0, y1 - y0)
+    for size in sizes:
+        side = size * short
+        scale = windows[np.isclose(windows[:, 2] - windows[:, 0], side)]
+        assert np.allclose(scale[:, 3] - scale[:, 1], side)  # square
+        assert scale[:, :2].min(0).tolist() == [x0, y0] and np.allclose(scale[:, 2:].max(0), [x1, y1])  # flush
+        starts = np.unique(np.round(scale[:, 0], 6))
+        assert np.diff(starts).max() <= stride * side + 1e-6  # at most `stride` sides apart
+        covered = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+        for wx0, wy0, wx1, wy1 in scale:
+            covered[int(np.floor(wy0 - y0)) : int(np.ceil(wy1 - y0)), int(np.floor(wx0 - x0)) : int(np.ceil(wx1 - x0))] = True
+        assert covered.all(), size
+    assert len(windows) == sum(len(windows[np.isclose(windows[:, 2] - windows[:, 0], size * short)]) for size in sizes)
+    with pytest.raises(ValueError, match="window sizes"):
+        proposal_windows(area, [0.0], 0.5)
+    with pytest.raises(ValueError, match="stride"):
+        proposal_windows(area, [0.5], 1.5)
+
+
+def test_an_image_without_regions_gets_proposals_read_from_the_full_resolution_film():
+    image = np.zeros((1024, 1024), dtype=np.uint8)
+    image[520:560, 520:560] = (np.indices((40, 40)).sum(0) % 2 * 255).astype(np.uint8)  # 1-pixel checkerboard
+    processor = make_processor(proposal_sizes=[0.0625], proposal_stride=1.0, roi_context_factor=1.0, roi_size=64)
+    out = processor(image)
+    boxes = processor.proposal_boxes(1024, 1024)
+    assert out["proposal_pixel_values"].shape == (1, 16 * 16, 3, 64, 64) and out["proposal_mask"].all()
+    np.testing.assert_allclose(out["proposal_boxes"][0], boxes / 1024, atol=1e-6)  # the view is the whole film
+    holding = boxes.tolist().index([512, 512, 576, 576])
+    crop = to_intensity(out["proposal_pixel_values"][0, holding, 0])
+    # the window is 64 px of the original cut at 64 px: the 1-pixel pattern is there, as in the original
+    np.testing.assert_allclose(crop[8:48, 8:48], image[520:560, 520:560] / 255, atol=0.02)
+    assert to_intensity(out["pixel_values"][0, 0]).std() < 0.1  # the 64 px view has averaged it away
+    assert set(processor(image, proposals=False)) == {"pixel_values"}
+    assert "proposal_mask" not in processor(image, regions=[[[0, 0, 10, 10]]])  # given regions replace them
+
+
+def test_proposals_cover_only_what_a_centre_cropped_view_shows():
+    processor = make_processor(resize_mode="center_crop", proposal_sizes=[0.5], proposal_stride=1.0)
+    boxes = processor.proposal_boxes(200, 300)  # the view shows x in [50, 250]
+    assert boxes.tolist() == [[50, 0, 150, 100], [150, 0, 250, 100], [50, 100, 150, 200], [150, 100, 250, 200]]
+    out = processor(np.zeros((200, 300), dtype=np.uint8))
+    np.testing.assert_allclose(out["proposal_boxes"][0], [[0, 0, 0.5, 0.5], [0.5, 0, 1, 0.5], [0, 0.5, 0.5, 1],
+                                                          [0.5, 0.5, 1, 1]], atol=1e-6)
+
+
+def test_images_of_different_shapes_pad_their_proposals():
+    processor = make_processor(proposal_sizes=[0.5], proposal_stride=1.0)
+    out = processor([np.zeros((100, 100), dtype=np.uint8), np.zeros((100, 200), dtype=np.uint8)])
+    assert out["proposal_mask"].sum(1).tolist() == [4, 8]
+    stacked = processor.stack([processor(np.zeros((100, 100), dtype=np.uint8)),
+                               processor(np.zeros((100, 200), dtype=np.uint8))])
+    for key in out:
+        np.testing.assert_array_equal(stacked[key], out[key], err_msg=key)
+
+
+def test_a_16_bit_3000_px_film_gets_its_proposals_in_bounded_memory():
+    import tracemalloc
+
+    film = (np.random.default_rng(0).random((3000, 3000)) * 65535).astype(np.uint16)
+    processor = make_processor(image_size=128, roi_size=32)
+
+    def peak_bytes(**options) -> tuple[int, dict]:
+        tracemalloc.start()
+        out = processor(film, **options)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak, out
+
+    view_only, _ = peak_bytes(proposals=False)
+    with_proposals, out = peak_bytes()
+    count = len(processor.proposal_boxes(3000, 3000))
+    assert out["proposal_pixel_values"].shape == (1, count, 3, 32, 32) and count == 15 * 15 + 7 * 7
+    # the crops are cut one at a time from the decoded 8-bit film: the proposals add their own output
+    # (274 x 3 x 32 x 32 float32, 3.4 MB) and a few crops' worth, never a copy of the 9 MB film
+    crops = out["proposal_pixel_values"].nbytes
+    assert with_proposals - view_only < crops + 2 * 2**20, (view_only, with_proposals)
+
+
+def test_proposal_heatmap_paints_each_pixel_with_the_mean_of_its_proposals():
+    boxes = np.array([[0, 0, 4, 4], [2, 0, 6, 4], [0, 0, 6, 4]], dtype=float)
+    heat = proposal_heatmap(boxes, np.array([1.0, 3.0, 5.0]), height=6, width=6)
+    assert heat.shape == (6, 6)
+    assert heat[0, 0] == 3.0 and heat[0, 3] == 3.0 and heat[0, 5] == 4.0  # (1+5)/2, (1+3+5)/3, (3+5)/2
+    assert (heat[4:] == 1.0).all()  # covered by none: the lowest score
+    big = proposal_heatmap(np.array([[0, 0, 3000, 1500]]), np.array([2.0]), height=3000, width=6000)
+    assert big.shape == (256, 512) and (big == 2.0).all()  # a huge film costs a 512 px map

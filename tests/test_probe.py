@@ -18,6 +18,7 @@ from evaluation.probe import (
     NEGATIVE_KINDS,
     _region_plan,
     accuracy_by_label,
+    best_region_scores,
     blank_crops,
     class_names,
     load_region_negatives,
@@ -335,7 +336,8 @@ def test_cli_probe_end_to_end_matches_direct_computation(tmp_path):
     boxes = [[region["bbox"] for region in regions[:max_rois]] for regions in rows["regions"]]
     with torch.no_grad():
         inputs = processor(images=list(rows["image"]), text=list(rows["report_caption"]), regions=boxes)
-        images = model(pixel_values=inputs["pixel_values"]).image_embeds
+        box_free = model(**processor.image_processor(list(rows["image"]), return_tensors="pt"))  # with its proposals
+        images = box_free.image_embeds
         texts = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).text_embeds
     reports = list(rows["report_caption"])
     unique = torch.tensor([reports.count(report) == 1 for report in reports])
@@ -429,3 +431,15 @@ def test_accuracy_by_label_exposes_a_pair_the_mean_hides():
     table = accuracy_by_label(outcomes, ["a", "a", "b", "b"])
     assert table["a"]["type"] == {"accuracy": 1.0, "n": 2} and table["b"]["type"] == {"accuracy": 0.0, "n": 2}
     assert table["a"]["side"] == {"accuracy": 0.5, "n": 2} and table["b"]["side"] == {"accuracy": 1.0, "n": 1}
+
+
+def test_best_region_scores_find_the_planted_proposal_among_the_valid_ones():
+    basis = torch.eye(4)
+    positive, negative = {"nodule": basis[:1]}, {"nodule": basis[1:2]}
+    proposals = torch.stack([torch.stack([basis[1], basis[0], basis[2]]),  # image 0: the nodule is proposal 1
+                             torch.stack([basis[1], basis[2], basis[0]])])  # image 1: it is padding
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    scores, index = best_region_scores(proposals * 3.0, mask, positive, negative)["nodule"]  # scale is irrelevant
+    assert scores.tolist() == [1.0, 0.0] and index.tolist() == [1, 1]
+    with pytest.raises(ValueError, match="at least one valid proposal"):
+        best_region_scores(proposals, torch.tensor([[True, True, True], [False, False, False]]), positive, negative)

@@ -78,7 +78,8 @@ def test_outputs_feed_the_model():
 @pytest.mark.parametrize(
     ("call", "present"),
     [
-        ({"images": "IMAGES"}, {"pixel_values"}),
+        ({"images": "IMAGES"}, {"pixel_values", "proposal_pixel_values", "proposal_boxes", "proposal_mask"}),
+        ({"images": "IMAGES", "proposals": False}, {"pixel_values"}),
         ({"text": ["nodule"]}, {"input_ids", "attention_mask"}),
         ({"images": "IMAGES", "regions": [[[0, 0, 9, 9]], []]}, {"pixel_values", "roi_pixel_values", "roi_boxes", "roi_mask"}),
         ({"summary_text": "nodule"}, {"summary_input_ids", "summary_attention_mask"}),
@@ -254,11 +255,12 @@ def test_region_negatives_need_one_list_per_region(processor):
 
 
 def test_caption_level_table_names_every_output(processor):
-    from processing import CAPTION_LEVELS, caption_level
+    from processing import CAPTION_LEVELS, PROPOSAL_INPUT_NAMES, caption_level
 
     call = {**FULL_CALL, "region_negative_text": [[["a"], ["b", "c"]], [["d"]]]}
     out = processor(images=images(2), **call, return_tensors="pt")
-    assert set(out) == set(processor.model_input_names)  # every level's inputs, nothing else
+    # every level's inputs, nothing else (with regions given, no box-free proposals)
+    assert set(out) == set(processor.model_input_names) - set(PROPOSAL_INPUT_NAMES)
     for level in CAPTION_LEVELS:
         assert level.argument in call, level.name  # each level has its processor argument
         ids = out[level.input_names[0]]

@@ -51,7 +51,7 @@ def test_normalised_boxes_stay_in_the_unit_square(height, width, view_size, resi
 def test_crops_cover_their_boxes(case, context_factor):
     height, width, box = case
     processor = RegionMedCLIPImageProcessor(image_size=64, roi_size=32, roi_context_factor=context_factor)
-    crop = processor._crop_box(box, height, width)
+    crop = processor.crop_box(box, height, width)
     assert crop[0] <= box[0] and crop[1] <= box[1] and crop[2] >= box[2] and crop[3] >= box[3]
     assert 0 <= crop[0] < crop[2] <= width and 0 <= crop[1] < crop[3] <= height
 

@@ -10,6 +10,18 @@ a pure function of the row and the epoch, so a resumed run samples exactly what 
 one would. Regions whose box does not overlap the decoded image, or has no area in the processor's
 global view (a centre-crop view cuts the image's edges off), are dropped and counted.
 
+Windows (box-free training): with `windows_per_image` W > 0, each row that uses regions also gets
+up to W windows of the grid the processor proposes at inference (`image_processor.proposal_boxes`),
+as extra ROI slots after its regions: up to W // 2 that hold a lesion (at least `WINDOW_MIN_COVER` of
+its box, possibly off-centre or cut by the window's edge; one per lesion first), captioned with that
+lesion's caption, and background windows whose crop touches no lesion box, captioned
+`BACKGROUND_CAPTION` (`label_windows` decides; a window that holds part of a lesion, or two lesions,
+is left out). Their negatives: a lesion window's are its caption's (below) plus `BACKGROUND_CAPTION`;
+a background window's are the row's lesion captions and "{finding} in this region" for two findings.
+In `window_only_fraction` of the rows the lesion boxes are left out, so the pool of the ROI
+processor also learns from windows alone: what box-free inference will give it. Every lesion ROI
+gets `BACKGROUND_CAPTION` as one more negative.
+
 Each sampled region also gets its caption's rule-based negatives (`negatives.region_hard_negatives`:
 side, zone, presence, size and finding edits; finding swaps drawn from `finding_vocabulary`, by
 default `negatives.FINDINGS`) for the region-level hard-negative loss.
@@ -36,6 +48,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers.image_processing_utils import BatchFeature
@@ -47,9 +60,46 @@ from .negatives import FINDINGS, REGION_FINDING_SWAPS, region_hard_negatives
 from .schedule import StagedSchedule
 from .skips import SkipLedger
 
-__all__ = ["BatchParts", "RegionMedCLIPCollator", "prefetch_lookahead_steps"]
+__all__ = ["BACKGROUND_CAPTION", "BatchParts", "RegionMedCLIPCollator", "label_windows", "prefetch_lookahead_steps"]
 
 logger = logging.getLogger(__name__)
+
+# The caption of a window that shows no lesion: what most box-free proposals must match.
+BACKGROUND_CAPTION = "no abnormality in this region"
+# A window holds a lesion when it covers at least this fraction of the lesion's box.
+WINDOW_MIN_COVER = 0.6
+DEFAULT_WINDOWS_PER_IMAGE = 4
+DEFAULT_WINDOW_ONLY_FRACTION = 0.5
+BACKGROUND = -1  # `label_windows`: a window that touches no lesion
+AMBIGUOUS = -2  # `label_windows`: part of a lesion, or more than one
+
+
+def _covered_fraction(windows: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """`(W, L)`: the fraction of each box `(L, 4)` xyxy inside each window `(W, 4)` xyxy."""
+    low = np.maximum(windows[:, None, :2], boxes[None, :, :2])
+    high = np.minimum(windows[:, None, 2:], boxes[None, :, 2:])
+    inside = np.clip(high - low, 0, None).prod(-1)
+    area = np.clip(boxes[:, 2:] - boxes[:, :2], 1e-9, None).prod(-1)
+    return inside / area[None, :]
+
+
+def label_windows(windows: np.ndarray, lesion_boxes: np.ndarray, crop_boxes: np.ndarray,
+                  min_cover: float = WINDOW_MIN_COVER) -> np.ndarray:
+    """`(W,)` int per window: the index of the ONE lesion box (of `(L, 4)` xyxy) it holds (at least
+    `min_cover` of it, and no part of another), `BACKGROUND` when its crop box (`crop_boxes (W, 4)`,
+    the window grown by the processor's context) touches no lesion box, else `AMBIGUOUS`."""
+    labels = np.full(len(windows), AMBIGUOUS, dtype=np.int64)
+    if len(lesion_boxes) == 0:
+        labels[:] = BACKGROUND
+        return labels
+    cover = _covered_fraction(windows, lesion_boxes)
+    touched = _covered_fraction(crop_boxes, lesion_boxes) > 0
+    labels[~touched.any(axis=1)] = BACKGROUND
+    held = cover >= min_cover
+    one = held.sum(axis=1) == 1
+    alone = (cover > 0).sum(axis=1) == 1
+    labels[one & alone] = held[one & alone].argmax(axis=1)
+    return labels
 
 
 def _decode(image: Any) -> Image.Image:
@@ -116,11 +166,20 @@ class RegionMedCLIPCollator:
         region_finding_swaps: int = REGION_FINDING_SWAPS,
         schedule: StagedSchedule | None = None,
         lookahead_steps: int = prefetch_lookahead_steps(0),
+        windows_per_image: int = DEFAULT_WINDOWS_PER_IMAGE,
+        window_only_fraction: float = DEFAULT_WINDOW_ONLY_FRACTION,
     ):
-        self.processor = processor
         self.max_regions = max_regions or processor.image_processor.max_rois
         if self.max_regions <= 0:
             raise ValueError(f"max_regions must be positive, got {self.max_regions}")
+        if isinstance(windows_per_image, bool) or not isinstance(windows_per_image, int) or windows_per_image < 0:
+            raise ValueError(f"windows_per_image must be an int >= 0, got {windows_per_image!r}")
+        if not 0.0 <= window_only_fraction <= 1.0:
+            raise ValueError(f"window_only_fraction must be in [0, 1], got {window_only_fraction!r}")
+        self.windows_per_image = windows_per_image
+        self.window_only_fraction = window_only_fraction
+        # Regions and windows share the ROI slots: the processor must keep all of them.
+        self.processor = processor.with_max_rois(self.max_regions + windows_per_image)
         self.seed = seed
         self.epoch = 0
         self.use_regions = use_regions
@@ -196,20 +255,73 @@ class RegionMedCLIPCollator:
             problem = f"regions is {'missing or null' if regions is None else type(regions).__name__}, not a list"
         return problem
 
-    def _sample_regions(self, row: Mapping[str, Any], image: Image.Image, report: SkipLedger) -> list[Mapping[str, Any]]:
-        usable = []
+    def _sample_regions(self, row: Mapping[str, Any], image: Image.Image, report: SkipLedger,
+                        negatives: bool) -> list[dict[str, Any]]:
+        """The row's ROI slots: `{"bbox", "caption"}` and, with `negatives`, `"negatives"`: 1..K of its
+        usable regions, then its windows (see the module docstring)."""
+        usable, boxed = [], []
         for region in row["regions"]:
             problem = region_problem(region, *image.size, self.processor.image_processor, caption=True)
             if problem is None:
                 usable.append(region)
             else:
                 report.skip_region(problem, row.get("image_id"))
-        if not usable:
-            return []
+            if region_problem(region, *image.size, self.processor.image_processor, caption=False) is None:
+                boxed.append(region["bbox"])  # a region without a caption still keeps background windows off it
         rng = random.Random(f"{self.seed}:{row['image_id']}:{self.epoch}")
-        count = rng.randint(1, min(self.max_regions, len(usable)))
-        chosen = sorted(rng.sample(range(len(usable)), count))  # keep the row's own order
-        return [usable[index] for index in chosen]
+        slots: list[dict[str, Any]] = []
+        window_only = rng.random() < self.window_only_fraction  # drawn always: the regions drawn after it do not
+        if usable and not (self.windows_per_image and window_only):  # depend on the window settings
+            count = rng.randint(1, min(self.max_regions, len(usable)))
+            chosen = sorted(rng.sample(range(len(usable)), count))  # keep the row's own order
+            slots = [{"bbox": usable[index]["bbox"], "caption": usable[index]["caption"]} for index in chosen]
+        if negatives:
+            for slot in slots:
+                slot["negatives"] = [*self._caption_negatives(slot["caption"]), BACKGROUND_CAPTION]
+        return slots + self._sample_windows(usable, boxed, image, rng, negatives)
+
+    def _caption_negatives(self, caption: str) -> list[str]:
+        return list(region_hard_negatives(caption, self.seed, self.finding_vocabulary, self.region_finding_swaps))
+
+    def _sample_windows(self, lesions: Sequence[Mapping[str, Any]], lesion_boxes: Sequence[Any], image: Image.Image,
+                        rng: random.Random, negatives: bool) -> list[dict[str, Any]]:
+        """Up to `windows_per_image` windows of the inference grid: lesion windows (one per captioned
+        lesion first, at most half) with the lesion's caption, the rest background: clear of every
+        box in `lesion_boxes` (the captioned lesions' and any other's)."""
+        if not self.windows_per_image:
+            return []
+        image_processor = self.processor.image_processor
+        width, height = image.size
+        windows = image_processor.proposal_boxes(height, width)
+        def clipped(boxes: Iterable[Any]) -> np.ndarray:
+            return np.asarray([np.clip(np.asarray(box, dtype=np.float64), 0, [width, height] * 2)
+                               for box in boxes]).reshape(-1, 4)
+
+        crops = np.asarray([image_processor.crop_box(window, height, width) for window in windows])
+        labels = label_windows(windows, clipped(lesion["bbox"] for lesion in lesions), crops)
+        # Background must also be clear of lesions that have no usable caption.
+        clear = label_windows(windows, clipped(lesion_boxes), crops) == BACKGROUND
+        labels[(labels == BACKGROUND) & ~clear] = AMBIGUOUS
+        by_lesion = [np.flatnonzero(labels == index).tolist() for index in range(len(lesions))]
+        picked: list[int] = []
+        for index in rng.sample(range(len(lesions)), len(lesions)):  # one window per lesion first
+            if by_lesion[index] and len(picked) < self.windows_per_image // 2:
+                picked.append(rng.choice(by_lesion[index]))
+        background = np.flatnonzero(labels == BACKGROUND).tolist()
+        picked += rng.sample(background, min(len(background), self.windows_per_image - len(picked)))
+        lesion_captions = [lesion["caption"] for lesion in lesions]
+        slots = []
+        for index in picked:
+            label = int(labels[index])
+            slot: dict[str, Any] = {"bbox": windows[index].tolist(),
+                                    "caption": BACKGROUND_CAPTION if label == BACKGROUND else lesions[label]["caption"]}
+            if negatives and label == BACKGROUND:
+                findings = rng.sample(self.finding_vocabulary, min(2, len(self.finding_vocabulary)))
+                slot["negatives"] = [*lesion_captions[:2], *(f"{finding} in this region" for finding in findings)]
+            elif negatives:
+                slot["negatives"] = [*self._caption_negatives(slot["caption"]), BACKGROUND_CAPTION]
+            slots.append(slot)
+        return slots
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> BatchFeature:
         """Model inputs for the usable `rows`, plus `skip_report`: this batch's `SkipLedger.to_dict()`.
@@ -259,10 +371,10 @@ class RegionMedCLIPCollator:
             piece["summary_text"] = row["summary_caption"]
         # Dropped regions are counted only once the row is used: a row skipped after all drops none.
         region_report = SkipLedger()
-        regions = self._sample_regions(row, image, region_report) if parts.regions else None
+        regions = self._sample_regions(row, image, region_report, parts.region_negatives) if parts.regions else None
         try:
             piece["image_features"] = self.processor.image_processor(
-                image, regions=None if regions is None else [[region["bbox"] for region in regions]])
+                image, regions=None if regions is None else [[region["bbox"] for region in regions]], proposals=False)
         except Exception as error:  # e.g. a float image holding NaN
             report.skip_row(f"image rejected by the processor ({type(error).__name__})", row_id)
             logger.debug("row %s: %s", row_id, error)
@@ -272,10 +384,7 @@ class RegionMedCLIPCollator:
             piece["regions"] = [region["bbox"] for region in regions]
             piece["region_text"] = [region["caption"] for region in regions]
             if parts.region_negatives:
-                piece["region_negative_text"] = [
-                    list(region_hard_negatives(region["caption"], self.seed, self.finding_vocabulary,
-                                               self.region_finding_swaps))
-                    for region in regions]
+                piece["region_negative_text"] = [region["negatives"] for region in regions]
         if parts.negatives:
             piece["negative_text"] = list(row["negative_captions"])
         return piece

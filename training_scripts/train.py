@@ -52,6 +52,9 @@ from .plotting import plot_loss_curves
 from .schedule import NAMED_SCHEDULES, StagedSchedule, resolve_schedule
 from .trainer import JsonlLogCallback, RegionMedCLIPTrainer, StageCallback
 
+# `data:` keys of a run config that set the collator's region and window sampling.
+COLLATOR_DATA_KEYS = ("region_finding_swaps", "windows_per_image", "window_only_fraction")
+
 __all__ = ["build_trainer", "cpu_threads_advice", "finding_vocabulary", "main", "resolve_run_config"]
 
 logger = logging.getLogger("regionmed_clip.train")
@@ -253,11 +256,12 @@ def build_trainer(
             **_normalisation_of(model_spec.get("vision_path")),
         )
     processor = RegionMedCLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    swaps = {"region_finding_swaps": run["data"]["region_finding_swaps"]} if "region_finding_swaps" in run["data"] else {}
+    # Collator settings a run config may set under `data:` (each the collator's own default otherwise).
+    sampling = {key: run["data"][key] for key in COLLATOR_DATA_KEYS if key in run["data"]}
     schedule = StagedSchedule(run["schedule"], training_args.max_steps)
     lookahead = prefetch_lookahead_steps(training_args.dataloader_num_workers, training_args.dataloader_prefetch_factor)
     collator = RegionMedCLIPCollator(processor, seed=training_args.seed, schedule=schedule, lookahead_steps=lookahead,
-                                     finding_vocabulary=finding_vocabulary(train_dataset), **swaps)
+                                     finding_vocabulary=finding_vocabulary(train_dataset), **sampling)
     collator.prime(train_dataset)
     loss_fields = run.get("loss") or {}
     unknown = sorted(set(loss_fields) - {field.name for field in dataclasses.fields(ContrastiveLossConfig)})

@@ -43,7 +43,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from modeling_regionmed_clip.modeling_regionmed_clip import LOGIT_SCALE_MAX
-from processing import CAPTION_LEVELS, RegionMedCLIPImageProcessor
+from processing import CAPTION_LEVELS, ROI_INPUT_NAMES
 
 from .checkpoints import CHECKPOINT_COMPLETE, write_completion_marker
 from .heap import HEAP_TRIM_STEPS, release_free_heap
@@ -75,7 +75,7 @@ TRAINING_ARGS_FILE = "training_args.json"
 def stage_input_names(stage: Stage) -> list[str]:
     """The batch keys a stage's forward needs: the images (and ROIs when the stage uses them) and the
     caption levels its loss terms read (`Stage.caption_levels`, in `processing.CAPTION_LEVELS` order)."""
-    names = ["pixel_values", *(RegionMedCLIPImageProcessor.model_input_names[1:] if stage.use_rois else ())]
+    names = ["pixel_values", *(ROI_INPUT_NAMES if stage.use_rois else ())]
     levels = stage.caption_levels()
     return names + [name for level in CAPTION_LEVELS if level.name in levels for name in level.input_names]
 

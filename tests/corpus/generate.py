@@ -714,7 +714,7 @@ MODEL_CASES = [
     Case("model", "pixel-boxes.json", _region([[[12.0, 8.0, 40.0, 30.0]]]),
          Error(ValueError, r"roi_boxes must be normalised xyxy in \[0, 1\]")),
     Case("model", "nan-boxes.json", _region([[[0.1, math.nan, 0.4, 0.5]]]),
-         Error(ValueError, r"roi_boxes holds NaN or inf in a valid ROI")),
+         Error(ValueError, r"roi_boxes holds NaN or inf in a valid slot")),
 ]
 
 
