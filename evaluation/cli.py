@@ -2,6 +2,7 @@
 
     regionmed-eval zero-shot --model DIR --data DIR --output OUT [--classes a,b] [--prompts YAML]
                              [--mode auto|multilabel|multiclass] [--uncertain ignore|positive|negative] [--regions]
+                             [--scoring best-region|pooled]
     regionmed-eval region    --model DIR --data DIR --output OUT [--classes a,b] [--prompts YAML]
     regionmed-eval grounding --model DIR --data DIR --output OUT [--window-sizes 0.125,0.25] [--stride 0.5] [--iou 0.5]
     regionmed-eval retrieval --model DIR --data DIR --output OUT [--captions report,summary] [--ks 1,5,10]
@@ -35,6 +36,7 @@ from .results import load_results, markdown_report, to_json, write_results
 from .rows import describe
 from .tasks import (
     CAPTION_COLUMNS,
+    SCORINGS,
     ZERO_SHOT_MODES,
     EvalSettings,
     run_grounding,
@@ -60,11 +62,15 @@ def _box_free_lines(block: dict[str, Any], indent: str = "  ") -> list[str]:
     lines = []
     zero_shot = block.get("zero_shot")
     if zero_shot is not None:
-        lines.append(f"{indent}zero-shot macro AUROC {_number(zero_shot['macro_auroc'])} "
+        scored = " (each class's best-matching proposal)" if "zero_shot_pooled" in block else ""
+        lines.append(f"{indent}zero-shot macro AUROC {_number(zero_shot['macro_auroc'])}{scored} "
                      f"over {len(zero_shot['classes_evaluated'])} classes")
         for name, entry in zero_shot["per_class"].items():
             lines.append(f"{indent}  {name:24s} AUROC {_number(entry['auroc'])}  "
                          f"(+{entry['positives']} / -{entry['negatives']})")
+    for key, what in (("zero_shot_pooled", "the pooled image embedding"), ("zero_shot_global_view", "the global view alone")):
+        if key in block:
+            lines.append(f"{indent}  scored from {what}: macro AUROC {_number(block[key]['macro_auroc'])}")
     retrieval = block.get("retrieval")
     if retrieval is not None:
         if retrieval["n_pairs"]:
@@ -202,6 +208,9 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="ignore",
                              help="policy for uncertain labels (CheXpert -1)")
             sub.add_argument("--regions", action="store_true", help="also score with the dataset's boxes pooled in")
+            sub.add_argument("--scoring", choices=SCORINGS, default=SCORINGS[0],
+                             help="box-free class scores from each class's best-matching proposal (default) or "
+                                  "from the pooled image embedding; the other is reported beside it")
         if name == "vqa":
             sub.add_argument("--regions", action="store_true", help="give the dataset's boxes as ROI inputs")
             sub.add_argument("--blank-images", action="store_true",
@@ -238,7 +247,7 @@ def _run_task(args: argparse.Namespace, command: str) -> dict[str, Any]:
                             progress=not args.no_progress, resamples=args.resamples, seed=args.seed, command=command)
     if args.command == "zero-shot":
         classes = None if args.classes is None else _names(args.classes, "--classes")
-        return run_zero_shot(settings, classes, args.prompts, args.mode, args.uncertain, args.regions)
+        return run_zero_shot(settings, classes, args.prompts, args.mode, args.uncertain, args.regions, args.scoring)
     if args.command == "region":
         classes = None if args.classes is None else _names(args.classes, "--classes")
         return run_region(settings, classes, args.prompts)

@@ -1,6 +1,7 @@
 """Evaluation figures as PNGs, drawn with PIL (no plotting dependency): line charts (ROC curves,
 loss curves), a retrieval example grid, and box / heat-map overlays on images."""
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ __all__ = [
     "COLOURS",
     "confusion_grid",
     "overlay_regions",
+    "plot_bars",
     "plot_lines",
     "plot_roc_curves",
     "retrieval_grid",
@@ -101,6 +103,53 @@ def plot_lines(
         legend_y = top + 16 * index
         draw.line([width - right + 12, legend_y + 6, width - right + 32, legend_y + 6], fill=colour, width=3)
         draw.text((width - right + 38, legend_y), name, fill="black")
+    return save_figure(image, path)
+
+
+def plot_bars(
+    groups: Mapping[str, Mapping[str, float]],
+    path: str | Path,
+    title: str,
+    y_range: tuple[float, float] = (0.0, 1.0),
+    size: tuple[int, int] = (900, 420),
+) -> Path:
+    """Grouped bars: per group (`name -> {series: value}`, e.g. a class's accuracy and its chance
+    rate) one bar per series, coloured by series, with a legend and the value over each bar.
+    Writes and returns `path`."""
+    if not groups:
+        raise ValueError("plot_bars needs at least one group")
+    series = list(dict.fromkeys(name for values in groups.values() for name in values))
+    width, height = size
+    left, right, top, bottom = 60, 160, 40, 60
+    low, high = y_range
+    slot = (width - left - right) / len(groups)
+    bar = slot * 0.8 / len(series)
+
+    def y_of(value: float) -> float:
+        return top + (height - top - bottom) * (high - min(max(value, low), high)) / (high - low)
+
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((left, 12), title, fill="black")
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for tick in range(5):
+        value = low + (high - low) * tick / 4
+        draw.line([left - 5, y_of(value), left, y_of(value)], fill="black")
+        draw.text((8, y_of(value) - 6), f"{value:.2f}", fill="black")
+    for index, (group, values) in enumerate(groups.items()):
+        x = left + slot * index + slot * 0.1
+        for position, name in enumerate(series):
+            if name not in values or values[name] is None or math.isnan(values[name]):
+                continue
+            x0 = x + bar * position
+            draw.rectangle([x0, y_of(values[name]), x0 + bar - 2, y_of(low)], fill=COLOURS[position % len(COLOURS)])
+            draw.text((x0, y_of(values[name]) - 12), f"{values[name]:.2f}", fill="black")
+        draw.text((x, height - bottom + 8), group[:18], fill="black")
+    for position, name in enumerate(series):
+        legend_y = top + 16 * position
+        draw.rectangle([width - right + 12, legend_y + 2, width - right + 26, legend_y + 12],
+                       fill=COLOURS[position % len(COLOURS)])
+        draw.text((width - right + 32, legend_y), name, fill="black")
     return save_figure(image, path)
 
 

@@ -6,8 +6,9 @@ Three families of numbers, each computed only from the model's forward outputs
 * **Box-free** (`model(**processor(images=...))`: the global view and the processor's proposals
   pooled): zero-shot classification AUROC with positive-vs-negative prompt pairs (CheXzero style),
   image<->report retrieval Recall@K, and the mean pairwise cosine of image and report embeddings
-  (1.0 = the embedding has collapsed). Beside them, zero-shot scored by each class's best-matching
-  proposal (`best_region_scores`) and by the global view alone (`global_image_embeds`).
+  (1.0 = the embedding has collapsed). Zero-shot is scored as `regionmed-eval zero-shot` scores it by
+  default, from each class's best-matching proposal (`best_region_scores`); beside it, from the
+  pooled image embedding (`zero_shot_pooled`) and from the global view alone (`global_image_embeds`).
 * **Regions**: for every lesion box, does the region embedding prefer its true caption over a hard
   negative that changes one thing: the side (left<->right), the zone (upper<->lower) or the finding
   type? Measured with the true inputs and three controls on the processor's batch:
@@ -54,11 +55,13 @@ __all__ = [
     "ProbeInputError",
     "accuracy_by_label",
     "best_region_scores",
+    "proposal_class_probabilities",
     "blank_crops",
     "class_names",
     "load_region_negatives",
     "mean_pairwise_cosine",
     "mirror_boxes",
+    "model_logit_scale",
     "paired_difference",
     "region_negative_accuracy",
     "region_negative_outcomes",
@@ -126,26 +129,46 @@ def zero_shot_scores(
 def best_region_scores(
     proposal_embeds: torch.Tensor,
     proposal_mask: torch.Tensor,
-    positive_prompt_embeds: Mapping[str, torch.Tensor],
-    negative_prompt_embeds: Mapping[str, torch.Tensor],
+    class_prompt_embeds: Mapping[str, torch.Tensor],
+    background_embeds: torch.Tensor,
+    logit_scale: float,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per class, each image's best-matching proposal: `(scores (N,), index (N,))`, the largest
-    `cos(proposal, pos) - cos(proposal, neg)` over its valid proposals (float64) and which proposal.
+    """Per class, each image's best-matching proposal: `(scores (N,), index (N,))` (float64).
 
-    proposal_embeds `(N, P, D)`, proposal_mask `(N, P)` bool (every image needs one valid proposal);
-    `{class: (P_c, D)}` prompt embeddings as `zero_shot_scores`."""
+    Every proposal is classified among the classes and the background: a softmax over `logit_scale x`
+    its cosine with each class's prompt ensemble and with the background ensemble (the caption the
+    model was trained to give a window without a lesion, `config.background_caption`). A class's
+    score is its largest probability over the image's valid proposals: present if SOME region looks
+    like it rather than like background or another class (multiple-instance max).
+
+    proposal_embeds `(N, P, D)`, proposal_mask `(N, P)` bool (every image needs a valid proposal);
+    `{class: (P_c, D)}` prompt embeddings; background_embeds `(P_b, D)`."""
     if proposal_embeds.ndim != 3 or proposal_mask.shape != proposal_embeds.shape[:2]:
         raise ValueError(f"proposal_embeds must be (N, P, D) with proposal_mask (N, P), got "
                          f"{tuple(proposal_embeds.shape)} and {tuple(proposal_mask.shape)}")
     if not bool(proposal_mask.any(dim=1).all()):
         raise ValueError("every image needs at least one valid proposal")
-    proposals = _normalise(proposal_embeds)
-    result = {}
-    for name, scores in zero_shot_scores(proposals.reshape(-1, proposals.shape[-1]), positive_prompt_embeds,
-                                         negative_prompt_embeds).items():
-        scores = scores.reshape(proposal_mask.shape).masked_fill(~proposal_mask.bool(), -math.inf)
-        result[name] = scores.max(dim=1)
-    return {name: (best.values, best.indices) for name, best in result.items()}
+    names = list(class_prompt_embeds)
+    probabilities = proposal_class_probabilities(proposal_embeds, class_prompt_embeds, background_embeds, logit_scale)
+    best = probabilities.masked_fill(~proposal_mask.bool()[..., None], -1.0).max(dim=1)
+    return {name: (best.values[:, column], best.indices[:, column]) for column, name in enumerate(names)}
+
+
+def model_logit_scale(model: Any) -> float:
+    """The model's clamped temperature (CLIP's `min(exp(logit_scale), 100)`) as a number."""
+    return float(model.logit_scale.detach().exp().clamp(max=100))
+
+
+def proposal_class_probabilities(
+    proposal_embeds: torch.Tensor,
+    class_prompt_embeds: Mapping[str, torch.Tensor],
+    background_embeds: torch.Tensor,
+    logit_scale: float,
+) -> torch.Tensor:
+    """`(N, P, C)` float64: each proposal's probability of each class (in `class_prompt_embeds` order)
+    when it is classified among the classes and the background (see `best_region_scores`)."""
+    ensembles = torch.stack([_ensemble(embeds) for embeds in class_prompt_embeds.values()] + [_ensemble(background_embeds)])
+    return (logit_scale * _normalise(proposal_embeds) @ ensembles.t()).softmax(dim=-1)[..., :-1]
 
 
 def zero_shot_auroc(scores: Mapping[str, Any], labels: Mapping[str, Any]) -> dict[str, Any]:
@@ -541,10 +564,15 @@ def _box_free(
         positive = {name: torch.stack([encoded[text] for text in prompts["positive"][name]]) for name in classes}
         negative = {name: torch.stack([encoded[text] for text in prompts["negative"][name]]) for name in classes}
         labels = {name: torch.tensor([name in row_labels for row_labels in rows_meta["labels"]]) for name in classes}
-        block["zero_shot"] = zero_shot_auroc(zero_shot_scores(embeds["image_embeds"], positive, negative), labels)
-        if "proposal_embeds" in embeds:  # box-free: also each class's best-matching proposal, and the view alone
-            best = best_region_scores(embeds["proposal_embeds"], embeds["proposal_mask"], positive, negative)
-            block["zero_shot_best_region"] = zero_shot_auroc({name: value[0] for name, value in best.items()}, labels)
+        pooled = zero_shot_auroc(zero_shot_scores(embeds["image_embeds"], positive, negative), labels)
+        block["zero_shot"] = pooled
+        if "proposal_embeds" in embeds:  # box-free: each class's best-matching proposal (as regionmed-eval
+            # zero-shot scores by default), with the pooled embedding and the global view alone beside it
+            background = encode_texts(model, processor, [model.config.background_caption], batch_size, device)
+            best = best_region_scores(embeds["proposal_embeds"], embeds["proposal_mask"], positive, background,
+                                      model_logit_scale(model))
+            block["zero_shot"] = zero_shot_auroc({name: value[0] for name, value in best.items()}, labels)
+            block["zero_shot_pooled"] = pooled
             block["zero_shot_global_view"] = zero_shot_auroc(
                 zero_shot_scores(embeds["view_embeds"], positive, negative), labels)
     if "retrieval" in parts:
@@ -762,9 +790,9 @@ def run_probe(
         base_block = _box_free(base_model, base_processor, base_embeds, rows_meta, prompts, box_free_parts,
                                batch_size, device)
         differences = {}
-        if "zero_shot" in box_free_parts:
+        if "zero_shot" in box_free_parts:  # against the ablation's pooled embedding: a global-only model has no region path
             differences["macro_auroc"] = (report["box_free"]["zero_shot"]["macro_auroc"]
-                                          - base_block["zero_shot"]["macro_auroc"])
+                                          - base_block["zero_shot_pooled"]["macro_auroc"])
         if "retrieval" in box_free_parts and report["box_free"]["retrieval"]["n_pairs"]:
             for key in ("image_to_text_R@1", "text_to_image_R@1"):
                 differences[key] = report["box_free"]["retrieval"][key] - base_block["retrieval"][key]

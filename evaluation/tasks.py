@@ -7,10 +7,12 @@ regions dropped (`evaluation.rows`); the record's `rows` says over how many rows
 is in percent; every interval is a 95% percentile bootstrap over images (zero-shot, retrieval) or
 regions / phrases (region, grounding).
 
-* **zero-shot**: class prompts (YAML templates, prompt ensembles) scored against box-free image
-  embeddings; multi-label (positive-vs-negative prompt pairs, uncertain labels by policy) or
-  multi-class (argmax over the classes). With `use_regions` the dataset's boxes are pooled into the
-  image embeddings and reported separately.
+* **zero-shot**: class prompts (YAML templates, prompt ensembles) scored box-free, by default from
+  each class's best-matching proposal (every proposal classified among the classes and the model's
+  background caption, the class's largest probability over the film's proposals), or from the
+  pooled image embedding (positive-vs-negative prompt pairs); multi-label (uncertain labels by
+  policy) or multi-class (argmax over the classes). With `use_regions` the dataset's boxes are
+  pooled into the image embeddings and reported separately.
 * **region**: each annotated box's region embedding classified against the class prompts
   (multi-class over the region labels), with the probe's controls: crops blanked, boxes mirrored,
   box geometry removed.
@@ -36,13 +38,15 @@ from tqdm.auto import tqdm
 
 from processing import CAPTION_LEVELS, proposal_heatmap, proposal_windows
 
-from .embeddings import EmbeddingCache, encode_images, encode_regions, encode_texts
-from .figures import COLOURS, confusion_grid, overlay_regions, plot_roc_curves, retrieval_grid, save_figure
+from .embeddings import EmbeddingCache, encode_images, encode_proposals, encode_regions, encode_texts
+from .figures import COLOURS, confusion_grid, overlay_regions, plot_bars, plot_roc_curves, retrieval_grid, save_figure
 from .probe import (
     CONDITIONS,
     ProbeInputError,
     blank_crops,
     mirror_boxes,
+    model_logit_scale,
+    proposal_class_probabilities,
     remove_box_geometry,
     zero_shot_scores,
 )
@@ -63,6 +67,7 @@ from .zero_shot import (
 __all__ = [
     "CAPTION_COLUMNS",
     "EvalSettings",
+    "SCORINGS",
     "ZERO_SHOT_MODES",
     "box_iou",
     "grounding_outcomes",
@@ -74,6 +79,8 @@ __all__ = [
 ]
 
 ZERO_SHOT_MODES: tuple[str, ...] = ("auto", "multilabel", "multiclass")
+# Box-free zero-shot scoring: each class's best-matching proposal (default), or the pooled image embedding.
+SCORINGS: tuple[str, ...] = ("best-region", "pooled")
 # The caption levels a film has one of, and their canonical columns (from `processing.CAPTION_LEVELS`).
 CAPTION_COLUMNS: dict[str, str] = {level.name: level.source for level in CAPTION_LEVELS if level.shape in ("(T, L)", "(B, L)")}
 _NO_FINDING_NAMES = frozenset({"no finding", "no findings", "normal"})
@@ -151,6 +158,11 @@ class _Run:
         return self.cache.get_or_compute(name, lambda: {"embeds": encode_images(
             self.model, self.processor, self.images, self.settings.batch_size, self.device, boxes,
             self.settings.progress)}, extra=None if boxes is None else {"boxes": _digest(boxes)})["embeds"]
+
+    def proposal_embeds(self) -> dict[str, torch.Tensor]:
+        """Box-free, every proposal kept (`encode_proposals`), cached."""
+        return self.cache.get_or_compute("proposals", lambda: encode_proposals(  # the grid is in the cache key
+            self.model, self.processor, self.images, self.settings.batch_size, self.device, self.settings.progress))
 
     def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
         return encode_texts(self.model, self.processor, texts, self.settings.batch_size, self.device,
@@ -248,22 +260,92 @@ def _roc_figure(run: _Run, scores: np.ndarray, labels: np.ndarray, valid: np.nda
 # -- zero-shot ------------------------------------------------------------------------------------
 
 
-def _zero_shot_block(
-    image_embeds: torch.Tensor, prompt_embeds: dict[str, dict[str, torch.Tensor]], classes: list[str], mode: str,
-    label_lists: list[list[str]], uncertain: list[list[str]] | None, policy: str, settings: EvalSettings,
-) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
-    """The report of one set of image embeddings, and the (scores, labels, valid) `(N, C)` it used."""
-    interval = {"resamples": settings.resamples, "seed": settings.seed}
+def _pooled_scores(image_embeds: torch.Tensor, prompt_embeds: dict[str, dict[str, torch.Tensor]], classes: list[str],
+                   mode: str) -> np.ndarray:
+    """`(N, C)` class scores of image embeddings: positive minus negative prompts (multi-label), or the
+    cosine with the positive ensemble (multi-class)."""
     if mode == "multilabel":
         by_class = zero_shot_scores(image_embeds, prompt_embeds["positive"], prompt_embeds["negative"])
-        scores = torch.stack([by_class[name] for name in classes], dim=1).numpy()
-        labels, valid = label_matrix(label_lists, classes, uncertain, policy)
-        return multilabel_report(scores, labels, valid, classes, **interval), scores, labels, valid
+        return torch.stack([by_class[name] for name in classes], dim=1).numpy()
     images = torch.nn.functional.normalize(image_embeds.double(), dim=-1)
-    scores = (images @ _ensemble_matrix(prompt_embeds["positive"], classes).t()).numpy()
+    return (images @ _ensemble_matrix(prompt_embeds["positive"], classes).t()).numpy()
+
+
+def _proposal_probabilities(run: "_Run", prompt_embeds: dict[str, dict[str, torch.Tensor]], classes: list[str]
+                            ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The split's proposals (`encode_proposals`) and each one's class probabilities `(N, P, C)`, zero
+    at padding (`probe.proposal_class_probabilities`: the classes against the model's background caption)."""
+    proposals = run.proposal_embeds()
+    background = run.text_embeds([run.model.config.background_caption])
+    probabilities = proposal_class_probabilities(proposals["proposal_embeds"],
+                                                 {name: prompt_embeds["positive"][name] for name in classes},
+                                                 background, model_logit_scale(run.model))
+    return proposals, probabilities * proposals["proposal_mask"][..., None]
+
+
+def _pointing_game(probabilities: torch.Tensor, proposals: dict[str, torch.Tensor], regions: list[list[dict]],
+                   classes: list[str]) -> dict[str, Any]:
+    """Per class, over the films with a box of that class: does the class's best proposal point into one
+    (its centre inside the box), and the chance rate (the fraction of the film's proposals that would)."""
+    per_class: dict[str, dict[str, Any]] = {}
+    for column, name in enumerate(classes):
+        hits, chances = [], []
+        for index, film_regions in enumerate(regions):
+            boxes = torch.tensor([region["bbox"] for region in film_regions if region.get("label") == name],
+                                 dtype=torch.float64).reshape(-1, 4)
+            if not len(boxes):
+                continue
+            valid = proposals["proposal_mask"][index]
+            centres = proposals["proposal_boxes"][index][valid].double()
+            centres = (centres[:, :2] + centres[:, 2:]) / 2
+            inside = ((centres[:, None] >= boxes[None, :, :2]) & (centres[:, None] <= boxes[None, :, 2:])).all(-1).any(1)
+            hits.append(bool(inside[int(probabilities[index][valid][:, column].argmax())]))
+            chances.append(float(inside.double().mean()))
+        if hits:
+            per_class[name] = {"pointing_accuracy": float(np.mean(hits)), "chance": float(np.mean(chances)),
+                               "n": len(hits)}
+    every = [entry for entry in per_class.values()]
+    total = sum(entry["n"] for entry in every)
+    return {"per_class": per_class,
+            "pointing_accuracy": sum(entry["pointing_accuracy"] * entry["n"] for entry in every) / total if total else
+            float("nan"),
+            "chance": sum(entry["chance"] * entry["n"] for entry in every) / total if total else float("nan"),
+            "n": total}
+
+
+def _heatmap_pictures(run: "_Run", probabilities: torch.Tensor, proposals: dict[str, torch.Tensor],
+                      label_lists: list[list[str]], classes: list[str], regions: list[list[dict]] | None) -> list[Any]:
+    """Up to `_FIGURE_EXAMPLES` films with a finding: its first class's proposal probabilities painted
+    back onto the film (`proposal_heatmap`), the best proposal (yellow) and the true boxes of that class (green)."""
+    pictures = []
+    for index, labels in enumerate(label_lists):
+        names = [name for name in labels if name in classes]
+        if not names or len(pictures) >= _FIGURE_EXAMPLES:
+            continue
+        column, image = classes.index(names[0]), run.images[index]
+        valid = proposals["proposal_mask"][index]
+        boxes, values = proposals["proposal_boxes"][index][valid], probabilities[index][valid][:, column]
+        heat = proposal_heatmap(boxes.numpy(), values.numpy(), image.height, image.width)
+        truth = [region["bbox"] for region in (regions[index] if regions else []) if region.get("label") == names[0]]
+        pictures.append(overlay_regions(image, [*truth, boxes[int(values.argmax())].tolist()],
+                                        [names[0]] * len(truth) + ["best proposal"],
+                                        [COLOURS[2]] * len(truth) + [(255, 215, 0)], heatmap=heat,
+                                        title=f"{names[0]}: p={float(values.max()):.2f}", side=320))
+    return pictures
+
+
+def _zero_shot_block(
+    scores: np.ndarray, classes: list[str], mode: str,
+    label_lists: list[list[str]], uncertain: list[list[str]] | None, policy: str, settings: EvalSettings,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """The report of one `(N, C)` score matrix, and the (labels, valid) `(N, C)` it used."""
+    interval = {"resamples": settings.resamples, "seed": settings.seed}
+    if mode == "multilabel":
+        labels, valid = label_matrix(label_lists, classes, uncertain, policy)
+        return multilabel_report(scores, labels, valid, classes, **interval), labels, valid
     targets = np.array([classes.index(labels[0]) for labels in label_lists])
     one_hot = np.eye(len(classes))[targets]
-    return multiclass_report(scores, targets, classes, **interval), scores, one_hot, np.ones_like(one_hot, dtype=bool)
+    return multiclass_report(scores, targets, classes, **interval), one_hot, np.ones_like(one_hot, dtype=bool)
 
 
 def _zero_shot_headline(block: dict[str, Any], mode: str, suffix: str = "") -> dict[str, Any]:
@@ -280,15 +362,20 @@ def run_zero_shot(
     mode: str = "auto",
     uncertain_policy: str = "ignore",
     use_regions: bool = False,
+    scoring: str = "best-region",
 ) -> dict[str, Any]:
     """Zero-shot classification of the split's images from class prompts (see the module docstring).
 
     `mode` "auto" is multi-class when every image has exactly one label among the classes and none
     is uncertain, else multi-label. `uncertain_policy` (one of `UNCERTAIN_POLICIES`) applies to the
-    `uncertain_labels` column where the dataset has one.
+    `uncertain_labels` column where the dataset has one. `scoring` (one of `SCORINGS`) says what the
+    box-free headline scores: each class's best-matching proposal, or the pooled image embedding
+    (`get_image_features`); the other is reported beside it.
     """
     if mode not in ZERO_SHOT_MODES:
         raise ProbeInputError(f"--mode must be one of {ZERO_SHOT_MODES}, got {mode!r}")
+    if scoring not in SCORINGS:
+        raise ProbeInputError(f"--scoring must be one of {SCORINGS}, got {scoring!r}")
     if uncertain_policy not in UNCERTAIN_POLICIES:
         raise ProbeInputError(f"--uncertain must be one of {UNCERTAIN_POLICIES}, got {uncertain_policy!r}")
     templates = _templates(prompts_path)
@@ -307,24 +394,45 @@ def run_zero_shot(
                               f"({run.meta[bad]['image_id']!r}) has {in_classes[bad]}")
     prompts = prompts_for(templates, class_list)
     prompt_embeds = _prompt_embeds(run, prompts)
-    metrics: dict[str, Any] = {"mode": mode}
-    block, scores, labels, valid = _zero_shot_block(run.image_embeds(), prompt_embeds, class_list, mode, in_classes,
-                                                    uncertain, uncertain_policy, settings)
+    metrics: dict[str, Any] = {"mode": mode, "scoring": scoring}
+    proposals, probabilities = _proposal_probabilities(run, prompt_embeds, class_list)
+    by_scoring = {"best-region": lambda: probabilities.max(dim=1).values.numpy(),
+                  "pooled": lambda: _pooled_scores(run.image_embeds(), prompt_embeds, class_list, mode)}
+    scores = by_scoring[scoring]()
+    block, labels, valid = _zero_shot_block(scores, class_list, mode, in_classes, uncertain, uncertain_policy, settings)
     metrics["box_free"] = block
+    other = next(name for name in SCORINGS if name != scoring)
+    metrics[f"box_free_{other.replace('-', '_')}"] = _zero_shot_block(by_scoring[other](), class_list, mode, in_classes,
+                                                                      uncertain, uncertain_policy, settings)[0]
     headline = _zero_shot_headline(block, mode)
     aurocs = {name: entry["auroc"] for name, entry in block["per_class"].items()}
     figures = _roc_figure(run, scores, labels, valid, class_list, aurocs, "roc_curves.png",
                           f"zero-shot ROC, box-free ({run.dataset['name']} {settings.split})")
+    regions = run.column("regions") if use_regions else None
+    pictures = _heatmap_pictures(run, probabilities, proposals, in_classes, class_list, regions)
+    if pictures:  # where each finding is, for free: the proposals' probabilities over the film
+        save_figure(_sheet(pictures), settings.output_dir / "box_free_heatmaps.png")
+        figures.append("box_free_heatmaps.png")
+    if regions is not None:
+        pointing = _pointing_game(probabilities, proposals, regions, class_list)
+        metrics["pointing_game"] = pointing
+        if pointing["n"]:
+            headline["pointing_game"] = headline_entry(pointing["pointing_accuracy"])
+            plot_bars({name: {"best proposal in a box": entry["pointing_accuracy"], "chance": entry["chance"]}
+                       for name, entry in pointing["per_class"].items()}, settings.output_dir / "pointing_game.png",
+                      f"box-free pointing game: does each class's best proposal point into its box? "
+                      f"({pointing['pointing_accuracy']:.2f}, chance {pointing['chance']:.2f})")
+            figures.append("pointing_game.png")
     if use_regions:
-        boxes = [[region["bbox"] for region in regions] for regions in run.column("regions")]
-        with_boxes, *_ = _zero_shot_block(run.image_embeds(boxes), prompt_embeds, class_list, mode, in_classes,
-                                          uncertain, uncertain_policy, settings)
+        boxes = [[region["bbox"] for region in film] for film in regions]
+        with_boxes, *_ = _zero_shot_block(_pooled_scores(run.image_embeds(boxes), prompt_embeds, class_list, mode),
+                                          class_list, mode, in_classes, uncertain, uncertain_policy, settings)
         with_boxes["images_with_boxes"] = sum(1 for image_boxes in boxes if image_boxes)
         metrics["with_regions"] = with_boxes
         headline.update(_zero_shot_headline(with_boxes, mode, "_with_regions"))
     return run.record("zero-shot", len(run.rows), metrics, headline,
                       {"classes": class_list, "mode": mode, "uncertain_policy": uncertain_policy,
-                       "use_regions": use_regions, "prompt_templates": str(Path(prompts_path).resolve())},
+                       "use_regions": use_regions, "scoring": scoring, "prompt_templates": str(Path(prompts_path).resolve())},
                       prompts, figures)
 
 

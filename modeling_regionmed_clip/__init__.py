@@ -3,6 +3,7 @@
 from .attention_regionmed_clip import XFORMERS_AVAILABLE
 from .configuration_regionmed_clip import (
     CONFIG_ERRORS,
+    DEFAULT_BACKGROUND_CAPTION,
     PRESETS,
     RegionMedCLIPConfig,
     RegionMedCLIPTextConfig,
@@ -28,6 +29,7 @@ RegionMedCLIPForVQA.register_for_auto_class("AutoModelForVisualQuestionAnswering
 
 __all__ = [
     "CONFIG_ERRORS",
+    "DEFAULT_BACKGROUND_CAPTION",
     "PRESETS",
     "XFORMERS_AVAILABLE",
     "RegionMedCLIPConfig",

@@ -17,6 +17,7 @@ from transformers import PreTrainedConfig
 
 __all__ = [
     "CONFIG_ERRORS",
+    "DEFAULT_BACKGROUND_CAPTION",
     "RegionMedCLIPConfig",
     "RegionMedCLIPTextConfig",
     "RegionMedCLIPVisionConfig",
@@ -160,6 +161,9 @@ class RegionMedCLIPTextConfig(PreTrainedConfig):
 # caption activation took 24 ms, its 64 x 64 projection 1.8 ms; benchmarks/bench_train.py); `small`
 # is the same recipe with 4 x 256 towers at 224 px (a real CPU run, or a quick GPU one); `base` is
 # ViT-B/16 at 224 px with a PubMedBERT-sized (12 x 768) text tower, CLS-pooled like the checkpoints it can load.
+# What a window without a lesion is captioned in training (see `RegionMedCLIPConfig.background_caption`).
+DEFAULT_BACKGROUND_CAPTION = "no abnormality in this region"
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "vision_config": {
@@ -270,6 +274,9 @@ class RegionMedCLIPConfig(PreTrainedConfig):
             head and log-sum-exp pooled into the image feature; empty turns them off (plain CLIP pooling).
         box_free_center_momentum: EMA momentum of the running batch mean subtracted from the box-free
             image feature (DINO-style centering, updated in training mode only); 0 disables the update.
+        background_caption: the region caption the model was trained to give a window that shows
+            no lesion; box-free scoring (`regionmed-eval zero-shot`, the pipeline) sets it against the
+            classes, so that each class is scored by the proposals that look like it and not like background.
 
     Text settings:
         caption_length_buckets: the caption levels of a forward pass (report, summary, region,
@@ -300,6 +307,7 @@ class RegionMedCLIPConfig(PreTrainedConfig):
     roi_box_dropout: float | int = 0.0
     proposal_window_sizes: list[float | int] | tuple[float | int, ...] = (0.25, 0.5)
     box_free_center_momentum: float | int = 0.9
+    background_caption: str = DEFAULT_BACKGROUND_CAPTION
     caption_length_buckets: int = 6
     vqa_fusion_layers: int = 2
     vqa_fusion_heads: int = 8
@@ -327,6 +335,8 @@ class RegionMedCLIPConfig(PreTrainedConfig):
             if not 0 < size <= 1:
                 raise ValueError(f"{name}.proposal_window_sizes must hold fractions of the view side in (0, 1], "
                                  f"got {self.proposal_window_sizes!r}")
+        if not self.background_caption.strip():
+            raise ValueError(f"{name}.background_caption must be a non-empty caption")
         patch = self.vision_config.patch_size
         if self.roi_image_size % patch != 0:
             raise ValueError(

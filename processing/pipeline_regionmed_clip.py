@@ -7,9 +7,10 @@ differs from transformers' pipeline in what medical users need:
   paths and DICOM files all work (transformers' `load_image` cannot read DICOM);
 * box-free by default: the image embedding of the global view and the image processor's proposals
   (windows cut from the full-resolution image, read as regions), and, per label, `"box"`: the
-  proposal that matches the label best (pixel xyxy on the original image: where the finding is);
-  with `heatmap=True` also `"heatmap"`: every proposal's similarity to the label painted back
-  onto the image (`proposal_heatmap`, longer side at most 512);
+  proposal where the label is most probable (each proposal classified among the candidate labels
+  and the model's `background_caption`), in pixel xyxy on the original image: where the finding is;
+  with `heatmap=True` also `"heatmap"`: that probability of every proposal painted back onto the
+  image (`proposal_heatmap`, longer side at most 512);
 * with `boxes=`, `masks=` or `points=` (one image's regions, in the image processor's formats) it
   returns one ranked label list per region, scored with the region embeddings.
 
@@ -58,11 +59,12 @@ class RegionMedCLIPZeroShotPipeline(ZeroShotImageClassificationPipeline):
         processor = self.image_processor
         image = load_medical_pil(image, dicom_frame=processor.dicom_frame, max_image_pixels=processor.max_image_pixels)
         inputs = processor(images=[image], regions=[regions] if regions else None, return_tensors="pt")
+        texts = [hypothesis_template.format(label) for label in candidate_labels]
         if "proposal_mask" in inputs:  # where each proposal is on the original image, for the returned boxes
             inputs["proposal_pixel_boxes"] = processor.proposal_boxes(image.height, image.width)
             inputs["image_size"] = (image.height, image.width)
+            texts.append(self.model.config.background_caption)  # what a proposal is when it is none of the labels
         inputs["candidate_labels"] = list(candidate_labels)
-        texts = [hypothesis_template.format(label) for label in candidate_labels]
         inputs["text_inputs"] = [self.tokenizer(texts, return_tensors="pt", padding=True, **(tokenizer_kwargs or {}))]
         return inputs
 
@@ -71,15 +73,18 @@ class RegionMedCLIPZeroShotPipeline(ZeroShotImageClassificationPipeline):
         text_inputs = model_inputs.pop("text_inputs")[0]
         located = {key: model_inputs.pop(key) for key in ("proposal_pixel_boxes", "image_size") if key in model_inputs}
         outputs = self.model(**text_inputs, **model_inputs)
-        result = {"candidate_labels": candidate_labels, "logits": outputs.logits_per_image}
+        labels = len(candidate_labels)  # the text after them is the background caption
+        result = {"candidate_labels": candidate_labels, "logits": outputs.logits_per_image[:, :labels]}
         if outputs.region_embeds is not None:
             valid = outputs.roi_mask[0].bool()
             # scaled by the model's own clamped temperature, as its image logits are
-            result["region_logits"] = outputs.logit_scale * outputs.region_embeds[0][valid] @ outputs.text_embeds.t()
+            result["region_logits"] = (outputs.logit_scale * outputs.region_embeds[0][valid]
+                                       @ outputs.text_embeds[:labels].t())
         if outputs.proposal_embeds is not None:
             valid = outputs.proposal_mask[0].bool()
-            # (P, labels): each proposal's cosine similarity to each label's hypothesis
-            result["proposal_similarity"] = outputs.proposal_embeds[0][valid] @ outputs.text_embeds.t()
+            # (P, labels): each proposal classified among the labels and the background, at the model's temperature
+            logits = outputs.logit_scale * outputs.proposal_embeds[0][valid] @ outputs.text_embeds.t()
+            result["proposal_probabilities"] = logits.softmax(dim=-1)[:, :labels]
             result.update(located)
         return result
 
@@ -92,13 +97,14 @@ class RegionMedCLIPZeroShotPipeline(ZeroShotImageClassificationPipeline):
         probabilities = logits.float().softmax(dim=-1)
         entries = [[{"score": score, "label": label} for score, label in zip(row.tolist(), labels, strict=True)]
                    for row in probabilities]
-        if "region_logits" not in model_outputs and "proposal_similarity" in model_outputs:
-            similarity = model_outputs["proposal_similarity"].float()  # (P, labels)
+        if "region_logits" not in model_outputs and "proposal_probabilities" in model_outputs:
+            probabilities = model_outputs["proposal_probabilities"].float()  # (P, labels)
             boxes = model_outputs["proposal_pixel_boxes"]
             for column, entry in enumerate(entries[0]):
-                entry["box"] = [float(value) for value in boxes[int(similarity[:, column].argmax())]]
+                entry["box"] = [float(value) for value in boxes[int(probabilities[:, column].argmax())]]
                 if heatmap:
-                    entry["heatmap"] = proposal_heatmap(boxes, similarity[:, column].numpy(), *model_outputs["image_size"])
+                    entry["heatmap"] = proposal_heatmap(boxes, probabilities[:, column].numpy(),
+                                                        *model_outputs["image_size"])
         elif heatmap:
             raise ValueError("heatmap=True needs box-free proposals: not with boxes, masks or points, nor with an image "
                              "processor whose proposals are off")

@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
+from modeling_regionmed_clip import DEFAULT_BACKGROUND_CAPTION as BACKGROUND_CAPTION
 from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
 from training_scripts.collator import (
     AMBIGUOUS,
     BACKGROUND,
-    BACKGROUND_CAPTION,
     RegionMedCLIPCollator,
     label_windows,
 )

@@ -10,6 +10,7 @@ import pkgutil
 from pathlib import Path
 
 import pytest
+import yaml
 from cli_helpers import assert_clean_exit, run_console_script
 from PIL import Image
 from safetensors.torch import load_file
@@ -177,11 +178,24 @@ def test_demo(tmp_path):
     assert report["metadata"]["n_images"] == 6
     assert report["baseline"]["model"] == str(demo / "global_only" / "final")
     assert set(report["regions"]["conditions"]) == {"true", "crops_blanked", "boxes_mirrored", "box_geometry_removed"}
-    for name in ("run", "global_only"):
+    for name in ("run", "no_background", "global_only"):
         assert (demo / name / "loss_curves.png").exists()
         logged = train_log(demo / name)
         assert logged[-1]["step"] == 6
     assert not any(key.startswith("loss_region") for key in logged[0])  # the ablation never saw a region term
+    assert yaml.safe_load((demo / "no_background" / "run_config.yaml").read_text())["data"]["windows_per_image"] == 0
+    # summary.json: the printed headline figures, from the probe and the zero-shot record
+    summary = json.loads((demo / "summary.json").read_text())
+    assert summary["box_free_zero_shot_macro_auroc"] == report["box_free"]["zero_shot"]["macro_auroc"]
+    assert summary["global_only_zero_shot_macro_auroc"] == report["baseline"]["box_free"]["zero_shot_pooled"]["macro_auroc"]
+    assert set(summary["box_free_zero_shot_auroc_per_class"]) == set(report["box_free"]["zero_shot"]["per_class"])
+    assert summary["box_free_t2i_recall_at_1"] == report["box_free"]["retrieval"]["text_to_image_R@1"]
+    zero_shot = json.loads((demo / "eval" / "zero-shot" / "results.json").read_text())
+    assert summary["with_boxes_zero_shot_macro_auroc"] == zero_shot["headline"]["macro_auroc_with_regions"]["value"]
+    no_background = json.loads((demo / "probe_no_background.json").read_text())
+    assert summary["no_background_zero_shot_macro_auroc"] == no_background["box_free"]["zero_shot"]["macro_auroc"]
+    if summary["box_free_zero_shot_macro_auroc"] is not None:  # null when 6 test films leave no class both ways
+        assert f"{summary['box_free_zero_shot_macro_auroc']:.3f}" in out
     for task in ("zero-shot", "region"):  # evaluated and exported: results for the card, a Hub folder that checks
         assert json.loads((demo / "eval" / task / "results.json").read_text())["task"] == task
     checked = check_hub_folder(demo / "hub")

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 import evaluation.tasks as tasks
-from evaluation.embeddings import EmbeddingCache, encode_images, encode_regions, encode_texts
+from evaluation.embeddings import EmbeddingCache, encode_images, encode_proposals, encode_regions, encode_texts
 from evaluation.figures import plot_roc_curves, roc_curve_points
-from evaluation.probe import _load, blank_crops, zero_shot_scores
+from evaluation.probe import _load, best_region_scores, blank_crops, model_logit_scale, zero_shot_scores
 from evaluation.results import RESULTS_FIELDS, load_results, markdown_report, results_record, write_results
 from evaluation.retrieval import retrieval_recall_at_k
 from evaluation.scoring import auroc
@@ -140,26 +140,51 @@ def test_zero_shot_equals_direct_computation_and_rescoring_reads_the_cache(saved
     rows, model, processor = saved["rows"], saved["model"], saved["processor"]
     classes = record["settings"]["classes"]
     assert record["metrics"]["mode"] == "multilabel" and "No finding" not in classes
-    images = encode_images(model, processor, rows["image"], 4, torch.device("cpu"))
+    assert record["settings"]["scoring"] == "best-region"
     prompts = prompts_for(load_prompt_templates(), classes)
     embed = lambda texts: encode_texts(model, processor, texts, 8, torch.device("cpu"))  # noqa: E731
-    scores = zero_shot_scores(images, {c: embed(prompts["positive"][c]) for c in classes},
-                              {c: embed(prompts["negative"][c]) for c in classes})
+    positive = {c: embed(prompts["positive"][c]) for c in classes}
+    # by default: each class's best-matching proposal, against the model's background caption
+    proposals = encode_proposals(model, processor, list(rows["image"]), 4, torch.device("cpu"))
+    best = best_region_scores(proposals["proposal_embeds"], proposals["proposal_mask"], positive,
+                              embed([model.config.background_caption]), model_logit_scale(model))
+    # beside it: the pooled image embedding (get_image_features), positive minus negative prompts
+    images = encode_images(model, processor, rows["image"], 4, torch.device("cpu"))
+    pooled = zero_shot_scores(images, positive, {c: embed(prompts["negative"][c]) for c in classes})
     for name in classes:
-        expected = auroc(scores[name], [name in labels for labels in rows["labels"]])
-        got = record["metrics"]["box_free"]["per_class"][name]["auroc"]
-        assert (np.isnan(expected) and np.isnan(got)) or got == pytest.approx(expected)
+        truth = [name in labels for labels in rows["labels"]]
+        for block, scores in (("box_free", best[name][0]), ("box_free_pooled", pooled[name])):
+            expected, got = auroc(scores, truth), record["metrics"][block]["per_class"][name]["auroc"]
+            assert (np.isnan(expected) and np.isnan(got)) or got == pytest.approx(expected), (block, name)
     assert "macro_auroc_with_regions" in record["headline"]
     assert record["metrics"]["with_regions"]["images_with_boxes"] == sum(1 for r in rows["regions"] if r)
-    assert (saved["tmp"] / "zs" / "embeddings" / "images.safetensors").is_file()
+    assert (saved["tmp"] / "zs" / "embeddings" / "proposals.safetensors").is_file()
+    assert {"roc_curves.png", "box_free_heatmaps.png"} <= set(record["figures"])
+    # the pointing game, by hand: does a class's best proposal's centre fall in a box of that class
+    hits = []
+    for index, regions in enumerate(rows["regions"]):
+        for name in {region["label"] for region in regions} & set(classes):
+            box = proposals["proposal_boxes"][index][int(best[name][1][index])]
+            centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+            hits.append(any(r["bbox"][0] <= centre[0] <= r["bbox"][2] and r["bbox"][1] <= centre[1] <= r["bbox"][3]
+                            for r in regions if r["label"] == name))
+    pointing = record["metrics"]["pointing_game"]
+    assert pointing["n"] == len(hits) > 0 and pointing["pointing_accuracy"] == pytest.approx(np.mean(hits))
+    assert 0 < pointing["chance"] < 0.5 and "pointing_game.png" in record["figures"]
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("re-scoring re-encoded the images")
 
     monkeypatch.setattr(tasks, "encode_images", no_encoding)
+    monkeypatch.setattr(tasks, "encode_proposals", no_encoding)
     rescored = tasks.run_zero_shot(_settings(saved, "zs"), use_regions=True, uncertain_policy="negative")
     aurocs = lambda report: [entry["auroc"] for entry in report["metrics"]["box_free"]["per_class"].values()]  # noqa: E731
     assert aurocs(rescored) == pytest.approx(aurocs(record), nan_ok=True)
+    pooled_first = tasks.run_zero_shot(_settings(saved, "zs"), use_regions=True, scoring="pooled")
+    beside = [entry["auroc"] for entry in record["metrics"]["box_free_pooled"]["per_class"].values()]
+    assert aurocs(pooled_first) == pytest.approx(beside, nan_ok=True)  # the headline swaps, the figures do not
+    with pytest.raises(tasks.ProbeInputError, match="--scoring"):
+        tasks.run_zero_shot(_settings(saved, "zs"), scoring="mean")
 
 
 def test_zero_shot_uncertain_labels_follow_the_policy(saved, tmp_path):

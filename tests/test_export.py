@@ -196,8 +196,9 @@ def best_boxes():
     processor = AutoProcessor.from_pretrained(hub, trust_remote_code=True)
     image = Image.open(film)
     with torch.no_grad():
-        out = model(**processor(images=image, text=[f"There is a {{label}}." for label in labels]))
-    best = (out.proposal_embeds[0] @ out.text_embeds.t()).argmax(0)
+        texts = [f"There is a {{label}}." for label in labels] + [model.config.background_caption]
+        out = model(**processor(images=image, text=texts))
+    best = (out.proposal_embeds[0] @ out.text_embeds.t() * out.logit_scale).softmax(-1)[:, :3].argmax(0)
     boxes = processor.image_processor.proposal_boxes(image.height, image.width)
     return {{label: boxes[int(index)].tolist() for label, index in zip(labels, best)}}
 

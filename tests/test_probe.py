@@ -435,11 +435,15 @@ def test_accuracy_by_label_exposes_a_pair_the_mean_hides():
 
 def test_best_region_scores_find_the_planted_proposal_among_the_valid_ones():
     basis = torch.eye(4)
-    positive, negative = {"nodule": basis[:1]}, {"nodule": basis[1:2]}
-    proposals = torch.stack([torch.stack([basis[1], basis[0], basis[2]]),  # image 0: the nodule is proposal 1
-                             torch.stack([basis[1], basis[2], basis[0]])])  # image 1: it is padding
+    classes = {"nodule": basis[:1], "mass": basis[1:2]}
+    background = basis[2:3]
+    proposals = torch.stack([torch.stack([basis[2], basis[0], basis[1]]),  # image 0: background, nodule, mass
+                             torch.stack([basis[2], basis[2], basis[0]])])  # image 1: its nodule is padding
     mask = torch.tensor([[True, True, True], [True, True, False]])
-    scores, index = best_region_scores(proposals * 3.0, mask, positive, negative)["nodule"]  # scale is irrelevant
-    assert scores.tolist() == [1.0, 0.0] and index.tolist() == [1, 1]
+    best = best_region_scores(proposals * 3.0, mask, classes, background, logit_scale=10.0)  # norm is irrelevant
+    winner = math.exp(10) / (math.exp(10) + 2)  # a proposal equal to one ensemble, orthogonal to the other two
+    assert best["nodule"][1].tolist()[0] == 1 and best["mass"][1].tolist()[0] == 2
+    assert best["nodule"][0].tolist() == pytest.approx([winner, 1 / (math.exp(10) + 2)])  # image 1: background only
     with pytest.raises(ValueError, match="at least one valid proposal"):
-        best_region_scores(proposals, torch.tensor([[True, True, True], [False, False, False]]), positive, negative)
+        best_region_scores(proposals, torch.tensor([[True, True, True], [False, False, False]]), classes, background,
+                           10.0)

@@ -15,12 +15,12 @@ up to W windows of the grid the processor proposes at inference (`image_processo
 as extra ROI slots after its regions: up to W // 2 that hold a lesion (at least `WINDOW_MIN_COVER` of
 its box, possibly off-centre or cut by the window's edge; one per lesion first), captioned with that
 lesion's caption, and background windows whose crop touches no lesion box, captioned
-`BACKGROUND_CAPTION` (`label_windows` decides; a window that holds part of a lesion, or two lesions,
-is left out). Their negatives: a lesion window's are its caption's (below) plus `BACKGROUND_CAPTION`;
+`background_caption` (the model config's, `DEFAULT_BACKGROUND_CAPTION` by default; `label_windows` decides; a window that holds part of a lesion, or two lesions,
+is left out). Their negatives: a lesion window's are its caption's (below) plus the background caption;
 a background window's are the row's lesion captions and "{finding} in this region" for two findings.
 In `window_only_fraction` of the rows the lesion boxes are left out, so the pool of the ROI
 processor also learns from windows alone: what box-free inference will give it. Every lesion ROI
-gets `BACKGROUND_CAPTION` as one more negative.
+gets the background caption as one more negative.
 
 Each sampled region also gets its caption's rule-based negatives (`negatives.region_hard_negatives`:
 side, zone, presence, size and finding edits; finding swaps drawn from `finding_vocabulary`, by
@@ -53,6 +53,7 @@ import torch
 from PIL import Image
 from transformers.image_processing_utils import BatchFeature
 
+from modeling_regionmed_clip import DEFAULT_BACKGROUND_CAPTION
 from processing import RegionMedCLIPProcessor
 
 from .data_schema import region_problem, text_problem
@@ -60,12 +61,9 @@ from .negatives import FINDINGS, REGION_FINDING_SWAPS, region_hard_negatives
 from .schedule import StagedSchedule
 from .skips import SkipLedger
 
-__all__ = ["BACKGROUND_CAPTION", "BatchParts", "RegionMedCLIPCollator", "label_windows", "prefetch_lookahead_steps"]
+__all__ = ["AMBIGUOUS", "BACKGROUND", "BatchParts", "RegionMedCLIPCollator", "label_windows", "prefetch_lookahead_steps"]
 
 logger = logging.getLogger(__name__)
-
-# The caption of a window that shows no lesion: what most box-free proposals must match.
-BACKGROUND_CAPTION = "no abnormality in this region"
 # A window holds a lesion when it covers at least this fraction of the lesion's box.
 WINDOW_MIN_COVER = 0.6
 DEFAULT_WINDOWS_PER_IMAGE = 4
@@ -168,6 +166,7 @@ class RegionMedCLIPCollator:
         lookahead_steps: int = prefetch_lookahead_steps(0),
         windows_per_image: int = DEFAULT_WINDOWS_PER_IMAGE,
         window_only_fraction: float = DEFAULT_WINDOW_ONLY_FRACTION,
+        background_caption: str = DEFAULT_BACKGROUND_CAPTION,
     ):
         self.max_regions = max_regions or processor.image_processor.max_rois
         if self.max_regions <= 0:
@@ -178,6 +177,7 @@ class RegionMedCLIPCollator:
             raise ValueError(f"window_only_fraction must be in [0, 1], got {window_only_fraction!r}")
         self.windows_per_image = windows_per_image
         self.window_only_fraction = window_only_fraction
+        self.background_caption = background_caption
         # Regions and windows share the ROI slots: the processor must keep all of them.
         self.processor = processor.with_max_rois(self.max_regions + windows_per_image)
         self.seed = seed
@@ -277,7 +277,7 @@ class RegionMedCLIPCollator:
             slots = [{"bbox": usable[index]["bbox"], "caption": usable[index]["caption"]} for index in chosen]
         if negatives:
             for slot in slots:
-                slot["negatives"] = [*self._caption_negatives(slot["caption"]), BACKGROUND_CAPTION]
+                slot["negatives"] = [*self._caption_negatives(slot["caption"]), self.background_caption]
         return slots + self._sample_windows(usable, boxed, image, rng, negatives)
 
     def _caption_negatives(self, caption: str) -> list[str]:
@@ -314,12 +314,12 @@ class RegionMedCLIPCollator:
         for index in picked:
             label = int(labels[index])
             slot: dict[str, Any] = {"bbox": windows[index].tolist(),
-                                    "caption": BACKGROUND_CAPTION if label == BACKGROUND else lesions[label]["caption"]}
+                                    "caption": self.background_caption if label == BACKGROUND else lesions[label]["caption"]}
             if negatives and label == BACKGROUND:
                 findings = rng.sample(self.finding_vocabulary, min(2, len(self.finding_vocabulary)))
                 slot["negatives"] = [*lesion_captions[:2], *(f"{finding} in this region" for finding in findings)]
             elif negatives:
-                slot["negatives"] = [*self._caption_negatives(slot["caption"]), BACKGROUND_CAPTION]
+                slot["negatives"] = [*self._caption_negatives(slot["caption"]), self.background_caption]
             slots.append(slot)
         return slots
 

@@ -1,17 +1,20 @@
 """`regionmed-demo`: the main job on the embedded default data, on CPU.
 
 1. generates a fresh synthetic chest-film dataset (`regionmed-data synth`);
-2. trains the default recipe (`regionmed-train --preset tiny`) and, beside it with the same steps,
-   data and seed, the global-only ablation (`configs/global_only.yaml`): two processes, one
-   thread each;
-3. reloads both as a user would (`AutoModel` / `AutoProcessor` with `trust_remote_code`) and runs
+2. trains the default recipe (`regionmed-train --preset tiny`) and, with the same steps, data and
+   seed, two ablations: global-only (`configs/global_only.yaml`) and no background training
+   (`configs/no_background_windows.yaml`: proposals at inference, but the region path never
+   trained on windows); two processes at a time, one thread each;
+3. reloads them as a user would (`AutoModel` / `AutoProcessor` with `trust_remote_code`) and runs
    the probe (`regionmed-eval probe`) on the test split: box-free zero-shot AUROC and retrieval
-   against the global-only ablation, and region hard-negative accuracy per kind with the controls
-   (crops blanked, boxes mirrored, box geometry removed);
+   (the processor's full-resolution proposals pooled) against the global-only ablation, and region
+   hard-negative accuracy per kind with the controls (crops blanked, boxes mirrored, box geometry
+   removed); the box-free probe of the no-background ablation beside it;
 4. evaluates the default recipe with `regionmed-eval zero-shot --regions` and `region`, and exports
    it with those results to a Hub folder (`regionmed-export`);
 5. reloads the export in a fresh offline process through `AutoModel` (same embeddings) and the
-   zero-shot pipeline, then prints a summary table: stage times, figures and output paths.
+   zero-shot pipeline, then prints a summary table: stage times, figures and output paths, and
+   writes the headline figures to `summary.json` in the output folder.
 """
 
 import argparse
@@ -34,22 +37,47 @@ from regionmed_cli import console_script, positive_int
 
 from .data_schema import load_canonical
 from .export import export_model
-from .launch import GLOBAL_ONLY_CONFIG, StepFailedError, train_in_subprocesses
+from .launch import GLOBAL_ONLY_CONFIG, NO_BACKGROUND_CONFIG, StepFailedError, train_in_subprocesses
 from .synthetic import write_synthetic_dataset
 
 __all__ = ["main"]
 
-# Both trainings together fit the 10-minute budget of `make demo` on 2 cores.
+# The three trainings, two at a time, fit the 10-minute budget of `make demo` on 2 cores.
 DEMO_STEPS = 450
+RUNS = ("run", "global_only", "no_background")
 
 
-def _train_both(data_dir: Path, output_dir: Path, max_steps: int, seed: int) -> dict[str, Path]:
-    """Train the default recipe and the global-only ablation side by side; returns their run folders."""
+def _train_all(data_dir: Path, output_dir: Path, max_steps: int, seed: int) -> dict[str, Path]:
+    """Train the default recipe and its two ablations, two at a time; returns their run folders."""
     common = ["--preset", "tiny", "--data", str(data_dir), "--max-steps", str(max_steps), "--seed", str(seed),
               "--save-steps", str(max_steps), "--logging-steps", str(max(1, min(20, max_steps // 20)))]
-    runs = {"run": common, "global_only": [*common, "--config", str(GLOBAL_ONLY_CONFIG)]}
+    runs = {"run": common, "global_only": [*common, "--config", str(GLOBAL_ONLY_CONFIG)],
+            "no_background": [*common, "--config", str(NO_BACKGROUND_CONFIG)]}
     train_in_subprocesses({output_dir / name: args for name, args in runs.items()}, jobs=2)
     return {name: output_dir / name for name in runs}
+
+
+def headline_summary(report: dict[str, Any], zero_shot: dict[str, Any], no_background: dict[str, Any]) -> dict[str, Any]:
+    """The figures `summary.json` holds: the probe's box-free figures of the default recipe (zero-shot
+    scored from each class's best-matching proposal, as `regionmed-eval zero-shot` does by default),
+    its with-boxes zero-shot (`regionmed-eval zero-shot --regions`), and the two ablations'."""
+    box_free = report["box_free"]
+    return {
+        "box_free_zero_shot_macro_auroc": box_free["zero_shot"]["macro_auroc"],
+        "with_boxes_zero_shot_macro_auroc": zero_shot["headline"]["macro_auroc_with_regions"]["value"],
+        "box_free_zero_shot_auroc_per_class": {name: entry["auroc"]
+                                               for name, entry in box_free["zero_shot"]["per_class"].items()},
+        "box_free_pooled_zero_shot_macro_auroc": box_free["zero_shot_pooled"]["macro_auroc"],
+        "box_free_t2i_recall_at_1": box_free["retrieval"]["text_to_image_R@1"],
+        "box_free_image_mean_pairwise_cosine": box_free["mean_pairwise_cosine"]["image"],
+        # the ablation has no region path: its figure is its pooled (global-view) embedding's
+        "global_only_zero_shot_macro_auroc": report["baseline"]["box_free"]["zero_shot_pooled"]["macro_auroc"],
+        "global_only_t2i_recall_at_1": report["baseline"]["box_free"]["retrieval"]["text_to_image_R@1"],
+        "no_background_zero_shot_macro_auroc": no_background["box_free"]["zero_shot"]["macro_auroc"],
+        "no_background_pooled_zero_shot_macro_auroc": no_background["box_free"]["zero_shot_pooled"]["macro_auroc"],
+        "box_free_pointing_game": zero_shot["metrics"]["pointing_game"]["pointing_accuracy"],
+        "box_free_pointing_game_chance": zero_shot["metrics"]["pointing_game"]["chance"],
+    }
 
 
 def _evaluate_and_export(model_dir: Path, data_dir: Path, output_dir: Path, command: str) -> dict[str, Any]:
@@ -113,22 +141,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     data_dir = args.output_dir / "data"
-    for name in ("data", "run", "global_only", "eval", "hub"):  # the demo always starts fresh
+    for name in ("data", *RUNS, "eval", "hub"):  # the demo always starts fresh
         shutil.rmtree(args.output_dir / name, ignore_errors=True)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     summary = write_synthetic_dataset(data_dir, n=args.n, seed=args.seed)
     times["generate data"] = time.perf_counter() - start
     print(f"[1/5] generated {summary['rows']} synthetic films in {summary['seconds']}s -> {data_dir}", flush=True)
-    runs = _train_both(data_dir, args.output_dir, args.max_steps, args.seed)  # StepFailedError: exit 1
-    print(f"[2/5] trained the default recipe and the global-only ablation ({args.max_steps} steps each) "
-          f"in {time.perf_counter() - start:.0f}s so far", flush=True)
-    times["train (both, in parallel)"] = time.perf_counter() - start - sum(times.values())
+    runs = _train_all(data_dir, args.output_dir, args.max_steps, args.seed)  # StepFailedError: exit 1
+    print(f"[2/5] trained the default recipe and its global-only and no-background ablations ({args.max_steps} "
+          f"steps each) in {time.perf_counter() - start:.0f}s so far", flush=True)
+    times["train (three, two at a time)"] = time.perf_counter() - start - sum(times.values())
     command = " ".join(["regionmed-demo", *(argv if argv is not None else sys.argv[1:])])
     report = run_probe(runs["run"] / "final", data_dir, split="test", baseline_dir=runs["global_only"] / "final",
                        command=command)
     report_path = args.output_dir / "probe.json"
     report_path.write_text(to_json(report))
+    no_background = run_probe(runs["no_background"] / "final", data_dir, split="test", parts=("zero_shot", "retrieval"),
+                              command=command)
+    (args.output_dir / "probe_no_background.json").write_text(to_json(no_background))
     print("[3/5] probe on the test split (regionmed-eval probe --baseline <global-only>):")
     print(format_report(report), flush=True)
     times["probe"] = time.perf_counter() - start - sum(times.values())
@@ -147,12 +178,26 @@ def main(argv: list[str] | None = None) -> int:
           f"(labels {test_row['labels']}): " + ", ".join(f"{entry['label']} {entry['score']:.2f}"
                                                          for entry in reload["pipeline"][:3]))
     zero_shot, region = evaluated["records"]["zero-shot"], evaluated["records"]["region"]
+    summary = headline_summary(report, zero_shot, no_background)
+    (args.output_dir / "summary.json").write_text(to_json(summary))
+    per_class = ", ".join(f"{name} {value:.2f}" for name, value in summary["box_free_zero_shot_auroc_per_class"].items())
     rows = [(f"stage: {name}", f"{seconds:.0f} s") for name, seconds in times.items()]
-    rows += [("box-free zero-shot macro AUROC", f"{zero_shot['headline']['macro_auroc']['value']:.3f}"),
-             ("  with the boxes pooled in", f"{zero_shot['headline']['macro_auroc_with_regions']['value']:.3f}"),
+    rows += [("box-free zero-shot macro AUROC", f"{summary['box_free_zero_shot_macro_auroc']:.3f} ({per_class})"),
+             ("  from the pooled image embedding", f"{summary['box_free_pooled_zero_shot_macro_auroc']:.3f}"),
+             ("  with the boxes pooled in", f"{summary['with_boxes_zero_shot_macro_auroc']:.3f}"),
+             ("  global-only ablation", f"{summary['global_only_zero_shot_macro_auroc']:.3f}"),
+             ("  no-background ablation (best proposal / pooled)",
+              f"{summary['no_background_zero_shot_macro_auroc']:.3f} / "
+              f"{summary['no_background_pooled_zero_shot_macro_auroc']:.3f}"),
+             ("box-free text->image R@1 (global-only)", f"{summary['box_free_t2i_recall_at_1']:.1f}% "
+              f"({summary['global_only_t2i_recall_at_1']:.1f}%)"),
+             ("box-free image mean pairwise cosine", f"{summary['box_free_image_mean_pairwise_cosine']:.3f}"),
+             ("box-free pointing game (chance)", f"{summary['box_free_pointing_game']:.3f} "
+              f"({summary['box_free_pointing_game_chance']:.3f})"),
              ("region zero-shot accuracy (crops blanked)", f"{region['headline']['accuracy']['value']:.3f} "
               f"({region['headline']['accuracy_crops_blanked']['value']:.3f})"),
              ("model + processor", str(runs["run"] / "final")), ("global-only ablation", str(runs["global_only"] / "final")),
+             ("summary", str(args.output_dir / "summary.json")),
              ("Hub folder (regionmed-push --dry-run)", str(args.output_dir / "hub")),
              ("probe report", str(report_path)), ("evaluation results", str(args.output_dir / "eval")),
              ("loss curves", str(runs["run"] / "loss_curves.png")),

@@ -7,9 +7,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["GLOBAL_ONLY_CONFIG", "StepFailedError", "train_in_subprocesses"]
+__all__ = ["GLOBAL_ONLY_CONFIG", "NO_BACKGROUND_CONFIG", "StepFailedError", "train_in_subprocesses"]
 
 GLOBAL_ONLY_CONFIG = Path(__file__).parent / "configs" / "global_only.yaml"
+NO_BACKGROUND_CONFIG = Path(__file__).parent / "configs" / "no_background_windows.yaml"
 
 
 class StepFailedError(RuntimeError):

@@ -261,7 +261,8 @@ def build_trainer(
     schedule = StagedSchedule(run["schedule"], training_args.max_steps)
     lookahead = prefetch_lookahead_steps(training_args.dataloader_num_workers, training_args.dataloader_prefetch_factor)
     collator = RegionMedCLIPCollator(processor, seed=training_args.seed, schedule=schedule, lookahead_steps=lookahead,
-                                     finding_vocabulary=finding_vocabulary(train_dataset), **sampling)
+                                     finding_vocabulary=finding_vocabulary(train_dataset),
+                                     background_caption=config.background_caption, **sampling)
     collator.prime(train_dataset)
     loss_fields = run.get("loss") or {}
     unknown = sorted(set(loss_fields) - {field.name for field in dataclasses.fields(ContrastiveLossConfig)})
