@@ -35,6 +35,24 @@ def save_figure(image: Image.Image, path: str | Path) -> Path:
     return path
 
 
+def _framed_canvas(size: tuple[int, int], margins: tuple[int, int, int, int], title: str, y_range: tuple[float, float],
+                   y_of: Any, digits: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    """A white canvas with the title, the plot frame inside `margins` (left, right, top, bottom) and
+    five y ticks over `y_range`, placed by `y_of(value) -> pixel row`."""
+    width, height = size
+    left, right, top, bottom = margins
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((left, 12), title, fill="black")
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    low, high = y_range
+    for tick in range(5):
+        value = low + (high - low) * tick / 4
+        draw.line([left - 5, y_of(value), left, y_of(value)], fill="black")
+        draw.text((8, y_of(value) - 6), f"{value:.{digits}f}", fill="black")
+    return image, draw
+
+
 def plot_lines(
     series: Mapping[str, Sequence[tuple[float, float]]],
     path: str | Path,
@@ -66,15 +84,7 @@ def plot_lines(
         return (left + (width - left - right) * (x - x_low) / (x_high - x_low),
                 top + (height - top - bottom) * (y_high - y) / (y_high - y_low))
 
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((left, 12), title, fill="black")
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for tick in range(5):
-        value = y_low + (y_high - y_low) * tick / 4
-        _, y = xy(x_low, value)
-        draw.line([left - 5, y, left, y], fill="black")
-        draw.text((8, y - 6), f"{value:.3f}", fill="black")
+    image, draw = _framed_canvas(size, (left, right, top, bottom), title, (y_low, y_high), lambda y: xy(x_low, y)[1], 3)
     for tick in range(6):
         value = x_low + (x_high - x_low) * tick / 5
         x, _ = xy(value, y_low)
@@ -128,14 +138,7 @@ def plot_bars(
     def y_of(value: float) -> float:
         return top + (height - top - bottom) * (high - min(max(value, low), high)) / (high - low)
 
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((left, 12), title, fill="black")
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for tick in range(5):
-        value = low + (high - low) * tick / 4
-        draw.line([left - 5, y_of(value), left, y_of(value)], fill="black")
-        draw.text((8, y_of(value) - 6), f"{value:.2f}", fill="black")
+    image, draw = _framed_canvas(size, (left, right, top, bottom), title, (low, high), y_of, 2)
     for index, (group, values) in enumerate(groups.items()):
         x = left + slot * index + slot * 0.1
         for position, name in enumerate(series):

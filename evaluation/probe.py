@@ -498,7 +498,7 @@ def _embed_split(
         batch = rows[start : start + batch_size]
         regions = boxes[start : start + batch_size] if boxes is not None else None
         images = [decode_image(value, image_processor) for value in batch["image"]]
-        inputs = processor(images=images, text=batch["report_caption"], regions=regions)
+        inputs = processor(images=images, text=batch["report_caption"], regions=regions, proposals=False)
         pixel_values = inputs["pixel_values"].to(device)
         box_free = model(pixel_values=pixel_values, **{key: value.to(device) for key, value in processor.image_processor(
             images, proposals=True, return_tensors="pt").items() if key in PROPOSAL_INPUT_NAMES})

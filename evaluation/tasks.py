@@ -759,8 +759,8 @@ def run_vqa(settings: EvalSettings, use_regions: bool = False, blank_images: boo
         images = [run.images[index] for index in indices]
         if blank_images:
             images = [Image.new("L", image.size) for image in images]
-        inputs = run.processor(images=images,
-                               text=[example.question for example in batch], regions=regions)
+        inputs = run.processor(images=images, text=[example.question for example in batch], regions=regions,
+                               proposals=False)
         keys = ["pixel_values", "input_ids", "attention_mask"] + (["roi_pixel_values", "roi_boxes", "roi_mask"]
                                                                    if use_regions else [])
         logits = run.model(**{key: inputs[key].to(run.device) for key in keys}).logits

@@ -279,3 +279,17 @@ def test_retrieval_equals_the_full_matrix_and_leaves_out_shared_texts(saved):
             assert record["metrics"][direction][f"R@{k}"] == pytest.approx(full[f"{direction}_R@{k}"])
     assert record["metrics"]["texts"] == len(texts)
     assert record["metrics"]["texts_shared_by_several_images"] == sum(len(w) > 1 for w in owners.values()) > 0
+
+
+def test_bar_heights_are_the_values(tmp_path):
+    from evaluation.figures import COLOURS, plot_bars
+
+    path = plot_bars({"a": {"hit": 0.5, "chance": 0.1}, "b": {"hit": 0.9}}, tmp_path / "bars.png", "pointing")
+    pixels = np.asarray(Image.open(path).convert("RGB"))[:, :740]  # the plot, not the legend on its right
+    hit = (pixels == np.array(COLOURS[0])).all(-1)
+    columns = np.flatnonzero(hit.any(0))
+    groups = np.split(columns, np.flatnonzero(np.diff(columns) > 1) + 1)  # one run of columns per bar
+    heights = [hit[:, group[len(group) // 2]].sum() for group in groups]
+    assert len(groups) == 2 and heights[0] / heights[1] == pytest.approx(0.5 / 0.9, abs=0.02)
+    chance = (pixels == np.array(COLOURS[1])).all(-1)
+    assert chance.any(0).sum() > 0 and chance.sum(0).max() == pytest.approx(heights[0] / 5, abs=2)  # 0.1 vs 0.5

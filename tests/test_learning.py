@@ -26,9 +26,8 @@ RANK_FRACTION = 0.8  # a caption's own film must rank, on average, within 80% of
 
 @torch.no_grad()
 def box_free_embeds(trainer, rows) -> torch.Tensor:
-    model = trainer.model.eval()
-    pixel_values = trainer.processing_class(images=rows["image"])["pixel_values"]
-    return model(pixel_values=pixel_values).image_embeds
+    model = trainer.model.eval()  # the box-free embedding a user gets: the view and its proposals pooled
+    return model(**trainer.processing_class.image_processor(rows["image"], return_tensors="pt")).image_embeds
 
 
 @torch.no_grad()

@@ -107,3 +107,27 @@ def test_bad_train_arguments_are_usage_errors(tmp_path, capsys, monkeypatch, arg
     for flag, value in zip(argv[::2], argv[1::2], strict=True):
         base[flag] = value
     run_failing(train_main, [part for pair in base.items() for part in pair], capsys, 2, *names)
+
+
+def test_window_sampling_is_set_under_data_and_the_ablation_turns_it_off(tmp_path):
+    from training_scripts.synthetic import write_synthetic_dataset
+    from training_scripts.train import build_trainer
+
+    write_synthetic_dataset(tmp_path / "data", n=20, seed=0)
+
+    def collator_of(config: Path | None, **data) -> object:
+        argv = ["--preset", "tiny", "--data", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"), "--max-steps", "2",
+                *(["--config", str(config)] if config else [])]
+        run = resolve_run_config(build_parser().parse_args(argv))
+        run["data"].update(data)
+        return build_trainer(run)[0].data_collator
+
+    default = collator_of(None)
+    assert (default.windows_per_image, default.window_only_fraction) == (4, 0.5)
+    assert default.background_caption == RegionMedCLIPConfig.from_preset("tiny").background_caption
+    assert collator_of(CONFIGS / "no_background_windows.yaml").windows_per_image == 0
+    assert collator_of(None, window_only_fraction=0.25).window_only_fraction == 0.25
+    with pytest.raises(ValueError, match="windows_per_image must be an int >= 0, got -1"):
+        collator_of(None, windows_per_image=-1)
+    with pytest.raises(ValueError, match="window_only_fraction must be in"):
+        collator_of(None, window_only_fraction="half")

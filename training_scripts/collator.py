@@ -173,7 +173,8 @@ class RegionMedCLIPCollator:
             raise ValueError(f"max_regions must be positive, got {self.max_regions}")
         if isinstance(windows_per_image, bool) or not isinstance(windows_per_image, int) or windows_per_image < 0:
             raise ValueError(f"windows_per_image must be an int >= 0, got {windows_per_image!r}")
-        if not 0.0 <= window_only_fraction <= 1.0:
+        if isinstance(window_only_fraction, bool) or not isinstance(window_only_fraction, (int, float)) \
+                or not 0.0 <= window_only_fraction <= 1.0:
             raise ValueError(f"window_only_fraction must be in [0, 1], got {window_only_fraction!r}")
         self.windows_per_image = windows_per_image
         self.window_only_fraction = window_only_fraction

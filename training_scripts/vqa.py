@@ -89,7 +89,8 @@ class VQACollator:
     def __call__(self, examples: Sequence[VQAExample]) -> dict[str, torch.Tensor]:
         images = [self.rows[example.image_id]["image"] for example in examples]
         regions = [self.rows[example.image_id]["boxes"] for example in examples] if self.use_regions else None
-        inputs = self.processor(images=images, text=[example.question for example in examples], regions=regions)
+        inputs = self.processor(images=images, text=[example.question for example in examples], regions=regions,
+                                proposals=False)  # the VQA head reads the view (and given boxes), not proposals
         batch = {key: inputs[key] for key in ("pixel_values", "input_ids", "attention_mask")}
         if self.use_regions:
             batch.update({key: inputs[key] for key in ("roi_pixel_values", "roi_boxes", "roi_mask")})
