@@ -93,7 +93,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"model {meta['model']}", f"data  {meta['data']}  split={meta['split']}  images={meta['n_images']}"
              + (f"  lesions={meta['n_lesions']}" if meta.get("n_lesions") is not None else "")]
     if "box_free" in report:
-        lines.append("box-free (global view only):")
+        lines.append("box-free (no boxes: the global view and the processor's proposals):")
         lines += _box_free_lines(report["box_free"])
     if "with_boxes" in report:
         lines.append("with the true boxes pooled into the image embedding:")
