@@ -197,6 +197,7 @@ class RegionMedCLIPCollator:
         self._step = torch.zeros((), dtype=torch.int64).share_memory_()
         self.ledger = SkipLedger()
         self._last_good: dict[str, Any] | None = None  # the processor-call piece of the last usable row
+        self._window_grids: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -260,15 +261,16 @@ class RegionMedCLIPCollator:
                         negatives: bool) -> list[dict[str, Any]]:
         """The row's ROI slots: `{"bbox", "caption"}` and, with `negatives`, `"negatives"`: 1..K of its
         usable regions, then its windows (see the module docstring)."""
-        usable, boxed = [], []
+        usable, located = [], []  # located: every region with a usable box, captioned when usable
         for region in row["regions"]:
             problem = region_problem(region, *image.size, self.processor.image_processor, caption=True)
             if problem is None:
                 usable.append(region)
-            else:
-                report.skip_region(problem, row.get("image_id"))
+                located.append(region)
+                continue
+            report.skip_region(problem, row.get("image_id"))
             if region_problem(region, *image.size, self.processor.image_processor, caption=False) is None:
-                boxed.append(region["bbox"])  # a region without a caption still keeps background windows off it
+                located.append({"bbox": region["bbox"], "caption": None})  # still keeps background windows off it
         rng = random.Random(f"{self.seed}:{row['image_id']}:{self.epoch}")
         slots: list[dict[str, Any]] = []
         window_only = rng.random() < self.window_only_fraction  # drawn always: the regions drawn after it do not
@@ -279,43 +281,48 @@ class RegionMedCLIPCollator:
         if negatives:
             for slot in slots:
                 slot["negatives"] = [*self._caption_negatives(slot["caption"]), self.background_caption]
-        return slots + self._sample_windows(usable, boxed, image, rng, negatives)
+        return slots + self._sample_windows(located, image, rng, negatives)
 
     def _caption_negatives(self, caption: str) -> list[str]:
         return list(region_hard_negatives(caption, self.seed, self.finding_vocabulary, self.region_finding_swaps))
 
-    def _sample_windows(self, lesions: Sequence[Mapping[str, Any]], lesion_boxes: Sequence[Any], image: Image.Image,
-                        rng: random.Random, negatives: bool) -> list[dict[str, Any]]:
+    def _window_grid(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """The inference proposal grid of a `height x width` image and each window's crop box (both
+        `(P, 4)` pixel xyxy), computed once per image size: films of one dataset mostly share it."""
+        key = (height, width)
+        if key not in self._window_grids:
+            image_processor = self.processor.image_processor
+            windows = image_processor.proposal_boxes(height, width)
+            crops = np.asarray([image_processor.crop_box(window, height, width) for window in windows])
+            self._window_grids[key] = windows, crops
+        return self._window_grids[key]
+
+    def _sample_windows(self, located: Sequence[Mapping[str, Any]], image: Image.Image, rng: random.Random,
+                        negatives: bool) -> list[dict[str, Any]]:
         """Up to `windows_per_image` windows of the inference grid: lesion windows (one per captioned
         lesion first, at most half) with the lesion's caption, the rest background: clear of every
-        box in `lesion_boxes` (the captioned lesions' and any other's)."""
+        located region (captioned or not)."""
         if not self.windows_per_image:
             return []
-        image_processor = self.processor.image_processor
         width, height = image.size
-        windows = image_processor.proposal_boxes(height, width)
-        def clipped(boxes: Iterable[Any]) -> np.ndarray:
-            return np.asarray([np.clip(np.asarray(box, dtype=np.float64), 0, [width, height] * 2)
-                               for box in boxes]).reshape(-1, 4)
-
-        crops = np.asarray([image_processor.crop_box(window, height, width) for window in windows])
-        labels = label_windows(windows, clipped(lesion["bbox"] for lesion in lesions), crops)
-        # Background must also be clear of lesions that have no usable caption.
-        clear = label_windows(windows, clipped(lesion_boxes), crops) == BACKGROUND
-        labels[(labels == BACKGROUND) & ~clear] = AMBIGUOUS
-        by_lesion = [np.flatnonzero(labels == index).tolist() for index in range(len(lesions))]
+        windows, crops = self._window_grid(height, width)
+        boxes = np.asarray([np.clip(np.asarray(region["bbox"], dtype=np.float64), 0, [width, height] * 2)
+                            for region in located]).reshape(-1, 4)
+        labels = label_windows(windows, boxes, crops)
+        captioned = [index for index, region in enumerate(located) if region["caption"] is not None]
+        by_lesion = {index: np.flatnonzero(labels == index).tolist() for index in captioned}
         picked: list[int] = []
-        for index in rng.sample(range(len(lesions)), len(lesions)):  # one window per lesion first
+        for index in rng.sample(captioned, len(captioned)):  # one window per lesion first
             if by_lesion[index] and len(picked) < self.windows_per_image // 2:
                 picked.append(rng.choice(by_lesion[index]))
         background = np.flatnonzero(labels == BACKGROUND).tolist()
         picked += rng.sample(background, min(len(background), self.windows_per_image - len(picked)))
-        lesion_captions = [lesion["caption"] for lesion in lesions]
+        lesion_captions = [located[index]["caption"] for index in captioned]
         slots = []
         for index in picked:
             label = int(labels[index])
             slot: dict[str, Any] = {"bbox": windows[index].tolist(),
-                                    "caption": self.background_caption if label == BACKGROUND else lesions[label]["caption"]}
+                                    "caption": self.background_caption if label == BACKGROUND else located[label]["caption"]}
             if negatives and label == BACKGROUND:
                 findings = rng.sample(self.finding_vocabulary, min(2, len(self.finding_vocabulary)))
                 slot["negatives"] = [*lesion_captions[:2], *(f"{finding} in this region" for finding in findings)]
