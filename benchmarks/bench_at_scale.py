@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 from benchmark_report import cpu_model, write_report  # noqa: E402
 
-from training_scripts.synthetic import write_synthetic_dataset  # noqa: E402
+from regionmed_clip.data.synthetic import write_synthetic_dataset  # noqa: E402
 
 
 def _nan_tiff() -> bytes:
@@ -56,8 +56,8 @@ ROW_DAMAGE = {
 def natural_region_problems(columns: dict[str, list]) -> dict[int, list[str]]:
     """Per row index, the reasons the collator already drops some of its regions for (the generator
     makes a few boxes that fall off the tiny preset's view): counted in the expectation, never damaged."""
-    from processing import RegionMedCLIPImageProcessor
-    from training_scripts.collator import _region_problem
+    from regionmed_clip.processing import RegionMedCLIPImageProcessor
+    from regionmed_clip.training_scripts.collator import _region_problem
 
     image_processor = RegionMedCLIPImageProcessor(image_size=128, roi_size=32, max_rois=4)
     problems = {}
@@ -148,7 +148,7 @@ def main() -> None:
     config.write_text(yaml.safe_dump({"training_args": {
         "dataloader_num_workers": args.workers, "logging_steps": 50, "save_total_limit": args.save_total_limit,
         "disable_tqdm": True}}))
-    command = [sys.executable, "-m", "training_scripts.train", "--preset", "tiny", "--data", str(data_dir),
+    command = [sys.executable, "-m", "regionmed_clip.training_scripts.train", "--preset", "tiny", "--data", str(data_dir),
                "--output-dir", str(run_dir), "--max-steps", str(steps), "--save-steps", str(args.save_steps),
                "--batch-size", str(args.batch_size), "--config", str(config),
                "--max-skip-fraction", str(min(0.99, 2 * args.corrupt_fraction))]

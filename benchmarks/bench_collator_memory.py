@@ -55,8 +55,8 @@ def measure(variant: str, folder: Path) -> int:
     """Peak RSS rise (bytes) of collating the batch in `folder` once, in this process."""
     from benchmark_report import proc_status_bytes, release_free_heap, reset_peak_rss
 
-    from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
-    from training_scripts.collator import RegionMedCLIPCollator, _decode
+    from regionmed_clip.processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
+    from regionmed_clip.training_scripts.collator import RegionMedCLIPCollator, _decode
 
     rows = batch_rows(folder)
     processor = RegionMedCLIPProcessor(RegionMedCLIPImageProcessor(image_size=224, roi_size=112, max_rois=4),

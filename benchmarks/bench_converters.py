@@ -28,7 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark_report import write_report  # noqa: E402
 
-from training_scripts.converters import convert  # noqa: E402
+from regionmed_clip.data.converters import convert  # noqa: E402
 
 CLASSES = ("Aortic enlargement", "Atelectasis", "Cardiomegaly", "Nodule/Mass", "Pleural effusion", "Pneumothorax")
 READERS = ("R8", "R9", "R10")

@@ -29,11 +29,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 from benchmark_report import cpu_model, write_report  # noqa: E402
 
-from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer  # noqa: E402
-from training_scripts.collator import RegionMedCLIPCollator  # noqa: E402
-from training_scripts.data_schema import load_canonical  # noqa: E402
-from training_scripts.schedule import PROGRESSIVE_STAGES, StagedSchedule  # noqa: E402
-from training_scripts.synthetic import write_synthetic_dataset  # noqa: E402
+from regionmed_clip.data.schema import load_canonical  # noqa: E402
+from regionmed_clip.data.synthetic import write_synthetic_dataset  # noqa: E402
+from regionmed_clip.processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer  # noqa: E402
+from regionmed_clip.training_scripts.collator import RegionMedCLIPCollator  # noqa: E402
+from regionmed_clip.training_scripts.schedule import PROGRESSIVE_STAGES, StagedSchedule  # noqa: E402
 
 
 def collate_times(data_dir: Path, batch: int, repeats: int) -> dict[str, Any]:
@@ -64,7 +64,7 @@ def collate_times(data_dir: Path, batch: int, repeats: int) -> dict[str, Any]:
 
 
 def train_command(data_dir: Path, output_dir: Path, config: Path, steps: int, threads: int | None) -> list[str]:
-    command = [sys.executable, "-m", "training_scripts.train", "--preset", "tiny", "--data", str(data_dir),
+    command = [sys.executable, "-m", "regionmed_clip.training_scripts.train", "--preset", "tiny", "--data", str(data_dir),
                "--output-dir", str(output_dir), "--max-steps", str(steps), "--save-steps", str(10 * steps),
                "--seed", "0", "--config", str(config), "--overwrite"]
     return command + (["--threads", str(threads)] if threads else [])

@@ -127,7 +127,7 @@ def _differences(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any
 
 
 def _save_test_films(data: Path, folder: Path, count: int) -> list[Path]:
-    from training_scripts.data_schema import load_canonical
+    from regionmed_clip.data.schema import load_canonical
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -25,9 +25,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark_report import write_report  # noqa: E402
 
-from evaluation.probe import run_probe  # noqa: E402
-from evaluation.results import to_json  # noqa: E402
-from training_scripts.launch import GLOBAL_ONLY_CONFIG, NO_BACKGROUND_CONFIG, train_in_subprocesses  # noqa: E402
+from regionmed_clip.evaluation.probe import run_probe  # noqa: E402
+from regionmed_clip.evaluation.results import to_json  # noqa: E402
+from regionmed_clip.training_scripts.launch import GLOBAL_ONLY_CONFIG, NO_BACKGROUND_CONFIG, train_in_subprocesses  # noqa: E402
 
 # Issue 22's targets (test split, tiny preset, mean of the seeds): figure -> (comparison, threshold).
 TARGETS = {

@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark_report import cpu_model, proc_status_bytes, release_free_heap, reset_peak_rss, write_report  # noqa: E402
 
-from modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel  # noqa: E402
-from training_scripts.finetune_lora import lora_config  # noqa: E402
-from training_scripts.losses import training_loss  # noqa: E402
+from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel  # noqa: E402
+from regionmed_clip.training_scripts.finetune_lora import lora_config  # noqa: E402
+from regionmed_clip.training_scripts.losses import training_loss  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"preset": "tiny", "overrides": {}, "batch": 16},

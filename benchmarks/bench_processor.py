@@ -20,7 +20,7 @@ from transformers import CLIPImageProcessorPil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark_report import write_report  # noqa: E402
 
-from processing import RegionMedCLIPImageProcessor  # noqa: E402
+from regionmed_clip.processing import RegionMedCLIPImageProcessor  # noqa: E402
 
 TARGET_RATIO = 1.5
 

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark_report import cpu_model, write_report  # noqa: E402
 
-from evaluation.embeddings import encode_proposals, encode_texts  # noqa: E402
-from evaluation.probe import (  # noqa: E402
+from regionmed_clip.evaluation.embeddings import encode_proposals, encode_texts  # noqa: E402
+from regionmed_clip.evaluation.probe import (  # noqa: E402
     _load,
     _load_rows,
     best_region_scores,
@@ -31,9 +31,9 @@ from evaluation.probe import (  # noqa: E402
     zero_shot_auroc,
     zero_shot_scores,
 )
-from evaluation.retrieval import retrieval_recall_at_k  # noqa: E402
-from evaluation.rows import decode_image  # noqa: E402
-from evaluation.zero_shot import DEFAULT_PROMPTS, load_prompt_templates, prompts_for  # noqa: E402
+from regionmed_clip.evaluation.retrieval import retrieval_recall_at_k  # noqa: E402
+from regionmed_clip.evaluation.rows import decode_image  # noqa: E402
+from regionmed_clip.evaluation.zero_shot import DEFAULT_PROMPTS, load_prompt_templates, prompts_for  # noqa: E402
 
 DEFAULT_GRIDS = ("0.25:0.5", "0.125:1.0", "0.125:0.5", "0.125,0.25:0.5", "0.0625,0.125:0.5")
 

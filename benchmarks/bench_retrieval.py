@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark_report import cpu_model, proc_status_bytes, release_free_heap, reset_peak_rss, write_report  # noqa: E402
 
-from evaluation.retrieval import (  # noqa: E402
+from regionmed_clip.evaluation.retrieval import (  # noqa: E402
     DEFAULT_MEMORY_BUDGET_BYTES,
     best_positive_ranks,
     rank_summary,

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark_report import cpu_model, proc_status_bytes, release_free_heap, reset_peak_rss, write_report  # noqa: E402
 from training_step import step_flops, synthetic_batch, timed_steps, training_step  # noqa: E402
 
-from modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel  # noqa: E402
+from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel  # noqa: E402
 
 ROI_COUNTS = (0, 2, 4, 8)
 
@@ -120,7 +120,7 @@ def scaling(size: str, batch: int, steps: int) -> dict[str, dict[str, dict[str, 
 
 def draw(figures: dict[str, dict[str, dict[str, float]]], folder: Path, size: str) -> list[Path]:
     """One PNG per setting: step time and peak RSS rise as ratios to the smallest setting."""
-    from evaluation.figures import plot_lines
+    from regionmed_clip.figures import plot_lines
 
     labels = {"batch": "images per step", "image_size": "view side (px)", "rois": "ROIs per image"}
     paths = []

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from training_scripts.heap import release_free_heap
+from regionmed_clip.training_scripts.heap import release_free_heap
 
 __all__ = ["cpu_model", "proc_status_bytes", "release_free_heap", "reset_peak_rss", "write_report"]
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel
-from training_scripts.losses import training_loss
+from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel
+from regionmed_clip.training_scripts.losses import training_loss
 
 __all__ = ["CAPTION_LENGTHS", "step_flops", "synthetic_batch", "timed_steps", "training_step"]
 

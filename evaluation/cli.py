@@ -19,7 +19,7 @@ merges results into markdown tables. `probe` is the region-aware diagnostic with
 (`evaluation/probe.py`); it writes one JSON report. Rows a task cannot use (an image that does not
 decode, a null field it needs) are skipped and counted, and every figure says over how many rows it
 was computed (`evaluation/rows.py`). Exit code 0; 2 on a bad argument; 1 on a file or row that
-cannot be read (one line naming it; `--debug` shows the traceback; see `regionmed_cli`).
+cannot be read (one line naming it; `--debug` shows the traceback; see `regionmed_clip.cli`).
 """
 
 import argparse
@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from regionmed_cli import UsageError, console_script, positive_int
+from regionmed_clip.cli import UsageError, console_script, positive_int
 
 from .probe import CONDITIONS, PARTS, ProbeInputError, run_probe
 from .results import load_results, markdown_report, to_json, write_results

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from processing import PROPOSAL_INPUT_NAMES, ROI_INPUT_NAMES
+from regionmed_clip.processing import PROPOSAL_INPUT_NAMES, ROI_INPUT_NAMES
 
 __all__ = [
     "EmbeddingCache",
@@ -190,7 +190,7 @@ def _height_width(image: Any, image_processor: Any) -> tuple[int, int]:
     """`(height, width)` of an image as the processor reads it (a PIL image's own size)."""
     from PIL import Image
 
-    from processing.medical_image_io import load_medical_pil
+    from regionmed_clip.processing.medical_image_io import load_medical_pil
 
     if not isinstance(image, Image.Image):
         image = load_medical_pil(image, dicom_frame=image_processor.dicom_frame,

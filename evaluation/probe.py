@@ -36,14 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from processing import PROPOSAL_INPUT_NAMES
-from regionmed_cli import UsageError
-from training_scripts.negatives import FINDINGS, apply_rule
+from regionmed_clip.cli import UsageError
+from regionmed_clip.data.negatives import FINDINGS, apply_rule
+from regionmed_clip.processing import PROPOSAL_INPUT_NAMES
+from regionmed_clip.scoring import as_float_array, auroc, mean_pairwise_cosine
 
 from .embeddings import encode_texts
 from .retrieval import retrieval_recall_at_k
 from .rows import RowNeeds, decode_image, image_problem, screen_rows
-from .scoring import as_float_array, auroc
 from .zero_shot import DEFAULT_PROMPTS, load_prompt_templates, prompts_for
 
 __all__ = [
@@ -59,7 +59,6 @@ __all__ = [
     "blank_crops",
     "class_names",
     "load_region_negatives",
-    "mean_pairwise_cosine",
     "mirror_boxes",
     "model_logit_scale",
     "paired_difference",
@@ -76,7 +75,7 @@ __all__ = [
 
 NO_FINDING = "No finding"
 
-# Region hard-negative kinds and the `training_scripts.negatives` rule that makes each when the
+# Region hard-negative kinds and the `regionmed_clip.data.negatives` rule that makes each when the
 # dataset has no sidecar: side = left<->right, zone = upper<->lower, type = another finding.
 NEGATIVE_KINDS: tuple[str, ...] = ("side", "zone", "type")
 FALLBACK_RULES: dict[str, str] = {"side": "laterality", "zone": "location", "type": "finding"}
@@ -85,7 +84,7 @@ PARTS: tuple[str, ...] = ("zero_shot", "retrieval", "regions")
 
 class ProbeInputError(UsageError):
     """A user error (an argument naming a missing folder, an empty or absent split, a bad value): the
-    console-script boundary (`regionmed_cli`) prints it on one line with exit code 2. A file that is
+    console-script boundary (`regionmed_clip.cli`) prints it on one line with exit code 2. A file that is
     there but unusable (corrupt, malformed) raises a plain ValueError / OSError instead (exit 1)."""
 
 
@@ -279,20 +278,6 @@ def paired_difference(
     return {"delta": float(diff.mean()), "se": se, "n": count}
 
 
-def mean_pairwise_cosine(embeds: torch.Tensor) -> float:
-    """Mean cosine similarity over distinct pairs of rows (1.0: every row points the same way).
-    NaN for fewer than 2 rows."""
-    if embeds.ndim != 2:
-        raise ValueError(f"embeds must be (N, D), got shape {tuple(embeds.shape)}")
-    count = embeds.shape[0]
-    if count < 2:
-        return float("nan")
-    unit = _normalise(embeds)
-    total = unit.sum(0)
-    # sum over all ordered pairs incl. i == j is |sum|^2; the diagonal contributes N
-    return float(((total @ total) - count) / (count * (count - 1)))
-
-
 # -- controls: pure functions on the processor's batch --------------------------------------------
 
 CONTROLS: tuple[str, ...] = ("crops_blanked", "boxes_mirrored", "box_geometry_removed")
@@ -363,7 +348,7 @@ def class_names(label_lists: Iterable[Sequence[str]]) -> list[str]:
 
 
 def rule_based_negatives(caption: str, vocabulary: Sequence[str] = FINDINGS, seed: int = 0) -> dict[str, str | None]:
-    """`{side, zone, type}` hard negatives of a region caption with `training_scripts.negatives`
+    """`{side, zone, type}` hard negatives of a region caption with `regionmed_clip.data.negatives`
     rules (laterality, location, finding); None where the rule does not apply ("middle" zone has
     no zone negative). Deterministic in (caption, vocabulary, seed)."""
     return {
@@ -541,7 +526,7 @@ def _embed_split(
 
 def _retrieval(image_embeds: torch.Tensor, text_embeds: torch.Tensor, reports: list[str]) -> dict[str, Any]:
     # Only films whose report is unique in the split: with two identical reports no model can
-    # tell which image a text belongs to (as training_scripts.demo does).
+    # tell which image a text belongs to (as regionmed_clip.apps.demo does).
     counts = Counter(reports)
     unique = torch.tensor([counts[report] == 1 for report in reports], dtype=torch.bool)
     count = int(unique.sum())
@@ -581,8 +566,8 @@ def _box_free(
             block["retrieval_global_view"] = _retrieval(embeds["view_embeds"], embeds["text_embeds"],
                                                         rows_meta["reports"])
     block["mean_pairwise_cosine"] = {
-        "image": mean_pairwise_cosine(embeds["image_embeds"]),
-        "text": mean_pairwise_cosine(embeds["text_embeds"]),
+        "image": float(mean_pairwise_cosine(embeds["image_embeds"])),
+        "text": float(mean_pairwise_cosine(embeds["text_embeds"])),
     }
     return block
 
@@ -649,7 +634,7 @@ def _verdicts(outcomes: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]]) 
 def _load_rows(data_dir: Path, split: str, limit: int | None, decode_images: bool = True) -> Any:
     from datasets.exceptions import DatasetNotFoundError
 
-    from training_scripts.data_schema import load_canonical
+    from regionmed_clip.data.schema import load_canonical
 
     if not data_dir.is_dir():
         raise ProbeInputError(f"--data: folder {str(data_dir)!r} does not exist")
@@ -770,7 +755,7 @@ def run_probe(
         report["box_free"] = _box_free(model, processor, embeds, rows_meta, prompts, box_free_parts, batch_size, device)
     if want_regions:
         report["metadata"]["region_negatives"] = {
-            "source": str(sidecar_path) if sidecar_path.is_file() else "rule-based (training_scripts.negatives.apply_rule:"
+            "source": str(sidecar_path) if sidecar_path.is_file() else "rule-based (regionmed_clip.data.negatives.apply_rule:"
             " side=laterality, zone=location, type=finding)",
             "sidecar_caption_mismatches": plan["caption_mismatches"],
             "sidecar_records_unused": plan["sidecar_records_unused"],

@@ -28,13 +28,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from regionmed_clip.data.fingerprints import file_sha256
+
 from .rows import describe
 
 __all__ = [
     "RESULTS_FILE",
     "RESULTS_FIELDS",
-    "dataset_fingerprint",
-    "file_sha256",
     "headline_entry",
     "load_results",
     "markdown_report",
@@ -51,44 +51,6 @@ RESULTS_FIELDS: tuple[str, ...] = (
     "settings", "figures",
 )
 _PACKAGES = ("torch", "transformers", "datasets", "evaluate", "safetensors", "numpy", "regionmed-clip")
-_HASH_CHUNK = 8 * 2**20
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 8 MiB chunks (a multi-GB checkpoint never sits in memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _split_files(data_dir: Path, split: str) -> list[Path]:
-    """The files that hold `split`: its parquet shards, or a `save_to_disk` folder's arrow files."""
-    shards = sorted(data_dir.glob(f"{split}-*.parquet"))
-    if shards:
-        return shards
-    for folder in (data_dir / split, data_dir):
-        arrows = sorted(folder.glob("*.arrow"))
-        if arrows:
-            return arrows
-    return []
-
-
-def dataset_fingerprint(data_dir: str | Path, split: str) -> dict[str, Any]:
-    """`{"name", "path", "split", "files": [{"name", "bytes", "sha256"}], "revision"}`. The revision is the
-    text of a `REVISION` file in the folder when there is one (converters record the source release)."""
-    data_dir = Path(data_dir)
-    files = [{"name": path.relative_to(data_dir).as_posix(), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
-             for path in _split_files(data_dir, split)]
-    revision_file = data_dir / "REVISION"
-    return {
-        "name": data_dir.resolve().name,
-        "path": str(data_dir.resolve()),
-        "split": split,
-        "files": files,
-        "revision": revision_file.read_text().strip() if revision_file.is_file() else None,
-    }
 
 
 def model_fingerprint(model_dir: str | Path) -> dict[str, Any]:

@@ -17,8 +17,8 @@ import io
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from training_scripts.data_schema import region_problem, text_problem
-from training_scripts.skips import SkipLedger
+from regionmed_clip.data.schema import region_problem, text_problem
+from regionmed_clip.data.skips import SkipLedger
 
 __all__ = [
     "RowNeeds",
@@ -61,7 +61,7 @@ def decode_image(value: Any, image_processor: Any = None) -> Any:
     truncated file) or pixels the processor refuses (a float image holding NaN)."""
     from PIL import Image
 
-    from processing.medical_image_io import load_medical_pil
+    from regionmed_clip.processing.medical_image_io import load_medical_pil
 
     if isinstance(value, Mapping) and value.get("bytes"):
         image = Image.open(io.BytesIO(value["bytes"]))

@@ -36,10 +36,20 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from processing import CAPTION_LEVELS, proposal_heatmap, proposal_windows
+from regionmed_clip.data.fingerprints import dataset_fingerprint, file_sha256
+from regionmed_clip.figures import (
+    COLOURS,
+    confusion_grid,
+    overlay_regions,
+    plot_bars,
+    plot_roc_curves,
+    retrieval_grid,
+    save_figure,
+)
+from regionmed_clip.processing import CAPTION_LEVELS, proposal_heatmap, proposal_windows
+from regionmed_clip.scoring import ANSWER_TYPES, bootstrap_interval, normalize_answer
 
 from .embeddings import EmbeddingCache, encode_images, encode_proposals, encode_regions, encode_texts
-from .figures import COLOURS, confusion_grid, overlay_regions, plot_bars, plot_roc_curves, retrieval_grid, save_figure
 from .probe import (
     CONDITIONS,
     ProbeInputError,
@@ -50,10 +60,9 @@ from .probe import (
     remove_box_geometry,
     zero_shot_scores,
 )
-from .results import dataset_fingerprint, file_sha256, headline_entry, model_fingerprint, results_record
+from .results import headline_entry, model_fingerprint, results_record
 from .retrieval import rank_summary, retrieval_ranks
 from .rows import RowNeeds, decode_image, image_problem, screen_rows
-from .scoring import ANSWER_TYPES, bootstrap_interval, normalize_answer
 from .zero_shot import (
     DEFAULT_PROMPTS,
     UNCERTAIN_POLICIES,
@@ -732,7 +741,7 @@ def run_vqa(settings: EvalSettings, use_regions: bool = False, blank_images: boo
     counted. With `use_regions` the dataset's boxes are given as ROI inputs (as in training).
     `blank_images` is the question-only control: every image is replaced by a black one of its size,
     so what accuracy remains comes from the questions' wording, not the pixels."""
-    from training_scripts.vqa_data import load_vqa_examples, vqa_path
+    from regionmed_clip.data.vqa import load_vqa_examples, vqa_path
 
     auto_map = json.loads((settings.model_dir / "config.json").read_text()).get("auto_map", {})
     if "AutoModelForVisualQuestionAnswering" not in auto_map:

@@ -10,7 +10,7 @@
 * **Multi-class** (one label per image): score = cos(image, class ensemble) over the classes; the
   prediction is the argmax. Accuracy and macro-F1, plus one-vs-rest AUROC per class.
 
-Every figure gets a percentile bootstrap interval over images (`evaluation.scoring`).
+Every figure gets a percentile bootstrap interval over images (`regionmed_clip.scoring`).
 """
 
 from collections.abc import Mapping, Sequence
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 
-from .scoring import auroc, bootstrap_interval, classification_accuracy, macro_f1
+from regionmed_clip.scoring import auroc, bootstrap_interval, classification_accuracy, macro_f1
 
 __all__ = [
     "DEFAULT_PROMPTS",

@@ -43,7 +43,7 @@ CAPTION_LEVELS: tuple[CaptionLevel, ...] = (
     CaptionLevel("region", "region_text", "region_", "(B, K, L)", None, "regions[].caption (aligned with roi_mask)"),
     CaptionLevel("negative", "negative_text", "negative_", "(B, M, L)", "negative_mask", "negative_captions"),
     CaptionLevel("region_negative", "region_negative_text", "region_negative_", "(B, K, M, L)", "region_negative_mask",
-                 "made per region caption by training_scripts.negatives"),
+                 "made per region caption by regionmed_clip.data.negatives"),
 )
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers_suite import COMMON_TEST_MARKERS
 
-from modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel
-from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
-from training_scripts.data_schema import load_canonical
-from training_scripts.synthetic import write_synthetic_dataset
+from regionmed_clip.data.schema import load_canonical
+from regionmed_clip.data.synthetic import write_synthetic_dataset
+from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel
+from regionmed_clip.processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
 
 
 def pytest_configure(config: pytest.Config) -> None:

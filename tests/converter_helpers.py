@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training_scripts.converters import ConversionStats, convert
-from training_scripts.data_schema import SPLITS, load_canonical, validate_row
+from regionmed_clip.data.converters import ConversionStats, convert
+from regionmed_clip.data.schema import SPLITS, load_canonical, validate_row
 
 FIXTURES = Path(__file__).parent / "fixtures" / "formats"
 # Formats whose captions may be ones no hard-negative rule applies to: ROCO's own text, "Chest X-ray." for a

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from modeling_regionmed_clip import XFORMERS_AVAILABLE
+from regionmed_clip.modeling_regionmed_clip import XFORMERS_AVAILABLE
 
 from conftest import make_inputs, tiny_model
 
@@ -101,7 +101,7 @@ def test_xformers_matches_eager_on_gpu(dtype):
 
 
 def test_xformers_backend_falls_back_to_sdpa_off_cuda(monkeypatch):
-    from modeling_regionmed_clip import attention_regionmed_clip
+    from regionmed_clip.modeling_regionmed_clip import attention_regionmed_clip
 
     class CudaOnlyKernels:  # what xformers 0.0.35 does on CPU tensors
         @staticmethod
@@ -119,7 +119,7 @@ def test_xformers_backend_falls_back_to_sdpa_off_cuda(monkeypatch):
 def test_an_xformers_install_without_kernels_falls_back_to_sdpa_with_one_warning(monkeypatch):
     # A wheel built for another torch / CUDA imports, then finds no operator on the GPU (seen on an
     # H200 with xformers 0.0.35 beside torch 2.11+cu130): the backend must not end the run.
-    from modeling_regionmed_clip import attention_regionmed_clip
+    from regionmed_clip.modeling_regionmed_clip import attention_regionmed_clip
 
     class NoOperator:
         calls = 0
@@ -143,7 +143,7 @@ def test_an_xformers_install_without_kernels_falls_back_to_sdpa_with_one_warning
 
 
 def test_the_xformers_mask_is_one_key_padding_row_per_caption_expanded_without_copies(monkeypatch):
-    from modeling_regionmed_clip import attention_regionmed_clip
+    from regionmed_clip.modeling_regionmed_clip import attention_regionmed_clip
 
     seen = []
 
@@ -179,7 +179,7 @@ def test_the_xformers_mask_is_one_key_padding_row_per_caption_expanded_without_c
 
 
 def test_an_xformers_bias_in_another_dtype_is_realigned_and_kept_finite():
-    from modeling_regionmed_clip.attention_regionmed_clip import _aligned_bias
+    from regionmed_clip.modeling_regionmed_clip.attention_regionmed_clip import _aligned_bias
 
     mask = torch.zeros(2, 1, 1, 13).masked_fill(torch.arange(13) >= 10, torch.finfo(torch.float32).min)
     bias = _aligned_bias(mask, torch.bfloat16)  # float32 minimum would round to -inf in bfloat16

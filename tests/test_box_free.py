@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from modeling_regionmed_clip import CONFIG_ERRORS, RegionMedCLIPConfig
-from modeling_regionmed_clip.modeling_regionmed_clip import (
+from regionmed_clip.modeling_regionmed_clip import CONFIG_ERRORS, RegionMedCLIPConfig
+from regionmed_clip.modeling_regionmed_clip.modeling_regionmed_clip import (
     RegionMedCLIPAttentionPool,
     log_mean_exp_centred,
     roi_align,

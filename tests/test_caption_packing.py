@@ -6,12 +6,12 @@ import random
 import pytest
 import torch
 
-from modeling_regionmed_clip.modeling_regionmed_clip import _length_groups
-from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
-from training_scripts.collator import RegionMedCLIPCollator
-from training_scripts.data_schema import load_canonical
-from training_scripts.losses import training_loss
-from training_scripts.synthetic import write_synthetic_dataset
+from regionmed_clip.data.schema import load_canonical
+from regionmed_clip.data.synthetic import write_synthetic_dataset
+from regionmed_clip.modeling_regionmed_clip.modeling_regionmed_clip import _length_groups
+from regionmed_clip.processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
+from regionmed_clip.training_scripts.collator import RegionMedCLIPCollator
+from regionmed_clip.training_scripts.losses import training_loss
 
 from conftest import tiny_model
 

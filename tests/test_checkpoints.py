@@ -8,14 +8,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training_scripts.checkpoints import (
+from regionmed_clip.data.fingerprints import dataset_fingerprint
+from regionmed_clip.training_scripts.checkpoints import (
     CHECKPOINT_COMPLETE,
     latest_intact_checkpoint,
     verify_checkpoint,
     write_completion_marker,
 )
-from training_scripts.data_schema import dataset_fingerprint
-from training_scripts.train import DATA_FINGERPRINT_FILE, RUN_CONFIG_FILE, config_changes, prepare_run_folder
+from regionmed_clip.training_scripts.train import (
+    DATA_FINGERPRINT_FILE,
+    RUN_CONFIG_FILE,
+    config_changes,
+    prepare_run_folder,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The console scripts' one error boundary (`regionmed_cli.console_script`), and the fine-tune's and the
+"""The console scripts' one error boundary (`regionmed_clip.cli.console_script`), and the fine-tune's and the
 demo's bad-input cases through it."""
 
 import argparse
@@ -8,7 +8,7 @@ import pytest
 import yaml
 from cli_helpers import run_failing
 
-from regionmed_cli import (
+from regionmed_clip.cli import (
     DEBUG_ENV,
     UsageError,
     console_script,
@@ -126,14 +126,14 @@ def _finetune_case(tmp_path, saved_model, extra, yaml_text=None):
     ([], "training_args: {a: [1\n", ["run.yaml", "is not valid YAML"]),
 ])
 def test_finetune_bad_input_is_one_usage_error(tmp_path, capsys, saved_model, extra, yaml_text, names):
-    from training_scripts.finetune_lora import main
+    from regionmed_clip.training_scripts.finetune_lora import main
 
     run_failing(main, _finetune_case(tmp_path, saved_model, extra, yaml_text), capsys, 2, *names)
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_finetune_paths_that_are_not_what_they_should_be(tmp_path, capsys, saved_model):
-    from training_scripts.finetune_lora import main
+    from regionmed_clip.training_scripts.finetune_lora import main
 
     model_dir, data_dir = saved_model
     (tmp_path / "a-file").write_text("x")
@@ -151,7 +151,7 @@ def test_finetune_paths_that_are_not_what_they_should_be(tmp_path, capsys, saved
 
 @pytest.mark.parametrize("argv", [["--n", "0"], ["--max-steps", "-1"]])
 def test_demo_bad_counts_are_usage_errors(tmp_path, capsys, argv):
-    from training_scripts.demo import main
+    from regionmed_clip.apps.demo import main
 
     run_failing(main, ["--output-dir", str(tmp_path / "demo"), *argv], capsys, 2, argv[0])
     assert not (tmp_path / "demo").exists()

@@ -5,17 +5,17 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_regionmed_clip import DEFAULT_BACKGROUND_CAPTION as BACKGROUND_CAPTION
-from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
-from training_scripts.collator import (
+from regionmed_clip.data.schema import load_canonical
+from regionmed_clip.data.skips import SkipLedger
+from regionmed_clip.data.synthetic import write_synthetic_dataset
+from regionmed_clip.modeling_regionmed_clip import DEFAULT_BACKGROUND_CAPTION as BACKGROUND_CAPTION
+from regionmed_clip.processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
+from regionmed_clip.training_scripts.collator import (
     AMBIGUOUS,
     BACKGROUND,
     RegionMedCLIPCollator,
     label_windows,
 )
-from training_scripts.data_schema import load_canonical
-from training_scripts.skips import SkipLedger
-from training_scripts.synthetic import write_synthetic_dataset
 
 from conftest import collator_processor
 

@@ -1,7 +1,7 @@
 import pytest
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 
-from modeling_regionmed_clip import (
+from regionmed_clip.modeling_regionmed_clip import (
     CONFIG_ERRORS,
     PRESETS,
     RegionMedCLIPConfig,

@@ -15,14 +15,17 @@ from cli_helpers import assert_clean_exit, run_console_script
 from PIL import Image
 from safetensors.torch import load_file
 
-from evaluation.results import RESULTS_FIELDS
-from training_scripts.checkpoints import CHECKPOINT_COMPLETE
-from training_scripts.push import check_hub_folder
+from regionmed_clip.apps.push import check_hub_folder
+from regionmed_clip.evaluation.results import RESULTS_FIELDS
+from regionmed_clip.training_scripts.checkpoints import CHECKPOINT_COMPLETE
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-OUR_PACKAGES = ("regionmed_cli", "modeling_regionmed_clip", "processing", "training_scripts", "evaluation")
+# Installed package -> repository folder (setup.cfg's package_dir).
+OUR_PACKAGES = {"regionmed_clip": "regionmed_clip", "regionmed_clip.modeling_regionmed_clip": "modeling_regionmed_clip",
+                "regionmed_clip.processing": "processing", "regionmed_clip.training_scripts": "training_scripts",
+                "regionmed_clip.evaluation": "evaluation"}
 FILMS = 150  # the synthetic generator puts every 10th film in the test split
 STEPS = 12  # past the default logging step (10); --save-steps 10 puts a checkpoint there too
 EVAL_TASKS = ("zero-shot", "region", "grounding", "retrieval")
@@ -33,9 +36,9 @@ COVERED = {"regionmed-data", "regionmed-train", "regionmed-finetune", "regionmed
 
 def _our_module_names() -> list[str]:
     names = []
-    for package in OUR_PACKAGES:
+    for package, folder in OUR_PACKAGES.items():
         names.append(package)
-        names += [info.name for info in pkgutil.walk_packages([str(ROOT / package)], prefix=f"{package}.")]
+        names += [info.name for info in pkgutil.walk_packages([str(ROOT / folder)], prefix=f"{package}.")]
     return names
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from converter_helpers import FIXTURES, reasons, run, write_image
 
-from training_scripts.converters import chexpert
+from regionmed_clip.data.converters import chexpert
 
 CHEXPERT = FIXTURES / "chexpert/CheXpert-v1.0-small"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from converter_helpers import FIXTURES, reasons, run, write_image
 
-from training_scripts.converters import SkipCounter, iter_rows
+from regionmed_clip.data.converters import SkipCounter, iter_rows
 
 MIMIC = FIXTURES / "mimic_cxr"
 MIMIC_FILES = ("mimic-cxr-2.0.0-chexpert.csv", "mimic-cxr-2.0.0-metadata.csv", "mimic-cxr-2.0.0-split.csv")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from converter_helpers import FIXTURES, boxes, reasons, run, write_dicom, write_image
 
-from training_scripts.converters import geometry
+from regionmed_clip.data.converters import geometry
 
 SIIM_RECT = "1.2.276.0.7230010.3.1.4.8323329.12743.1517875241.599591"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from converter_helpers import boxes, make_slake_release, reasons, run
 
-from training_scripts.data_schema import SPLITS
+from regionmed_clip.data.schema import SPLITS
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from converter_helpers import VQA_RAD, VQA_RAD_SPLITS, make_vqa_rad_release, reasons, run, write_corrupt, write_image
 
-from training_scripts.converters import SkipCounter, iter_rows
+from regionmed_clip.data.converters import SkipCounter, iter_rows
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ import pytest
 from converter_helpers import FIXTURES, make_coco_images, make_rsna_images, write_image
 from PIL import Image, ImageOps
 
-from training_scripts.converters import CONVERTERS, SkipCounter, convert, geometry, iter_rows
-from training_scripts.data_schema import load_canonical
+from regionmed_clip.data.converters import CONVERTERS, SkipCounter, convert, geometry, iter_rows
+from regionmed_clip.data.schema import load_canonical
 
 
 def test_registry_and_errors(tmp_path):
@@ -59,7 +59,7 @@ def test_grouping_spills_to_a_temporary_sqlite_file(tmp_path, monkeypatch):
 
 def test_convert_logs_summary_and_stats(tmp_path, caplog):
     coco_images = make_coco_images(tmp_path / "images")
-    with caplog.at_level(logging.INFO, logger="training_scripts.converters"):
+    with caplog.at_level(logging.INFO, logger="regionmed_clip.data.converters"):
         stats = convert("coco", FIXTURES / "coco/instances_val.json", coco_images, tmp_path / "out")
     assert stats.seconds > 0 and stats.rows_per_second == pytest.approx(3 / stats.seconds)
     messages = " | ".join(record.getMessage() for record in caplog.records)

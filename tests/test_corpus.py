@@ -14,7 +14,12 @@ import torch
 from corpus.generate import CASES, FILM_SIZE, LAYERS, Case, Error, Repair, generate
 from PIL import Image
 
-from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer, load_medical_image
+from regionmed_clip.processing import (
+    RegionMedCLIPImageProcessor,
+    RegionMedCLIPProcessor,
+    build_tokenizer,
+    load_medical_image,
+)
 
 
 @pytest.fixture(scope="session")
@@ -89,14 +94,14 @@ def test_processor_layer(corpus, case):
 
 @pytest.mark.parametrize("case", layer_cases("tokenizer"))
 def test_tokenizer_layer(corpus, case):
-    from processing import load_tokenizer
+    from regionmed_clip.processing import load_tokenizer
 
     check(case, lambda: load_tokenizer(corpus[f"tokenizer/{case.name}"]))
 
 
 @pytest.mark.parametrize("case", layer_cases("dataset"))
 def test_dataset_layer(corpus, case, caplog):
-    from training_scripts.data_schema import load_canonical
+    from regionmed_clip.data.schema import load_canonical
 
     check(case, lambda: list(load_canonical(corpus[f"dataset/{case.name}"], "train", decode_images=False)), caplog)
 
@@ -105,7 +110,7 @@ def test_dataset_layer(corpus, case, caplog):
 def test_writer_layer(corpus, case, tmp_path):
     from corpus.generate import _canonical_row
 
-    from training_scripts.data_schema import write_rows
+    from regionmed_clip.data.schema import write_rows
 
     row = _canonical_row(corpus[f"writer/{case.name}"].read_bytes())
     check(case, lambda: write_rows([row], tmp_path / "out"))
@@ -113,7 +118,7 @@ def test_writer_layer(corpus, case, tmp_path):
 
 @pytest.fixture(scope="module")
 def collator():
-    from training_scripts.collator import RegionMedCLIPCollator
+    from regionmed_clip.training_scripts.collator import RegionMedCLIPCollator
 
     tokenizer = build_tokenizer(["a nodule in the right upper zone", "chest x-ray with nodule"], vocab_size=120)
     processor = RegionMedCLIPProcessor(RegionMedCLIPImageProcessor(image_size=64, roi_size=16, max_rois=4), tokenizer)
@@ -132,10 +137,10 @@ def test_rows_layer(corpus, case, collator):
 
 @pytest.mark.parametrize("case", layer_cases("checkpoints"))
 def test_checkpoints_layer(corpus, case, caplog):
-    from training_scripts.checkpoints import latest_intact_checkpoint
+    from regionmed_clip.training_scripts.checkpoints import latest_intact_checkpoint
 
     def resume_from() -> tuple[Path | None, str]:
-        with caplog.at_level(logging.WARNING, logger="training_scripts.checkpoints"):
+        with caplog.at_level(logging.WARNING, logger="regionmed_clip.training_scripts.checkpoints"):
             return latest_intact_checkpoint(corpus[f"checkpoints/{case.name}"]), caplog.text
 
     check(case, resume_from)

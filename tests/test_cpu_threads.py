@@ -3,7 +3,7 @@
 import pytest
 from cli_helpers import run_failing
 
-from training_scripts.train import cpu_threads_advice, main
+from regionmed_clip.training_scripts.train import cpu_threads_advice, main
 
 
 def test_no_advice_when_the_threads_fit_the_idle_cores():

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from training_scripts.data_cli import main
-from training_scripts.data_schema import load_canonical
+from regionmed_clip.data.cli import main
+from regionmed_clip.data.schema import load_canonical
 
 FIXTURES = Path(__file__).parent / "fixtures" / "formats"
 
@@ -64,7 +64,7 @@ def test_convert_chexpert_frontal_only(tmp_path, capsys):
 
 
 def test_an_option_the_format_does_not_take_is_a_clear_error(tmp_path, capsys):
-    from training_scripts.data_cli import main
+    from regionmed_clip.data.cli import main
 
     annotations = tmp_path / "MS_CXR_Local_Alignment_v1.1.0.csv"
     annotations.write_text("dicom_id,path,label_text,category_name,x,y,w,h,image_width,image_height\n")
@@ -78,7 +78,7 @@ def test_an_option_the_format_does_not_take_is_a_clear_error(tmp_path, capsys):
 
 KILLED_SYNTH = """
 import os, signal, sys
-import training_scripts.synthetic as synthetic
+import regionmed_clip.data.synthetic as synthetic
 real = synthetic._generate
 def dies_after_five(*args, **kwargs):
     for index, item in enumerate(real(*args, **kwargs)):
@@ -113,7 +113,7 @@ def test_a_killed_synth_leaves_nothing_that_stays(tmp_path, capsys):
 def test_a_living_runs_staging_folder_is_left_alone(tmp_path):
     """Only dead runs' staging folders are removed: one whose lock is held (a run still writing) is kept."""
     fcntl = pytest.importorskip("fcntl")
-    from training_scripts.data_schema import STAGING_LOCK, remove_stale_staging
+    from regionmed_clip.data.schema import STAGING_LOCK, remove_stale_staging
 
     living, dead = tmp_path / ".out.partial-living", tmp_path / ".out.partial-dead"
     for folder in (living, dead):
@@ -129,7 +129,7 @@ def test_a_living_runs_staging_folder_is_left_alone(tmp_path):
 
 def test_a_failed_synth_leaves_nothing(tmp_path, monkeypatch, capsys):
     """An error inside the writer (not a kill) removes the staging folder at once."""
-    import training_scripts.synthetic as synthetic
+    import regionmed_clip.data.synthetic as synthetic
 
     real = synthetic._generate
 

@@ -12,7 +12,7 @@ import pytest
 from cli_helpers import run_failing
 from converter_helpers import FIXTURES
 
-from training_scripts.data_cli import main
+from regionmed_clip.data.cli import main
 
 USAGE, INPUT = 2, 1
 MIMIC = FIXTURES / "mimic_cxr"

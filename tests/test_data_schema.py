@@ -7,7 +7,7 @@ import pytest
 from datasets import IterableDataset, load_dataset, load_from_disk
 from PIL import Image
 
-from training_scripts.data_schema import (
+from regionmed_clip.data.schema import (
     CANONICAL_FEATURES,
     ShardedParquetWriter,
     export_to_disk,
@@ -81,7 +81,7 @@ def test_duplicate_image_ids_are_left_out_in_every_form(tmp_path, caplog):
     export_to_disk(tmp_path / "parquet", tmp_path / "arrow")  # itself loads through the same rule
     assert len(load_from_disk(str(tmp_path / "arrow"))["train"]) == 2
     write_rows([make_row(0), make_row(0)], tmp_path / "twice", rows_per_shard=2)
-    with caplog.at_level("WARNING", logger="training_scripts.data_schema"):
+    with caplog.at_level("WARNING", logger="regionmed_clip.data.schema"):
         for streaming in (False, True):
             loaded = load_canonical(tmp_path / "parquet", streaming=streaming, decode_images=False)
             assert [row["image_id"] for row in loaded] == ["img-0", "img-2"]
@@ -162,8 +162,8 @@ def test_old_datasets_without_uncertain_labels_still_load(tmp_path):
 
 
 def test_provenance_says_whether_the_data_is_real(tmp_path):
-    from training_scripts.data_schema import read_provenance, write_provenance
-    from training_scripts.synthetic import write_synthetic_dataset
+    from regionmed_clip.data.schema import read_provenance, write_provenance
+    from regionmed_clip.data.synthetic import write_synthetic_dataset
 
     assert read_provenance(tmp_path) is None  # a folder written before provenance was recorded
     write_provenance(tmp_path, "chexpert", real_patient_data=True, input="CheXpert-v1.0-small", rows={"train": 3})
@@ -234,7 +234,7 @@ def test_the_writer_refuses_image_bytes_the_reader_cannot_open(tmp_path):
 
 
 def test_dataset_output_gives_the_folder_a_plain_mode_and_names_a_broken_provenance(tmp_path):
-    from training_scripts.data_schema import dataset_output, read_provenance
+    from regionmed_clip.data.schema import dataset_output, read_provenance
 
     umask = os.umask(0o022)
     try:

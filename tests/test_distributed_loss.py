@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from training_scripts.losses import (
+from regionmed_clip.training_scripts.losses import (
     ContrastiveLossConfig,
     global_contrastive_loss,
     hard_negative_loss,

@@ -15,8 +15,8 @@ import pytest
 from cli_helpers import run_failing
 from PIL import Image
 
-from evaluation.cli import main
-from training_scripts.data_schema import CANONICAL_FEATURES, load_canonical
+from regionmed_clip.data.schema import CANONICAL_FEATURES, load_canonical
+from regionmed_clip.evaluation.cli import main
 
 from conftest import build_saved_model
 
@@ -241,7 +241,7 @@ def test_a_damaged_embedding_cache_is_rebuilt_with_a_warning(inputs, capsys, cap
     else:
         data[-3] ^= 0xFF  # a tensor byte: the file still parses, its checksum does not match
     cached.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="evaluation.embeddings"):
+    with caplog.at_level(logging.WARNING, logger="regionmed_clip.evaluation.embeddings"):
         assert main(argv) == 0, capsys.readouterr().err[-3000:]
     assert any("images.safetensors" in message and "damaged" in message for message in caplog.messages), caplog.text
     assert json.loads((output / "results.json").read_text())["metrics"] == first

@@ -9,16 +9,28 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluation.tasks as tasks
-from evaluation.embeddings import EmbeddingCache, encode_images, encode_proposals, encode_regions, encode_texts
-from evaluation.figures import plot_roc_curves, roc_curve_points
-from evaluation.probe import _load, best_region_scores, blank_crops, model_logit_scale, zero_shot_scores
-from evaluation.results import RESULTS_FIELDS, load_results, markdown_report, results_record, write_results
-from evaluation.retrieval import retrieval_recall_at_k
-from evaluation.scoring import auroc
-from evaluation.tasks import EvalSettings, box_iou, grounding_outcomes
-from evaluation.zero_shot import load_prompt_templates, prompts_for
-from training_scripts.data_schema import load_canonical, write_rows
+import regionmed_clip.evaluation.tasks as tasks
+from regionmed_clip.data.schema import load_canonical, write_rows
+from regionmed_clip.evaluation.embeddings import (
+    EmbeddingCache,
+    encode_images,
+    encode_proposals,
+    encode_regions,
+    encode_texts,
+)
+from regionmed_clip.evaluation.probe import _load, best_region_scores, blank_crops, model_logit_scale, zero_shot_scores
+from regionmed_clip.evaluation.results import (
+    RESULTS_FIELDS,
+    load_results,
+    markdown_report,
+    results_record,
+    write_results,
+)
+from regionmed_clip.evaluation.retrieval import retrieval_recall_at_k
+from regionmed_clip.evaluation.tasks import EvalSettings, box_iou, grounding_outcomes
+from regionmed_clip.evaluation.zero_shot import load_prompt_templates, prompts_for
+from regionmed_clip.figures import plot_roc_curves, roc_curve_points
+from regionmed_clip.scoring import auroc
 
 from conftest import build_saved_model
 
@@ -282,7 +294,7 @@ def test_retrieval_equals_the_full_matrix_and_leaves_out_shared_texts(saved):
 
 
 def test_bar_heights_are_the_values(tmp_path):
-    from evaluation.figures import COLOURS, plot_bars
+    from regionmed_clip.figures import COLOURS, plot_bars
 
     path = plot_bars({"a": {"hit": 0.5, "chance": 0.1}, "b": {"hit": 0.9}}, tmp_path / "bars.png", "pointing")
     pixels = np.asarray(Image.open(path).convert("RGB"))[:, :740]  # the plot, not the legend on its right

@@ -1,4 +1,4 @@
-"""Export to a Hub folder (training_scripts/export.py), the checks and upload of regionmed-push, and the
+"""Export to a Hub folder (regionmed_clip/apps/export.py), the checks and upload of regionmed-push, and the
 exported folder used as a user would: AutoModel and the zero-shot pipeline in a fresh offline process."""
 
 import json
@@ -13,12 +13,12 @@ import torch
 import yaml
 from huggingface_hub import ModelCard, parse_eval_result_entries
 
-from evaluation.results import results_record, write_results
-from processing import build_tokenizer
-from regionmed_cli import UsageError
-from training_scripts.export import AUTO_MAP, CUSTOM_PIPELINES, export_model
-from training_scripts.push import HubFolderError, check_hub_folder, push_folder
-from training_scripts.schedule import resolve_schedule
+from regionmed_clip.apps.export import AUTO_MAP, CUSTOM_PIPELINES, export_model
+from regionmed_clip.apps.push import HubFolderError, check_hub_folder, push_folder
+from regionmed_clip.cli import UsageError
+from regionmed_clip.evaluation.results import results_record, write_results
+from regionmed_clip.processing import build_tokenizer
+from regionmed_clip.training_scripts.schedule import resolve_schedule
 
 from conftest import build_saved_model
 
@@ -170,7 +170,7 @@ def test_exported_folder_in_a_fresh_offline_process(exported, tmp_path):
     and a DICOM file box-free, and per region with boxes= / points=."""
     import pydicom.data
 
-    from training_scripts.data_schema import load_canonical
+    from regionmed_clip.data.schema import load_canonical
 
     row = load_canonical(exported["data_dir"], "test")[0]
     row["image"].save(tmp_path / "film.png")

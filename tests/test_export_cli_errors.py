@@ -15,11 +15,11 @@ from huggingface_hub import ModelCard, constants
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from test_export import make_run_folder, results_file, run_config
 
-import training_scripts.export as export
-import training_scripts.push as push
-import training_scripts.vqa as vqa
-from training_scripts.export import export_model
-from training_scripts.push import HubUploadError, push_folder
+import regionmed_clip.apps.export as export
+import regionmed_clip.apps.push as push
+import regionmed_clip.training_scripts.vqa as vqa
+from regionmed_clip.apps.export import export_model
+from regionmed_clip.apps.push import HubUploadError, push_folder
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from modeling_regionmed_clip import RegionMedCLIPModel
-from training_scripts.finetune_lora import lora_config, lora_target_regex, main
+from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPModel
+from regionmed_clip.training_scripts.finetune_lora import lora_config, lora_target_regex, main
 
 from conftest import build_saved_model, make_inputs, tiny_model
 
@@ -143,7 +143,7 @@ with torch.no_grad():
 def test_the_model_trained_is_exactly_base_plus_adapter(tmp_path, monkeypatch):
     """Every state the fine-tune changes travels in the adapter: the box-free centre (a buffer PEFT does not
     save) is held at the base's value, so the trained model and base + saved adapter embed alike."""
-    import training_scripts.finetune_lora as finetune
+    import regionmed_clip.training_scripts.finetune_lora as finetune
 
     built, build_trainer = [], finetune.build_trainer
 

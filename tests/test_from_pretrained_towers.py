@@ -12,7 +12,7 @@ from transformers import (
     ViTModel,
 )
 
-from modeling_regionmed_clip import RegionMedCLIPModel
+from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPModel
 
 VISION_SIZES = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "intermediate_size": 64}

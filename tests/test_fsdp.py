@@ -17,9 +17,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from training_scripts.losses import training_loss
-from training_scripts.schedule import parameter_group_of
-from training_scripts.trainer import mean_over_ranks
+from regionmed_clip.training_scripts.losses import training_loss
+from regionmed_clip.training_scripts.schedule import parameter_group_of
+from regionmed_clip.training_scripts.trainer import mean_over_ranks
 
 from conftest import free_port, make_inputs, tiny_model
 
@@ -32,7 +32,7 @@ def _worker(rank: int, port: int, queue) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-    import modeling_regionmed_clip.modeling_regionmed_clip as modeling
+    import regionmed_clip.modeling_regionmed_clip.modeling_regionmed_clip as modeling
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

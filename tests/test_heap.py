@@ -1,4 +1,4 @@
-"""training_scripts.heap: glibc's mmap threshold fixed, so large freed blocks are unmapped, not kept."""
+"""regionmed_clip.training_scripts.heap: glibc's mmap threshold fixed, so large freed blocks are unmapped, not kept."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training_scripts.heap import _glibc, fix_mmap_threshold
+from regionmed_clip.training_scripts.heap import _glibc, fix_mmap_threshold
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import ctypes, sys
 sys.path.insert(0, {root!r})
-from training_scripts.heap import fix_mmap_threshold
+from regionmed_clip.training_scripts.heap import fix_mmap_threshold
 if sys.argv[1] == "fixed":
     assert fix_mmap_threshold()
 libc = ctypes.CDLL("libc.so.6")
@@ -45,7 +45,7 @@ def test_a_threshold_the_user_set_wins(monkeypatch):
 
 
 def test_the_onednn_cache_cap_is_set_unless_the_user_set_one(monkeypatch):
-    from training_scripts.heap import ONEDNN_PRIMITIVE_CACHE_CAPACITY, limit_onednn_primitive_cache
+    from regionmed_clip.training_scripts.heap import ONEDNN_PRIMITIVE_CACHE_CAPACITY, limit_onednn_primitive_cache
 
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     assert limit_onednn_primitive_cache() is True

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from host_sync_counter import HostSyncCounter
 
-from modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel
-from training_scripts.losses import training_loss
+from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel
+from regionmed_clip.training_scripts.losses import training_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from training_step import synthetic_batch  # noqa: E402

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from processing import RegionMedCLIPImageProcessor, proposal_heatmap, proposal_windows
+from regionmed_clip.processing import RegionMedCLIPImageProcessor, proposal_heatmap, proposal_windows
 
 
 def make_processor(**overrides) -> RegionMedCLIPImageProcessor:

@@ -7,14 +7,13 @@ import pytest
 import torch
 from datasets import concatenate_datasets
 
-from evaluation.embeddings import encode_proposals, encode_texts
-from evaluation.probe import mean_pairwise_cosine
-from evaluation.scoring import auroc
-from training_scripts.collator import AMBIGUOUS, BACKGROUND, label_windows
-from training_scripts.data_schema import load_canonical
-from training_scripts.schedule import DEFAULT_STAGES
-from training_scripts.synthetic import write_synthetic_dataset
-from training_scripts.train import DEFAULT_TRAINING_ARGS, build_trainer
+from regionmed_clip.data.schema import load_canonical
+from regionmed_clip.data.synthetic import write_synthetic_dataset
+from regionmed_clip.evaluation.embeddings import encode_proposals, encode_texts
+from regionmed_clip.scoring import auroc, mean_pairwise_cosine
+from regionmed_clip.training_scripts.collator import AMBIGUOUS, BACKGROUND, label_windows
+from regionmed_clip.training_scripts.schedule import DEFAULT_STAGES
+from regionmed_clip.training_scripts.train import DEFAULT_TRAINING_ARGS, build_trainer
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from modeling_regionmed_clip.modeling_regionmed_clip import clamped_logit_scale
-from training_scripts.losses import (
+from regionmed_clip.modeling_regionmed_clip.modeling_regionmed_clip import clamped_logit_scale
+from regionmed_clip.training_scripts.losses import (
     ContrastiveLossConfig,
     caption_groups,
     global_contrastive_loss,
@@ -168,7 +168,7 @@ def test_negative_text_margin_pushes_only_the_hardest_negative_over_the_margin()
 
 
 def test_training_loss_takes_the_terms_the_batch_allows_and_equals_the_pure_functions():
-    from training_scripts.losses import DEFAULT_LOSS_WEIGHTS, training_loss
+    from regionmed_clip.training_scripts.losses import DEFAULT_LOSS_WEIGHTS, training_loss
 
     from conftest import make_inputs, tiny_model
 

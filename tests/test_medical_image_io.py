@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from processing.medical_image_io import is_dicom_file, load_medical_image, load_medical_pil
+from regionmed_clip.processing.medical_image_io import is_dicom_file, load_medical_image, load_medical_pil
 
 
 def assert_fresh_uint8(out: np.ndarray, shape: tuple[int, ...]) -> None:
@@ -454,7 +454,7 @@ def test_a_window_of_no_width_is_ignored_with_a_warning(caplog):
     ds = pydicom.Dataset()
     ds.set_pixel_data(np.array([[0, 50], [100, 200]], dtype=np.uint16), "MONOCHROME2", 16)
     ds.WindowCenter, ds.WindowWidth = 100, -5
-    with caplog.at_level("WARNING", logger="processing.medical_image_io"):
+    with caplog.at_level("WARNING", logger="regionmed_clip.processing.medical_image_io"):
         out = load_medical_image(ds)
     np.testing.assert_array_equal(out, [[0, 64], [128, 255]])  # min-max, as without a window
     assert "DICOM dataset: WindowWidth -5 is not positive: the window (center 100) is ignored" in caplog.text

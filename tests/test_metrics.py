@@ -1,18 +1,21 @@
-"""The metric functions (evaluation.scoring, evaluation.retrieval) and their local `evaluate` modules:
+"""The metric functions (regionmed_clip.scoring, evaluation.retrieval) and their local `evaluate` modules:
 planted answers, agreement with scikit-learn, and loading by path with the Hub switched off."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
-from evaluation.metrics import METRIC_NAMES, load_metric
-from evaluation.retrieval import best_positive_ranks, rank_summary
-from evaluation.scoring import (
+from regionmed_clip.evaluation.metrics import METRIC_NAMES, load_metric
+from regionmed_clip.evaluation.retrieval import best_positive_ranks, rank_summary
+from regionmed_clip.scoring import (
     auroc,
     bootstrap_interval,
     classification_accuracy,
     macro_f1,
+    mean_pairwise_cosine,
     normalize_answer,
     vqa_accuracy,
 )
@@ -140,3 +143,22 @@ def test_load_metric_names_the_available_modules():
     assert set(METRIC_NAMES) == {"auroc", "recall_at_k", "vqa_accuracy"}
     with pytest.raises(ValueError, match="available"):
         load_metric("accuracy")
+
+
+# --- mean pairwise cosine (the collapse alarm) ----------------------------------------------------
+
+
+def test_mean_pairwise_cosine_on_planted_rows():
+    unit = torch.eye(8)
+    assert float(mean_pairwise_cosine(torch.ones(5, 3) * torch.tensor([[1.0], [2], [3], [4], [5]]))) == pytest.approx(1.0)
+    assert float(mean_pairwise_cosine(torch.eye(4))) == pytest.approx(0.0)
+    # pairs (0, 1) = 1, (0, 2) = 0, (1, 2) = 0: the norm of a row does not count
+    assert float(mean_pairwise_cosine(torch.stack([unit[0], 2 * unit[0], unit[1]]))) == pytest.approx(1 / 3)
+    assert math.isnan(float(mean_pairwise_cosine(unit[:1])))
+
+
+def test_mean_pairwise_cosine_matches_the_pairwise_loop():
+    embeds = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+    unit = torch.nn.functional.normalize(embeds.double(), dim=-1)
+    pairs = [float(unit[i] @ unit[j]) for i in range(7) for j in range(7) if i != j]
+    assert float(mean_pairwise_cosine(embeds)) == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_regionmed_clip import RegionMedCLIPModel
-from modeling_regionmed_clip.modeling_regionmed_clip import roi_align
+from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPModel
+from regionmed_clip.modeling_regionmed_clip.modeling_regionmed_clip import roi_align
 
 from conftest import make_inputs, tiny_config, tiny_model
 
@@ -307,7 +307,7 @@ def test_hidden_states_and_attentions_of_both_towers(config):
 def test_towers_are_models_with_their_own_attention_backend(tmp_path):
     from transformers import PreTrainedModel
 
-    from modeling_regionmed_clip.modeling_regionmed_clip import RegionMedCLIPVisionModel
+    from regionmed_clip.modeling_regionmed_clip.modeling_regionmed_clip import RegionMedCLIPVisionModel
 
     model = tiny_model()
     assert isinstance(model.vision_model, PreTrainedModel) and isinstance(model.text_model, PreTrainedModel)
@@ -328,7 +328,10 @@ def test_towers_are_models_with_their_own_attention_backend(tmp_path):
 
 
 def test_with_projection_towers_load_from_a_full_folder(tmp_path):
-    from modeling_regionmed_clip import RegionMedCLIPTextModelWithProjection, RegionMedCLIPVisionModelWithProjection
+    from regionmed_clip.modeling_regionmed_clip import (
+        RegionMedCLIPTextModelWithProjection,
+        RegionMedCLIPVisionModelWithProjection,
+    )
 
     model = tiny_model()
     model.save_pretrained(tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from training_scripts.negatives import FINDINGS, RULES, apply_rule, make_hard_negatives, region_hard_negatives
+from regionmed_clip.data.negatives import FINDINGS, RULES, apply_rule, make_hard_negatives, region_hard_negatives
 
 
 def rng() -> random.Random:
@@ -151,7 +151,7 @@ def test_a_reordering_of_the_positive_is_not_a_negative():
 
 
 def test_normal_synthetic_reports_get_no_true_negatives():
-    from training_scripts.synthetic import generate_rows
+    from regionmed_clip.data.synthetic import generate_rows
 
     normal = [row for row, _ in generate_rows(40, seed=0) if not row["regions"]]
     assert normal
@@ -227,7 +227,7 @@ def test_seed_changes_the_rule_order():
 
 
 def test_independent_of_hash_randomisation():
-    code = "from training_scripts.negatives import make_hard_negatives as m; print(m('Small left nodule.', 4, 5))"
+    code = "from regionmed_clip.data.negatives import make_hard_negatives as m; print(m('Small left nodule.', 4, 5))"
     outputs = {
         subprocess.run(
             [sys.executable, "-c", code],

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation import retrieval_recall_at_k
-from evaluation.cli import main
-from evaluation.probe import (
+from regionmed_clip.data.negatives import FINDINGS
+from regionmed_clip.data.schema import load_canonical
+from regionmed_clip.data.synthetic import write_synthetic_dataset
+from regionmed_clip.evaluation.cli import main
+from regionmed_clip.evaluation.probe import (
     NEGATIVE_KINDS,
     _region_plan,
     accuracy_by_label,
@@ -22,7 +24,6 @@ from evaluation.probe import (
     blank_crops,
     class_names,
     load_region_negatives,
-    mean_pairwise_cosine,
     mirror_boxes,
     paired_difference,
     region_negative_accuracy,
@@ -31,12 +32,10 @@ from evaluation.probe import (
     zero_shot_auroc,
     zero_shot_scores,
 )
-from evaluation.scoring import auroc
-from evaluation.zero_shot import load_prompt_templates, prompts_for
-from processing import RegionMedCLIPImageProcessor
-from training_scripts.data_schema import load_canonical
-from training_scripts.negatives import FINDINGS
-from training_scripts.synthetic import write_synthetic_dataset
+from regionmed_clip.evaluation.retrieval import retrieval_recall_at_k
+from regionmed_clip.evaluation.zero_shot import load_prompt_templates, prompts_for
+from regionmed_clip.processing import RegionMedCLIPImageProcessor
+from regionmed_clip.scoring import auroc, mean_pairwise_cosine
 
 from conftest import build_saved_model
 
@@ -148,14 +147,6 @@ def test_paired_difference():
     assert result["delta"] == 0.5 and result["n"] == 4
     assert result["se"] == pytest.approx(float(torch.tensor([1.0, 1, 0, 0]).std()) / 2)
     assert paired_difference(torch.tensor([1, 0]), torch.tensor([0, 0]), torch.tensor([False, True]))["delta"] == 0.0
-
-
-def test_mean_pairwise_cosine():
-    assert mean_pairwise_cosine(torch.ones(5, 3) * torch.tensor([[1.0], [2], [3], [4], [5]])) == pytest.approx(1.0)
-    assert mean_pairwise_cosine(torch.eye(4)) == pytest.approx(0.0)
-    # pairs (0, 1) = 1, (0, 2) = 0, (1, 2) = 0
-    assert mean_pairwise_cosine(torch.stack([unit(0), 2 * unit(0), unit(1)])) == pytest.approx(1 / 3)
-    assert math.isnan(mean_pairwise_cosine(unit(0)[None]))
 
 
 def test_rule_based_fallback_gives_side_zone_and_type_negatives():
@@ -353,10 +344,10 @@ def test_cli_probe_end_to_end_matches_direct_computation(tmp_path):
     for key, value in expected_with_boxes.items():
         assert report["with_boxes"]["retrieval"][key] == pytest.approx(value), key
     assert report["with_boxes"]["mean_pairwise_cosine"]["image"] == pytest.approx(
-        mean_pairwise_cosine(pooled.image_embeds), abs=1e-6)
+        float(mean_pairwise_cosine(pooled.image_embeds)), abs=1e-6)
     cosine = report["box_free"]["mean_pairwise_cosine"]
-    assert cosine["image"] == pytest.approx(mean_pairwise_cosine(images), abs=1e-6)
-    assert cosine["text"] == pytest.approx(mean_pairwise_cosine(texts), abs=1e-6)
+    assert cosine["image"] == pytest.approx(float(mean_pairwise_cosine(images)), abs=1e-6)
+    assert cosine["text"] == pytest.approx(float(mean_pairwise_cosine(texts)), abs=1e-6)
 
     # Zero-shot: the classes are the split's labels; counts and macro mean are consistent.
     zero_shot = report["box_free"]["zero_shot"]

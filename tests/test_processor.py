@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer, load_tokenizer
+from regionmed_clip.processing import (
+    RegionMedCLIPImageProcessor,
+    RegionMedCLIPProcessor,
+    build_tokenizer,
+    load_tokenizer,
+)
 
 from conftest import tiny_config, tiny_model
 
@@ -153,7 +158,7 @@ def test_a_processor_folder_loads_its_tokenizer_without_asking_and_names_a_missi
 
     from transformers import AutoProcessor
 
-    from modeling_regionmed_clip import RegionMedCLIPModel
+    from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPModel
 
     RegionMedCLIPModel(tiny_config()).save_pretrained(tmp_path)  # a model folder: config.json with auto_map
     processor.save_pretrained(tmp_path)
@@ -255,7 +260,7 @@ def test_region_negatives_need_one_list_per_region(processor):
 
 
 def test_caption_level_table_names_every_output(processor):
-    from processing import CAPTION_LEVELS, PROPOSAL_INPUT_NAMES, caption_level
+    from regionmed_clip.processing import CAPTION_LEVELS, PROPOSAL_INPUT_NAMES, caption_level
 
     call = {**FULL_CALL, "region_negative_text": [[["a"], ["b", "c"]], [["d"]]]}
     out = processor(images=images(2), **call, return_tensors="pt")
@@ -271,8 +276,8 @@ def test_caption_level_table_names_every_output(processor):
 
 
 def test_each_stage_feeds_exactly_the_levels_its_terms_read():
-    from training_scripts.schedule import PROGRESSIVE_STAGES, StagedSchedule
-    from training_scripts.trainer import stage_input_names
+    from regionmed_clip.training_scripts.schedule import PROGRESSIVE_STAGES, StagedSchedule
+    from regionmed_clip.training_scripts.trainer import stage_input_names
 
     warmup, refine, roi, _ = StagedSchedule(PROGRESSIVE_STAGES, 100).stages
     assert stage_input_names(warmup) == ["pixel_values", "input_ids", "attention_mask"]

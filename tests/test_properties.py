@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processing.image_processing_regionmed_clip import RegionMedCLIPImageProcessor, ViewTransform
-from training_scripts.losses import global_contrastive_loss, hard_negative_loss, region_contrastive_loss
+from regionmed_clip.processing.image_processing_regionmed_clip import RegionMedCLIPImageProcessor, ViewTransform
+from regionmed_clip.training_scripts.losses import global_contrastive_loss, hard_negative_loss, region_contrastive_loss
 
 sides = st.integers(min_value=8, max_value=4000)
 view_sizes = st.sampled_from([32, 64, 224, 448])

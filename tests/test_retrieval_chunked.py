@@ -4,8 +4,8 @@ ranks as `best_positive_ranks` on the full similarity matrix, whatever the chunk
 import pytest
 import torch
 
-import evaluation.retrieval as retrieval
-from evaluation.retrieval import (
+import regionmed_clip.evaluation.retrieval as retrieval
+from regionmed_clip.evaluation.retrieval import (
     best_positive_ranks,
     rank_summary,
     retrieval_metrics,

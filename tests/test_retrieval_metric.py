@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from evaluation import retrieval_recall_at_k
+from regionmed_clip.evaluation.retrieval import retrieval_recall_at_k
 
 
 def test_perfect_and_reversed_rankings():

@@ -7,10 +7,10 @@ import pytest
 import yaml
 from cli_helpers import run_failing
 
-from modeling_regionmed_clip import RegionMedCLIPConfig
-from training_scripts.schedule import DEFAULT_STAGES, PROGRESSIVE_STAGES, StagedSchedule
-from training_scripts.train import build_parser, resolve_run_config
-from training_scripts.train import main as train_main
+from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPConfig
+from regionmed_clip.training_scripts.schedule import DEFAULT_STAGES, PROGRESSIVE_STAGES, StagedSchedule
+from regionmed_clip.training_scripts.train import build_parser, resolve_run_config
+from regionmed_clip.training_scripts.train import main as train_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training_scripts" / "configs"
 
@@ -25,7 +25,7 @@ def test_accelerate_configs_load(name, kind):
 
 def test_fsdp_wraps_our_transformer_blocks():
     fsdp = yaml.safe_load((CONFIGS / "accelerate_fsdp.yaml").read_text())["fsdp_config"]
-    import modeling_regionmed_clip.modeling_regionmed_clip as modeling
+    import regionmed_clip.modeling_regionmed_clip.modeling_regionmed_clip as modeling
 
     for name in fsdp["fsdp_transformer_layer_cls_to_wrap"].split(","):
         assert hasattr(modeling, name), name
@@ -110,8 +110,8 @@ def test_bad_train_arguments_are_usage_errors(tmp_path, capsys, monkeypatch, arg
 
 
 def test_window_sampling_is_set_under_data_and_the_ablation_turns_it_off(tmp_path):
-    from training_scripts.synthetic import write_synthetic_dataset
-    from training_scripts.train import build_trainer
+    from regionmed_clip.data.synthetic import write_synthetic_dataset
+    from regionmed_clip.training_scripts.train import build_trainer
 
     write_synthetic_dataset(tmp_path / "data", n=20, seed=0)
 

@@ -1,6 +1,6 @@
 import pytest
 
-from training_scripts.schedule import (
+from regionmed_clip.training_scripts.schedule import (
     DEFAULT_STAGES,
     PARAMETER_GROUPS,
     PROGRESSIVE_STAGES,

@@ -7,12 +7,12 @@ follow it; batches are built ahead of the step that uses them, within `prefetch_
 import pytest
 import torch
 
-from training_scripts.collator import RegionMedCLIPCollator, prefetch_lookahead_steps
-from training_scripts.data_schema import load_canonical
-from training_scripts.schedule import PROGRESSIVE_STAGES, StagedSchedule
-from training_scripts.synthetic import write_synthetic_dataset
-from training_scripts.train import DEFAULT_TRAINING_ARGS, build_trainer
-from training_scripts.trainer import stage_input_names
+from regionmed_clip.data.schema import load_canonical
+from regionmed_clip.data.synthetic import write_synthetic_dataset
+from regionmed_clip.training_scripts.collator import RegionMedCLIPCollator, prefetch_lookahead_steps
+from regionmed_clip.training_scripts.schedule import PROGRESSIVE_STAGES, StagedSchedule
+from regionmed_clip.training_scripts.train import DEFAULT_TRAINING_ARGS, build_trainer
+from regionmed_clip.training_scripts.trainer import stage_input_names
 
 from conftest import collator_processor
 

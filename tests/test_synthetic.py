@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training_scripts.data_schema import load_canonical, validate_row
-from training_scripts.synthetic import (
+from regionmed_clip.data.schema import load_canonical, validate_row
+from regionmed_clip.data.synthetic import (
     LESION_TYPES,
     LOOKALIKE_TYPES,
     REGION_NEGATIVES_DIR,
@@ -246,7 +246,7 @@ def test_region_negatives_are_deterministic(tmp_path):
 
 
 def test_a_killed_synth_leaves_no_split_that_loads(tmp_path, monkeypatch):
-    import training_scripts.synthetic as synthetic
+    import regionmed_clip.data.synthetic as synthetic
 
     real = synthetic._generate
 

@@ -14,8 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from training_scripts.checkpoints import CHECKPOINT_COMPLETE
-from training_scripts.synthetic import write_synthetic_dataset
+from regionmed_clip.data.synthetic import write_synthetic_dataset
+from regionmed_clip.training_scripts.checkpoints import CHECKPOINT_COMPLETE
 
 from conftest import free_port
 
@@ -47,7 +47,7 @@ def run_config(tmp_path, schedule=SHORT_SCHEDULE, **training_args) -> Path:
 
 
 def command(data_dir, output_dir, config, max_steps=8, save_steps=2, extra=()):
-    return [sys.executable, "-m", "training_scripts.train", "--preset", "tiny", "--data", str(data_dir),
+    return [sys.executable, "-m", "regionmed_clip.training_scripts.train", "--preset", "tiny", "--data", str(data_dir),
             "--output-dir", str(output_dir), "--max-steps", str(max_steps), "--save-steps", str(save_steps),
             "--seed", "0", "--config", str(config), *extra]
 
@@ -250,7 +250,7 @@ def test_two_process_run_across_a_stage_boundary(data_dir, tmp_path, launcher):
     assert (out / "final" / "model.safetensors").exists()
 
     # Under DDP the frozen ROI processor did not move during warm-up, and Adam kept no state for it.
-    from training_scripts.train import build_parser, build_trainer, resolve_run_config
+    from regionmed_clip.training_scripts.train import build_parser, build_trainer, resolve_run_config
 
     args = build_parser().parse_args(command(data_dir, out, run_config(tmp_path), max_steps=4)[3:])
     fresh = build_trainer(resolve_run_config(args))[0].model  # same seed, same tokenizer -> the initial weights

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from training_scripts.checkpoints import CHECKPOINT_COMPLETE, latest_intact_checkpoint, verify_checkpoint
-from training_scripts.synthetic import write_synthetic_dataset
-from training_scripts.train import DEFAULT_TRAINING_ARGS, build_trainer
-from training_scripts.trainer import NonFiniteLossError
+from regionmed_clip.data.synthetic import write_synthetic_dataset
+from regionmed_clip.training_scripts.checkpoints import CHECKPOINT_COMPLETE, latest_intact_checkpoint, verify_checkpoint
+from regionmed_clip.training_scripts.train import DEFAULT_TRAINING_ARGS, build_trainer
+from regionmed_clip.training_scripts.trainer import NonFiniteLossError
 
 TWO_STAGES = [
     {"name": "global", "steps": 3, "loss_weights": {"global_report": 1.0}, "lr_multipliers": {"roi": 0.0}},

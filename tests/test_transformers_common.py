@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers_suite import common_test_modules
 
-from modeling_regionmed_clip import (
+from regionmed_clip.modeling_regionmed_clip import (
     RegionMedCLIPConfig,
     RegionMedCLIPForVQA,
     RegionMedCLIPModel,

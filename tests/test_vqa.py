@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import evaluation.tasks as tasks
-from evaluation.scoring import normalize_answer
-from evaluation.tasks import EvalSettings
-from modeling_regionmed_clip import RegionMedCLIPForVQA, RegionMedCLIPModel
-from training_scripts.vqa import IGNORE_INDEX, VQACollator, answer_vocabulary, build_vqa_trainer
-from training_scripts.vqa_data import VQAExample, load_vqa_examples
+import regionmed_clip.evaluation.tasks as tasks
+from regionmed_clip.data.vqa import VQAExample, load_vqa_examples
+from regionmed_clip.evaluation.tasks import EvalSettings
+from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPForVQA, RegionMedCLIPModel
+from regionmed_clip.scoring import normalize_answer
+from regionmed_clip.training_scripts.vqa import IGNORE_INDEX, VQACollator, answer_vocabulary, build_vqa_trainer
 
 from conftest import build_saved_model, make_inputs
 
@@ -146,7 +146,7 @@ def test_vqa_task_on_planted_answers(saved, tmp_path):
 
 
 def test_vqa_blank_images_control_feeds_constant_images(saved, tmp_path, monkeypatch):
-    import evaluation.probe as probe
+    import regionmed_clip.evaluation.probe as probe
 
     vqa = _vqa_model(saved["model_dir"])
     vqa.save_pretrained(tmp_path / "vqa")
@@ -171,7 +171,7 @@ def test_vqa_blank_images_control_feeds_constant_images(saved, tmp_path, monkeyp
 
 
 def test_train_vqa_cli_writes_a_complete_final_and_refuses_to_overwrite_it(saved, tmp_path, capsys):
-    from training_scripts.vqa import main
+    from regionmed_clip.training_scripts.vqa import main
 
     argv = ["--model", str(saved["model_dir"]), "--data", str(saved["data_dir"]), "--output-dir", str(tmp_path / "vqa"),
             "--max-steps", "1", "--batch-size", "4"]

@@ -8,10 +8,10 @@ import pytest
 from converter_helpers import VQA_RAD_SPLITS, make_slake_release, make_vqa_rad_release
 from PIL import Image
 
-from training_scripts.converters import convert
-from training_scripts.data_schema import load_canonical
-from training_scripts.synthetic import write_synthetic_dataset
-from training_scripts.vqa_data import ANSWER_TYPES, VQAExample, load_vqa_examples, resolve_image_name, vqa_images
+from regionmed_clip.data.converters import convert
+from regionmed_clip.data.schema import load_canonical
+from regionmed_clip.data.synthetic import write_synthetic_dataset
+from regionmed_clip.data.vqa import ANSWER_TYPES, VQAExample, load_vqa_examples, resolve_image_name, vqa_images
 
 
 def split_ids(data_dir: Path, split: str) -> set[str]:
@@ -33,7 +33,7 @@ def synth_data(tmp_path_factory) -> Path:
 
 
 def test_answer_types_are_the_scorers():
-    from evaluation import scoring
+    from regionmed_clip import scoring
 
     assert ANSWER_TYPES is scoring.ANSWER_TYPES == ("closed", "open")
 

@@ -4,7 +4,7 @@ multi-label / multi-class reports on planted scores."""
 import numpy as np
 import pytest
 
-from evaluation.zero_shot import (
+from regionmed_clip.evaluation.zero_shot import (
     DEFAULT_PROMPTS,
     label_matrix,
     load_prompt_templates,

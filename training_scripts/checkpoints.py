@@ -7,7 +7,6 @@ the files that failed named, and the previous intact checkpoint is used. Markers
 checksums were recorded (only `global_step`) are trusted as they are, with a warning.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -16,21 +15,14 @@ from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from regionmed_clip.data.fingerprints import file_sha256
+
 __all__ = ["CHECKPOINT_COMPLETE", "checkpoint_step", "latest_intact_checkpoint", "verify_checkpoint",
            "write_completion_marker"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_COMPLETE = "CHECKPOINT_COMPLETE"
-_CHUNK = 1 << 20
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:
@@ -40,7 +32,7 @@ def _checkpoint_files(folder: Path) -> list[Path]:
 
 def write_completion_marker(folder: Path, global_step: int) -> None:
     """Record every file of `folder` (size, SHA-256) in its marker, atomically (temp file + rename)."""
-    files = {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+    files = {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
              for path in _checkpoint_files(folder)}
     partial = folder / f"{CHECKPOINT_COMPLETE}.partial"
     partial.write_text(json.dumps({"global_step": global_step, "files": files}, indent=1))
@@ -67,7 +59,7 @@ def verify_checkpoint(folder: Path) -> list[str]:
             problems.append(f"{name}: missing")
         elif (size := path.stat().st_size) != expected["size"]:
             problems.append(f"{name}: {size} bytes where {expected['size']} were written")
-        elif _sha256(path) != expected["sha256"]:
+        elif file_sha256(path) != expected["sha256"]:
             problems.append(f"{name}: contents changed since it was written (SHA-256 mismatch)")
     return problems
 

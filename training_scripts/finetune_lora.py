@@ -35,11 +35,11 @@ from typing import Any
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from modeling_regionmed_clip import RegionMedCLIPModel
-from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, load_tokenizer
-from regionmed_cli import UsageError, console_script, folder, fraction, model_folder, output_folder, positive_int
+from regionmed_clip.cli import UsageError, console_script, folder, fraction, model_folder, output_folder, positive_int
+from regionmed_clip.data.schema import dataset_output
+from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPModel
+from regionmed_clip.processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, load_tokenizer
 
-from .data_schema import dataset_output
 from .schedule import NAMED_SCHEDULES
 from .train import DEFAULT_TRAINING_ARGS, build_trainer, check_training_args, read_run_yaml, schedule_of
 

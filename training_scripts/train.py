@@ -39,16 +39,22 @@ import torch
 import yaml
 from transformers import TrainingArguments, set_seed
 
-from modeling_regionmed_clip import CONFIG_ERRORS, PRESETS, RegionMedCLIPConfig, RegionMedCLIPModel
-from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer, load_tokenizer
-from regionmed_cli import UsageError, console_script, positive_int
+from regionmed_clip.cli import UsageError, console_script, positive_int
+from regionmed_clip.data.fingerprints import dataset_fingerprint
+from regionmed_clip.data.schema import load_canonical
+from regionmed_clip.figures import plot_loss_curves
+from regionmed_clip.modeling_regionmed_clip import CONFIG_ERRORS, PRESETS, RegionMedCLIPConfig, RegionMedCLIPModel
+from regionmed_clip.processing import (
+    RegionMedCLIPImageProcessor,
+    RegionMedCLIPProcessor,
+    build_tokenizer,
+    load_tokenizer,
+)
 
 from .checkpoints import checkpoint_step, latest_intact_checkpoint
 from .collator import RegionMedCLIPCollator, prefetch_lookahead_steps
-from .data_schema import dataset_fingerprint, load_canonical
 from .heap import fix_mmap_threshold, limit_onednn_primitive_cache
 from .losses import ContrastiveLossConfig
-from .plotting import plot_loss_curves
 from .schedule import NAMED_SCHEDULES, StagedSchedule, resolve_schedule
 from .trainer import JsonlLogCallback, RegionMedCLIPTrainer, StageCallback
 

@@ -12,9 +12,10 @@
 - Freezing never toggles `requires_grad` (unsafe once DDP has wrapped the model): a group whose
   multiplier is 0 has lr 0 AND its gradients are dropped after backward (after DDP's all-reduce),
   so the optimizer skips it: its weights do not move and its Adam moments do not change.
-- The loss terms of the current stage are computed by the model (`loss_weights`), each term and
-  the stage are logged, with the mean pairwise cosine of the box-free image embeddings and of the report
-  embeddings (a collapse alarm that pooled ground-truth regions cannot hide).
+- The loss terms of the current stage are computed from the model's outputs by `losses.training_loss`
+  (the stage's weights); each term and the stage are logged, with the mean pairwise cosine of the box-free
+  image embeddings and of the report embeddings (a collapse alarm that pooled ground-truth regions cannot
+  hide). They are summed on the device and read on logging steps only.
 - A non-finite loss skips the optimizer step (all gradients dropped, on every rank; with gradient
   accumulation, the whole window) and is counted; `max_consecutive_nonfinite` skipped steps in a
   row save a checkpoint and stop with a clear error.
@@ -42,14 +43,15 @@ from transformers import Trainer, TrainerCallback, get_scheduler
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from modeling_regionmed_clip.modeling_regionmed_clip import LOGIT_SCALE_MAX
-from processing import CAPTION_LEVELS, ROI_INPUT_NAMES
+from regionmed_clip.data.skips import SkipLedger
+from regionmed_clip.modeling_regionmed_clip.modeling_regionmed_clip import LOGIT_SCALE_MAX
+from regionmed_clip.processing import CAPTION_LEVELS, ROI_INPUT_NAMES
+from regionmed_clip.scoring import mean_pairwise_cosine
 
 from .checkpoints import CHECKPOINT_COMPLETE, write_completion_marker
 from .heap import HEAP_TRIM_STEPS, release_free_heap
 from .losses import ContrastiveLossConfig, training_loss
 from .schedule import PARAMETER_GROUPS, Stage, StagedSchedule, bare_parameter_name, parameter_group_of
-from .skips import SkipLedger
 
 __all__ = [
     "SKIPS_FILE",
@@ -97,15 +99,6 @@ def mean_over_ranks(parameter: torch.Tensor) -> torch.Tensor:
     return totals[0] / totals[1]
 
 
-def _mean_pairwise_cosine(embeds: torch.Tensor) -> float:
-    """Mean cosine between different rows of L2-normalised `(B, D)` embeddings (1.0 = collapsed)."""
-    count = embeds.shape[0]
-    if count < 2:
-        return float("nan")
-    similarity = embeds @ embeds.t()
-    return ((similarity.sum() - similarity.diagonal().sum()) / (count * (count - 1))).item()
-
-
 class RegionMedCLIPTrainer(Trainer):
     """Trainer for `RegionMedCLIPModel` with a `StagedSchedule` (see the module docstring)."""
 
@@ -134,8 +127,10 @@ class RegionMedCLIPTrainer(Trainer):
         self._consecutive_nonfinite = 0
         self._window_nonfinite = False
         self._last_saved_step: int | None = None  # by this run: a folder on disk may be an earlier run's
-        self._term_sums: dict[str, float] = defaultdict(float)
-        self._term_counts: dict[str, int] = defaultdict(int)
+        # Per-term sums and counts of finite values since the last log, kept on the device: read on
+        # logging steps only, so a training step never waits on the device for a logged number.
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._term_counts: dict[str, torch.Tensor] = {}
         self._group_parameters: dict[str, list[nn.Parameter]] = defaultdict(list)
         # Read shapes now: the optimizer may be built after FSDP has flattened every parameter to 1-d.
         self._low_dim_parameters: set[str] = set()
@@ -214,17 +209,22 @@ class RegionMedCLIPTrainer(Trainer):
         loss, terms = training_loss(outputs, batch, outputs.logit_scale, self.pad_token_id, dict(stage.loss_weights),
                                     self.loss_config)
         for term, value in terms.items():
-            self._record(f"loss_{term}", value.item())
+            self._record(f"loss_{term}", value.detach())
         # The collapse monitor reads the box-free image embedding (what a user without boxes gets)
         # and the report embeddings: pooled ground-truth regions would hide a collapsed global view.
-        self._record("box_free_image_mean_cosine", _mean_pairwise_cosine(outputs.global_image_embeds.detach()))
-        self._record("text_mean_cosine", _mean_pairwise_cosine(outputs.text_embeds.detach()))
+        self._record("box_free_image_mean_cosine", mean_pairwise_cosine(outputs.global_image_embeds.detach()))
+        self._record("text_mean_cosine", mean_pairwise_cosine(outputs.text_embeds.detach()))
         return (loss, outputs) if return_outputs else loss
 
-    def _record(self, name: str, value: float) -> None:
-        if math.isfinite(value):
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        """Add a 0-dim `value` to its running sum when finite, without reading it on the host."""
+        finite = torch.isfinite(value)
+        value = torch.where(finite, value.double(), 0.0)
+        if name in self._term_sums:
             self._term_sums[name] += value
-            self._term_counts[name] += 1
+            self._term_counts[name] += finite
+        else:
+            self._term_sums[name], self._term_counts[name] = value, finite.long()
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
@@ -281,8 +281,13 @@ class RegionMedCLIPTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the averaged terms since the previous one
-            for name, total in self._term_sums.items():
-                logs[name] = round(total / self._term_counts[name], 6)
+            names = list(self._term_sums)
+            if names:  # one read of every term
+                sums = torch.stack([self._term_sums[name] for name in names]).tolist()
+                counts = torch.stack([self._term_counts[name] for name in names]).tolist()
+                for name, total, count in zip(names, sums, counts, strict=True):
+                    if count:
+                        logs[name] = round(total / count, 6)
             self._term_sums.clear()
             self._term_counts.clear()
             stage = self.schedule.stage_at(max(self.state.global_step - 1, 0))

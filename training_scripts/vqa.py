@@ -3,7 +3,7 @@
     regionmed-train-vqa --model RUN/final --data DATA --output-dir OUT [--max-steps 600] [--batch-size 32]
                         [--learning-rate 1e-3] [--backbone-lr-scale 0.1] [--regions] [--seed 0]
 
-The answer set is the training split's answers after `evaluation.scoring.normalize_answer` (closed
+The answer set is the training split's answers after `regionmed_clip.scoring.normalize_answer` (closed
 yes / no and open answers alike), most frequent first; it becomes the model's `id2label`. The
 backbone (both towers, the ROI processor, the projections) trains at `backbone_lr_scale` times the
 head's learning rate, so a small VQA set adapts the fusion head without erasing the contrastive
@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from transformers import AutoProcessor, Trainer, TrainingArguments
 
-from evaluation.scoring import normalize_answer
-from modeling_regionmed_clip import RegionMedCLIPForVQA
-from regionmed_cli import UsageError, console_script, folder, model_folder, output_folder, positive_int
-from training_scripts.data_schema import dataset_output, load_canonical
-from training_scripts.vqa_data import VQAExample, load_vqa_examples
+from regionmed_clip.cli import UsageError, console_script, folder, model_folder, output_folder, positive_int
+from regionmed_clip.data.schema import dataset_output, load_canonical
+from regionmed_clip.data.vqa import VQAExample, load_vqa_examples
+from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPForVQA
+from regionmed_clip.scoring import normalize_answer
 
 __all__ = ["IGNORE_INDEX", "RegionMedCLIPVQATrainer", "VQACollator", "answer_vocabulary", "build_vqa_trainer", "main"]
 

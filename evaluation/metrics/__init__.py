@@ -1,10 +1,10 @@
 """The metrics as local `evaluate` modules, loaded by path (never from the Hub):
 
-    from evaluation.metrics import load_metric
+    from regionmed_clip.evaluation.metrics import load_metric
     auroc = load_metric("auroc")                     # or evaluate.load(".../evaluation/metrics/auroc")
     auroc.compute(prediction_scores=[0.9, 0.2], references=[1, 0])
 
-Each module is a thin `evaluate.Metric` over `evaluation.scoring` / `evaluation.retrieval`, so the
+Each module is a thin `evaluate.Metric` over `regionmed_clip.scoring` / `evaluation.retrieval`, so the
 numbers match `regionmed-eval` exactly.
 """
 

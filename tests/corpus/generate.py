@@ -12,13 +12,13 @@ Layers, and the call the input goes through (tests/test_corpus.py, one parametri
     processor    RegionMedCLIPProcessor(...)(**the file's JSON arguments); each name in its `images` is an
                  image file beside it, passed as `Image.open(file)` (a lazily decoded PIL object)
     tokenizer    processing.load_tokenizer(folder)
-    dataset      list(training_scripts.data_schema.load_canonical(folder, "train"))
-    writer       training_scripts.data_schema.write_rows([a row holding the file's bytes])
+    dataset      list(regionmed_clip.data.schema.load_canonical(folder, "train"))
+    writer       regionmed_clip.data.schema.write_rows([a row holding the file's bytes])
     rows         RegionMedCLIPCollator on a good row and the row of the file (a JSON row; its `image`
                  names an image file of the corpus)
     checkpoints  training_scripts.checkpoints.latest_intact_checkpoint(run folder) whose newest
                  checkpoint is damaged; an intact checkpoint-1 lies beside it
-    converters   training_scripts.converters.convert(format, input, None, out), the format being the
+    converters   regionmed_clip.data.converters.convert(format, input, None, out), the format being the
                  case name up to its first "."; a failed conversion leaves no output folder
     model        RegionMedCLIPModel.forward with the file's roi_boxes
 """
@@ -352,7 +352,7 @@ PROCESSOR_CASES = [
 def _saved_processor_without(*names: str) -> Callable[[Path], Path]:
     """A model folder as RegionMedCLIPProcessor.save_pretrained writes it, then the files `names` deleted."""
     def build(folder: Path) -> Path:
-        from processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
+        from regionmed_clip.processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
 
         tokenizer = build_tokenizer(["a nodule in the right upper zone"], vocab_size=64)
         RegionMedCLIPProcessor(RegionMedCLIPImageProcessor(), tokenizer).save_pretrained(folder)
@@ -395,7 +395,7 @@ def _shard(**columns: Any) -> Callable[[Path], Path]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from training_scripts.data_schema import CANONICAL_FEATURES
+        from regionmed_clip.data.schema import CANONICAL_FEATURES
 
         folder.mkdir()
         table = pa.Table.from_pylist([_canonical_row(_png_bytes())], schema=CANONICAL_FEATURES.arrow_schema)
@@ -426,7 +426,7 @@ def _variable_length_regions(bbox: list[float] | None = None, kind: str = "float
 def _rows_with_ids(*image_ids: str) -> Callable[[Path], Path]:
     """A dataset folder of canonical rows with these image ids, two shards."""
     def build(folder: Path) -> Path:
-        from training_scripts.data_schema import write_rows
+        from regionmed_clip.data.schema import write_rows
 
         write_rows([_canonical_row(_png_bytes(), image_id) for image_id in image_ids], folder, rows_per_shard=2)
         return folder
@@ -545,7 +545,7 @@ def _damaged_checkpoint(damage: Callable[[Path], None]) -> Callable[[Path], Path
         import torch
         from safetensors.torch import save_file
 
-        from training_scripts.checkpoints import write_completion_marker
+        from regionmed_clip.training_scripts.checkpoints import write_completion_marker
 
         for step in (1, 2):
             folder = run / f"checkpoint-{step}"

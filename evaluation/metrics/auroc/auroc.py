@@ -4,7 +4,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from evaluation.scoring import auroc, bootstrap_interval
+from regionmed_clip.scoring import auroc, bootstrap_interval
 
 _DESCRIPTION = """Area under the ROC curve. Config "binary" (default): one score and one 0/1 label per
 example. Config "multilabel": a list of per-class scores and a list of per-class 0/1 labels per

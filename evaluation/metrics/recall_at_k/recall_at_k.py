@@ -4,7 +4,7 @@ import datasets
 import evaluate
 import torch
 
-from evaluation.retrieval import best_positive_ranks, rank_summary
+from regionmed_clip.evaluation.retrieval import best_positive_ranks, rank_summary
 
 _DESCRIPTION = """Recall@K (percent of queries whose best-scoring correct candidate ranks in the top K)
 and the median rank (1-based) of that candidate. A query may have several correct candidates (an

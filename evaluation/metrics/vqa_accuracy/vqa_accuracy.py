@@ -3,7 +3,7 @@
 import datasets
 import evaluate
 
-from evaluation.scoring import vqa_accuracy
+from regionmed_clip.scoring import vqa_accuracy
 
 _DESCRIPTION = """Exact-match accuracy after normalisation (lower case, punctuation and articles removed,
 whitespace collapsed), as VQA-RAD and SLAKE results are reported: overall, and for closed (yes/no)

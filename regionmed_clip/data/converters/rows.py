@@ -17,10 +17,10 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from processing.medical_image_io import is_dicom_file, load_medical_image
-from training_scripts.data_schema import validate_row
-from training_scripts.negatives import make_hard_negatives
-from training_scripts.skips import EXAMPLES_PER_REASON
+from regionmed_clip.data.negatives import make_hard_negatives
+from regionmed_clip.data.schema import validate_row
+from regionmed_clip.data.skips import EXAMPLES_PER_REASON
+from regionmed_clip.processing.medical_image_io import is_dicom_file, load_medical_image
 
 from .captions import CXR, _default_report, _position_caption, _summary
 from .geometry import _Box, _orient_box

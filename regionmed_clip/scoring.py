@@ -1,6 +1,7 @@
 """Metrics as pure functions of arrays: AUROC, bootstrap intervals, classification accuracy and
-macro-F1, VQA answer accuracy. The `evaluate` modules in `evaluation/metrics/` and every task of
-`regionmed-eval` call these, so each number has one definition.
+macro-F1, VQA answer normalisation and accuracy, the mean pairwise cosine (the collapse alarm). The
+`evaluate` modules in `evaluation/metrics/`, every task of `regionmed-eval` and the trainer's logs call
+these, so each number has one definition. This module imports no model, training or evaluation code.
 
 Inputs may be lists, numpy arrays or torch tensors; outputs are Python floats (fractions in
 [0, 1]) or dicts of them. A metric that cannot be computed (AUROC of a class without a positive)
@@ -22,6 +23,7 @@ __all__ = [
     "bootstrap_interval",
     "classification_accuracy",
     "macro_f1",
+    "mean_pairwise_cosine",
     "normalize_answer",
     "vqa_accuracy",
 ]
@@ -160,3 +162,17 @@ def vqa_accuracy(
             result[f"{kind}_accuracy"] = float(correct[chosen].mean()) if chosen.any() else float("nan")
             result[f"{kind}_n"] = int(chosen.sum())
     return result
+
+
+def mean_pairwise_cosine(embeds: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity over distinct pairs of the rows of `(N, D)` embeddings, as a 0-dim float64
+    tensor on their device (1.0: every row points the same way; NaN for fewer than 2 rows). A tensor, so
+    the trainer can average it over steps without waiting on the device."""
+    if embeds.ndim != 2:
+        raise ValueError(f"embeds must be (N, D), got shape {tuple(embeds.shape)}")
+    count = embeds.shape[0]
+    if count < 2:
+        return torch.tensor(float("nan"), dtype=torch.float64, device=embeds.device)
+    total = torch.nn.functional.normalize(embeds.double(), dim=-1).sum(0)
+    # the sum over all ordered pairs, i == j included, is |total|^2; the diagonal contributes N
+    return ((total @ total) - count) / (count * (count - 1))

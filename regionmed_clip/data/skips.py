@@ -13,7 +13,7 @@ EXAMPLES_PER_REASON = 3
 
 
 class TooManySkipsError(RuntimeError):
-    exit_code = 3  # the console scripts' exit code for a run stopped by its data (regionmed_cli)
+    exit_code = 3  # the console scripts' exit code for a run stopped by its data (regionmed_clip.cli)
 
 
 @dataclass

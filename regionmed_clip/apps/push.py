@@ -3,7 +3,7 @@
     regionmed-push HUBDIR --repo-id ORG/NAME [--private] [--revision BRANCH] [--dry-run]
 
 Before anything is uploaded the folder is checked offline: `config.json` maps every auto class
-of `training_scripts.export.AUTO_MAP`, the weights are safetensors and nothing is pickled, the
+of `regionmed_clip.apps.export.AUTO_MAP`, the weights are safetensors and nothing is pickled, the
 model card loads with `huggingface_hub.ModelCard` and carries a licence, pipeline tag and library
 name, its `model-index` parses back into evaluation results, and every `.eval_results/*.yaml`
 parses with `parse_eval_result_entries`. `--dry-run` stops there and lists the files. Otherwise
@@ -22,8 +22,8 @@ import yaml
 from huggingface_hub import HfApi, ModelCard, constants, get_token, parse_eval_result_entries
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
-from regionmed_cli import UsageError, console_script
-from training_scripts.export import AUTO_MAP, PICKLE_SUFFIXES, check_repo_id
+from regionmed_clip.apps.export import AUTO_MAP, PICKLE_SUFFIXES, check_repo_id
+from regionmed_clip.cli import UsageError, console_script
 
 try:  # the HTTP library under huggingface_hub: its base error is also a network failure's
     from httpx2 import HTTPError as _HTTPError  # huggingface_hub >= 2

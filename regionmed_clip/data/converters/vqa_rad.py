@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from training_scripts.data_schema import SPLITS
+from regionmed_clip.data.schema import SPLITS
 
 from .captions import _organ_captions
 from .inputs import _grouped, _load_json

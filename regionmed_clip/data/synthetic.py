@@ -61,7 +61,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .data_schema import ShardedParquetWriter, dataset_output, write_provenance
+from regionmed_clip.data.schema import ShardedParquetWriter, dataset_output, write_provenance
+
 from .negatives import make_hard_negatives
 
 __all__ = [

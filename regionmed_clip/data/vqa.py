@@ -20,8 +20,8 @@ from typing import Any
 
 from PIL import Image
 
-from evaluation.scoring import ANSWER_TYPES
-from training_scripts.data_schema import load_canonical
+from regionmed_clip.data.schema import load_canonical
+from regionmed_clip.scoring import ANSWER_TYPES
 
 __all__ = ["ANSWER_TYPES", "VQAExample", "load_vqa_examples", "resolve_image_name", "vqa_images", "vqa_path"]
 
@@ -35,7 +35,7 @@ class VQAExample:
     question_id: str  # the record's qid, as text
     image_id: str  # the canonical row's image_id the question is about (same split)
     question: str
-    answer: str  # as given; normalisation for scoring is `evaluation.scoring.normalize_answer`'s
+    answer: str  # as given; normalisation for scoring is `regionmed_clip.scoring.normalize_answer`'s
     answer_type: str  # "closed" | "open"
 
 

@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from regionmed_cli import UsageError, console_script, positive_int
+from regionmed_clip.cli import UsageError, console_script, positive_int
 
 __all__ = ["main"]
 
@@ -63,7 +63,7 @@ def _convert(args: argparse.Namespace) -> dict:
 
 
 def _to_disk(args: argparse.Namespace) -> dict:
-    from .data_schema import export_to_disk
+    from regionmed_clip.data.schema import export_to_disk
 
     if not args.input.is_dir():
         raise UsageError(f"--input {str(args.input)!r} is not a folder of canonical parquet shards")

@@ -15,6 +15,7 @@ __all__ = [
     "overlay_regions",
     "plot_bars",
     "plot_lines",
+    "plot_loss_curves",
     "plot_roc_curves",
     "retrieval_grid",
     "roc_curve_points",
@@ -290,3 +291,17 @@ def confusion_grid(matrix: Any, labels: Sequence[str], path: str | Path, title: 
         for index, character in enumerate(label[:8]):
             draw.text((left + column * cell + cell // 3, 30 + 8 * index), character, fill="black")
     return save_figure(image, path)
+
+
+def plot_loss_curves(
+    series: dict[str, Sequence[tuple[int, float]]],
+    boundaries: Sequence[tuple[str, int]],
+    path: str | Path,
+    title: str = "training losses",
+) -> Path:
+    """series: name -> [(step, value)]; boundaries: [(stage name, first step)]. Writes and returns `path`."""
+    if not any(series.values()):
+        raise ValueError("plot_loss_curves needs at least one logged value")
+    last_step = max(max(step for values in series.values() for step, _ in values),
+                    max((start for _, start in boundaries), default=0), 1)
+    return plot_lines(series, path, title, "step", x_range=(0, last_step), markers=boundaries)

@@ -16,7 +16,6 @@ One row is one image with its captions at four levels (see docs/DATA.md):
 
 import contextlib
 import datetime
-import hashlib
 import io
 import json
 import logging
@@ -41,7 +40,6 @@ __all__ = [
     "SPLITS",
     "ShardedParquetWriter",
     "check_shard_schema",
-    "dataset_fingerprint",
     "STAGING_LOCK",
     "dataset_output",
     "region_problem",
@@ -451,23 +449,6 @@ def _locked_while_written(staging: Path) -> Iterator[None]:
             yield
         finally:
             lock.unlink(missing_ok=True)  # not part of the output
-
-
-def dataset_fingerprint(path: str | Path, split: str) -> dict[str, Any]:
-    """SHA-256 over the names and contents of the files one split is read from (its parquet shards,
-    or a `save_to_disk` folder's files): `{"path", "split", "files", "sha256"}`. A resumed run
-    compares it with the one its run started on."""
-    path = Path(path)
-    files = sorted(path.glob(f"{split}-*.parquet"))
-    if not files:
-        files = sorted(file for file in (path / split if (path / split).is_dir() else path).rglob("*") if file.is_file())
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return {"path": str(path), "split": split, "files": len(files), "sha256": digest.hexdigest()}
 
 
 def load_canonical(

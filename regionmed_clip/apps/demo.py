@@ -29,16 +29,21 @@ from typing import Any
 
 import torch
 
-from evaluation.cli import format_report
-from evaluation.probe import run_probe
-from evaluation.results import to_json, write_results
-from evaluation.tasks import EvalSettings, run_region, run_zero_shot
-from regionmed_cli import console_script, positive_int
+from regionmed_clip.cli import console_script, positive_int
+from regionmed_clip.data.schema import load_canonical
+from regionmed_clip.data.synthetic import write_synthetic_dataset
+from regionmed_clip.evaluation.cli import format_report
+from regionmed_clip.evaluation.probe import run_probe
+from regionmed_clip.evaluation.results import to_json, write_results
+from regionmed_clip.evaluation.tasks import EvalSettings, run_region, run_zero_shot
+from regionmed_clip.training_scripts.launch import (
+    GLOBAL_ONLY_CONFIG,
+    NO_BACKGROUND_CONFIG,
+    StepFailedError,
+    train_in_subprocesses,
+)
 
-from .data_schema import load_canonical
 from .export import export_model
-from .launch import GLOBAL_ONLY_CONFIG, NO_BACKGROUND_CONFIG, StepFailedError, train_in_subprocesses
-from .synthetic import write_synthetic_dataset
 
 __all__ = ["main"]
 

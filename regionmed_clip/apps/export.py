@@ -33,13 +33,13 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoProcessor
 
-from evaluation.results import load_results, markdown_report
-from modeling_regionmed_clip import RegionMedCLIPModel
-from processing import RegionMedCLIPProcessor
-from processing.tokenization_regionmed_clip import without_token_type_ids
-from regionmed_cli import UsageError, console_script
-from training_scripts.data_schema import dataset_output, read_provenance
-from training_scripts.schedule import StagedSchedule
+from regionmed_clip.cli import UsageError, console_script
+from regionmed_clip.data.schema import dataset_output, read_provenance
+from regionmed_clip.evaluation.results import load_results, markdown_report
+from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPModel
+from regionmed_clip.processing import RegionMedCLIPProcessor
+from regionmed_clip.processing.tokenization_regionmed_clip import without_token_type_ids
+from regionmed_clip.training_scripts.schedule import StagedSchedule
 
 __all__ = [
     "AUTO_MAP",

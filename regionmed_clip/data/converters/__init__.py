@@ -28,7 +28,7 @@ memory holds one image's annotations (plus the writer's one shard), whatever the
 VQA formats (SLAKE, VQA-RAD) also write their questions, with `vqa_dir`, to `vqa_dir/{split}.json`: a JSON list of
 VQA-RAD-style records `{qid, image_name, question, answer, answer_type, question_type, phrase_type, image_organ}`
 whose `image_name` is the `image_id` of the canonical row of that split the question is about
-(`training_scripts.vqa_data` reads them back).
+(`regionmed_clip.data.vqa` reads them back).
 
 A bad row never raises and never ends a run (a file that cannot be read as its format does: an error naming
 the file, line or entry); everything left out is counted in a `SkipCounter`:
@@ -84,8 +84,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from regionmed_cli import UsageError
-from training_scripts.data_schema import ShardedParquetWriter, dataset_output, write_provenance
+from regionmed_clip.cli import UsageError
+from regionmed_clip.data.schema import ShardedParquetWriter, dataset_output, write_provenance
 
 from .chestxray14 import _chestxray14
 from .chexpert import _chexpert
