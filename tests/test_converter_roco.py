@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from converter_helpers import FIXTURES, reasons, run, write_corrupt, write_image
 
-from regionmed_clip.data.converters import roco
 from regionmed_clip.data import converters
+from regionmed_clip.data.converters import roco
 
 
 def test_roco(tmp_path):
