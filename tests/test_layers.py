@@ -73,6 +73,7 @@ def _imports(module: str, path: Path) -> list[tuple[int, str]]:
 
 
 MODULES = _modules()
+KNOWN = {module for module, _ in MODULES}
 
 
 def test_every_package_module_is_seen():
@@ -92,6 +93,9 @@ def _violations(module: str, path: Path) -> list[str]:
             wrong.append(f"line {line}: bare `{target}` is not installed; import `{NAMESPACE}.{target}`")
             continue
         if top != NAMESPACE:
+            continue
+        if target not in KNOWN:
+            wrong.append(f"line {line}: `{target}` is no module of the package")
             continue
         target_room = _room(target)
         if target_room != room and _short(target_room) not in allowed:
@@ -129,6 +133,8 @@ def test_shipped_files_import_siblings_only_by_relative_name(folder):
      "`processing` (layer 1) may not import `regionmed_clip.data.schema`"),
     (f"{NAMESPACE}.evaluation.bad", "import processing.medical_image_io\n",
      "bare `processing.medical_image_io` is not installed"),
+    (f"{NAMESPACE}.training_scripts.bad", "from .data_schema import load_canonical\n",
+     "`regionmed_clip.training_scripts.data_schema` is no module of the package"),
 ])
 def test_a_violation_is_reported(tmp_path, module, source, expected):
     """The checker itself: an upward, sideways or bare import is named with its line."""

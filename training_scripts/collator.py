@@ -53,13 +53,13 @@ import torch
 from PIL import Image
 from transformers.image_processing_utils import BatchFeature
 
-from modeling_regionmed_clip import DEFAULT_BACKGROUND_CAPTION
-from processing import RegionMedCLIPProcessor
+from regionmed_clip.data.negatives import FINDINGS, REGION_FINDING_SWAPS, region_hard_negatives
+from regionmed_clip.data.schema import region_problem, text_problem
+from regionmed_clip.data.skips import SkipLedger
+from regionmed_clip.modeling_regionmed_clip import DEFAULT_BACKGROUND_CAPTION
+from regionmed_clip.processing import RegionMedCLIPProcessor
 
-from .data_schema import region_problem, text_problem
-from .negatives import FINDINGS, REGION_FINDING_SWAPS, region_hard_negatives
 from .schedule import StagedSchedule
-from .skips import SkipLedger
 
 __all__ = ["AMBIGUOUS", "BACKGROUND", "BatchParts", "RegionMedCLIPCollator", "label_windows", "prefetch_lookahead_steps"]
 

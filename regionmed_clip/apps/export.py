@@ -55,7 +55,7 @@ __all__ = [
     "model_index_results",
 ]
 
-CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_card.md"
+CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "model_card.md"
 # Every auto class the exported folder answers to, and the class behind it.
 AUTO_MAP: dict[str, str] = {
     "AutoConfig": "configuration_regionmed_clip.RegionMedCLIPConfig",
