@@ -99,7 +99,7 @@ def test_finetune_saves_an_adapter_that_reloads_on_automodel_and_merges(tmp_path
     output = tmp_path / "lora"
     assert main(["--model", str(model_dir), "--data", str(data_dir), "--output-dir", str(output), "--max-steps", "4",
                  "--batch-size", "8", "--learning-rate", "0.01", "--merge",
-                 "--gradient-checkpointing", "reentrant"]) == 0
+                 "--activation-checkpointing", "--activation-checkpointing-kwargs", "{\"use_reentrant\": true}"]) == 0
     summary = json.loads((output / "lora_summary.json").read_text())
     assert 0 < summary["trainable_share"] < 0.5
     assert {path.name for path in (output / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}

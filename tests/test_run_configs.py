@@ -9,8 +9,8 @@ from cli_helpers import run_failing
 
 from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPConfig
 from regionmed_clip.training_scripts.schedule import DEFAULT_STAGES, PROGRESSIVE_STAGES, StagedSchedule
-from regionmed_clip.training_scripts.train import build_parser, resolve_run_config
 from regionmed_clip.training_scripts.train import main as train_main
+from regionmed_clip.training_scripts.train import parse_command, resolve_run_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training_scripts" / "configs"
 
@@ -33,9 +33,9 @@ def test_fsdp_wraps_our_transformer_blocks():
 
 
 def test_base_run_yaml_resolves(tmp_path):
-    args = build_parser().parse_args(["--config", str(CONFIGS / "base_run.yaml"), "--data", str(tmp_path),
+    args = parse_command(["--config", str(CONFIGS / "base_run.yaml"), "--data", str(tmp_path),
                                       "--output-dir", str(tmp_path / "out")])
-    run = resolve_run_config(args)
+    run = resolve_run_config(*args)
     assert run["model"]["preset"] == "base" and run["training_args"]["max_steps"] == 100000
     config = RegionMedCLIPConfig.from_preset("base", **run["model"]["overrides"])
     assert config._attn_implementation == "xformers"
@@ -45,15 +45,41 @@ def test_base_run_yaml_resolves(tmp_path):
 def test_flags_win_over_yaml_and_bad_sections_are_named(tmp_path):
     yaml_path = tmp_path / "run.yaml"
     yaml_path.write_text(yaml.safe_dump({"training_args": {"max_steps": 50, "learning_rate": 1.0}}))
-    args = build_parser().parse_args(["--config", str(yaml_path), "--data", str(tmp_path), "--output-dir", "o",
+    args = parse_command(["--config", str(yaml_path), "--data", str(tmp_path), "--output-dir", "o",
                                       "--learning-rate", "0.01"])
-    run = resolve_run_config(args)
+    run = resolve_run_config(*args)
     assert run["training_args"]["learning_rate"] == 0.01 and run["training_args"]["max_steps"] == 50
     yaml_path.write_text(yaml.safe_dump({"trainer": {}}))
     with pytest.raises(ValueError, match=r"unknown sections \['trainer'\]"):
-        resolve_run_config(args)
+        resolve_run_config(*args)
     with pytest.raises(ValueError, match="max_steps is required"):
-        resolve_run_config(build_parser().parse_args(["--data", str(tmp_path), "--output-dir", "o"]))
+        resolve_run_config(*parse_command(["--data", str(tmp_path), "--output-dir", "o"]))
+
+
+def test_every_training_argument_is_a_flag_and_merges_defaults_then_yaml_then_flags(tmp_path):
+    from transformers import TrainingArguments
+
+    from regionmed_clip.training_scripts.arguments import TrainingCommandParser
+    from regionmed_clip.training_scripts.train import DEFAULT_TRAINING_ARGS, TrainOptions
+
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text(yaml.safe_dump({"training_args": {"max_steps": 50, "weight_decay": 0.3, "warmup_steps": 7}}))
+    base = ["--config", str(yaml_path), "--data", str(tmp_path), "--output-dir", "o"]
+    training_args = resolve_run_config(*parse_command(base))["training_args"]
+    # no flag given: the YAML wins over the defaults, and the defaults fill the rest
+    assert training_args["weight_decay"] == 0.3 and training_args["warmup_steps"] == 7
+    assert training_args["learning_rate"] == DEFAULT_TRAINING_ARGS["learning_rate"]
+    assert "gradient_accumulation_steps" not in training_args  # left to TrainingArguments' own default
+    # fields regionmed-train never named are flags too, with dashes or underscores; a flag wins over the YAML
+    training_args = resolve_run_config(*parse_command(
+        [*base, "--gradient-accumulation-steps", "3", "--weight_decay", "0.1", "--lr-scheduler-type", "linear",
+         "--bf16", "--batch-size", "5"]))["training_args"]
+    assert training_args["gradient_accumulation_steps"] == 3 and training_args["weight_decay"] == 0.1
+    assert training_args["lr_scheduler_type"] == "linear" and training_args["bf16"] is True
+    assert training_args["per_device_train_batch_size"] == 5 and training_args["warmup_steps"] == 7
+    assert TrainingArguments(**{**training_args, "bf16": False}).gradient_accumulation_steps == 3
+    help_text = TrainingCommandParser("regionmed-train", "", TrainOptions).parser.format_help()
+    assert "--dataloader-num-workers" in help_text and "--eval-strategy" in help_text
 
 
 @pytest.mark.parametrize(("yaml_schedule", "flag", "expected"), [
@@ -66,7 +92,7 @@ def test_named_schedules_in_yaml_and_as_a_flag(tmp_path, yaml_schedule, flag, ex
     yaml_path = tmp_path / "run.yaml"
     yaml_path.write_text(yaml.safe_dump({"schedule": yaml_schedule} if yaml_schedule else {}))
     argv = ["--config", str(yaml_path), "--data", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--max-steps", "9"]
-    run = resolve_run_config(build_parser().parse_args(argv + (["--schedule", flag] if flag else [])))
+    run = resolve_run_config(*parse_command(argv + (["--schedule", flag] if flag else [])))
     assert run["schedule"] == expected  # saved resolved in run_config.yaml: the run says what it trained
     assert [name for name, _ in StagedSchedule(run["schedule"], 9).boundaries()] == [stage["name"] for stage in expected]
 
@@ -118,7 +144,7 @@ def test_window_sampling_is_set_under_data_and_the_ablation_turns_it_off(tmp_pat
     def collator_of(config: Path | None, **data) -> object:
         argv = ["--preset", "tiny", "--data", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"), "--max-steps", "2",
                 *(["--config", str(config)] if config else [])]
-        run = resolve_run_config(build_parser().parse_args(argv))
+        run = resolve_run_config(*parse_command(argv))
         run["data"].update(data)
         return build_trainer(run)[0].data_collator
 

@@ -250,10 +250,10 @@ def test_two_process_run_across_a_stage_boundary(data_dir, tmp_path, launcher):
     assert (out / "final" / "model.safetensors").exists()
 
     # Under DDP the frozen ROI processor did not move during warm-up, and Adam kept no state for it.
-    from regionmed_clip.training_scripts.train import build_parser, build_trainer, resolve_run_config
+    from regionmed_clip.training_scripts.train import build_trainer, parse_command, resolve_run_config
 
-    args = build_parser().parse_args(command(data_dir, out, run_config(tmp_path), max_steps=4)[3:])
-    fresh = build_trainer(resolve_run_config(args))[0].model  # same seed, same tokenizer -> the initial weights
+    args = parse_command(command(data_dir, out, run_config(tmp_path), max_steps=4)[3:])
+    fresh = build_trainer(resolve_run_config(*args))[0].model  # same seed, same tokenizer -> the initial weights
     after_warmup = weights(out / "checkpoint-2")
     for name, value in fresh.state_dict().items():
         if name.startswith("roi_processor."):

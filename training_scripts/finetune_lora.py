@@ -3,8 +3,14 @@
     regionmed-finetune --model RUN/final --data DATA --output-dir OUT [--towers vision,text]
                        [--layers attention,mlp,projections,context] [--rank 8] [--alpha 16] [--dropout 0.05]
                        [--modules-to-save roi_processor] [--max-steps 300] [--batch-size 32] [--learning-rate 1e-2]
-                       [--gradient-checkpointing off|reentrant|non-reentrant] [--config RUN.yaml]
-                       [--schedule joint|progressive] [--merge]
+                       [--config RUN.yaml] [--schedule joint|progressive] [--merge]
+                       [any transformers.TrainingArguments field as a flag]
+
+Training arguments merge as regionmed-train's do (its defaults, then this command's: 300 steps, learning rate
+1e-2, seed 0, no checkpoints; then the YAML's `training_args`; then the flags given). Activation checkpointing
+is TrainingArguments': `--activation-checkpointing`, reentrant with
+`--activation-checkpointing-kwargs '{"use_reentrant": true}'` (the frozen towers then get input gradients,
+so that the LoRA layers inside them learn).
 
 LoRA adapters go on the linear layers `--layers` names (`lora_target_regex`, exact module names): the
 attention projections (q / k / v / out) and the MLP (fc1 / fc2) of the chosen towers' encoder layers, the
@@ -25,11 +31,11 @@ classes and transformers' own architectures, not remote code):
     model = PeftModel.from_pretrained(base, "OUT/adapter")
 """
 
-import argparse
 import contextlib
+import dataclasses
 import json
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +46,11 @@ from regionmed_clip.data.schema import dataset_output
 from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPModel
 from regionmed_clip.processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, load_tokenizer
 
+from .arguments import TrainingCommandParser
 from .schedule import NAMED_SCHEDULES
 from .train import DEFAULT_TRAINING_ARGS, build_trainer, check_training_args, read_run_yaml, schedule_of
 
-__all__ = ["ADAPTED_LAYERS", "CHECKPOINTING_MODES", "DEFAULT_LAYERS", "ENCODER_LAYERS", "HEAD_LAYERS", "SAVABLE_MODULES",
+__all__ = ["ADAPTED_LAYERS", "DEFAULT_LAYERS", "ENCODER_LAYERS", "HEAD_LAYERS", "SAVABLE_MODULES",
            "TOWERS", "lora_config", "lora_target_regex", "main", "merge_adapter"]
 
 TOWERS: dict[str, str] = {"vision": "vision_model", "text": "text_model"}  # --towers name -> module prefix
@@ -63,7 +70,6 @@ WHOLE_PROJECTIONS: dict[str, str] = {"vision": "visual_projection"}
 ADAPTED_LAYERS = (*ENCODER_LAYERS, *HEAD_LAYERS)
 DEFAULT_LAYERS = ("attention", "mlp", "projections", "context")
 SAVABLE_MODULES: dict[str, list[str]] = {"roi_processor": ["roi_processor"]}  # --modules-to-save: trained whole
-CHECKPOINTING_MODES = ("off", "reentrant", "non-reentrant")
 # Measured on the tiny preset from 300-step bases, two bases (benchmarks/results/bench_finetune_grid2.json):
 # box-free AUROC +0.04 and retrieval R@5 +11 points at 1e-2 over 1e-3 with the default layers; larger presets
 # were not measured.
@@ -134,40 +140,65 @@ def _trainable(model: Any) -> dict[str, Any]:
     return {"trainable_parameters": trainable, "all_parameters": total, "trainable_share": trainable / total}
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regionmed-finetune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=model_folder, required=True, help="saved RegionMed-CLIP folder")
-    parser.add_argument("--data", type=folder, required=True, help="canonical dataset folder")
-    parser.add_argument("--output-dir", type=output_folder, required=True)
-    parser.add_argument("--towers", default="vision,text", help="comma-separated among vision, text")
-    parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS),
-                        help=f"comma-separated among {list(ADAPTED_LAYERS)}: which linear layers get adapters "
-                             "(the encoders' attention and MLP, the embedding projections, the box-free dense head)")
-    parser.add_argument("--rank", type=positive_int, default=8)
-    parser.add_argument("--alpha", type=positive_int, default=16)
-    parser.add_argument("--dropout", type=fraction, default=0.05, help="LoRA dropout, in [0, 1)")
-    parser.add_argument("--modules-to-save", default="none", help="comma-separated among "
-                        f"{sorted(SAVABLE_MODULES)} (trained whole), or 'none'")
-    parser.add_argument("--max-steps", type=positive_int, default=300)
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_TRAINING_ARGS["per_device_train_batch_size"])
-    parser.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gradient-checkpointing", choices=CHECKPOINTING_MODES, default="off")
-    parser.add_argument("--config", type=Path, default=None, help="run YAML: schedule and training_args")
-    parser.add_argument("--schedule", choices=sorted(NAMED_SCHEDULES), default=None,
-                        help="a named schedule (default: the YAML's `schedule`, else joint)")
-    parser.add_argument("--merge", action="store_true", help="also write the merged model to OUT/merged")
-    return parser
+@dataclasses.dataclass
+class FinetuneOptions:
+    """`regionmed-finetune`'s own options; every `TrainingArguments` field is a flag besides (`arguments.py`)."""
+
+    model: Path = dataclasses.field(metadata={"help": "saved RegionMed-CLIP folder"})
+    data: Path = dataclasses.field(metadata={"help": "canonical dataset folder"})
+    towers: str = dataclasses.field(default="vision,text", metadata={"help": "comma-separated among vision, text"})
+    layers: str = dataclasses.field(default=",".join(DEFAULT_LAYERS), metadata={
+        "help": f"comma-separated among {list(ADAPTED_LAYERS)}: which linear layers get adapters (the encoders' "
+                "attention and MLP, the embedding projections, the box-free dense head)"})
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = dataclasses.field(default=0.05, metadata={"help": "LoRA dropout, in [0, 1)"})
+    modules_to_save: str = dataclasses.field(default="none", metadata={
+        "help": f"comma-separated among {sorted(SAVABLE_MODULES)} (trained whole), or 'none'"})
+    config: Path | None = dataclasses.field(default=None, metadata={"help": "run YAML: schedule and training_args"})
+    schedule: str | None = dataclasses.field(default=None, metadata={
+        "choices": sorted(NAMED_SCHEDULES), "help": "a named schedule (default: the YAML's `schedule`, else joint)"})
+    merge: bool = dataclasses.field(default=False, metadata={"help": "also write the merged model to OUT/merged"})
+
+
+# This command's training defaults over regionmed-train's (`DEFAULT_TRAINING_ARGS`); the YAML and flags win.
+FINETUNE_TRAINING_ARGS: dict[str, Any] = {"max_steps": 300, "learning_rate": DEFAULT_LEARNING_RATE, "seed": 0,
+                                          "save_strategy": "no"}
+
+
+def parse_command(argv: Sequence[str] | None = None) -> tuple[FinetuneOptions, dict[str, Any]]:
+    """`regionmed-finetune`'s command line -> `(options, the TrainingArguments flags given)`."""
+    parser = TrainingCommandParser(
+        "regionmed-finetune", __doc__, FinetuneOptions,
+        types={"model": model_folder, "data": folder, "output_dir": output_folder, "rank": positive_int,
+               "alpha": positive_int, "dropout": fraction},
+        shorthands={"--batch-size": "per_device_train_batch_size"})
+    options, flags = parser.parse(argv)
+    if "output_dir" not in flags:
+        raise UsageError("--output-dir is required")
+    return options, flags
+
+
+def checkpointing_mode(training_args: Mapping[str, Any]) -> str:
+    """"off", "reentrant" or "non-reentrant", from TrainingArguments' activation checkpointing fields (or their
+    `gradient_checkpointing*` aliases); transformers' default is non-reentrant."""
+    enabled = training_args.get("activation_checkpointing", training_args.get("gradient_checkpointing"))
+    if not enabled:
+        return "off"
+    kwargs = training_args.get("activation_checkpointing_kwargs",
+                               training_args.get("gradient_checkpointing_kwargs")) or {}
+    if isinstance(kwargs, str):  # a JSON flag value; TrainingArguments parses it the same way
+        kwargs = json.loads(kwargs)
+    return "reentrant" if kwargs.get("use_reentrant", False) else "non-reentrant"
 
 
 @console_script("regionmed-finetune")
 def main(argv: list[str] | None = None) -> int:
-
-    args = _parser().parse_args(argv)
-    earlier = [args.output_dir / name for name in ("adapter", "merged") if (args.output_dir / name).exists()]
+    args, training_flags = parse_command(argv)
+    output_dir = training_flags["output_dir"]
+    earlier = [output_dir / name for name in ("adapter", "merged") if (output_dir / name).exists()]
     if earlier:
-        raise UsageError(f"--output-dir {str(args.output_dir)!r} holds an earlier fine-tune ({', '.join(path.name for path in earlier)}): "
+        raise UsageError(f"--output-dir {str(output_dir)!r} holds an earlier fine-tune ({', '.join(path.name for path in earlier)}): "
                          "choose a new folder, or delete it first")
     saved = [] if args.modules_to_save == "none" else [name.strip() for name in args.modules_to_save.split(",")]
     try:
@@ -177,20 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(str(error)) from None
     run_yaml = read_run_yaml(args.config)
     check_training_args(run_yaml.get("training_args") or {}, f"--config {str(args.config)!r}")
-    training_args = {**DEFAULT_TRAINING_ARGS, **(run_yaml.get("training_args") or {}),
-                     "output_dir": str(args.output_dir), "max_steps": args.max_steps, "seed": args.seed,
-                     "per_device_train_batch_size": args.batch_size, "learning_rate": args.learning_rate,
-                     "save_strategy": "no"}
-    if args.gradient_checkpointing != "off":
-        training_args["gradient_checkpointing"] = True
-        training_args["gradient_checkpointing_kwargs"] = {"use_reentrant": args.gradient_checkpointing == "reentrant"}
+    training_args = {**DEFAULT_TRAINING_ARGS, **FINETUNE_TRAINING_ARGS, **(run_yaml.get("training_args") or {}),
+                     **training_flags, "output_dir": str(output_dir)}
+    checkpointing = checkpointing_mode(training_args)
     run = {"model": {"pretrained": str(args.model)}, "data": {"path": str(args.data), "split": "train"},
            "schedule": schedule_of(args, run_yaml), "training_args": training_args}
     def wrap(model: RegionMedCLIPModel) -> PeftModel:
         # The box-free centre is a buffer the adapter does not save: held at the base's value, the model
         # trained here is exactly base + adapter (measured: re-estimating it moved AUROC by 0.002).
         model.config.box_free_center_momentum = 0.0
-        if args.gradient_checkpointing == "reentrant":
+        if checkpointing == "reentrant":
             # Reentrant checkpointing back-propagates only through segments whose input requires grad;
             # with the towers frozen, none would, and no LoRA layer inside them would learn.
             model.enable_input_require_grads()
@@ -202,15 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"LoRA on {args.towers}: {summary['trainable_parameters']:,} of {summary['all_parameters']:,} parameters "
           f"trainable ({100 * summary['trainable_share']:.2f}%)", flush=True)
     trainer.train()
-    adapter = args.output_dir / "adapter"
+    adapter = output_dir / "adapter"
     with dataset_output(adapter) as staging:
         trainer.model.save_pretrained(staging)
-    (args.output_dir / "lora_summary.json").write_text(json.dumps(
+    (output_dir / "lora_summary.json").write_text(json.dumps(
         {**summary, "towers": args.towers, "layers": args.layers, "rank": args.rank, "modules_to_save": saved,
-         "gradient_checkpointing": args.gradient_checkpointing, "max_steps": args.max_steps}, indent=2) + "\n")
+         "gradient_checkpointing": checkpointing, "max_steps": training_args["max_steps"]}, indent=2) + "\n")
     print(f"adapter: {adapter}")
     if args.merge:
-        print(f"merged model: {merge_adapter(args.model, adapter, args.output_dir / 'merged')}")
+        print(f"merged model: {merge_adapter(args.model, adapter, output_dir / 'merged')}")
     return 0
 
 

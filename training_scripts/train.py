@@ -2,7 +2,12 @@
 
     regionmed-train --preset tiny --data data/synth --output-dir runs/tiny --max-steps 600 --save-steps 200
     regionmed-train --config run.yaml --resume                 # continue from the last complete checkpoint
-    torchrun --nproc-per-node 2 -m training_scripts.train ...  # DDP (gloo on CPU, nccl on GPU)
+    torchrun --nproc-per-node 2 -m regionmed_clip.training_scripts.train ...  # DDP (gloo on CPU, nccl on GPU)
+
+Every `transformers.TrainingArguments` field is a flag too (`--gradient-accumulation-steps 4`, `--bf16`,
+`--lr-scheduler-type linear`; `--batch-size` is short for `--per-device-train-batch-size`). Training arguments
+merge in one order, later winning: the defaults below (`DEFAULT_TRAINING_ARGS`) < the YAML's `training_args`
+< the flags given (`arguments.py`). `--debug` is the console scripts' traceback switch, not TrainingArguments'.
 
 The YAML holds five optional sections (command-line flags win over it):
 
@@ -23,7 +28,6 @@ resumed where it now is: where the run and its data live (`LOCATION_KEYS`) is no
 The data's contents are compared instead (`data_fingerprint.json`).
 """
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -31,7 +35,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +55,7 @@ from regionmed_clip.processing import (
     load_tokenizer,
 )
 
+from .arguments import TrainingCommandParser
 from .checkpoints import checkpoint_step, latest_intact_checkpoint
 from .collator import RegionMedCLIPCollator, prefetch_lookahead_steps
 from .heap import fix_mmap_threshold, limit_onednn_primitive_cache
@@ -125,7 +130,7 @@ def check_training_args(training_args: dict[str, Any], where: str) -> None:
         raise UsageError(f"{where}: unknown training_args {unknown} (not transformers.TrainingArguments fields)")
 
 
-def schedule_of(args: argparse.Namespace, config: dict[str, Any]) -> list[dict[str, Any]]:
+def schedule_of(args: Any, config: dict[str, Any]) -> list[dict[str, Any]]:
     """The run's stages: `--schedule NAME`, else the YAML's `schedule` (a name or a list), else `joint`."""
     try:
         return resolve_schedule(args.schedule or config.get("schedule") or "joint")
@@ -133,17 +138,15 @@ def schedule_of(args: argparse.Namespace, config: dict[str, Any]) -> list[dict[s
         raise UsageError(f"{'--schedule' if args.schedule else f'--config {str(args.config)!r}'}: {error}") from None
 
 
-def resolve_run_config(args: argparse.Namespace) -> dict[str, Any]:
-    """Merge defaults < YAML < command-line flags into one plain dict."""
+def resolve_run_config(args: "TrainOptions", training_flags: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge defaults < YAML < command-line flags into one plain dict (`training_flags`: the TrainingArguments
+    fields given on the command line)."""
     config = read_run_yaml(args.config)
     model = {"preset": "tiny", "overrides": {}, **(config.get("model") or {})}
     data = {"split": "train", "max_skip_fraction": DEFAULT_MAX_SKIP_FRACTION, **(config.get("data") or {})}
     check_training_args(config.get("training_args") or {}, f"--config {str(args.config)!r}")
     training_args = {**DEFAULT_TRAINING_ARGS, **(config.get("training_args") or {})}
-    flags = {"max_steps": args.max_steps, "save_steps": args.save_steps, "seed": args.seed,
-             "output_dir": args.output_dir, "per_device_train_batch_size": args.batch_size,
-             "learning_rate": args.learning_rate, "logging_steps": args.logging_steps}
-    training_args.update({key: value for key, value in flags.items() if value is not None})
+    training_args.update(training_flags)
     if args.preset:
         model["preset"] = args.preset
     if args.tokenizer:
@@ -405,48 +408,49 @@ def cpu_threads_advice(threads: int, cores: int, load: float) -> str | None:
             f"{CONTENDED_SLOWDOWN}x slower than at 1 each); pass --threads {free}, or stop the other work")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regionmed-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    parser.add_argument("--data", type=Path, default=None, help="canonical dataset folder (parquet shards)")
-    parser.add_argument("--output-dir", type=Path, default=None)
-    parser.add_argument("--max-steps", type=positive_int, default=None)
-    parser.add_argument("--save-steps", type=positive_int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--batch-size", type=positive_int, default=None, help="per-device train batch size")
-    parser.add_argument("--learning-rate", type=float, default=None)
-    parser.add_argument("--logging-steps", type=positive_int, default=None)
-    parser.add_argument("--schedule", choices=sorted(NAMED_SCHEDULES), default=None,
-                        help="a named schedule (default: the YAML's `schedule`, else joint); progressive = the "
-                             "paper's four stages")
-    parser.add_argument("--tokenizer", type=Path, default=None, help="a local BERT-style tokenizer folder")
-    parser.add_argument("--max-skip-fraction", type=float, default=None,
-                        help=f"stop when more than this share of the rows is skipped (default {DEFAULT_MAX_SKIP_FRACTION})")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="CPU threads for the training process (default: torch's, one per core). With other "
-                             "jobs on the machine give each cores / jobs: two runs at 2 threads on 2 cores "
-                             f"ran {CONTENDED_SLOWDOWN}x slower than at 1 each (docs/PERFORMANCE.md). DataLoader "
-                             "workers use 1 thread each")
-    parser.add_argument("--config", type=Path, default=None, help="run YAML (model, data, schedule, training_args)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start over in a folder that holds a run (its checkpoints and outputs are deleted)")
-    parser.add_argument("--allow-config-change", action="store_true",
-                        help="--resume even though the data or run configuration changed since the run started")
-    return parser
+@dataclasses.dataclass
+class TrainOptions:
+    """`regionmed-train`'s own options; every `TrainingArguments` field is a flag besides (`arguments.py`)."""
+
+    preset: str | None = dataclasses.field(default=None, metadata={"choices": sorted(PRESETS),
+                                                                   "help": "model size (default: the YAML's, else tiny)"})
+    data: Path | None = dataclasses.field(default=None, metadata={"help": "canonical dataset folder (parquet shards)"})
+    schedule: str | None = dataclasses.field(default=None, metadata={
+        "choices": sorted(NAMED_SCHEDULES),
+        "help": "a named schedule (default: the YAML's `schedule`, else joint); progressive = the paper's four stages"})
+    tokenizer: Path | None = dataclasses.field(default=None, metadata={"help": "a local BERT-style tokenizer folder"})
+    max_skip_fraction: float | None = dataclasses.field(default=None, metadata={
+        "help": f"stop when more than this share of the rows is skipped (default {DEFAULT_MAX_SKIP_FRACTION})"})
+    threads: int | None = dataclasses.field(default=None, metadata={
+        "help": "CPU threads for the training process (default: torch's, one per core). With other jobs on the "
+                f"machine give each cores / jobs: two runs at 2 threads on 2 cores ran {CONTENDED_SLOWDOWN}x slower "
+                "than at 1 each (docs/PERFORMANCE.md). DataLoader workers use 1 thread each"})
+    config: Path | None = dataclasses.field(default=None, metadata={
+        "help": "run YAML (model, data, schedule, training_args, loss)"})
+    resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest intact checkpoint"})
+    overwrite: bool = dataclasses.field(default=False, metadata={
+        "help": "start over in a folder that holds a run (its checkpoints and outputs are deleted)"})
+    allow_config_change: bool = dataclasses.field(default=False, metadata={
+        "help": "--resume even though the data or run configuration changed since the run started"})
+
+
+def parse_command(argv: list[str] | None = None) -> tuple[TrainOptions, dict[str, Any]]:
+    """`regionmed-train`'s command line -> `(options, the TrainingArguments flags given)`."""
+    parser = TrainingCommandParser("regionmed-train", __doc__, TrainOptions, types={"threads": positive_int},
+                                   shorthands={"--batch-size": "per_device_train_batch_size"})
+    return parser.parse(argv)
 
 
 @console_script("regionmed-train")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args, training_flags = parse_command(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if not torch.cuda.is_available() and hasattr(os, "getloadavg") and (
             advice := cpu_threads_advice(torch.get_num_threads(), os.cpu_count() or 1, os.getloadavg()[0])):
         logger.warning(advice)
-    run = resolve_run_config(args)
+    run = resolve_run_config(args, training_flags)
     fingerprint = None
     if int(os.environ.get("RANK", "0")) == 0:  # before any rank writes into the folder
         fingerprint = prepare_run_folder(run, args.resume, args.overwrite, args.allow_config_change)

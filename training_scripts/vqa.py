@@ -2,6 +2,7 @@
 
     regionmed-train-vqa --model RUN/final --data DATA --output-dir OUT [--max-steps 600] [--batch-size 32]
                         [--learning-rate 1e-3] [--backbone-lr-scale 0.1] [--regions] [--seed 0]
+                        [any transformers.TrainingArguments field as a flag, e.g. --gradient-accumulation-steps 2]
 
 The answer set is the training split's answers after `regionmed_clip.scoring.normalize_answer` (closed
 yes / no and open answers alike), most frequent first; it becomes the model's `id2label`. The
@@ -15,8 +16,8 @@ into a hidden folder and renamed to `final/` once complete; an output folder tha
 `final/` is refused before training starts.
 """
 
-import argparse
 import collections
+import dataclasses
 import json
 import logging
 import math
@@ -27,11 +28,13 @@ from typing import Any
 import torch
 from transformers import AutoProcessor, Trainer, TrainingArguments
 
-from regionmed_clip.cli import UsageError, console_script, folder, model_folder, output_folder, positive_int
+from regionmed_clip.cli import UsageError, console_script, folder, model_folder, output_folder
 from regionmed_clip.data.schema import dataset_output, load_canonical
 from regionmed_clip.data.vqa import VQAExample, load_vqa_examples
 from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPForVQA
 from regionmed_clip.scoring import normalize_answer
+
+from .arguments import TrainingCommandParser
 
 __all__ = ["IGNORE_INDEX", "RegionMedCLIPVQATrainer", "VQACollator", "answer_vocabulary", "build_vqa_trainer", "main"]
 
@@ -39,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # cross-entropy's ignore index: a question whose answer is outside the answer set
 DEFAULT_VQA_ARGS: dict[str, Any] = {
+    "max_steps": 600,
+    "seed": 0,
     "per_device_train_batch_size": 32,
     "learning_rate": 1e-3,
     "weight_decay": 0.05,
@@ -169,49 +174,55 @@ def build_vqa_trainer(
     return trainer, processor
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regionmed-train-vqa", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=model_folder, required=True, help="pretrained RegionMed-CLIP folder")
-    parser.add_argument("--data", type=folder, required=True, help="canonical dataset with vqa/train.json")
-    parser.add_argument("--output-dir", type=output_folder, required=True)
-    parser.add_argument("--max-steps", type=positive_int, default=600)
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_VQA_ARGS["per_device_train_batch_size"])
-    parser.add_argument("--learning-rate", type=float, default=DEFAULT_VQA_ARGS["learning_rate"])
-    parser.add_argument("--backbone-lr-scale", type=float, default=0.1, help="0 freezes the backbone")
-    parser.add_argument("--regions", action="store_true", help="give the dataset's boxes as ROI inputs")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser
+@dataclasses.dataclass
+class VQAOptions:
+    """`regionmed-train-vqa`'s own options; every `TrainingArguments` field is a flag besides (`arguments.py`)."""
+
+    model: Path = dataclasses.field(metadata={"help": "pretrained RegionMed-CLIP folder"})
+    data: Path = dataclasses.field(metadata={"help": "canonical dataset with vqa/train.json"})
+    backbone_lr_scale: float = dataclasses.field(default=0.1, metadata={"help": "0 freezes the backbone"})
+    regions: bool = dataclasses.field(default=False, metadata={"help": "give the dataset's boxes as ROI inputs"})
 
 
-def _check_arguments(args: argparse.Namespace) -> None:
+def parse_command(argv: Sequence[str] | None = None) -> tuple[VQAOptions, dict[str, Any]]:
+    """`regionmed-train-vqa`'s command line -> `(options, the TrainingArguments flags given)`; those win over
+    `DEFAULT_VQA_ARGS` in `build_vqa_trainer`. `--output-dir` is required."""
+    parser = TrainingCommandParser("regionmed-train-vqa", __doc__, VQAOptions,
+                                   types={"model": model_folder, "data": folder, "output_dir": output_folder},
+                                   shorthands={"--batch-size": "per_device_train_batch_size"})
+    options, flags = parser.parse(argv)
+    if "output_dir" not in flags:
+        raise UsageError("--output-dir is required")
+    return options, flags
+
+
+def _check_arguments(args: VQAOptions, training_args: Mapping[str, Any]) -> None:
     """UsageError naming the first argument whose value cannot work (before any model is loaded)."""
-    if not math.isfinite(args.learning_rate) or args.learning_rate <= 0:
-        raise UsageError(f"--learning-rate must be a positive number, got {args.learning_rate}")
+    learning_rate = training_args.get("learning_rate", DEFAULT_VQA_ARGS["learning_rate"])
+    if not math.isfinite(learning_rate) or learning_rate <= 0:
+        raise UsageError(f"--learning-rate must be a positive number, got {learning_rate}")
     if not 0.0 <= args.backbone_lr_scale <= 1.0:
         raise UsageError(f"--backbone-lr-scale must be in [0, 1] (0 freezes the backbone), got {args.backbone_lr_scale}")
-    final = args.output_dir / "final"
+    final = training_args["output_dir"] / "final"
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
-        raise UsageError(f"--output-dir {str(args.output_dir)!r} already holds a trained model (final/): "
+        raise UsageError(f"--output-dir {str(training_args['output_dir'])!r} already holds a trained model (final/): "
                          "train into a new folder")
 
 
 @console_script("regionmed-train-vqa")
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    _check_arguments(args)
+    args, training_args = parse_command(argv)
+    _check_arguments(args, training_args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    trainer, processor = build_vqa_trainer(
-        args.model, args.data, args.output_dir,
-        {"max_steps": args.max_steps, "per_device_train_batch_size": args.batch_size,
-         "learning_rate": args.learning_rate, "seed": args.seed},
-        args.backbone_lr_scale, args.regions)
+    output_dir = training_args.pop("output_dir")
+    trainer, processor = build_vqa_trainer(args.model, args.data, output_dir, training_args,
+                                           args.backbone_lr_scale, args.regions)
     trainer.train()
-    final = args.output_dir / "final"
+    final = output_dir / "final"
     with dataset_output(final) as staging:  # a half-written final/ never looks like a trained model
         trainer.model.save_pretrained(staging)  # no training_args.bin pickle beside the weights
         processor.save_pretrained(staging)
-    (args.output_dir / "train_log.jsonl").write_text(
+    (output_dir / "train_log.jsonl").write_text(
         "".join(json.dumps(entry) + "\n" for entry in trainer.state.log_history))
     print(f"VQA model: {final} ({trainer.model.config.num_labels} answers)")
     return 0
