@@ -48,18 +48,21 @@ DICOM (a ``pydicom.Dataset`` or a DICOM path; needs the optional ``pydicom>=3``,
        (``apply_color_lut``); 16-bit palette entries keep their high byte.
     3. Grayscale: the modality LUT (``RescaleSlope``/``RescaleIntercept`` or a Modality LUT Sequence) is applied
        first, so windows are in modality units (e.g. Hounsfield units); a ``RescaleSlope`` of 0 (every pixel
-       the same value) is an error, not a blank image. Then, in order of preference:
-       a VOI LUT Sequence -> ``apply_voi_lut`` then min-max to 8 bits; ``WindowCenter``/``WindowWidth`` (the
-       first value when multi-valued, width > 0; a width <= 0 is ignored with a logged warning naming the file)
-       -> linear window ``low = c - w/2``, ``high = c + w/2``:
-       values are clipped into the window (that is what a window means: everything below it is black,
-       everything above it white) and mapped linearly onto 0..255; otherwise min-max. ``VOILUTFunction`` is
-       ignored (always linear).
+       the same value) is an error, not a blank image. Then, in order of preference (as pydicom's
+       ``apply_voi_lut``, which prefers the LUT):
+       a VOI LUT Sequence -> its first LUT (``apply_voi``), whose output range ``0..2**n - 1`` (``n`` the third
+       LUT Descriptor value) is mapped onto 0..255; ``WindowCenter``/``WindowWidth`` (the first value when
+       multi-valued) -> the window function of ``VOILUTFunction`` (PS3.3 C.11.2.1.2), computed by
+       ``apply_windowing`` onto 0..255: ``LINEAR`` (the default) and ``LINEAR_EXACT`` clip into the window
+       (everything below it black, everything above it white) and map it linearly, ``SIGMOID`` maps
+       ``255 / (1 + exp(-4 (x - c) / w))``. A width the standard does not allow (<= 0; below 1 for ``LINEAR``)
+       is ignored with a logged warning naming the file, and an unknown ``VOILUTFunction`` is a ``ValueError``.
+       Without a VOI LUT or a usable window: min-max.
        Enhanced multi-frame data (e.g. Enhanced CT/MR) keeps the rescale and the window in functional groups:
        the chosen frame's ``PerFrameFunctionalGroupsSequence`` item is looked up first, then the
        ``SharedFunctionalGroupsSequence`` item, then the top level, each separately for the rescale
-       (``PixelValueTransformationSequence``) and for the window (``FrameVOILUTSequence``). A VOI LUT Sequence is
-       read from the top level only.
+       (``PixelValueTransformationSequence``) and for the window and its ``VOILUTFunction``
+       (``FrameVOILUTSequence``). A VOI LUT Sequence is read from the top level only.
     4. ``MONOCHROME1`` is inverted after windowing (``255 - x``), so bright always means dense.
 
 Size limit
@@ -79,6 +82,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -230,16 +234,6 @@ def _minmax_to_uint8(values: np.ndarray) -> np.ndarray:
     # Multiply before dividing: for integer inputs the product is exact, so halves (e.g. 127.5) stay exact.
     out *= 255.0
     out /= high - low
-    return _round_to_uint8(out)
-
-
-def _window_to_uint8(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """Any real array -> uint8 of the same shape: [c - w/2, c + w/2] mapped onto [0, 255], outside clipped."""
-    out = _as_finite_float64(values)
-    out -= center - width / 2.0
-    out *= 255.0
-    out /= width
-    np.clip(out, 0.0, 255.0, out=out)
     return _round_to_uint8(out)
 
 
@@ -475,14 +469,71 @@ def _rescale_source(dataset: Any, dicom_frame: int) -> Any:
     return dataset
 
 
-def _frame_window(dataset: Any, dicom_frame: int) -> tuple[float | None, float | None]:
-    """The frame's (WindowCenter, WindowWidth), first values: per-frame group, shared group, then top level."""
+@dataclass(frozen=True)
+class _Window:
+    """One VOI window (PS3.3 C.11.2.1.2): the first WindowCenter / WindowWidth and the VOILUTFunction beside them."""
+
+    center: float
+    width: float
+    function: str  # LINEAR (the default when absent), LINEAR_EXACT or SIGMOID
+
+    def problem(self) -> str | None:
+        """Why the standard allows no such window (pydicom's `apply_windowing` would raise), else None."""
+        if self.width <= 0:
+            return "is not positive"
+        if self.function == "LINEAR" and self.width < 1:
+            return "is below 1, the least a LINEAR window may have"
+        return None
+
+
+def _frame_window(dataset: Any, dicom_frame: int) -> _Window | None:
+    """The frame's window: per-frame group, shared group, then top level; None when there is none."""
     for source in [*_functional_group_items(dataset, dicom_frame, "FrameVOILUTSequence"), dataset]:
         center = _first_value(getattr(source, "WindowCenter", None))
         width = _first_value(getattr(source, "WindowWidth", None))
         if center is not None and width is not None:
-            return center, width
-    return None, None
+            # The Frame VOI LUT macro carries its own VOILUTFunction: read it from the item the window came from.
+            function = str(getattr(source, "VOILUTFunction", None) or "LINEAR").strip().upper()
+            return _Window(center, width, function)
+    return None
+
+
+def _apply_voi_lut_sequence(values: np.ndarray, dataset: Any) -> np.ndarray:
+    """Modality values -> uint8 through the dataset's first VOI LUT (``pydicom.pixels.apply_voi``).
+
+    Its entries are n-bit values, n being the third LUT Descriptor value (PS3.3 C.11.2.1.1), so its output range is
+    0..2**n - 1: that range, not the image's own, is mapped onto 0..255, so the LUT's brightness is kept.
+    """
+    if values.dtype.kind == "f":
+        # A LUT is indexed by integer input values; a rescale hands them over as floats, which pydicom warns about.
+        values = np.rint(_as_finite_float64(values)).astype(np.int64)
+    try:
+        mapped = _import_pydicom().pixels.apply_voi(values, dataset)
+    except NotImplementedError as error:  # an entry size other than 8 or 10..16 bits; not a missing decoder
+        raise ValueError(f"Unsupported VOI LUT: {error}") from error
+    bits = int(dataset.VOILUTSequence[0].LUTDescriptor[2])
+    out = mapped.astype(np.float64)
+    # Multiply before dividing: the product of integers is exact, so halves round as halves.
+    out *= 255.0
+    out /= 2**bits - 1
+    return _round_to_uint8(out)
+
+
+def _apply_window(values: np.ndarray, window: _Window, photometric: str) -> np.ndarray:
+    """Modality values -> uint8 through one window, computed by ``pydicom.pixels.apply_windowing``.
+
+    pydicom reads the window from a dataset holding a VOI LUT Module and maps it onto the range of the stored values
+    (BitsStored, PixelRepresentation, the rescale). The window here may come from a functional group, which pydicom
+    does not read, and the output is an 8-bit display: so it gets a dataset with just that window and an 8-bit
+    unsigned range without rescale, its y_min..y_max being 0..255.
+    """
+    pydicom = _import_pydicom()
+    module = pydicom.Dataset()
+    module.PhotometricInterpretation = photometric  # pydicom windows only MONOCHROME1 / MONOCHROME2
+    module.BitsStored, module.PixelRepresentation = 8, 0
+    module.WindowCenter, module.WindowWidth = window.center, window.width
+    module.VOILUTFunction = window.function
+    return _round_to_uint8(pydicom.pixels.apply_windowing(_as_finite_float64(values), module))
 
 
 def _decode_frame(dataset: Any, dicom_frame: int, num_frames: int) -> tuple[np.ndarray, str]:
@@ -547,17 +598,19 @@ def _from_dicom(dataset: Any, dicom_frame: int, max_image_pixels: int | None, so
         raise ValueError("RescaleSlope is 0: every pixel would map to RescaleIntercept (a blank image); "
                          "the header is wrong")
     values = pixels.apply_modality_lut(values, rescale)
-    center, width = _frame_window(dataset, dicom_frame)
-    if center is not None and width is not None and width <= 0 and not getattr(dataset, "VOILUTSequence", None):
-        # A zero or negative width describes no window (the standard requires >= 1): min-max it, and say so.
-        logger.warning("%s: WindowWidth %g is not positive: the window (center %g) is ignored and the image "
-                       "min-max scaled", source, width, center)
+    window = _frame_window(dataset, dicom_frame)
     if getattr(dataset, "VOILUTSequence", None):
-        out = _minmax_to_uint8(pixels.apply_voi_lut(values, dataset))
-    elif center is not None and width is not None and width > 0:
-        out = _window_to_uint8(values, center, width)
-    else:
+        # As pydicom's apply_voi_lut (prefer_lut=True): a VOI LUT Sequence takes precedence over a window.
+        out = _apply_voi_lut_sequence(values, dataset)
+    elif window is None:
         out = _minmax_to_uint8(values)
+    elif problem := window.problem():
+        # A window the standard does not allow describes no window: min-max the image instead, and say so.
+        logger.warning("%s: WindowWidth %g %s: the window (center %g) is ignored and the image min-max scaled",
+                       source, window.width, problem, window.center)
+        out = _minmax_to_uint8(values)
+    else:
+        out = _apply_window(values, window, photometric)
 
     if photometric == "MONOCHROME1":
         # MONOCHROME1 stores dense tissue as dark; invert so bright always means dense, as in MONOCHROME2.

@@ -401,6 +401,26 @@ def read_dicom(name: str):
     return pydicom.dcmread(dicom_path(name))
 
 
+def standard_window(x: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """The VOI window functions of DICOM PS3.3 C.11.2.1.2 / C.11.2.1.3, output range y_min = 0, y_max = 255."""
+    x = np.asarray(x, dtype=np.float64)
+    if function == "SIGMOID":  # C.11.2.1.3.1
+        return 255 / (1 + np.exp(-4 * (x - center) / width))
+    if function == "LINEAR":  # C.11.2.1.2.1
+        low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+        y = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255
+    elif function == "LINEAR_EXACT":  # C.11.2.1.3.2
+        low, high = center - width / 2, center + width / 2
+        y = ((x - center) / width + 0.5) * 255
+    else:
+        raise ValueError(function)
+    return np.where(x <= low, 0.0, np.where(x > high, 255.0, y))
+
+
+def round_half_up(values: np.ndarray) -> np.ndarray:
+    return np.floor(np.asarray(values) + 0.5)
+
+
 def test_ct_small_modality_lut_and_min_max():
     path = dicom_path("CT_small.dcm")
     assert is_dicom_file(path)
@@ -428,12 +448,14 @@ def test_path_and_dataset_forms_agree(name):
 
 def test_mr_small_uses_its_window():
     ds = read_dicom("MR_small.dcm")
-    center, width = float(ds.WindowCenter), float(ds.WindowWidth)  # 600 / 1600 -> window [-200, 1000]
+    center, width = float(ds.WindowCenter), float(ds.WindowWidth)
     assert (center, width) == (600.0, 1600.0)
+    assert "VOILUTFunction" not in ds  # so LINEAR: (x + 200) / 1599, -200 and below black, 1399 and above white
     out = load_medical_image(ds)
     raw = ds.pixel_array.astype(np.float64)  # no rescale in this file
-    expected = np.floor(np.clip((raw + 200) * 255 / 1600, 0, 255) + 0.5)
+    expected = np.floor(np.clip((raw + 200) * 255 / 1599, 0, 255) + 0.5)
     np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(out, round_half_up(standard_window(raw, center, width)))
     assert len(np.unique(out)) > 50
 
 
@@ -464,13 +486,13 @@ def test_ct_small_window_copy():
     ds = read_dicom("CT_small.dcm")
     original = load_medical_image(ds)
     windowed = copy.deepcopy(ds)
-    windowed.WindowCenter = 40  # soft-tissue window in HU: [-160, 240]
+    windowed.WindowCenter = 40  # soft-tissue window in HU: -160 and below black, 239 and above white
     windowed.WindowWidth = 400
     out = load_medical_image(windowed)
     raw = ds.pixel_array
     hu = raw.astype(np.float64) - 1024  # RescaleSlope 1, RescaleIntercept -1024
     for y, x in [(0, 0), (64, 64), (40, 90), (100, 30)]:
-        expected = min(255.0, max(0.0, (hu[y, x] + 160) * 255 / 400))
+        expected = min(255.0, max(0.0, (hu[y, x] + 160) * 255 / 399))  # LINEAR: (x - (c - w/2)) / (w - 1)
         assert out[y, x] == int(np.floor(expected + 0.5)), (y, x, raw[y, x])
     assert (out[hu <= -160] == 0).all() and (out[hu >= 240] == 255).all()
     assert not np.array_equal(out, original)
@@ -483,6 +505,105 @@ def test_monochrome1_is_inverted(name):
     mono1 = copy.deepcopy(ds)
     mono1.PhotometricInterpretation = "MONOCHROME1"
     np.testing.assert_array_equal(load_medical_image(mono1), 255 - load_medical_image(ds))
+
+
+# VOI LUT functions and sequences (PS3.3 C.11.2), on files built here and read back from disk.
+RAMP = np.arange(0, 399, 7, dtype=np.uint16).reshape(3, 19)  # modality values 2v - 100: -100 .. 684
+
+
+def write_dicom_file(path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **tags) -> str:
+    """A secondary-capture DICOM file (explicit VR little endian) of `pixels` with `tags` set; its path."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    ds.set_pixel_data(pixels, photometric, 16)
+    for name, value in tags.items():
+        setattr(ds, name, value)
+    ds.save_as(path, enforce_file_format=True)
+    return str(path)
+
+
+@pytest.mark.parametrize("function", ["SIGMOID", "LINEAR_EXACT"])
+def test_voi_lut_function_follows_the_standard(tmp_path, function):
+    path = write_dicom_file(tmp_path / "film.dcm", RAMP, RescaleSlope=2, RescaleIntercept=-100,
+                            WindowCenter=300, WindowWidth=400, VOILUTFunction=function)
+    modality = 2.0 * RAMP - 100
+    out = load_medical_image(path)
+    assert_fresh_uint8(out, RAMP.shape)
+    np.testing.assert_array_equal(out, round_half_up(standard_window(modality, 300, 400, function)))
+    # The function changes the picture: without it (LINEAR), the same window gives other pixels.
+    linear = round_half_up(standard_window(modality, 300, 400, "LINEAR"))
+    assert (out != linear).sum() >= (10 if function == "SIGMOID" else 3)
+
+
+def test_sigmoid_window_by_hand():
+    pydicom = pytest.importorskip("pydicom")
+    ds = pydicom.Dataset()
+    ds.set_pixel_data(np.array([[0, 100, 200]], dtype=np.uint16), "MONOCHROME2", 16)
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 100, 200, "SIGMOID"
+    # 255 / (1 + e^(-4 (x - 100) / 200)): e^2 = 7.389 -> 30.41; 127.5; 255 / (1 + e^-2) = 224.59.
+    np.testing.assert_array_equal(load_medical_image(ds), [[30, 128, 225]])
+
+
+def test_monochrome1_is_inverted_after_windowing(tmp_path):
+    path = write_dicom_file(tmp_path / "mono1.dcm", RAMP, "MONOCHROME1", RescaleSlope=2, RescaleIntercept=-100,
+                            WindowCenter=100, WindowWidth=300, VOILUTFunction="SIGMOID")
+    windowed = round_half_up(standard_window(2.0 * RAMP - 100, 100, 300, "SIGMOID"))
+    # Inverting the stored values before windowing would give another picture (the window is not centred).
+    np.testing.assert_array_equal(load_medical_image(path), 255 - windowed)
+
+
+def voi_lut_item(entries: list[int], first_mapped: int, bits: int, vr: str):
+    """A VOI LUT Sequence item: LUT Descriptor [len(entries), first_mapped, bits], its LUT Data as `vr`."""
+    pydicom = pytest.importorskip("pydicom")
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [len(entries), first_mapped, bits]
+    data = entries if vr == "US" else np.array(entries, dtype="<u2").tobytes()
+    item.add_new("LUTData", vr, data)
+    return item
+
+
+@pytest.mark.parametrize(("bits", "vr"), [(8, "US"), (16, "OW")])
+def test_voi_lut_sequence_takes_precedence_over_the_window(tmp_path, bits, vr):
+    scale = (2**bits - 1) // 255  # 1 for 8-bit entries, 257 for 16-bit ones: the same picture
+    # Not monotonic and not spanning 0..255: no window and no min-max could give it.
+    lut = voi_lut_item([10 * scale, 50 * scale, 200 * scale, 30 * scale], 0, bits, vr)
+    pixels = np.array([[0, 1, 2], [3, 4, 5]], dtype=np.uint16)
+    path = write_dicom_file(tmp_path / "lut.dcm", pixels, RescaleSlope=1, RescaleIntercept=-2,
+                            VOILUTSequence=[lut], WindowCenter=0, WindowWidth=4)
+    # Modality values -2..3: below the first mapped value (0) take entry 0, 0..3 their own entries.
+    np.testing.assert_array_equal(load_medical_image(path), [[10, 10, 10], [50, 200, 30]])
+
+
+def test_no_window_falls_back_to_min_max(tmp_path):
+    # A VOI LUT Function with no window describes no window.
+    path = write_dicom_file(tmp_path / "plain.dcm", RAMP, RescaleSlope=2, RescaleIntercept=-100,
+                            VOILUTFunction="SIGMOID")
+    raw = RAMP.astype(np.float64)
+    np.testing.assert_array_equal(load_medical_image(path), round_half_up((raw - raw.min()) * 255 / np.ptp(raw)))
+
+
+def test_a_linear_window_narrower_than_1_is_ignored_but_a_sigmoid_one_is_not(caplog):
+    pydicom = pytest.importorskip("pydicom")
+    ds = pydicom.Dataset()
+    ds.set_pixel_data(np.array([[0, 50], [100, 200]], dtype=np.uint16), "MONOCHROME2", 16)
+    ds.WindowCenter, ds.WindowWidth = 60, 0.5  # LINEAR needs a width of at least 1 (PS3.3 C.11.2.1.2.1)
+    with caplog.at_level("WARNING", logger="regionmed_clip.processing.medical_image_io"):
+        np.testing.assert_array_equal(load_medical_image(ds), [[0, 64], [128, 255]])
+    assert "WindowWidth 0.5 is below 1, the least a LINEAR window may have: the window (center 60)" in caplog.text
+    ds.VOILUTFunction = "SIGMOID"  # any width > 0: a step at 60
+    np.testing.assert_array_equal(load_medical_image(ds), [[0, 0], [255, 255]])
+
+
+def test_an_unknown_voi_lut_function_is_an_error_naming_the_file(tmp_path):
+    path = write_dicom_file(tmp_path / "log.dcm", RAMP, WindowCenter=100, WindowWidth=50, VOILUTFunction="LOG")
+    with pytest.raises(ValueError, match=r"log\.dcm'.*VOI LUT Function value 'LOG'"):
+        load_medical_image(path)
 
 
 def test_multi_frame_selection_and_range():
@@ -519,8 +640,8 @@ def test_hand_built_multi_frame():
 ENHANCED_FRAME = np.array([[0, 50, 100], [150, 200, 60000]], dtype=np.uint16)
 
 
-def functional_group(rescale=None, window=None):
-    """A functional-groups item with an optional (slope, intercept) and (center, width) macro."""
+def functional_group(rescale=None, window=None, function=None):
+    """A functional-groups item with an optional (slope, intercept) and (center, width[, VOI LUT function]) macro."""
     pydicom = pytest.importorskip("pydicom")
     group = pydicom.Dataset()
     if rescale is not None:
@@ -532,6 +653,8 @@ def functional_group(rescale=None, window=None):
         voi = pydicom.Dataset()
         voi.WindowCenter, voi.WindowWidth = window
         voi.WindowCenterWidthExplanation = "TEST"
+        if function is not None:
+            voi.VOILUTFunction = function
         group.FrameVOILUTSequence = [voi]
     return group
 
@@ -555,8 +678,8 @@ def test_enhanced_shared_group_matches_classic_top_level_tags(tmp_path):
     assert "RescaleSlope" not in ds and "WindowCenter" not in ds
     path = tmp_path / "enhanced.dcm"
     ds.save_as(path, enforce_file_format=True)
-    # Modality values 2v - 100, window [0, 200], v / 200 * 255: frame 1 is -50, 50, 150, 250, ... -> 0, 64, 191, 255.
-    hand_computed = [[[0, 0, 128], [255, 255, 255]], [[0, 64, 191], [255, 255, 255]], [[0, 128, 255], [255, 255, 255]]]
+    # Modality values 2v - 100, LINEAR window [0, 200), m / 199 * 255: frame 1 is -50, 50, 150, 250 -> 0, 64, 192, 255.
+    hand_computed = [[[0, 0, 128], [255, 255, 255]], [[0, 64, 192], [255, 255, 255]], [[0, 128, 255], [255, 255, 255]]]
     for k in range(3):
         classic = pydicom.Dataset()
         classic.set_pixel_data(frames[k], "MONOCHROME2", 16)
@@ -571,16 +694,17 @@ def test_enhanced_shared_group_matches_classic_top_level_tags(tmp_path):
 
 def test_enhanced_per_frame_windows_are_each_frames_own():
     frames = np.stack([ENHANCED_FRAME] * 3)  # identical pixels: only the windows tell the frames apart
+    # LINEAR windows (c, w) map [c - w/2, c + w/2 - 1] as (v - c + w/2) / (w - 1).
     per_frame = [
-        functional_group(window=(100, 200)),  # [0, 200]
-        functional_group(window=([1000, 5], [2000, 1])),  # multi-valued: the first pair, [0, 2000]
-        functional_group(window=(100, 100)),  # [50, 150]
+        functional_group(window=(100, 200)),  # [0, 199]
+        functional_group(window=([1000, 5], [2000, 1])),  # multi-valued: the first pair, [0, 1999]
+        functional_group(window=(100, 100)),  # [50, 149]
     ]
     ds = enhanced_ct(frames, functional_group(), per_frame)
     expected = [
-        [[0, 64, 128], [191, 255, 255]],
-        [[0, 6, 13], [19, 26, 255]],  # v / 2000 * 255: 6.375, 12.75, 19.125, 25.5 (halves round up)
-        [[0, 0, 128], [255, 255, 255]],
+        [[0, 64, 128], [192, 255, 255]],  # v / 199 * 255: 64.07, 128.14, 192.21
+        [[0, 6, 13], [19, 26, 255]],  # v / 1999 * 255: 6.38, 12.76, 19.13, 25.51
+        [[0, 0, 129], [255, 255, 255]],  # (100 - 50) / 99 * 255 = 128.79
     ]
     for k in range(3):
         np.testing.assert_array_equal(load_medical_image(ds, dicom_frame=k), expected[k])
@@ -598,17 +722,30 @@ def test_enhanced_per_frame_group_overrides_shared_and_shared_overrides_top_leve
     # Top-level tags that would give other results if they were used instead of the groups.
     ds.RescaleSlope, ds.RescaleIntercept = 1, 0
     ds.WindowCenter, ds.WindowWidth = 5000, 10
+    # LINEAR windows: (100, 200) maps m / 199 * 255, (0, 400) maps (m + 200) / 399 * 255.
     expected = [
-        [[0, 0, 128], [255, 255, 255]],  # 2v - 100 in [0, 200]
-        [[64, 128, 191], [255, 255, 255]],  # 2v - 100 in [-200, 200]: (m + 200) / 400 * 255
-        [[0, 64, 128], [191, 255, 255]],  # v in [0, 200]
-        [[96, 128, 159], [191, 223, 255]],  # v - 50 in [-200, 200]
+        [[0, 0, 128], [255, 255, 255]],  # m = 2v - 100 in window (100, 200)
+        [[64, 128, 192], [255, 255, 255]],  # m = 2v - 100 in window (0, 400)
+        [[0, 64, 128], [192, 255, 255]],  # m = v in window (100, 200)
+        [[96, 128, 160], [192, 224, 255]],  # m = v - 50 in window (0, 400)
     ]
     for k in range(4):
         np.testing.assert_array_equal(load_medical_image(ds, dicom_frame=k), expected[k])
     # Without functional groups the top-level tags apply: window [4995, 5005] on v leaves only 60000 white.
     del ds.SharedFunctionalGroupsSequence, ds.PerFrameFunctionalGroupsSequence
     np.testing.assert_array_equal(load_medical_image(ds, dicom_frame=1), [[0, 0, 0], [0, 0, 255]])
+
+
+def test_enhanced_voi_lut_function_is_the_window_items_own():
+    frames = np.stack([ENHANCED_FRAME] * 2)
+    per_frame = [functional_group(), functional_group(window=(100, 200))]  # frame 1: its own window, no function
+    ds = enhanced_ct(frames, functional_group(window=(100, 200), function="SIGMOID"), per_frame)
+    ds.VOILUTFunction = "LINEAR_EXACT"  # top level: used by neither frame
+    values = ENHANCED_FRAME.astype(np.float64)
+    np.testing.assert_array_equal(load_medical_image(ds, dicom_frame=0),
+                                  round_half_up(standard_window(values, 100, 200, "SIGMOID")))
+    np.testing.assert_array_equal(load_medical_image(ds, dicom_frame=1),
+                                  round_half_up(standard_window(values, 100, 200, "LINEAR")))
 
 
 def test_single_frame_accepts_only_frame_0():
