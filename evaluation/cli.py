@@ -31,9 +31,9 @@ from typing import Any
 
 from regionmed_clip.cli import UsageError, console_script, positive_int
 
-from .probe import CONDITIONS, PARTS, ProbeInputError, run_probe
+from .probe import CONDITIONS, PARTS, run_probe
 from .results import load_results, markdown_report, to_json, write_results
-from .rows import describe
+from .rows import EvaluationInputError, describe
 from .tasks import (
     CAPTION_COLUMNS,
     SCORINGS,
@@ -133,7 +133,7 @@ def format_report(report: dict[str, Any]) -> str:
 def _names(text: str, flag: str) -> list[str]:
     names = [name.strip() for name in text.split(",")]
     if not names or any(not name for name in names):
-        raise ProbeInputError(f"{flag} must be comma-separated non-empty names, got {text!r}")
+        raise EvaluationInputError(f"{flag} must be comma-separated non-empty names, got {text!r}")
     return names
 
 
@@ -260,9 +260,9 @@ def _run_task(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 def _run_probe(args: argparse.Namespace, command: str) -> int:
     if args.output.is_dir():
-        raise ProbeInputError(f"--output {str(args.output)!r} is a folder")
+        raise EvaluationInputError(f"--output {str(args.output)!r} is a folder")
     if args.output.parent.exists() and not args.output.parent.is_dir():
-        raise ProbeInputError(f"--output {str(args.output)!r}: {str(args.output.parent)!r} is not a folder")
+        raise EvaluationInputError(f"--output {str(args.output)!r}: {str(args.output.parent)!r} is not a folder")
     classes = None if args.classes is None else _names(args.classes, "--classes")
     report = run_probe(args.model, args.data, split=args.split, batch_size=args.batch_size, limit=args.limit,
                        baseline_dir=args.baseline, classes=classes, parts=_names(args.parts, "--parts"),

@@ -36,14 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from regionmed_clip.cli import UsageError
 from regionmed_clip.data.negatives import FINDINGS, apply_rule
 from regionmed_clip.processing import PROPOSAL_INPUT_NAMES
 from regionmed_clip.scoring import as_float_array, auroc, mean_pairwise_cosine
 
 from .embeddings import encode_texts
 from .retrieval import retrieval_recall_at_k
-from .rows import RowNeeds, decode_image, image_problem, screen_rows
+from .rows import EvaluationInputError, RowNeeds, decode_image, image_problem, screen_rows
 from .zero_shot import DEFAULT_PROMPTS, load_prompt_templates, prompts_for
 
 __all__ = [
@@ -52,7 +51,6 @@ __all__ = [
     "NEGATIVE_KINDS",
     "NO_FINDING",
     "PARTS",
-    "ProbeInputError",
     "accuracy_by_label",
     "best_region_scores",
     "proposal_class_probabilities",
@@ -80,12 +78,6 @@ NO_FINDING = "No finding"
 NEGATIVE_KINDS: tuple[str, ...] = ("side", "zone", "type")
 FALLBACK_RULES: dict[str, str] = {"side": "laterality", "zone": "location", "type": "finding"}
 PARTS: tuple[str, ...] = ("zero_shot", "retrieval", "regions")
-
-
-class ProbeInputError(UsageError):
-    """A user error (an argument naming a missing folder, an empty or absent split, a bad value): the
-    console-script boundary (`regionmed_clip.cli`) prints it on one line with exit code 2. A file that is
-    there but unusable (corrupt, malformed) raises a plain ValueError / OSError instead (exit 1)."""
 
 
 # -- metrics: pure functions of scores / embeddings ----------------------------------------------
@@ -368,21 +360,21 @@ def load_region_negatives(path: str | Path) -> dict[tuple[str, int], dict[str, A
     try:
         records = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ProbeInputError(f"region negatives sidecar {str(path)!r} is not valid JSON: {error}") from None
+        raise EvaluationInputError(f"region negatives sidecar {str(path)!r} is not valid JSON: {error}") from None
     if not isinstance(records, list):
-        raise ProbeInputError(f"region negatives sidecar {str(path)!r} must hold a JSON list of records")
+        raise EvaluationInputError(f"region negatives sidecar {str(path)!r} must hold a JSON list of records")
     table: dict[tuple[str, int], dict[str, Any]] = {}
     for index, record in enumerate(records):
         where = f"{path.name}[{index}]"
         if not isinstance(record, dict) or not {"image_id", "region_index", "caption", "negatives"} <= set(record):
-            raise ProbeInputError(f"{where} needs image_id, region_index, caption and negatives")
+            raise EvaluationInputError(f"{where} needs image_id, region_index, caption and negatives")
         if not isinstance(record["region_index"], int) or record["region_index"] < 0:
-            raise ProbeInputError(f"{where}.region_index must be a non-negative int, got {record['region_index']!r}")
+            raise EvaluationInputError(f"{where}.region_index must be a non-negative int, got {record['region_index']!r}")
         if not isinstance(record["negatives"], dict):
-            raise ProbeInputError(f"{where}.negatives must be an object with side / zone / type")
+            raise EvaluationInputError(f"{where}.negatives must be an object with side / zone / type")
         key = (str(record["image_id"]), record["region_index"])
         if key in table:
-            raise ProbeInputError(f"{where}: a second record for image {key[0]!r} region {key[1]}")
+            raise EvaluationInputError(f"{where}: a second record for image {key[0]!r} region {key[1]}")
         table[key] = record
     return table
 
@@ -420,16 +412,16 @@ def _first_line(error: BaseException) -> str:
 
 def _check_model_dir(model_dir: Path, name: str) -> None:
     if not model_dir.is_dir():
-        raise ProbeInputError(f"{name}: model folder {str(model_dir)!r} does not exist")
+        raise EvaluationInputError(f"{name}: model folder {str(model_dir)!r} does not exist")
     config_path = model_dir / "config.json"
     if not config_path.is_file():
-        raise ProbeInputError(f"{name}: {str(model_dir)!r} has no config.json (not a saved model folder)")
+        raise EvaluationInputError(f"{name}: {str(model_dir)!r} has no config.json (not a saved model folder)")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{name}: {str(config_path)!r} is not valid JSON: {error}") from None
     if not isinstance(config, dict) or not config.get("model_type"):
-        raise ProbeInputError(f"{name}: {str(model_dir)!r} is not a saved model folder (its config.json has no "
+        raise EvaluationInputError(f"{name}: {str(model_dir)!r} is not a saved model folder (its config.json has no "
                               "model_type)")
 
 
@@ -637,21 +629,21 @@ def _load_rows(data_dir: Path, split: str, limit: int | None, decode_images: boo
     from regionmed_clip.data.schema import load_canonical
 
     if not data_dir.is_dir():
-        raise ProbeInputError(f"--data: folder {str(data_dir)!r} does not exist")
+        raise EvaluationInputError(f"--data: folder {str(data_dir)!r} does not exist")
     if limit is not None and limit <= 0:
-        raise ProbeInputError(f"--limit must be positive, got {limit}")
+        raise EvaluationInputError(f"--limit must be positive, got {limit}")
     try:
         rows = load_canonical(data_dir, split, decode_images=decode_images)
     except (FileNotFoundError, DatasetNotFoundError) as error:
-        raise ProbeInputError(f"--data: {error}") from None
+        raise EvaluationInputError(f"--data: {error}") from None
     except ValueError as error:
         if f"split {split!r} not found" in str(error):
-            raise ProbeInputError(f"--split: {error}") from None
+            raise EvaluationInputError(f"--split: {error}") from None
         raise ValueError(f"--data: {error}") from None  # a shard that is there but not canonical
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
     if len(rows) == 0:
-        raise ProbeInputError(f"--split: split {split!r} of {str(data_dir)!r} is empty")
+        raise EvaluationInputError(f"--split: split {split!r} of {str(data_dir)!r} is empty")
     return rows
 
 
@@ -661,9 +653,9 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise ProbeInputError(f"--device: {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        raise EvaluationInputError(f"--device: {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ProbeInputError(f"--device {device!r}: CUDA is not available on this machine")
+        raise EvaluationInputError(f"--device {device!r}: CUDA is not available on this machine")
     return resolved
 
 
@@ -686,9 +678,9 @@ def run_probe(
     """
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
-        raise ProbeInputError(f"parts must be a non-empty subset of {PARTS}, got {list(parts)}")
+        raise EvaluationInputError(f"parts must be a non-empty subset of {PARTS}, got {list(parts)}")
     if batch_size <= 0:
-        raise ProbeInputError(f"--batch-size must be positive, got {batch_size}")
+        raise EvaluationInputError(f"--batch-size must be positive, got {batch_size}")
     model_dir, data_dir = Path(model_dir), Path(data_dir)
     _check_model_dir(model_dir, "--model")
     if baseline_dir is not None:
@@ -712,12 +704,12 @@ def run_probe(
                  "image_ids": [row["image_id"] for row in meta], "regions": [row["regions"] or [] for row in meta]}
     class_list = list(classes) if classes is not None else class_names(rows_meta["labels"])
     if classes is not None and (not class_list or any(not name.strip() for name in class_list)):
-        raise ProbeInputError(f"--classes must name at least one non-empty class, got {list(classes)}")
+        raise EvaluationInputError(f"--classes must name at least one non-empty class, got {list(classes)}")
     known = {label for labels in rows_meta["labels"] for label in labels}
     if classes is not None and "zero_shot" in parts and (unknown := [name for name in class_list if name not in known]):
-        raise ProbeInputError(f"--classes: {unknown} not among the split's labels ({sorted(known)})")
+        raise EvaluationInputError(f"--classes: {unknown} not among the split's labels ({sorted(known)})")
     if "zero_shot" in parts and not class_list:
-        raise ProbeInputError(f"--split: split {split!r} has no labels other than {NO_FINDING!r}; pass --classes")
+        raise EvaluationInputError(f"--split: split {split!r} has no labels other than {NO_FINDING!r}; pass --classes")
     templates = load_prompt_templates(DEFAULT_PROMPTS)
     prompts = prompts_for(templates, class_list)
 

@@ -17,10 +17,12 @@ import io
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from regionmed_clip.cli import UsageError
 from regionmed_clip.data.schema import region_problem, text_problem
 from regionmed_clip.data.skips import SkipLedger
 
 __all__ = [
+    "EvaluationInputError",
     "RowNeeds",
     "Screened",
     "decode_image",
@@ -42,6 +44,12 @@ def describe(rows: Mapping[str, Any] | None) -> str | None:
             text += f" and {rows['regions_skipped']} regions dropped"
         text += ": " + ", ".join(f"{reason} x{count}" for reason, count in reasons.items())
     return text
+
+
+class EvaluationInputError(UsageError):
+    """A user error in any evaluation task or the probe (an argument naming a missing folder, an empty or absent split, a bad value): the
+    console-script boundary (`regionmed_clip.cli`) prints it on one line with exit code 2. A file that is
+    there but unusable (corrupt, malformed) raises a plain ValueError / OSError instead (exit 1)."""
 
 
 # -- checks -----------------------------------------------------------------------------------------

@@ -52,7 +52,6 @@ from regionmed_clip.scoring import ANSWER_TYPES, bootstrap_interval, normalize_a
 from .embeddings import EmbeddingCache, encode_images, encode_proposals, encode_regions, encode_texts
 from .probe import (
     CONDITIONS,
-    ProbeInputError,
     blank_crops,
     mirror_boxes,
     model_logit_scale,
@@ -62,7 +61,7 @@ from .probe import (
 )
 from .results import headline_entry, model_fingerprint, results_record
 from .retrieval import rank_summary, retrieval_ranks
-from .rows import RowNeeds, decode_image, image_problem, screen_rows
+from .rows import EvaluationInputError, RowNeeds, decode_image, image_problem, screen_rows
 from .zero_shot import (
     DEFAULT_PROMPTS,
     UNCERTAIN_POLICIES,
@@ -116,13 +115,13 @@ class EvalSettings:
     def __post_init__(self) -> None:
         self.model_dir, self.data_dir, self.output_dir = Path(self.model_dir), Path(self.data_dir), Path(self.output_dir)
         if self.batch_size <= 0:
-            raise ProbeInputError(f"--batch-size must be positive, got {self.batch_size}")
+            raise EvaluationInputError(f"--batch-size must be positive, got {self.batch_size}")
         if self.resamples < 0:
-            raise ProbeInputError(f"--resamples must be >= 0, got {self.resamples}")
+            raise EvaluationInputError(f"--resamples must be >= 0, got {self.resamples}")
         if not self.model_dir.is_dir() or not (self.model_dir / "config.json").is_file():
-            raise ProbeInputError(f"--model: {str(self.model_dir)!r} is not a saved model folder (no config.json)")
+            raise EvaluationInputError(f"--model: {str(self.model_dir)!r} is not a saved model folder (no config.json)")
         if self.output_dir.exists() and not self.output_dir.is_dir():
-            raise ProbeInputError(f"--output: {str(self.output_dir)!r} exists and is not a folder")
+            raise EvaluationInputError(f"--output: {str(self.output_dir)!r} exists and is not a folder")
 
     def as_dict(self) -> dict[str, Any]:
         return {"split": self.split, "batch_size": self.batch_size, "device": self.device, "limit": self.limit,
@@ -159,7 +158,7 @@ class _Run:
 
     def column(self, name: str) -> list[Any]:
         if name not in self.rows.column_names:
-            raise ProbeInputError(f"--data: split {self.settings.split!r} has no {name!r} column")
+            raise EvaluationInputError(f"--data: split {self.settings.split!r} has no {name!r} column")
         return [row.get(name) for row in self.meta]
 
     def image_embeds(self, boxes: list[list[list[float]]] | None = None) -> torch.Tensor:
@@ -220,21 +219,21 @@ def _classes(label_lists: Sequence[Sequence[str]], requested: Sequence[str] | No
     if requested is not None:
         classes = [name.strip() for name in requested]
         if not classes or any(not name for name in classes) or len(set(classes)) != len(classes):
-            raise ProbeInputError(f"--classes must be distinct non-empty names, got {list(requested)}")
+            raise EvaluationInputError(f"--classes must be distinct non-empty names, got {list(requested)}")
         known = {label for labels in label_lists for label in labels}
         unknown = [name for name in classes if name not in known]
         if unknown:
-            raise ProbeInputError(f"--classes: {unknown} not among the split's {what} ({sorted(known)})")
+            raise EvaluationInputError(f"--classes: {unknown} not among the split's {what} ({sorted(known)})")
         return classes
     classes = sorted({label for labels in label_lists for label in labels if label.lower() not in _NO_FINDING_NAMES})
     if not classes:
-        raise ProbeInputError("the split has no class labels other than 'no finding'; pass --classes")
+        raise EvaluationInputError("the split has no class labels other than 'no finding'; pass --classes")
     return classes
 
 
 def _templates(prompts_path: str | Path) -> dict[str, Any]:
     if not Path(prompts_path).is_file():
-        raise ProbeInputError(f"--prompts: no prompt-template file at {str(prompts_path)!r}")
+        raise EvaluationInputError(f"--prompts: no prompt-template file at {str(prompts_path)!r}")
     try:
         return load_prompt_templates(prompts_path)
     except (OSError, ValueError) as error:  # a file that is there but unusable: a bad input, exit 1
@@ -382,11 +381,11 @@ def run_zero_shot(
     (`get_image_features`); the other is reported beside it.
     """
     if mode not in ZERO_SHOT_MODES:
-        raise ProbeInputError(f"--mode must be one of {ZERO_SHOT_MODES}, got {mode!r}")
+        raise EvaluationInputError(f"--mode must be one of {ZERO_SHOT_MODES}, got {mode!r}")
     if scoring not in SCORINGS:
-        raise ProbeInputError(f"--scoring must be one of {SCORINGS}, got {scoring!r}")
+        raise EvaluationInputError(f"--scoring must be one of {SCORINGS}, got {scoring!r}")
     if uncertain_policy not in UNCERTAIN_POLICIES:
-        raise ProbeInputError(f"--uncertain must be one of {UNCERTAIN_POLICIES}, got {uncertain_policy!r}")
+        raise EvaluationInputError(f"--uncertain must be one of {UNCERTAIN_POLICIES}, got {uncertain_policy!r}")
     templates = _templates(prompts_path)
     run = _Run(settings, RowNeeds(labels=True, regions=use_regions))
     label_lists = run.column("labels")
@@ -399,7 +398,7 @@ def run_zero_shot(
         mode = "multiclass" if single else "multilabel"
     elif mode == "multiclass" and not single:
         bad = next(index for index, labels in enumerate(in_classes) if len(labels) != 1)
-        raise ProbeInputError(f"--mode multiclass needs exactly one label per image among the classes; image {bad} "
+        raise EvaluationInputError(f"--mode multiclass needs exactly one label per image among the classes; image {bad} "
                               f"({run.meta[bad]['image_id']!r}) has {in_classes[bad]}")
     prompts = prompts_for(templates, class_list)
     prompt_embeds = _prompt_embeds(run, prompts)
@@ -502,11 +501,11 @@ def run_region(
     class_list = _classes([[region["label"] for region in image_regions] for image_regions in regions], classes,
                           "region labels")
     if len(class_list) < 2:
-        raise ProbeInputError(f"region classification needs >= 2 region classes, the split has {class_list}")
+        raise EvaluationInputError(f"region classification needs >= 2 region classes, the split has {class_list}")
     boxes = [[region["bbox"] for region in image_regions if region["label"] in class_list] for image_regions in regions]
     truth = [region["label"] for image_regions in regions for region in image_regions if region["label"] in class_list]
     if not truth:
-        raise ProbeInputError("no region of the split carries one of the classes")
+        raise EvaluationInputError("no region of the split carries one of the classes")
     embeds = run.cache.get_or_compute("regions", lambda: encode_regions(
         run.model, run.processor, run.images, boxes, settings.batch_size, run.device, _controls(run.processor),
         settings.progress), extra={"boxes": _digest(boxes)})
@@ -594,14 +593,14 @@ def run_grounding(
     regions = run.column("regions")
     phrases = [region["caption"] for image_regions in regions for region in image_regions]
     if not phrases:
-        raise ProbeInputError("no region of the split has a box and caption: nothing to ground")
+        raise EvaluationInputError("no region of the split has a box and caption: nothing to ground")
     phrase_embeds = run.text_embeds(phrases)
     boxes = [[region["bbox"] for region in image_regions] for image_regions in regions]
     box_embeds = run.cache.get_or_compute("regions_true", lambda: encode_regions(
         run.model, run.processor, run.images, boxes, settings.batch_size, run.device, progress=settings.progress),
         extra={"boxes": _digest(boxes)})["true"]
     if len(box_embeds) != len(phrases):
-        raise ProbeInputError(f"the processor kept {len(box_embeds)} of the split's {len(phrases)} boxes")
+        raise EvaluationInputError(f"the processor kept {len(box_embeds)} of the split's {len(phrases)} boxes")
     sizes = run.sizes
     windows = [proposal_windows([0, 0, width, height], window_sizes, stride).tolist() if image_boxes else []
                for (width, height), image_boxes in zip(sizes, boxes, strict=True)]
@@ -681,9 +680,9 @@ def run_retrieval(settings: EvalSettings, captions: Sequence[str] = ("report",),
     (no model can tell which image it belongs to) and counted."""
     unknown = [name for name in captions if name not in CAPTION_COLUMNS]
     if unknown or not captions:
-        raise ProbeInputError(f"--captions must be among {sorted(CAPTION_COLUMNS)}, got {list(captions)}")
+        raise EvaluationInputError(f"--captions must be among {sorted(CAPTION_COLUMNS)}, got {list(captions)}")
     if any(k <= 0 for k in ks):
-        raise ProbeInputError(f"--ks must be positive, got {list(ks)}")
+        raise EvaluationInputError(f"--ks must be positive, got {list(ks)}")
     run = _Run(settings, RowNeeds(texts=tuple(CAPTION_COLUMNS[name] for name in captions)))
     owners: dict[str, set[int]] = {}
     for name in captions:
@@ -693,7 +692,7 @@ def run_retrieval(settings: EvalSettings, captions: Sequence[str] = ("report",),
     texts = [text for text, images in owners.items() if len(images) == 1]
     text_to_image = torch.tensor([next(iter(owners[text])) for text in texts], dtype=torch.long)
     if not texts:
-        raise ProbeInputError("no caption belongs to exactly one image: nothing to retrieve")
+        raise EvaluationInputError("no caption belongs to exactly one image: nothing to retrieve")
     image_embeds = run.image_embeds()
     text_embeds = run.cache.get_or_compute(f"texts_{'_'.join(captions)}", lambda: {"embeds": run.text_embeds(texts)})["embeds"]
     ranks = retrieval_ranks(image_embeds, text_embeds, text_to_image, memory_budget_bytes)
@@ -745,18 +744,18 @@ def run_vqa(settings: EvalSettings, use_regions: bool = False, blank_images: boo
 
     auto_map = json.loads((settings.model_dir / "config.json").read_text()).get("auto_map", {})
     if "AutoModelForVisualQuestionAnswering" not in auto_map:
-        raise ProbeInputError(f"--model {str(settings.model_dir)!r} is not a VQA model folder (no answer set; "
+        raise EvaluationInputError(f"--model {str(settings.model_dir)!r} is not a VQA model folder (no answer set; "
                               "train one with regionmed-train-vqa)")
     run = _Run(settings, RowNeeds(regions=use_regions), auto_class="AutoModelForVisualQuestionAnswering")
     try:
         examples = load_vqa_examples(settings.data_dir, settings.split)
     except (FileNotFoundError, ValueError) as error:
-        raise ProbeInputError(f"--data: {error}") from None
+        raise EvaluationInputError(f"--data: {error}") from None
     row_of = {image_id: index for index, image_id in enumerate(run.column("image_id"))}
     about_skipped = sum(example.image_id in run.skipped_ids for example in examples)
     examples = [example for example in examples if example.image_id in row_of]  # --limit keeps the first images
     if not examples:
-        raise ProbeInputError(f"no question of split {settings.split!r} is about the images evaluated")
+        raise EvaluationInputError(f"no question of split {settings.split!r} is about the images evaluated")
     boxes = run.column("regions") if use_regions else None
     id2label = run.model.config.id2label
     predictions = []

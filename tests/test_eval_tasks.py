@@ -15,10 +15,9 @@ from regionmed_clip.evaluation.embeddings import (
     EmbeddingCache,
     encode_images,
     encode_proposals,
-    encode_regions,
     encode_texts,
 )
-from regionmed_clip.evaluation.probe import _load, best_region_scores, blank_crops, model_logit_scale, zero_shot_scores
+from regionmed_clip.evaluation.probe import _load, best_region_scores, model_logit_scale, zero_shot_scores
 from regionmed_clip.evaluation.results import (
     RESULTS_FIELDS,
     load_results,
@@ -29,7 +28,7 @@ from regionmed_clip.evaluation.results import (
 from regionmed_clip.evaluation.retrieval import retrieval_recall_at_k
 from regionmed_clip.evaluation.tasks import EvalSettings, box_iou, grounding_outcomes
 from regionmed_clip.evaluation.zero_shot import load_prompt_templates, prompts_for
-from regionmed_clip.figures import plot_roc_curves, roc_curve_points
+from regionmed_clip.figures import roc_curve_points
 from regionmed_clip.scoring import auroc
 
 from conftest import build_saved_model
@@ -66,13 +65,6 @@ def test_roc_curve_area_equals_auroc_with_ties():
     x, y = np.array(points).T
     assert np.trapezoid(y, x) == pytest.approx(auroc(scores, labels))
     assert roc_curve_points(scores, np.zeros(200)) == []
-
-
-def test_roc_figure_is_a_png(tmp_path):
-    path = plot_roc_curves({"a": ([0.9, 0.1, 0.8], [1, 0, 0]), "b": ([0.2, 0.3], [1, 1])},
-                           {"a": 0.5, "b": float("nan")}, tmp_path / "roc.png", "test")
-    with Image.open(path) as image:
-        assert image.format == "PNG" and image.size == (900, 520)
 
 
 def _record(task: str, value: float, model: str = "/runs/a/final") -> dict:
@@ -130,6 +122,8 @@ def test_embedding_cache_reuses_only_a_matching_key(tmp_path):
 
 
 # -- tasks on a tiny saved model ------------------------------------------------------------------
+
+CONDITIONS = ("true", "crops_blanked", "boxes_mirrored", "box_geometry_removed")  # the region task's controls
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +189,7 @@ def test_zero_shot_equals_direct_computation_and_rescoring_reads_the_cache(saved
     pooled_first = tasks.run_zero_shot(_settings(saved, "zs"), use_regions=True, scoring="pooled")
     beside = [entry["auroc"] for entry in record["metrics"]["box_free_pooled"]["per_class"].values()]
     assert aurocs(pooled_first) == pytest.approx(beside, nan_ok=True)  # the headline swaps, the figures do not
-    with pytest.raises(tasks.ProbeInputError, match="--scoring"):
+    with pytest.raises(tasks.EvaluationInputError, match="--scoring"):
         tasks.run_zero_shot(_settings(saved, "zs"), scoring="mean")
 
 
@@ -219,40 +213,78 @@ def test_zero_shot_uncertain_labels_follow_the_policy(saved, tmp_path):
 
 
 def test_device_errors_name_the_flag(saved):
-    with pytest.raises(tasks.ProbeInputError, match="--device"):
+    with pytest.raises(tasks.EvaluationInputError, match="--device"):
         tasks.run_retrieval(EvalSettings(saved["model_dir"], saved["data_dir"], saved["tmp"] / "d", device="gpu7"))
     if not torch.cuda.is_available():
-        with pytest.raises(tasks.ProbeInputError, match="CUDA is not available"):
+        with pytest.raises(tasks.EvaluationInputError, match="CUDA is not available"):
             tasks.run_retrieval(EvalSettings(saved["model_dir"], saved["data_dir"], saved["tmp"] / "d", device="cuda"))
 
 
 def test_zero_shot_multiclass_needs_one_label_per_image(saved):
-    with pytest.raises(tasks.ProbeInputError, match="exactly one label per image"):
+    with pytest.raises(tasks.EvaluationInputError, match="exactly one label per image"):
         tasks.run_zero_shot(_settings(saved, "mc"), mode="multiclass")
-    with pytest.raises(tasks.ProbeInputError, match="--mode"):
+    with pytest.raises(tasks.EvaluationInputError, match="--mode"):
         tasks.run_zero_shot(_settings(saved, "mc"), mode="binary")
 
 
-def test_region_task_equals_direct_computation_and_the_controls_change_it(saved):
+def test_region_task_equals_the_model_on_processor_inputs_under_each_control(saved):
+    """The oracle uses the public API only: `model(**processor(...))` one image at a time, each control
+    made as its definition says (a uniform crop of the processor's pad intensity; the boxes of the
+    lesions' point-reflected positions; the whole view as every box), the class ensembles from the
+    model's text embeddings of the prompts. Nothing of the evaluation package (encode_regions, the
+    controls, the ensemble, the report) is reused."""
     record = tasks.run_region(_settings(saved, "region"))
     rows, model, processor = saved["rows"], saved["model"], saved["processor"]
     classes = record["settings"]["classes"]
-    boxes = [[r["bbox"] for r in regions if r["label"] in classes] for regions in rows["regions"]]
-    truth = [r["label"] for regions in rows["regions"] for r in regions if r["label"] in classes]
-    image_processor = processor.image_processor
-    embeds = encode_regions(model, processor, rows["image"], boxes, 4, torch.device("cpu"), {
-        "true": lambda roi: roi,
-        "crops_blanked": lambda roi: blank_crops(roi, image_processor.image_mean, image_processor.image_std)})
+    assert set(record["metrics"]["conditions"]) == set(CONDITIONS)
     prompts = prompts_for(load_prompt_templates(), classes)["positive"]
-    class_embeds = torch.nn.functional.normalize(torch.stack([
-        torch.nn.functional.normalize(encode_texts(model, processor, prompts[c], 8, torch.device("cpu")), dim=-1)
-        .mean(0) for c in classes]), dim=-1)
-    for condition in ("true", "crops_blanked"):
-        predicted = (embeds[condition] @ class_embeds.t()).argmax(1)
-        expected = float(np.mean([classes[k] == label for k, label in zip(predicted.tolist(), truth, strict=True)]))
-        assert record["metrics"]["conditions"][condition]["accuracy"] == pytest.approx(expected)
+    image_processor = processor.image_processor
+    with torch.no_grad():
+        prompt_embeds = model(**processor(text=[text for name in classes for text in prompts[name]],
+                                          return_tensors="pt")).text_embeds
+        ensembles, start = [], 0
+        for name in classes:  # per class: the mean of its prompts' normalised embeddings, renormalised
+            ensembles.append(prompt_embeds[start : start + len(prompts[name])].mean(0))
+            start += len(prompts[name])
+        class_embeds = torch.nn.functional.normalize(torch.stack(ensembles), dim=-1)
+
+        embeds: dict[str, list[torch.Tensor]] = {condition: [] for condition in CONDITIONS}
+        truth = []
+        for image, regions in zip(rows["image"], rows["regions"], strict=True):
+            kept = [region for region in regions if region["label"] in classes]
+            if not kept:
+                continue
+            truth += [region["label"] for region in kept]
+            boxes = [region["bbox"] for region in kept]
+            width, height = image.size
+            each = processor.with_max_rois(len(boxes))
+            true = each(images=[image], regions=[boxes], return_tensors="pt")
+            uniform = Image.new(image.mode, image.size, image_processor.pad_value)
+            mirrored = [[width - x1, height - y1, width - x0, height - y0] for x0, y0, x1, y1 in boxes]
+            inputs = {
+                "true": true,
+                "crops_blanked": {**true, "roi_pixel_values": each(images=[uniform], regions=[boxes],
+                                                                    return_tensors="pt")["roi_pixel_values"]},
+                "boxes_mirrored": {**true, "roi_boxes": each(images=[image], regions=[mirrored],
+                                                              return_tensors="pt")["roi_boxes"]},
+                "box_geometry_removed": {**true, "roi_boxes": torch.tensor([[[0.0, 0.0, 1.0, 1.0]] * len(boxes)])},
+            }
+            for condition, batch in inputs.items():
+                embeds[condition].append(model(**batch).region_embeds[0, : len(boxes)])
     assert record["n_examples"] == len(truth) > 0
-    assert not torch.allclose(embeds["true"], embeds["crops_blanked"])  # the control changed the input
+    targets = [classes.index(label) for label in truth]
+    for condition in CONDITIONS:
+        scores = torch.cat(embeds[condition]) @ class_embeds.t()
+        correct = [classes[k] == label for k, label in zip(scores.argmax(1).tolist(), truth, strict=True)]
+        got = record["metrics"]["conditions"][condition]
+        assert got["accuracy"] == pytest.approx(np.mean(correct)), condition
+        for column, name in enumerate(classes):
+            expected = auroc(scores[:, column].numpy(), [target == column for target in targets])
+            assert got["per_class"][name]["auroc"] == pytest.approx(expected, nan_ok=True), (condition, name)
+    # every control changed what the model saw: the region embeddings moved
+    true = torch.cat(embeds["true"])
+    for control in CONDITIONS[1:]:
+        assert (torch.cat(embeds[control]) - true).norm(dim=-1).min() > 1e-3, control
     assert set(record["figures"]) == {"roc_curves.png", "region_overlays.png"}
 
 
@@ -291,17 +323,3 @@ def test_retrieval_equals_the_full_matrix_and_leaves_out_shared_texts(saved):
             assert record["metrics"][direction][f"R@{k}"] == pytest.approx(full[f"{direction}_R@{k}"])
     assert record["metrics"]["texts"] == len(texts)
     assert record["metrics"]["texts_shared_by_several_images"] == sum(len(w) > 1 for w in owners.values()) > 0
-
-
-def test_bar_heights_are_the_values(tmp_path):
-    from regionmed_clip.figures import COLOURS, plot_bars
-
-    path = plot_bars({"a": {"hit": 0.5, "chance": 0.1}, "b": {"hit": 0.9}}, tmp_path / "bars.png", "pointing")
-    pixels = np.asarray(Image.open(path).convert("RGB"))[:, :740]  # the plot, not the legend on its right
-    hit = (pixels == np.array(COLOURS[0])).all(-1)
-    columns = np.flatnonzero(hit.any(0))
-    groups = np.split(columns, np.flatnonzero(np.diff(columns) > 1) + 1)  # one run of columns per bar
-    heights = [hit[:, group[len(group) // 2]].sum() for group in groups]
-    assert len(groups) == 2 and heights[0] / heights[1] == pytest.approx(0.5 / 0.9, abs=0.02)
-    chance = (pixels == np.array(COLOURS[1])).all(-1)
-    assert chance.any(0).sum() > 0 and chance.sum(0).max() == pytest.approx(heights[0] / 5, abs=2)  # 0.1 vs 0.5

@@ -141,7 +141,7 @@ def test_vqa_task_on_planted_answers(saved, tmp_path):
         assert metrics[f"{kind}_accuracy"]["n"] == int((kinds == kind).sum())
     assert metrics["majority_answer_accuracy"]["answer"] == "no"  # id 0 of the planted answer set
     assert record["dataset"]["files"][-1]["name"] == "vqa/test.json" and record["figures"] == ["vqa_confusion.png"]
-    with pytest.raises(tasks.ProbeInputError, match="not a VQA model folder"):
+    with pytest.raises(tasks.EvaluationInputError, match="not a VQA model folder"):
         tasks.run_vqa(EvalSettings(saved["model_dir"], saved["data_dir"], tmp_path / "clip", device="cpu"))
 
 
