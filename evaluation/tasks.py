@@ -429,7 +429,8 @@ def run_zero_shot(
             plot_bars({name: {"best proposal in a box": entry["pointing_accuracy"], "chance": entry["chance"]}
                        for name, entry in pointing["per_class"].items()}, settings.output_dir / "pointing_game.png",
                       f"box-free pointing game: does each class's best proposal point into its box? "
-                      f"({pointing['pointing_accuracy']:.2f}, chance {pointing['chance']:.2f})")
+                      f"({pointing['pointing_accuracy']:.2f}, chance {pointing['chance']:.2f})",
+                      y_label="share of the class's films")
             figures.append("pointing_game.png")
     if use_regions:
         boxes = [[region["bbox"] for region in film] for film in regions]

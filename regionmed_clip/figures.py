@@ -1,5 +1,10 @@
-"""Evaluation figures as PNGs, drawn with PIL (no plotting dependency): line charts (ROC curves,
-loss curves), a retrieval example grid, and box / heat-map overlays on images."""
+"""Evaluation and training figures as PNGs.
+
+Charts (line charts with ROC and loss curves as special cases, grouped bars, a confusion grid) are
+drawn with matplotlib on its Agg canvas; each has a `*_figure` builder that returns the
+`matplotlib.figure.Figure` (what the tests inspect) and a `plot_*` / `confusion_grid` function that
+writes it. Pictures of images (the retrieval example grid, box and heat-map overlays) stay in PIL.
+"""
 
 import math
 from collections.abc import Mapping, Sequence
@@ -7,11 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 __all__ = [
     "COLOURS",
+    "bar_figure",
+    "confusion_figure",
     "confusion_grid",
+    "line_figure",
+    "loss_figure",
     "overlay_regions",
     "plot_bars",
     "plot_lines",
@@ -19,39 +31,91 @@ __all__ = [
     "plot_roc_curves",
     "retrieval_grid",
     "roc_curve_points",
+    "roc_figure",
     "save_figure",
 ]
 
+# matplotlib's tab10, as 0-255 RGB so that the PIL overlays and the charts share one palette.
 COLOURS: tuple[tuple[int, int, int], ...] = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
     (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
 )
-_GREEN, _RED, _YELLOW = (0, 200, 0), (230, 30, 30), (255, 215, 0)
+_GREEN, _RED = (0, 200, 0), (230, 30, 30)
+_DPI = 100  # sizes are given in pixels; at this dpi a (900, 520) figure is a 900 x 520 PNG
+_LABEL_CHARACTERS = 20  # longer class / answer names are cut so that the plot keeps its room
 
 
-def save_figure(image: Image.Image, path: str | Path) -> Path:
+def _colour(index: int) -> tuple[float, float, float]:
+    red, green, blue = COLOURS[index % len(COLOURS)]
+    return red / 255, green / 255, blue / 255
+
+
+def _shorten(label: str) -> str:
+    return label if len(label) <= _LABEL_CHARACTERS else label[: _LABEL_CHARACTERS - 1] + "…"
+
+
+def _figure(size: tuple[int, int], title: str) -> tuple[Figure, Axes]:
+    """A `size`-pixel figure with one titled axes. The Agg canvas is attached explicitly rather than
+    through pyplot, so no global backend or pyplot state is touched (safe in threads, any backend)."""
+    figure = Figure(figsize=(size[0] / _DPI, size[1] / _DPI), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.set_title(title, wrap=True)  # a long title (the pointing game's) wraps instead of being cut
+    return figure, axes
+
+
+def _legend_outside(axes: Axes) -> None:
+    """The legend to the right of the plot, where it never hides a curve or a bar."""
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small")
+
+
+def save_figure(figure: Image.Image | Figure, path: str | Path) -> Path:
+    """Writes a PIL picture or a matplotlib figure (at its own size) to `path`, creating its folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    if isinstance(figure, Figure):
+        figure.savefig(path, dpi=figure.dpi)
+    else:
+        figure.save(path)
     return path
 
 
-def _framed_canvas(size: tuple[int, int], margins: tuple[int, int, int, int], title: str, y_range: tuple[float, float],
-                   y_of: Any, digits: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    """A white canvas with the title, the plot frame inside `margins` (left, right, top, bottom) and
-    five y ticks over `y_range`, placed by `y_of(value) -> pixel row`."""
-    width, height = size
-    left, right, top, bottom = margins
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((left, 12), title, fill="black")
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    low, high = y_range
-    for tick in range(5):
-        value = low + (high - low) * tick / 4
-        draw.line([left - 5, y_of(value), left, y_of(value)], fill="black")
-        draw.text((8, y_of(value) - 6), f"{value:.{digits}f}", fill="black")
-    return image, draw
+def line_figure(
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    title: str,
+    x_label: str,
+    *,
+    y_label: str = "",
+    x_range: tuple[float, float] | None = None,
+    y_range: tuple[float, float] | None = None,
+    markers: Sequence[tuple[str, float]] = (),
+    diagonal: bool = False,
+    size: tuple[int, int] = (900, 520),
+) -> Figure:
+    """A line per series (`name -> [(x, y)]`, drawn in x order; a lone point as a dot), a legend,
+    dashed vertical `markers` (`(label, x)`) labelled at the top and, with `diagonal`, the dotted
+    y = x chance line. Axis ranges default to the data's."""
+    if not any(series.values()):
+        raise ValueError("plot_lines needs at least one point")
+    figure, axes = _figure(size, title)
+    for index, (name, values) in enumerate(series.items()):
+        if values:
+            x, y = zip(*sorted(values), strict=True)
+            axes.plot(x, y, color=_colour(index), linewidth=2, marker="o" if len(x) == 1 else None, label=name)
+    if diagonal:
+        axes.axline((0.0, 0.0), slope=1.0, color="0.5", linestyle=":", linewidth=1.5, label="chance")
+    for label, value in markers:
+        axes.axvline(value, color="0.45", linestyle="--", linewidth=1)
+        axes.annotate(label, xy=(value, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -4),
+                      textcoords="offset points", rotation=90, ha="left", va="top", fontsize="small", color="0.3")
+    if x_range is not None:
+        axes.set_xlim(*x_range)
+    if y_range is not None:
+        axes.set_ylim(*y_range)
+    axes.set(xlabel=x_label, ylabel=y_label)
+    axes.grid(alpha=0.3)
+    _legend_outside(axes)
+    return figure
 
 
 def plot_lines(
@@ -59,102 +123,64 @@ def plot_lines(
     path: str | Path,
     title: str,
     x_label: str,
+    *,
+    y_label: str = "",
     x_range: tuple[float, float] | None = None,
     y_range: tuple[float, float] | None = None,
     markers: Sequence[tuple[str, float]] = (),
     diagonal: bool = False,
     size: tuple[int, int] = (900, 520),
 ) -> Path:
-    """A line per series (`name -> [(x, y)]`, drawn in x order), a legend, dashed vertical `markers`
-    (`(label, x)`) and, with `diagonal`, the dotted y = x line. Axis ranges default to the data's.
-    Writes and returns `path`."""
-    points = [point for values in series.values() for point in values]
-    if not points:
-        raise ValueError("plot_lines needs at least one point")
-    width, height = size
-    left, right, top, bottom = 70, 230, 40, 50
-    x_low, x_high = x_range or (min(min(x for x, _ in points), min((x for _, x in markers), default=np.inf)),
-                                max(max(x for x, _ in points), max((x for _, x in markers), default=-np.inf)))
-    y_low, y_high = y_range or (min(y for _, y in points), max(y for _, y in points))
-    if x_high - x_low < 1e-12:
-        x_high = x_low + 1.0
-    if y_high - y_low < 1e-9:
-        y_low, y_high = y_low - 0.5, y_high + 0.5
+    """Writes `line_figure(...)` to `path` and returns it."""
+    figure = line_figure(series, title, x_label, y_label=y_label, x_range=x_range, y_range=y_range, markers=markers,
+                         diagonal=diagonal, size=size)
+    return save_figure(figure, path)
 
-    def xy(x: float, y: float) -> tuple[float, float]:
-        return (left + (width - left - right) * (x - x_low) / (x_high - x_low),
-                top + (height - top - bottom) * (y_high - y) / (y_high - y_low))
 
-    image, draw = _framed_canvas(size, (left, right, top, bottom), title, (y_low, y_high), lambda y: xy(x_low, y)[1], 3)
-    for tick in range(6):
-        value = x_low + (x_high - x_low) * tick / 5
-        x, _ = xy(value, y_low)
-        draw.line([x, height - bottom, x, height - bottom + 5], fill="black")
-        draw.text((x - 12, height - bottom + 8), f"{value:.4g}", fill="black")
-    draw.text(((width - right) / 2, height - 18), x_label, fill="black")
-    if diagonal:
-        start, end = xy(max(x_low, y_low), max(x_low, y_low)), xy(min(x_high, y_high), min(x_high, y_high))
-        for step in range(0, 100, 2):  # dotted
-            a, b = step / 100, (step + 1) / 100
-            draw.line([start[0] + a * (end[0] - start[0]), start[1] + a * (end[1] - start[1]),
-                       start[0] + b * (end[0] - start[0]), start[1] + b * (end[1] - start[1])], fill=(150, 150, 150))
-    for label, value in markers:
-        x, _ = xy(value, y_low)
-        for y in range(top, height - bottom, 8):  # dashed
-            draw.line([x, y, x, min(y + 4, height - bottom)], fill=(120, 120, 120))
-        draw.text((x + 3, top + 3), label, fill=(90, 90, 90))
-    for index, (name, values) in enumerate(series.items()):
-        colour = COLOURS[index % len(COLOURS)]
-        line = [xy(x, y) for x, y in sorted(values)]
-        if len(line) > 1:
-            draw.line(line, fill=colour, width=2)
-        elif line:
-            x, y = line[0]
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        legend_y = top + 16 * index
-        draw.line([width - right + 12, legend_y + 6, width - right + 32, legend_y + 6], fill=colour, width=3)
-        draw.text((width - right + 38, legend_y), name, fill="black")
-    return save_figure(image, path)
+def bar_figure(
+    groups: Mapping[str, Mapping[str, float]],
+    title: str,
+    *,
+    y_label: str = "",
+    y_range: tuple[float, float] = (0.0, 1.0),
+    size: tuple[int, int] = (900, 420),
+) -> Figure:
+    """Grouped bars: per group (`name -> {series: value}`, e.g. a class's accuracy and its chance
+    rate) one bar per series, coloured by series, with a legend and the value over each bar. A
+    missing, None or NaN value leaves its slot empty."""
+    if not groups:
+        raise ValueError("plot_bars needs at least one group")
+    series = list(dict.fromkeys(name for values in groups.values() for name in values))
+    width = 0.8 / len(series)
+    upright = len(groups) * len(series) > 12  # narrow bars: upright values do not run into their neighbours'
+    figure, axes = _figure(size, title)
+    for position, name in enumerate(series):
+        slots = [(index, values[name]) for index, values in enumerate(groups.values())
+                 if values.get(name) is not None and not math.isnan(values[name])]
+        x = [index - 0.4 + width * (position + 0.5) for index, _ in slots]
+        bars = axes.bar(x, [value for _, value in slots], width * 0.95, color=_colour(position), label=name)
+        axes.bar_label(bars, fmt="%.2f", fontsize="small", padding=2, rotation=90 if upright else 0)
+    low, high = y_range
+    axes.set_ylim(low, high + (0.15 if upright else 0.08) * (high - low))  # room for a full-height bar's value
+    axes.set_xticks(range(len(groups)), [_shorten(group) for group in groups], rotation=30, ha="right",
+                    rotation_mode="anchor")
+    axes.set(ylabel=y_label)
+    axes.grid(axis="y", alpha=0.3)
+    _legend_outside(axes)
+    return figure
 
 
 def plot_bars(
     groups: Mapping[str, Mapping[str, float]],
     path: str | Path,
     title: str,
+    *,
+    y_label: str = "",
     y_range: tuple[float, float] = (0.0, 1.0),
     size: tuple[int, int] = (900, 420),
 ) -> Path:
-    """Grouped bars: per group (`name -> {series: value}`, e.g. a class's accuracy and its chance
-    rate) one bar per series, coloured by series, with a legend and the value over each bar.
-    Writes and returns `path`."""
-    if not groups:
-        raise ValueError("plot_bars needs at least one group")
-    series = list(dict.fromkeys(name for values in groups.values() for name in values))
-    width, height = size
-    left, right, top, bottom = 60, 160, 40, 60
-    low, high = y_range
-    slot = (width - left - right) / len(groups)
-    bar = slot * 0.8 / len(series)
-
-    def y_of(value: float) -> float:
-        return top + (height - top - bottom) * (high - min(max(value, low), high)) / (high - low)
-
-    image, draw = _framed_canvas(size, (left, right, top, bottom), title, (low, high), y_of, 2)
-    for index, (group, values) in enumerate(groups.items()):
-        x = left + slot * index + slot * 0.1
-        for position, name in enumerate(series):
-            if name not in values or values[name] is None or math.isnan(values[name]):
-                continue
-            x0 = x + bar * position
-            draw.rectangle([x0, y_of(values[name]), x0 + bar - 2, y_of(low)], fill=COLOURS[position % len(COLOURS)])
-            draw.text((x0, y_of(values[name]) - 12), f"{values[name]:.2f}", fill="black")
-        draw.text((x, height - bottom + 8), group[:18], fill="black")
-    for position, name in enumerate(series):
-        legend_y = top + 16 * position
-        draw.rectangle([width - right + 12, legend_y + 2, width - right + 26, legend_y + 12],
-                       fill=COLOURS[position % len(COLOURS)])
-        draw.text((width - right + 32, legend_y), name, fill="black")
-    return save_figure(image, path)
+    """Writes `bar_figure(...)` to `path` and returns it."""
+    return save_figure(bar_figure(groups, title, y_label=y_label, y_range=y_range, size=size), path)
 
 
 def roc_curve_points(scores: Any, labels: Any) -> list[tuple[float, float]]:
@@ -173,16 +199,78 @@ def roc_curve_points(scores: Any, labels: Any) -> list[tuple[float, float]]:
     return [(0.0, 0.0), *zip(fpr.tolist(), tpr.tolist(), strict=True)]
 
 
-def plot_roc_curves(
-    curves: Mapping[str, tuple[Any, Any]], aurocs: Mapping[str, float], path: str | Path, title: str
-) -> Path:
-    """One ROC curve per class (`name -> (scores, labels)`), the AUROC in the legend."""
-    series = {f"{name} ({aurocs[name]:.3f})": points for name, (scores, labels) in curves.items()
+def roc_figure(curves: Mapping[str, tuple[Any, Any]], aurocs: Mapping[str, float], title: str) -> Figure:
+    """One ROC curve per class (`name -> (scores, labels)`) with its AUROC in the legend, over the
+    chance diagonal; a class without both a positive and a negative is left out."""
+    series = {f"{name} (AUROC {aurocs[name]:.3f})": points for name, (scores, labels) in curves.items()
               if (points := roc_curve_points(scores, labels))}
     if not series:
         raise ValueError("no class has both a positive and a negative: nothing to plot")
-    return plot_lines(series, path, title, "false-positive rate (y: true-positive rate)",
-                      x_range=(0.0, 1.0), y_range=(0.0, 1.0), diagonal=True)
+    figure = line_figure(series, title, "false-positive rate", y_label="true-positive rate", x_range=(0.0, 1.0),
+                         y_range=(0.0, 1.0), diagonal=True)
+    figure.axes[0].set_aspect("equal")  # both axes are rates: a square plot keeps the diagonal at 45 degrees
+    return figure
+
+
+def plot_roc_curves(
+    curves: Mapping[str, tuple[Any, Any]], aurocs: Mapping[str, float], path: str | Path, title: str
+) -> Path:
+    """Writes `roc_figure(...)` to `path` and returns it."""
+    return save_figure(roc_figure(curves, aurocs, title), path)
+
+
+def confusion_figure(matrix: Any, labels: Sequence[str], title: str, cell: int = 34) -> Figure:
+    """A confusion matrix `(C, C)` (rows: reference, columns: prediction) as cells shaded by each
+    row's fraction, with the non-zero counts written in; `cell` pixels per cell plus room for labels."""
+    counts = np.asarray(matrix, dtype=np.int64)
+    if counts.ndim != 2 or counts.shape != (len(labels), len(labels)) or not len(labels):
+        raise ValueError(f"matrix {counts.shape} must be (C, C) with C = {len(labels)} labels (>= 1)")
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    side = len(labels) * cell
+    figure, axes = _figure((side + 330, side + 220), title)
+    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    for (row, column), count in np.ndenumerate(counts):
+        if count:
+            axes.text(column, row, str(count), ha="center", va="center", fontsize="small",
+                      color="white" if shares[row, column] >= 0.6 else "black")
+    names = [_shorten(label) for label in labels]
+    axes.set_xticks(range(len(labels)), names, rotation=45, ha="right", rotation_mode="anchor")
+    axes.set_yticks(range(len(labels)), names)
+    axes.set(xlabel="predicted", ylabel="reference")
+    figure.colorbar(image, ax=axes, label="share of the reference row", shrink=0.8)
+    return figure
+
+
+def confusion_grid(matrix: Any, labels: Sequence[str], path: str | Path, title: str, cell: int = 34) -> Path:
+    """Writes `confusion_figure(...)` to `path` and returns it."""
+    return save_figure(confusion_figure(matrix, labels, title, cell), path)
+
+
+def loss_figure(
+    series: Mapping[str, Sequence[tuple[int, float]]], boundaries: Sequence[tuple[str, int]],
+    title: str = "training losses",
+) -> Figure:
+    """series: name -> [(step, value)]; boundaries: [(stage name, first step)], drawn as dashed
+    vertical lines labelled with the stage name."""
+    if not any(series.values()):
+        raise ValueError("plot_loss_curves needs at least one logged value")
+    last_step = max(max(step for values in series.values() for step, _ in values),
+                    max((start for _, start in boundaries), default=0), 1)
+    return line_figure(series, title, "step", y_label="loss", x_range=(0, last_step), markers=boundaries)
+
+
+def plot_loss_curves(
+    series: Mapping[str, Sequence[tuple[int, float]]],
+    boundaries: Sequence[tuple[str, int]],
+    path: str | Path,
+    title: str = "training losses",
+) -> Path:
+    """Writes `loss_figure(...)` to `path` and returns it."""
+    return save_figure(loss_figure(series, boundaries, title), path)
+
+
+# Pictures of images are drawn with PIL: they keep the film's own pixels (no resampling through a
+# figure's dpi), and the tasks paste them into sheets as images.
 
 
 def _thumbnail(image: Image.Image, side: int) -> Image.Image:
@@ -263,45 +351,3 @@ def overlay_regions(
         draw.rectangle([x0, y0 + 18, x1, y1 + 18], outline=colour, width=2)
         draw.text((x0 + 2, max(18, y0 + 18 - 12)), caption, fill=colour)
     return canvas
-
-
-def confusion_grid(matrix: Any, labels: Sequence[str], path: str | Path, title: str, cell: int = 34) -> Path:
-    """A confusion matrix `(C, C)` (rows: reference, columns: prediction) as a grid of cells shaded by
-    each row's fraction, with the counts written in."""
-    counts = np.asarray(matrix, dtype=np.int64)
-    if counts.ndim != 2 or counts.shape != (len(labels), len(labels)) or not len(labels):
-        raise ValueError(f"matrix {counts.shape} must be (C, C) with C = {len(labels)} labels (>= 1)")
-    left, top = 150, 40 + 8 * max(len(label) for label in labels)
-    size = len(labels) * cell
-    image = Image.new("RGB", (left + size + 20, top + size + 30), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((4, 4), title, fill="black")
-    draw.text((4, top - 14), "reference \\ predicted", fill=(90, 90, 90))
-    totals = np.maximum(counts.sum(1, keepdims=True), 1)
-    for row, label in enumerate(labels):
-        draw.text((4, top + row * cell + cell // 3), label[:22], fill="black")
-        for column in range(len(labels)):
-            share = counts[row, column] / totals[row, 0]
-            shade = int(255 - 200 * share)
-            x, y = left + column * cell, top + row * cell
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(shade, shade, 255), outline=(200, 200, 200))
-            if counts[row, column]:
-                draw.text((x + 4, y + cell // 3), str(counts[row, column]), fill="black" if share < 0.6 else "white")
-    for column, label in enumerate(labels):  # column labels, written downwards one character per line
-        for index, character in enumerate(label[:8]):
-            draw.text((left + column * cell + cell // 3, 30 + 8 * index), character, fill="black")
-    return save_figure(image, path)
-
-
-def plot_loss_curves(
-    series: dict[str, Sequence[tuple[int, float]]],
-    boundaries: Sequence[tuple[str, int]],
-    path: str | Path,
-    title: str = "training losses",
-) -> Path:
-    """series: name -> [(step, value)]; boundaries: [(stage name, first step)]. Writes and returns `path`."""
-    if not any(series.values()):
-        raise ValueError("plot_loss_curves needs at least one logged value")
-    last_step = max(max(step for values in series.values() for step, _ in values),
-                    max((start for _, start in boundaries), default=0), 1)
-    return plot_lines(series, path, title, "step", x_range=(0, last_step), markers=boundaries)
