@@ -35,7 +35,7 @@ from transformers.masking_utils import create_bidirectional_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark_report import cpu_model, write_report  # noqa: E402
-from training_step import step_flops, synthetic_batch, timed_steps, training_step  # noqa: E402
+from training_step import step_flops, timed_steps, training_step  # noqa: E402
 
 from regionmed_clip.modeling_regionmed_clip import (  # noqa: E402
     RegionMedCLIPConfig,
@@ -43,6 +43,7 @@ from regionmed_clip.modeling_regionmed_clip import (  # noqa: E402
     attention_regionmed_clip,  # noqa: E402
 )
 from regionmed_clip.modeling_regionmed_clip.modeling_regionmed_clip import RegionMedCLIPAttention  # noqa: E402
+from regionmed_clip.training_scripts.synthetic_batch import synthetic_batch  # noqa: E402
 
 BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "xformers")
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM

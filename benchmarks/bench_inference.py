@@ -27,11 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import clip_twin  # noqa: E402
 from benchmark_report import cpu_model, proc_status_bytes, write_report  # noqa: E402
-from training_step import synthetic_batch, timed_steps  # noqa: E402
+from training_step import timed_steps  # noqa: E402
 
 from regionmed_clip.data.synthetic import render_phantom  # noqa: E402
 from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel  # noqa: E402
 from regionmed_clip.processing import RegionMedCLIPImageProcessor  # noqa: E402
+from regionmed_clip.training_scripts.synthetic_batch import synthetic_batch  # noqa: E402
 
 
 def image_processor_for(config: RegionMedCLIPConfig) -> RegionMedCLIPImageProcessor:

@@ -29,9 +29,10 @@ from transformers import CLIPConfig, CLIPModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark_report import cpu_model, proc_status_bytes, release_free_heap, reset_peak_rss, write_report  # noqa: E402
-from training_step import step_flops, synthetic_batch, timed_steps, training_step  # noqa: E402
+from training_step import step_flops, timed_steps, training_step  # noqa: E402
 
 from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel  # noqa: E402
+from regionmed_clip.training_scripts.synthetic_batch import synthetic_batch  # noqa: E402
 
 ROI_COUNTS = (0, 2, 4, 8)
 

@@ -1,4 +1,4 @@
-"""Losses against hand-computed values (pure functions, no model)."""
+"""Losses against hand-computed values, and `training_loss` term by term against the objective written out."""
 
 import math
 
@@ -167,7 +167,203 @@ def test_negative_text_margin_pushes_only_the_hardest_negative_over_the_margin()
         negative_text_margin_loss(captions, negatives[:3], torch.ones(3, 2, dtype=torch.bool), 0.7)
 
 
-def test_training_loss_takes_the_terms_the_batch_allows_and_equals_the_pure_functions():
+# -- training_loss, term by term, against the objective written out here ------------------------------
+#
+# The reference below restates each term from its definition, one anchor at a time with Python loops
+# (nothing of training_scripts.losses is reused), on planted float64 embeddings: random directions,
+# duplicate captions, padding slots holding junk, region negatives near their caption.
+
+
+def _reference_info_nce(logits: list[torch.Tensor], positives: list[bool]) -> torch.Tensor:
+    """-log(sum of exp over the positives / sum of exp over every candidate), one anchor."""
+    values = torch.stack(logits)
+    return torch.logsumexp(values, 0) - torch.logsumexp(values[torch.tensor(positives)], 0)
+
+
+def _reference_symmetric(anchors, candidates, groups, scale) -> torch.Tensor:
+    """Anchor i against every candidate (positives: the candidates of i's caption group), and back."""
+    n = len(anchors)
+    forward = [_reference_info_nce([scale * anchors[i] @ candidates[j] for j in range(n)],
+                                   [groups[j] == groups[i] for j in range(n)]) for i in range(n)]
+    backward = [_reference_info_nce([scale * candidates[i] @ anchors[j] for j in range(n)],
+                                    [groups[j] == groups[i] for j in range(n)]) for i in range(n)]
+    return (torch.stack(forward).mean() + torch.stack(backward).mean()) / 2
+
+
+def _reference_with_negatives(anchors, texts, text_groups, negatives, negative_valid, scale, hardest_k, weight):
+    """Anchor i against every text and its own valid negatives; positives: the texts of i's group; the
+    `hardest_k` highest non-positive candidates get log(weight) added (their exp scaled by weight)."""
+    losses = []
+    for i, anchor in enumerate(anchors):
+        logits = [scale * anchor @ text for text in texts]
+        positives = [group == text_groups[i] for group in text_groups]
+        for negative, valid in zip(negatives[i], negative_valid[i], strict=True):
+            if valid:
+                logits.append(scale * anchor @ negative)
+                positives.append(False)
+        others = sorted((j for j, positive in enumerate(positives) if not positive), key=lambda j: -float(logits[j]))
+        if weight != 1.0:
+            for j in others[:hardest_k]:
+                logits[j] = logits[j] + math.log(weight)
+        losses.append(_reference_info_nce(logits, positives))
+    return torch.stack(losses).mean()
+
+
+def _reference_terms(out, report_groups, summary_groups, region_groups, config) -> dict[str, torch.Tensor]:
+    """Every term whose inputs `out` holds (summary, region and negative captions each optional)."""
+    scale = out.logit_scale
+    with_regions = out.region_text_embeds is not None
+    # the box-free embedding joins the image-level terms as a second anchor set when regions are pooled
+    image_sets = (out.image_embeds, out.global_image_embeds) if out.region_embeds is not None else (out.image_embeds,)
+    terms = {"global_report": sum(_reference_symmetric(images, out.text_embeds, report_groups, scale)
+                                  for images in image_sets) / len(image_sets)}
+    if out.summary_text_embeds is not None:
+        terms["global_summary"] = sum(_reference_symmetric(images, out.summary_text_embeds, summary_groups, scale)
+                                      for images in image_sets) / len(image_sets)
+    if out.negative_text_embeds is not None:
+        terms["hard_negative"] = sum(_reference_with_negatives(
+            images, out.text_embeds, report_groups, out.negative_text_embeds, out.negative_mask, scale,
+            config.hardest_k, config.hard_negative_weight) for images in image_sets) / len(image_sets)
+    if not with_regions:
+        return terms
+    batch, slots = out.roi_mask.shape
+    rois = [(b, k) for b in range(batch) for k in range(slots) if out.roi_mask[b, k]]
+    region_texts = [out.region_text_embeds[b, k] for b, k in rois]
+    groups = [region_groups[b][k] for b, k in rois]
+    terms["region"] = _reference_symmetric([out.region_embeds[b, k] for b, k in rois], region_texts, groups, scale)
+    terms["dense_region"] = _reference_symmetric([out.dense_region_embeds[b, k] for b, k in rois], region_texts,
+                                                 groups, scale)
+    # region caption -> image, box-free images only: positives are the images holding a caption of its group
+    image_region = []
+    for caption, group in zip(region_texts, groups, strict=True):
+        owners = {owner for (owner, _), other in zip(rois, groups, strict=True) if other == group}
+        image_region.append(_reference_info_nce([scale * caption @ image for image in out.global_image_embeds],
+                                                [index in owners for index in range(batch)]))
+    terms["image_region"] = torch.stack(image_region).mean()
+    if out.region_negative_text_embeds is None:
+        return terms
+    terms["region_hard_negative"] = sum(_reference_with_negatives(
+        [regions[b, k] for b, k in rois], region_texts, groups,
+        [out.region_negative_text_embeds[b, k] for b, k in rois], [out.region_negative_mask[b, k] for b, k in rois],
+        scale, config.hardest_k, config.hard_negative_weight)
+        for regions in (out.region_embeds, out.dense_region_embeds)) / 2
+    # the margin: per region caption with a valid negative, relu(cos(caption, nearest valid negative) - margin)
+    margins = []
+    for (b, k), caption in zip(rois, region_texts, strict=True):
+        cosines = [caption @ negative for negative, valid in zip(out.region_negative_text_embeds[b, k],
+                                                                 out.region_negative_mask[b, k], strict=True) if valid]
+        if cosines:
+            margins.append(torch.relu(max(cosines) - config.negative_text_margin))
+    terms["negative_text_margin"] = torch.stack(margins).mean()
+    return terms
+
+
+def _planted_step(seed: int = 0):
+    """Model outputs (as the model returns them: normalised, 0/1 masks) and the caption inputs of a batch
+    of 4 images, 3 ROI slots (6 valid; image 3 has none) and 3 negatives per image; reports 0 and 2 are
+    the same caption, and so are region captions (0, 0) and (2, 1)."""
+    from types import SimpleNamespace
+
+    generator = torch.Generator().manual_seed(seed)
+    batch, slots, negatives, region_negatives, dim, length = 4, 3, 3, 2, 8, 6
+
+    def unit(*shape):
+        return torch.nn.functional.normalize(torch.randn(*shape, dim, generator=generator, dtype=torch.float64), dim=-1)
+
+    def tokens(*shape):
+        ids = torch.randint(5, 90, (*shape, length), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[..., length - 2 :] = 0  # padded
+        return ids.masked_fill(mask == 0, 0), mask
+
+    report_ids, report_mask = tokens(batch)
+    report_ids[2] = report_ids[0]
+    summary_ids, summary_mask = tokens(batch)
+    region_ids, region_mask = tokens(batch, slots)
+    region_ids[2, 1] = region_ids[0, 0]
+    roi_mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]])
+    region_text = unit(batch, slots)
+    region_text[2, 1] = region_text[0, 0]  # the same caption, the same embedding
+    # region negatives: a few edits near their caption (over the margin), the rest anywhere
+    region_negative = unit(batch, slots, region_negatives)
+    near = torch.nn.functional.normalize(region_text[..., None, :] + 0.35 * unit(batch, slots, region_negatives), dim=-1)
+    region_negative = torch.where(torch.rand(batch, slots, region_negatives, 1, generator=generator) < 0.6, near,
+                                  region_negative)
+    region_negative[0, 1, 1] = region_text[0, 1]  # the nearest possible negative, but masked out: ignored
+    outputs = SimpleNamespace(
+        logit_scale=torch.tensor(7.0, dtype=torch.float64),
+        image_embeds=unit(batch), global_image_embeds=unit(batch), text_embeds=unit(batch),
+        summary_text_embeds=unit(batch),
+        region_embeds=unit(batch, slots), dense_region_embeds=unit(batch, slots), region_text_embeds=region_text,
+        roi_mask=roi_mask,
+        negative_text_embeds=unit(batch, negatives), negative_mask=torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1],
+                                                                                 [0, 0, 0]]),
+        region_negative_text_embeds=region_negative,
+        region_negative_mask=torch.tensor([[[1, 1], [1, 0], [1, 1]], [[0, 0], [1, 1], [0, 1]], [[1, 1], [1, 1], [0, 1]],
+                                           [[1, 1], [1, 1], [1, 1]]]) * roi_mask[..., None],
+    )
+    inputs = {"input_ids": report_ids, "attention_mask": report_mask, "summary_input_ids": summary_ids,
+              "summary_attention_mask": summary_mask, "region_input_ids": region_ids,
+              "region_attention_mask": region_mask}
+    # caption groups as the definition has them: equal token ids
+    groups = lambda ids: [tuple(row) for row in ids.tolist()]  # noqa: E731
+    region_groups = [[tuple(caption) for caption in image] for image in region_ids.tolist()]
+    return outputs, inputs, groups(report_ids), groups(summary_ids), region_groups
+
+
+@pytest.mark.parametrize("config", [ContrastiveLossConfig(),
+                                    ContrastiveLossConfig(hardest_k=1, hard_negative_weight=5.0,
+                                                          negative_text_margin=0.5)],
+                         ids=["default", "k1-w5-margin0.5"])
+def test_training_loss_terms_equal_the_objective_written_out(config):
+    from regionmed_clip.training_scripts.losses import DEFAULT_LOSS_WEIGHTS, LOSS_TERMS, training_loss
+
+    outputs, inputs, report_groups, summary_groups, region_groups = _planted_step()
+    expected = _reference_terms(outputs, report_groups, summary_groups, region_groups, config)
+    assert set(expected) == set(LOSS_TERMS)
+    # the batch is planted so that every term is at work: none is zero
+    assert all(value.item() > 0.01 for value in expected.values()), expected
+
+    total, terms = training_loss(outputs, inputs, outputs.logit_scale, pad_token_id=0, config=config)
+    assert set(terms) == set(LOSS_TERMS)  # every input present: every term, at its default weight
+    for name in LOSS_TERMS:
+        torch.testing.assert_close(terms[name], expected[name], msg=lambda text, name=name: f"{name}: {text}")
+    torch.testing.assert_close(total, sum(DEFAULT_LOSS_WEIGHTS[name] * expected[name] for name in LOSS_TERMS))
+
+    # each weight multiplies its own term: distinct weights, so a weight applied to another term shows
+    weights = dict(zip(LOSS_TERMS, (1.0, 0.3, 0.7, 1.3, 0.2, 0.9, 0.4, 2.5), strict=True))
+    total, terms = training_loss(outputs, inputs, outputs.logit_scale, 0, weights, config)
+    torch.testing.assert_close(total, sum(weights[name] * expected[name] for name in LOSS_TERMS))
+
+
+def test_the_planted_step_tells_swapped_inputs_apart():
+    """The reference on the planted step moves when an input a term might be handed by mistake is swapped
+    in (by more than the comparison's tolerance), so the test above fails on such a swap."""
+    outputs, inputs, report_groups, summary_groups, region_groups = _planted_step()
+    config = ContrastiveLossConfig()
+    expected = _reference_terms(outputs, report_groups, summary_groups, region_groups, config)
+    swaps = {
+        "image_region": {"global_image_embeds": outputs.image_embeds},  # box-free -> region-pooled images
+        "region": {"region_embeds": outputs.dense_region_embeds},  # crop-fused -> dense regions
+        "dense_region": {"dense_region_embeds": outputs.region_embeds},
+        "global_report": {"text_embeds": outputs.summary_text_embeds},  # report -> summary captions
+        "global_summary": {"summary_text_embeds": outputs.text_embeds},
+        "hard_negative": {"negative_text_embeds": outputs.negative_text_embeds.flip(0)},  # another image's negatives
+        "region_hard_negative": {"region_negative_mask": torch.ones_like(outputs.region_negative_mask)},  # mask ignored
+        "negative_text_margin": {"region_negative_mask": torch.ones_like(outputs.region_negative_mask)},
+    }
+    for name, swap in swaps.items():
+        changed = type(outputs)(**{**vars(outputs), **swap})
+        moved = _reference_terms(changed, report_groups, summary_groups, region_groups, config)[name]
+        assert abs(moved.item() - expected[name].item()) > 1e-3, name
+    # and the groups: without the duplicate captions as positives, the terms that read them change
+    distinct = _reference_terms(outputs, list(range(4)), summary_groups, [[(b, k) for k in range(3)] for b in range(4)],
+                                config)
+    for name in ("global_report", "hard_negative", "region", "dense_region", "image_region", "region_hard_negative"):
+        assert abs(distinct[name].item() - expected[name].item()) > 1e-3, name
+
+
+def test_training_loss_takes_the_terms_the_batch_allows_and_each_equals_the_objective_written_out():
     from regionmed_clip.training_scripts.losses import DEFAULT_LOSS_WEIGHTS, training_loss
 
     from conftest import make_inputs, tiny_model
@@ -183,12 +379,18 @@ def test_training_loss_takes_the_terms_the_batch_allows_and_equals_the_pure_func
     total, terms = training_loss(outputs, inputs, outputs.logit_scale, pad)
     # no summary or negative captions in the batch: only the terms their inputs allow
     assert set(terms) == {"global_report", "image_region", "region", "dense_region"}
-    assert total.item() == pytest.approx(sum(DEFAULT_LOSS_WEIGHTS[t] * v.item() for t, v in terms.items()), rel=1e-5)
-    only_global, global_terms = training_loss(outputs, inputs, outputs.logit_scale, pad, {"global_report": 1.0})
-    groups = caption_groups(inputs["input_ids"], inputs["attention_mask"])
-    expected = (global_contrastive_loss(outputs.image_embeds, outputs.text_embeds, outputs.logit_scale, groups)
-                + global_contrastive_loss(outputs.global_image_embeds, outputs.text_embeds, outputs.logit_scale,
-                                          groups)) / 2  # the box-free embedding is a second anchor set
-    assert only_global.item() == pytest.approx(expected.item(), rel=1e-5) and set(global_terms) == {"global_report"}
+
+    def groups(ids, mask):  # equal (unpadded) token ids, the definition of one caption
+        return [tuple(token for token, real in zip(row, keep, strict=True) if real)
+                for row, keep in zip(ids.tolist(), mask.tolist(), strict=True)]
+
+    region_groups = [groups(ids, mask) for ids, mask in zip(inputs["region_input_ids"], inputs["region_attention_mask"],
+                                                            strict=True)]
+    expected = _reference_terms(outputs, groups(inputs["input_ids"], inputs["attention_mask"]), None, region_groups,
+                                ContrastiveLossConfig())
+    assert set(expected) == set(terms)
+    for name, value in terms.items():
+        torch.testing.assert_close(value, expected[name].detach(), msg=lambda text, name=name: f"{name}: {text}")
+    torch.testing.assert_close(total, sum(DEFAULT_LOSS_WEIGHTS[name] * expected[name] for name in terms))
     with pytest.raises(ValueError, match="loss.hard_negative_weight"):
         ContrastiveLossConfig(hard_negative_weight=0.5)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from regionmed_clip.data.negatives import FINDINGS
 from regionmed_clip.data.schema import load_canonical
@@ -38,8 +39,6 @@ from regionmed_clip.processing import RegionMedCLIPImageProcessor
 from regionmed_clip.scoring import auroc, mean_pairwise_cosine
 
 from conftest import build_saved_model
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def unit(index: int, dim: int = 8) -> torch.Tensor:
@@ -297,8 +296,8 @@ def test_cli_user_errors_name_the_bad_argument(tmp_path, capsys):
 def _run_cli(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess:
     """`main(argv)` in a fresh process with its own HF_HOME, offline: only the folder supplies the code."""
     env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    code = "import sys; from evaluation.cli import main; sys.exit(main(sys.argv[1:]))"
+           "TRANSFORMERS_OFFLINE": "1"}
+    code = "import sys; from regionmed_clip.evaluation.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -358,16 +357,51 @@ def test_cli_probe_end_to_end_matches_direct_computation(tmp_path):
     evaluated = [zero_shot["per_class"][name]["auroc"] for name in zero_shot["classes_evaluated"]]
     assert zero_shot["macro_auroc"] == pytest.approx(sum(evaluated) / len(evaluated))
 
-    # Regions: per-kind counts are the lesions whose rule-based negative exists.
+    # Regions, exactly: each lesion's region embedding from the model's forward on the processor's batch
+    # under each control (made as its definition says, not by the probe's helpers), against the model's
+    # text embeddings of its caption and of its rule-based negatives; a win is a strictly nearer caption.
     vocabulary = sorted({region["label"] for region in lesions})
     fallback = [rule_based_negatives(region["caption"], vocabulary if len(vocabulary) >= 2 else FINDINGS)
                 for region in lesions]
+    images, image_processor = list(rows["image"]), processor.image_processor
+    mirrored = [[[image.size[0] - x1, image.size[1] - y1, image.size[0] - x0, image.size[1] - y0]
+                 for x0, y0, x1, y1 in image_boxes] for image, image_boxes in zip(images, boxes, strict=True)]
+    uniform = [Image.new(image.mode, image.size, image_processor.pad_value) for image in images]
+    valid = inputs["roi_mask"].bool()
+    roi = {key: inputs[key] for key in ("pixel_values", "roi_pixel_values", "roi_boxes", "roi_mask")}
+    variants = {
+        "true": roi,
+        "crops_blanked": {**roi, "roi_pixel_values": processor(images=uniform, regions=boxes)["roi_pixel_values"]},
+        "boxes_mirrored": {**roi, "roi_boxes": processor(images=images, regions=mirrored)["roi_boxes"]},
+        "box_geometry_removed": {**roi, "roi_boxes": torch.where(valid[..., None], torch.tensor([0.0, 0.0, 1.0, 1.0]),
+                                                                 inputs["roi_boxes"])},
+    }
+    texts = sorted({region["caption"] for region in lesions}
+                   | {text for negatives in fallback for text in negatives.values() if text is not None})
+    with torch.no_grad():
+        region_embeds = {condition: model(**variant).region_embeds[valid] for condition, variant in variants.items()}
+        text_embeds = dict(zip(texts, model(**processor(text=texts)).text_embeds, strict=True))
     conditions = report["regions"]["conditions"]
-    assert set(conditions) == {"true", "crops_blanked", "boxes_mirrored", "box_geometry_removed"}
-    for condition in conditions.values():
-        for kind in NEGATIVE_KINDS:
-            assert condition[kind]["n"] == sum(negatives[kind] is not None for negatives in fallback), kind
-            assert condition[kind]["accuracy"] is None or 0 <= condition[kind]["accuracy"] <= 1
+    assert set(conditions) == set(variants)
+    for condition, regions in region_embeds.items():
+        assert regions.shape[0] == len(lesions)
+        wins = {kind: [] for kind in NEGATIVE_KINDS}
+        every = []  # lesions with a negative: did they beat each of them
+        for region, lesion, negatives in zip(regions, lesions, fallback, strict=True):
+            true_cosine = float(region @ text_embeds[lesion["caption"]])
+            beats = {kind: true_cosine > float(region @ text_embeds[text])
+                     for kind, text in negatives.items() if text is not None}
+            for kind, won in beats.items():
+                wins[kind].append(won)
+            if beats:
+                every.append(all(beats.values()))
+        for kind, outcome in (*wins.items(), ("all", every)):
+            got = conditions[condition][kind]
+            assert got["n"] == len(outcome), (condition, kind)
+            if outcome:
+                assert got["accuracy"] == pytest.approx(np.mean(outcome)), (condition, kind, outcome)
+            else:
+                assert got["accuracy"] is None, (condition, kind)  # NaN, written as null
 
     # Verdicts restate the region table: delta = true - control accuracy on the same lesions.
     for name, control, kind in (("crop_carries_type", "crops_blanked", "type"),

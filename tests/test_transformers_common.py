@@ -7,12 +7,17 @@ skips `CLIPVisionModelTest`, `CLIPTextModelTest` and `CLIPModelTest` declare, no
 model takes the composite model's (`CLIPModelTest`) profile.
 """
 
+import os
+import subprocess
+import sys
 import tempfile
 import unittest
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
-from transformers_suite import common_test_modules
+from transformers_suite import REQUIRE_VARIABLE, CommonTestsUnavailable, common_test_modules, suite_required
 
 from regionmed_clip.modeling_regionmed_clip import (
     RegionMedCLIPConfig,
@@ -26,7 +31,12 @@ from regionmed_clip.modeling_regionmed_clip import (
     RegionMedCLIPVisionModelWithProjection,
 )
 
-modeling_common, configuration_common = common_test_modules()
+try:
+    modeling_common, configuration_common = common_test_modules()
+except CommonTestsUnavailable as error:
+    if suite_required():  # CI must run them: a fetch that fails there is an error, never a quiet skip
+        raise
+    pytest.skip(error.reason, allow_module_level=True)
 ModelTesterMixin = modeling_common.ModelTesterMixin
 ConfigTester = configuration_common.ConfigTester
 floats_tensor, ids_tensor = modeling_common.floats_tensor, modeling_common.ids_tensor
@@ -284,3 +294,54 @@ class RegionMedCLIPForVQATest(CompositeTests, unittest.TestCase):
             result = RegionMedCLIPForVQA(config).eval()(**inputs)
         self.assertEqual(result.logits.shape, (self.model_tester.batch_size, 5))
         torch.testing.assert_close(result.loss, torch.nn.functional.cross_entropy(result.logits, inputs["labels"]))
+
+
+# -- the suite's own fetch: a failure skips it loudly, except where it is required -------------------
+
+
+def _pytest_without_the_index(tmp_path: Path, **environment: str) -> subprocess.CompletedProcess:
+    """This module and one other test run by pytest in a fresh process with an empty test cache and pip
+    pointed at an index that refuses connections (its configuration files and PIP_* variables left
+    out). The other test stands for the rest of the suite: a session whose only module skips collects
+    nothing, which pytest reports with exit code 5."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("PIP_") and key not in ("CI", REQUIRE_VARIABLE)}
+    env.update(REGIONMED_TEST_CACHE=str(tmp_path / "cache"), PIP_CONFIG_FILE=os.devnull,
+               PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_RETRIES="0", PIP_TIMEOUT="5", **environment)
+    tests = Path(__file__).resolve().parent
+    other = f"{tests / 'test_losses.py'}::test_single_positive_is_cross_entropy"
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(Path(__file__)),
+                           other], cwd=tests.parent, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_an_unreachable_index_skips_the_suite_with_the_reason(tmp_path):
+    result = _pytest_without_the_index(tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "1 passed, 1 skipped" in output, output[-3000:]
+    for words in ("common model tests (ModelTesterMixin, ConfigTester) NOT RUN", "could not fetch transformers",
+                  "exited 1", str(tmp_path / "cache"), REQUIRE_VARIABLE):
+        assert words in output, (words, output[-3000:])
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.py"))  # nothing half-made
+
+
+@pytest.mark.parametrize("environment", [{"CI": "true"}, {REQUIRE_VARIABLE: "1"}], ids=["CI", "required"])
+def test_where_the_suite_is_required_an_unreachable_index_fails_the_run(tmp_path, environment):
+    result = _pytest_without_the_index(tmp_path, **environment)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "1 error" in output and "skipped" not in output, output[-3000:]
+    assert "CommonTestsUnavailable" in output and "could not fetch transformers" in output, output[-3000:]
+
+
+def test_ci_requires_the_suite_and_the_variable_decides_first(monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv(REQUIRE_VARIABLE, raising=False)
+    assert not suite_required()
+    for value, required in (("false", False), ("0", False), ("", False), ("true", True), ("1", True)):
+        monkeypatch.setenv("CI", value)
+        assert suite_required() is required, value
+    monkeypatch.setenv(REQUIRE_VARIABLE, "0")  # an explicit waiver wins over CI
+    assert not suite_required()
+    monkeypatch.delenv("CI")
+    monkeypatch.setenv(REQUIRE_VARIABLE, "1")
+    assert suite_required()
