@@ -13,15 +13,13 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_regionmed_clip import RegionMedCLIPConfig
-from .modeling_regionmed_clip import (
-    RegionMedCLIPAttention,
-    RegionMedCLIPMLP,
-    RegionMedCLIPModel,
-    RegionMedCLIPPreTrainedModel,
-)
+from .layers_regionmed_clip import RegionMedCLIPAttention, RegionMedCLIPMLP
+from .modeling_regionmed_clip import RegionMedCLIPModel, RegionMedCLIPPreTrainedModel
 
 __all__ = ["RegionMedCLIPForVQA", "RegionMedCLIPVQAOutput"]
 
@@ -32,7 +30,7 @@ class RegionMedCLIPVQAOutput(ModelOutput):
     question_states: `(B, L, D)` the question tokens after fusion. With `output_hidden_states`,
     hidden_states: the question stream `(B, L, D)` entering the fusion and after each fusion layer;
     with `output_attentions`, attentions: each fusion layer's question-to-image weights `(B, H, L, T)`
-    (None from backends that return no weights)."""
+    (none from backends that return no weights)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -73,6 +71,10 @@ class RegionMedCLIPForVQA(RegionMedCLIPPreTrainedModel):
     # Its cross-attention masks padded image tokens (keys) but not the queries: flash attention's
     # unpadding of both sides by one mask does not fit it.
     _supports_flash_attn = False
+    # The question stream entering the fusion and each fusion layer's output and weights. The backbone's
+    # towers record their own outputs; the backbone's output is not part of this model's.
+    _can_record_outputs = {"hidden_states": OutputRecorder(RegionMedCLIPVQAFusionLayer, index=0),
+                           "attentions": OutputRecorder(RegionMedCLIPVQAFusionLayer, index=1)}
 
     def __init__(self, config: RegionMedCLIPConfig):
         super().__init__(config)
@@ -85,6 +87,7 @@ class RegionMedCLIPForVQA(RegionMedCLIPPreTrainedModel):
         self.classifier = nn.Linear(dim, config.num_labels)
         self.post_init()
 
+    @capture_outputs
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -94,19 +97,17 @@ class RegionMedCLIPForVQA(RegionMedCLIPPreTrainedModel):
         roi_boxes: torch.Tensor | None = None,
         roi_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> RegionMedCLIPVQAOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> RegionMedCLIPVQAOutput:
         """pixel_values `(B, 3, H, W)`; input_ids / attention_mask `(B, L)` the questions; optional ROI
-        inputs as in `RegionMedCLIPModel`; labels `(B,)` answer indices (-100 = ignored)."""
+        inputs as in `RegionMedCLIPModel`; labels `(B,)` answer indices (-100 = ignored). `output_hidden_states`
+        / `output_attentions` default to the config's; a tuple with `return_dict=False`."""
         if input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(f"one question per image: input_ids {tuple(input_ids.shape)} vs pixel_values "
                              f"{tuple(pixel_values.shape)}")
-        output_hidden_states, output_attentions, return_dict = self._output_flags(
-            output_hidden_states, output_attentions, return_dict)
         clip = self.regionmed_clip
-        vision = clip._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask)
+        no_outputs = {"output_hidden_states": False, "output_attentions": False}  # the backbone's are not returned
+        vision = clip._vision_forward(pixel_values, roi_pixel_values, roi_boxes, roi_mask, **no_outputs)
         patch_tokens = clip.visual_projection(vision["vision_output"].last_hidden_state[:, 1:])  # (B, P, D)
         image_tokens = [vision["image_embeds"][:, None].to(patch_tokens.dtype), patch_tokens]
         token_mask = [torch.ones(patch_tokens.shape[0], 1 + patch_tokens.shape[1], dtype=torch.bool,
@@ -118,21 +119,14 @@ class RegionMedCLIPForVQA(RegionMedCLIPPreTrainedModel):
 
         if attention_mask is None:
             attention_mask = (input_ids != self.config.text_config.pad_token_id).long()
-        question_tokens = clip.text_model(input_ids, attention_mask, output_hidden_states=False, output_attentions=False,
-                                          return_dict=True).last_hidden_state
+        question_tokens = clip.text_model(input_ids, attention_mask, return_dict=True, **no_outputs).last_hidden_state
         question = clip.text_projection(question_tokens)  # (B, L, D)
         image_mask = create_bidirectional_mask(self.config, question, torch.cat(token_mask, dim=1),
                                                encoder_hidden_states=image_tokens)
-        question_stream, fusion_weights = [question], []
         for layer in self.fusion_layers:
-            question, weights = layer(question, image_tokens, image_mask)
-            question_stream.append(question)
-            fusion_weights.append(weights)
+            question, _ = layer(question, image_tokens, image_mask)
         token_weights = attention_mask.to(question.dtype)[..., None]
         pooled = (question * token_weights).sum(1) / token_weights.sum(1).clamp(min=1.0)
         logits = self.classifier(self.answer_norm(pooled))
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels.to(logits.device))
-        output = RegionMedCLIPVQAOutput(loss=loss, logits=logits, question_states=question,
-                                        hidden_states=tuple(question_stream) if output_hidden_states else None,
-                                        attentions=tuple(fusion_weights) if output_attentions else None)
-        return output if return_dict else output.to_tuple()
+        return RegionMedCLIPVQAOutput(loss=loss, logits=logits, question_states=question)

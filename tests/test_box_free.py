@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from regionmed_clip.modeling_regionmed_clip import CONFIG_ERRORS, RegionMedCLIPConfig
-from regionmed_clip.modeling_regionmed_clip.modeling_regionmed_clip import (
-    RegionMedCLIPAttentionPool,
+from regionmed_clip.modeling_regionmed_clip.box_free_regionmed_clip import (
+    _PROPOSAL_POOL_SHARPNESS,
     log_mean_exp_centred,
-    roi_align,
+    pool_window_features,
     sliding_window_boxes,
     window_sampling_weights,
 )
+from regionmed_clip.modeling_regionmed_clip.roi_regionmed_clip import RegionMedCLIPAttentionPool, roi_align
 
 from conftest import make_inputs, tiny_model
 
@@ -40,15 +41,61 @@ def test_window_pool_keeps_float32_precision_at_every_scale(scale):
     assert ((pooled - exact).abs() / exact.abs()).max() < 1e-6
 
 
-def test_window_pool_gradients_stay_finite_for_large_scores():
+def _log_mean_exp(scores: torch.Tensor, sharpness: float) -> torch.Tensor:
+    """The pool's definition, `log(mean(exp(s * x))) / s` over dim 1, in float64 by logsumexp."""
+    return (torch.logsumexp(sharpness * scores.double(), dim=1) - math.log(scores.shape[1])) / sharpness
+
+
+def test_window_pool_gradients_are_nonzero_and_finite_for_large_scores():
     scores = (torch.randn(2, 58, 4) * 60).requires_grad_()
     log_mean_exp_centred(scores - scores.mean(dim=1, keepdim=True)).sum().backward()
-    assert torch.isfinite(scores.grad).all()
+    # through the centring, each score's gradient is its softmax weight minus 1 / 58: never zero
+    assert torch.isfinite(scores.grad).all() and torch.all(scores.grad != 0)
+
+
+def test_window_pool_gradients_match_finite_differences_in_every_branch():
+    # channel 0 overflows exp (logsumexp), channel 1 is small (the series), channel 2 in between (expm1)
+    scores = torch.tensor([[[30.0, 0.03, 1.5], [-4.0, -0.05, -0.7], [-8.0, 0.01, 2.2], [-2.0, -0.02, -0.4],
+                            [-6.0, 0.04, 0.9], [-10.0, -0.01, -2.5]]], dtype=torch.float64, requires_grad=True)
+
+    def pooled(values: torch.Tensor) -> torch.Tensor:
+        return log_mean_exp_centred(values - values.mean(dim=1, keepdim=True))
+
+    assert torch.autograd.gradcheck(pooled, (scores,))
+    # the value too: exact to float32 precision (the series stops at the fifth power)
+    torch.testing.assert_close(pooled(scores), _log_mean_exp(scores - scores.mean(dim=1, keepdim=True), 1.0),
+                               rtol=1e-6, atol=0)
+
+
+def test_window_pool_is_the_centred_log_mean_exp_of_planted_window_features():
+    # 10 windows (9 of half the side, then the whole view), 3 channels: one window shows channel 0
+    # strongly, one hides channel 1, and channel 2 varies slightly. A mean pool gives 0 for every
+    # centred channel, a max pool the largest deviation: the pool is neither.
+    planted = torch.zeros(1, 10, 3)
+    planted[0, 3, 0], planted[0, 6, 1] = 2.0, -2.0
+    planted[0, :, 2] = torch.linspace(-0.01, 0.01, 10)
+    seen = []
+
+    def dense_head(sampled: torch.Tensor) -> torch.Tensor:
+        seen.append(sampled.shape)
+        return planted
+
+    tokens = torch.randn(1, 1 + 4 * 4, 5)
+    pooled = pool_window_features(tokens, (4, 4), (0.5, 1.0), 2, dense_head)
+    assert seen == [(1, 10, 2 * 2 * 5)]  # every window's 2 x 2 RoIAlign bins of the 5-channel patch grid
+    deviations = planted - planted.mean(dim=1, keepdim=True)
+    expected = _log_mean_exp(deviations, _PROPOSAL_POOL_SHARPNESS)
+    assert pooled.dtype == torch.float32
+    torch.testing.assert_close(pooled.double(), expected, rtol=1e-5, atol=1e-9)
+    peak = deviations[0, :, 0].amax()
+    assert 0.5 * peak < pooled[0, 0] < peak - 0.1  # a soft maximum: near the peak window, below it
+    assert 0 < pooled[0, 1] < 0.5 * pooled[0, 0]  # a dip of the same size counts far less than the peak
+    assert 0 < pooled[0, 2] < 0.02 * deviations[0, :, 2].amax()  # a small spread stays second order
 
 
 @pytest.mark.parametrize("patch_grid", [(16, 16), (7, 9)])
 def test_the_window_matrix_is_roi_align_of_the_windows(patch_grid):
-    # pool_proposals multiplies by this fixed matrix instead of sampling the windows each step.
+    # pool_window_features multiplies by this fixed matrix instead of sampling the windows each step.
     torch.manual_seed(0)
     features = torch.randn(2, 5, *patch_grid, dtype=torch.float64, requires_grad=True)
     windows = sliding_window_boxes((0.25, 0.5), features.device, features.dtype)
@@ -77,14 +124,15 @@ def test_box_free_embedding_pools_the_proposal_windows():
         tokens = model.vision_model(pixel_values)
         grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
         windows = sliding_window_boxes(model.config.proposal_window_sizes, pixel_values.device, pixel_values.dtype)
-        window_features = model.roi_processor.dense_layernorm(
-            model.roi_processor._box_context(tokens.last_hidden_state, windows.expand(2, -1, -1), (grid, grid)))
+        window_features = model.roi_processor.dense_features(
+            model.roi_processor.align_boxes(tokens.last_hidden_state, windows.expand(2, -1, -1), (grid, grid)))
     # without windows the box-free feature is the tower's pooled output, projected
     torch.testing.assert_close(without, model.visual_projection(tokens.pooler_output))
-    # with windows it is a soft maximum over windows of each channel's deviation from the image's mean window
+    # with windows it is the log-mean-exp over windows of each channel's deviation from the image's
+    # mean window (a fresh model's box-free centre is zero), projected
     deviations = window_features - window_features.mean(1, keepdim=True)
-    assert torch.all(model.visual_projection.weight.pinverse() @ with_windows.t() <= deviations.amax(1).t() + 1e-4)
-    assert torch.all(model.visual_projection.weight.pinverse() @ with_windows.t() >= deviations.mean(1).t() - 1e-4)
+    pooled = _log_mean_exp(deviations, _PROPOSAL_POOL_SHARPNESS).float()
+    torch.testing.assert_close(with_windows, model.visual_projection(pooled), rtol=1e-4, atol=1e-6)
 
 
 def test_dense_region_embedding_reads_the_patch_grid_not_the_crop():

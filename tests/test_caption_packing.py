@@ -8,7 +8,7 @@ import torch
 
 from regionmed_clip.data.schema import load_canonical
 from regionmed_clip.data.synthetic import write_synthetic_dataset
-from regionmed_clip.modeling_regionmed_clip.modeling_regionmed_clip import _length_groups
+from regionmed_clip.modeling_regionmed_clip.packing_regionmed_clip import length_groups
 from regionmed_clip.processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
 from regionmed_clip.training_scripts.collator import RegionMedCLIPCollator
 from regionmed_clip.training_scripts.losses import training_loss
@@ -97,7 +97,7 @@ def test_length_groups_are_the_fewest_tokens_any_split_computes():
         lengths = sorted(generator.choice([generator.randint(1, 9), generator.randint(20, 30)])
                          for _ in range(generator.randint(1, 8)))
         groups = generator.randint(1, 4)
-        bounds = _length_groups(lengths, groups)
+        bounds = length_groups(lengths, groups)
         assert bounds[0] == 0 and bounds[-1] == len(lengths) and len(bounds) - 1 <= groups
         assert all(start < end for start, end in itertools.pairwise(bounds))
         best = min(tokens(lengths, [0, *cuts, len(lengths)])

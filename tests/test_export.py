@@ -74,7 +74,9 @@ def test_export_writes_safetensors_remote_code_and_auto_map_only(exported):
     config = json.loads((hub / "config.json").read_text())
     assert AUTO_MAP.items() <= config["auto_map"].items() and config["custom_pipelines"] == CUSTOM_PIPELINES
     for module in ("modeling_regionmed_clip", "modeling_regionmed_clip_vqa", "configuration_regionmed_clip",
-                   "processing_regionmed_clip", "image_processing_regionmed_clip", "pipeline_regionmed_clip"):
+                   "attention_regionmed_clip", "layers_regionmed_clip", "roi_regionmed_clip", "box_free_regionmed_clip",
+                   "packing_regionmed_clip", "processing_regionmed_clip", "image_processing_regionmed_clip",
+                   "pipeline_regionmed_clip"):
         assert f"{module}.py" in files, module
     tokenizer_config = json.loads((hub / "tokenizer_config.json").read_text())
     assert tokenizer_config["model_input_names"] == ["input_ids", "attention_mask"]

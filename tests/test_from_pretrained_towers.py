@@ -1,4 +1,4 @@
-"""`from_vision_text_pretrained`: start from local ViT / CLIP-vision and BERT checkpoints."""
+"""`model_from_vision_text_pretrained`: start from local ViT / CLIP-vision and BERT checkpoints."""
 
 import pytest
 import torch
@@ -12,7 +12,7 @@ from transformers import (
     ViTModel,
 )
 
-from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPModel
+from regionmed_clip.training_scripts.tower_conversion import model_from_vision_text_pretrained
 
 VISION_SIZES = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "intermediate_size": 64}
@@ -43,7 +43,7 @@ def vision_checkpoint(request, tmp_path):
 
 def test_towers_are_copied_and_compute_the_same_functions(vision_checkpoint, bert_dir):
     vision_dir, vision_reference = vision_checkpoint
-    model = RegionMedCLIPModel.from_vision_text_pretrained(vision_dir, bert_dir, projection_dim=16, max_rois=3,
+    model = model_from_vision_text_pretrained(vision_dir, bert_dir, projection_dim=16, max_rois=3,
                                                            roi_image_size=16, roi_fusion_heads=4).eval()
     assert model.config.projection_dim == 16 and model.config.max_rois == 3
     assert model.config.vision_config.pre_layernorm == isinstance(vision_reference, CLIPVisionModel)
@@ -77,16 +77,16 @@ def test_full_clip_checkpoint_uses_its_vision_tower(tmp_path, bert_dir):
     clip = CLIPModel(CLIPConfig(vision_config=VISION_SIZES, text_config={"hidden_size": 32, "num_hidden_layers": 1,
                                                                          "num_attention_heads": 4, "intermediate_size": 64}))
     clip.eval().save_pretrained(tmp_path / "clip")
-    model = RegionMedCLIPModel.from_vision_text_pretrained(tmp_path / "clip", bert_dir, roi_image_size=16, roi_fusion_heads=4)
+    model = model_from_vision_text_pretrained(tmp_path / "clip", bert_dir, roi_image_size=16, roi_fusion_heads=4)
     assert torch.equal(model.vision_model.embeddings.class_embedding, clip.vision_model.embeddings.class_embedding)
 
 
 def test_unknown_config_fields_are_rejected(vision_checkpoint, bert_dir):
     with pytest.raises(ValueError, match="unknown config fields.*max_roi"):
-        RegionMedCLIPModel.from_vision_text_pretrained(vision_checkpoint[0], bert_dir, max_roi=3)
+        model_from_vision_text_pretrained(vision_checkpoint[0], bert_dir, max_roi=3)
 
 
 def test_a_text_checkpoint_that_is_not_bert_is_rejected(vision_checkpoint):
     vision_dir = vision_checkpoint[0]
     with pytest.raises(ValueError, match="text_path must hold a BERT"):
-        RegionMedCLIPModel.from_vision_text_pretrained(vision_dir, vision_dir, roi_image_size=16, roi_fusion_heads=4)
+        model_from_vision_text_pretrained(vision_dir, vision_dir, roi_image_size=16, roi_fusion_heads=4)

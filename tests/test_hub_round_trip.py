@@ -30,8 +30,10 @@ def test_remote_code_round_trip_in_a_fresh_offline_process(tmp_path):
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     saved = sorted(os.listdir(model_dir))
+    # the model file and every sibling it reaches by relative import (transformers' custom_object_save)
     assert {"config.json", "model.safetensors", "modeling_regionmed_clip.py", "configuration_regionmed_clip.py",
-            "attention_regionmed_clip.py"} <= set(saved)
+            "attention_regionmed_clip.py", "layers_regionmed_clip.py", "roi_regionmed_clip.py",
+            "box_free_regionmed_clip.py", "packing_regionmed_clip.py"} <= set(saved)
     # inference only: no training objective, no torch.distributed, no training knobs in config.json
     assert not [name for name in saved if "loss" in name]
     shipped_code = "".join((model_dir / name).read_text() for name in saved if name.endswith(".py"))

@@ -1,3 +1,4 @@
+import itertools
 import math
 import os
 import subprocess
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPModel
-from regionmed_clip.modeling_regionmed_clip.modeling_regionmed_clip import roi_align
+from regionmed_clip.modeling_regionmed_clip.roi_regionmed_clip import roi_align
 
 from conftest import make_inputs, tiny_config, tiny_model
 
@@ -120,7 +121,65 @@ def test_forward_backward_with_four_rois_per_image(config):
     out = model(**inputs, return_loss=True)
     out.loss.backward()
     assert out.region_embeds.shape == (4, 4, config.projection_dim)
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    grads = {name: parameter.grad for name, parameter in model.named_parameters()}
+    assert all(torch.isfinite(grad).all() for grad in grads.values() if grad is not None)
+    # Closed gates scale the fused branch by tanh(0) = 0: exactly its parameters get no gradient. Every
+    # other one does: both towers, the projections, the temperature, the dense head (the box-free
+    # windows read it) and the pool gate, which is what opens the branch.
+    gated = tuple(f"roi_processor.{name}." for name in ("box_embedding", "fusion_layers", "region_layernorm",
+                                                        "region_pool"))
+    without = sorted(name for name, grad in grads.items() if grad is None or not torch.any(grad != 0))
+    assert without == sorted(name for name in grads if name.startswith(gated))
+    assert {"roi_processor.pool_gate", "roi_processor.context_projection.weight", "logit_scale"} <= set(grads) - set(without)
+
+    # The pool gate's gradient is the loss's central difference (eval mode: the box-free centre stays put).
+    model.eval().zero_grad(set_to_none=True)
+    model(**inputs, return_loss=True).loss.backward()
+    gate, step = model.roi_processor.pool_gate, 1e-2
+    with torch.no_grad():
+        losses = []
+        for value in (step, -step):
+            gate.fill_(value)
+            losses.append(model(**inputs, return_loss=True).loss.double())
+        gate.zero_()
+    finite_difference = (losses[0] - losses[1]) / (2 * step)
+    assert gate.grad.abs().item() > 1e-4
+    assert gate.grad.item() == pytest.approx(finite_difference.item(), rel=1e-2)
+
+
+def test_roi_processor_gradients_match_finite_differences_with_closed_gates():
+    from regionmed_clip.modeling_regionmed_clip.roi_regionmed_clip import RegionMedCLIPROIProcessor
+
+    config = tiny_config(vision_config={"hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16},
+                         roi_fusion_heads=2)
+    config._attn_implementation = "eager"  # what a model would resolve its attention backend to
+    torch.manual_seed(0)
+    processor = RegionMedCLIPROIProcessor(config).double().eval()
+    assert processor.pool_gate.item() == processor.fusion_layers[0].attn_gate.item() == 0  # closed
+    grid = (3, 4)
+    crop_features = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    global_tokens = torch.randn(2, 1 + grid[0] * grid[1], 8, dtype=torch.float64, requires_grad=True)
+    boxes = torch.tensor([[[0.1, 0.2, 0.7, 0.9], [0.05, 0.0, 0.4, 0.35], [0.5, 0.5, 1.0, 0.8]]] * 2,
+                         dtype=torch.float64)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    gates = [processor.pool_gate, processor.fusion_layers[0].attn_gate, processor.fusion_layers[0].mlp_gate]
+
+    def outputs(crops, tokens, pool_gate, attn_gate, mlp_gate):
+        parameters = {"pool_gate": pool_gate, "fusion_layers.0.attn_gate": attn_gate,
+                      "fusion_layers.0.mlp_gate": mlp_gate}
+        return torch.func.functional_call(processor, parameters, (crops, boxes, mask, tokens, grid))
+
+    gate_inputs = [gate.detach().clone().requires_grad_() for gate in gates]
+    assert torch.autograd.gradcheck(outputs, (crop_features, global_tokens, *gate_inputs))
+    # a random readout: a plain sum of LayerNorm-ed features has no gradient at all
+    readout = [torch.randn(output.shape, dtype=torch.float64) for output in outputs(crop_features, global_tokens,
+                                                                                   *gate_inputs)]
+    sum((output * weights).sum() for output, weights in zip(outputs(crop_features, global_tokens, *gate_inputs),
+                                                             readout, strict=True)).backward()
+    # closed gates still pass gradient to themselves, and the crops and patch tokens reach the regions
+    assert all(gate.grad.abs().item() > 0 for gate in gate_inputs)
+    assert crop_features.grad[mask].abs().amin() > 0 and torch.all(crop_features.grad[~mask] == 0)
+    assert global_tokens.grad[:, 1:].abs().sum() > 0
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -185,14 +244,45 @@ def test_logit_scale_is_clamped_at_100(model, config):
     torch.testing.assert_close(out.logits_per_text, 100 * cosine)
 
 
-def test_roi_align_matches_bilinear_reference():
-    # a linear ramp: the average of bilinear samples in a bin is the ramp at the bin centre
-    height, width = 8, 8
-    xs = (torch.arange(width) + 0.5) / width
-    feature = xs.expand(height, width)[None, None].clone()
-    boxes = torch.tensor([[[0.25, 0.25, 0.75, 0.75]]])
-    pooled = roi_align(feature, boxes, output_size=2)
-    torch.testing.assert_close(pooled[0, 0, :, :, 0], torch.tensor([[0.375, 0.625], [0.375, 0.625]]))
+def _bilinear(feature: torch.Tensor, y: float, x: float) -> torch.Tensor:
+    """`feature (C, H, W)` at pixel coordinates (y, x), pixel i centred at i; outside, the border pixel."""
+    height, width = feature.shape[1:]
+    y, x = min(max(y, 0.0), height - 1.0), min(max(x, 0.0), width - 1.0)
+    top, left = math.floor(y), math.floor(x)
+    bottom, right = min(top + 1, height - 1), min(left + 1, width - 1)
+    dy, dx = y - top, x - left
+    return ((1 - dy) * (1 - dx) * feature[:, top, left] + (1 - dy) * dx * feature[:, top, right]
+            + dy * (1 - dx) * feature[:, bottom, left] + dy * dx * feature[:, bottom, right])
+
+
+def _roi_align_oracle(feature: torch.Tensor, box: list[float], output_size: int, sampling_ratio: int) -> torch.Tensor:
+    """RoIAlign from its definition: the box (normalised xyxy) cut into `output_size` x `output_size` bins,
+    each the mean of `sampling_ratio` x `sampling_ratio` bilinear samples at its sub-bin centres.
+    Normalised coordinate u is pixel coordinate u * size - 0.5 (pixel i covers [i, i + 1))."""
+    height, width = feature.shape[1:]
+    x0, y0, x1, y1 = box
+    side = output_size * sampling_ratio
+    out = torch.zeros(output_size, output_size, feature.shape[0], dtype=feature.dtype)
+    for row, col, i, j in itertools.product(range(output_size), range(output_size), range(sampling_ratio),
+                                            range(sampling_ratio)):
+        y = (y0 + (y1 - y0) * (row * sampling_ratio + i + 0.5) / side) * height - 0.5
+        x = (x0 + (x1 - x0) * (col * sampling_ratio + j + 0.5) / side) * width - 0.5
+        out[row, col] += _bilinear(feature, y, x) / sampling_ratio**2
+    return out
+
+
+@pytest.mark.parametrize(("output_size", "sampling_ratio"), [(2, 2), (3, 1), (3, 3)])
+def test_roi_align_matches_an_independent_oracle_on_asymmetric_boxes(output_size, sampling_ratio):
+    generator = torch.Generator().manual_seed(0)
+    feature = torch.randn(2, 3, 5, 7, generator=generator, dtype=torch.float64)  # (B, C, H, W): not square
+    boxes = [[[0.05, 0.1, 0.8, 0.45], [0.31, 0.52, 0.97, 0.93]],  # wide, tall, off-centre; touching borders
+             [[0.0, 0.0, 1.0, 1.0], [0.6, 0.02, 0.74, 0.99]]]
+    pooled = roi_align(feature, torch.tensor(boxes, dtype=torch.float64), output_size, sampling_ratio)
+    assert pooled.shape == (2, 2, output_size, output_size, 3)
+    for image, image_boxes in enumerate(boxes):
+        for index, box in enumerate(image_boxes):
+            expected = _roi_align_oracle(feature[image], box, output_size, sampling_ratio)
+            torch.testing.assert_close(pooled[image, index], expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(

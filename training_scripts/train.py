@@ -61,6 +61,7 @@ from .collator import RegionMedCLIPCollator, prefetch_lookahead_steps
 from .heap import fix_mmap_threshold, limit_onednn_primitive_cache
 from .losses import ContrastiveLossConfig
 from .schedule import NAMED_SCHEDULES, StagedSchedule, resolve_schedule
+from .tower_conversion import model_from_vision_text_pretrained
 from .trainer import JsonlLogCallback, RegionMedCLIPTrainer, StageCallback
 
 # `data:` keys of a run config that set the collator's region and window sampling.
@@ -242,8 +243,7 @@ def build_trainer(
     if model_spec.get("pretrained"):
         model = RegionMedCLIPModel.from_pretrained(model_spec["pretrained"], **overrides)
     elif model_spec.get("vision_path") or model_spec.get("text_path"):
-        model = RegionMedCLIPModel.from_vision_text_pretrained(model_spec["vision_path"], model_spec["text_path"],
-                                                               **overrides)
+        model = model_from_vision_text_pretrained(model_spec["vision_path"], model_spec["text_path"], **overrides)
     else:
         config = RegionMedCLIPConfig.from_preset(model_spec["preset"], **overrides)
         # The text tower follows the tokenizer: its special ids, and room for every token.

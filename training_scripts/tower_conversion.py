@@ -1,0 +1,163 @@
+"""Start a RegionMed-CLIP model from pretrained towers: transformers ViT, CLIP-vision or full CLIP
+checkpoints for the vision tower and BERT (e.g. PubMedBERT) for the text tower.
+
+Checkpoint conversion is a training-time step, so it lives here and not in the shipped remote code:
+the vision tower uses CLIP-vision parameter names and the text tower BERT's layout, and the rules
+below map the source state dicts onto them (loaded with `strict=True`)."""
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedConfig
+
+from regionmed_clip.modeling_regionmed_clip import (
+    RegionMedCLIPConfig,
+    RegionMedCLIPModel,
+    RegionMedCLIPTextConfig,
+    RegionMedCLIPVisionConfig,
+)
+
+__all__ = ["model_from_vision_text_pretrained"]
+
+
+def model_from_vision_text_pretrained(
+    vision_path: str | Path, text_path: str | Path, **config_fields: Any
+) -> RegionMedCLIPModel:
+    """A `RegionMedCLIPModel` whose towers are copied from local checkpoints.
+
+    vision_path: a transformers ViT (`vit`), CLIP vision (`clip_vision_model`) or full CLIP (`clip`)
+    folder; text_path: a BERT folder (e.g. PubMedBERT). `config_fields` set the other top-level
+    `RegionMedCLIPConfig` fields (projection_dim, max_rois, roi_* ...); the ROI processor,
+    projections and temperature start fresh.
+    """
+    RegionMedCLIPConfig.check_fields(config_fields, "model_from_vision_text_pretrained",
+                                     exclude={"vision_config", "text_config"})
+
+    vision_source = AutoModel.from_pretrained(vision_path)
+    vision_hf_config = vision_source.config
+    if vision_hf_config.model_type == "clip":
+        vision_source, vision_hf_config = vision_source.vision_model, vision_hf_config.vision_config
+    vision_config, vision_state = _vision_tower_from_transformers(vision_hf_config, vision_source.state_dict())
+
+    text_model_type = AutoConfig.from_pretrained(text_path).model_type
+    if text_model_type != "bert":
+        raise ValueError(f"text_path must hold a BERT checkpoint, got model_type {text_model_type!r}")
+    text_source = AutoModel.from_pretrained(text_path, add_pooling_layer=False)
+    cls_token_id = RegionMedCLIPTextConfig().cls_token_id
+    if any((Path(text_path) / name).exists() for name in ("vocab.txt", "tokenizer.json")):
+        cls_token_id = AutoTokenizer.from_pretrained(text_path).cls_token_id
+    text_config, text_state = _text_tower_from_bert(text_source.config, text_source.state_dict(), cls_token_id)
+
+    config = RegionMedCLIPConfig(vision_config=vision_config, text_config=text_config, **config_fields)
+    model = RegionMedCLIPModel(config)
+    model.vision_model.load_state_dict(vision_state, strict=True)
+    model.text_model.load_state_dict(text_state, strict=True)
+    return model
+
+
+def _rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]], skip: str) -> dict[str, torch.Tensor]:
+    """Apply the first matching regex rule to each key; keys matching `skip` are dropped."""
+    renamed = {}
+    for key, tensor in state.items():
+        if re.search(skip, key):
+            continue
+        for pattern, replacement in rules:
+            if re.fullmatch(pattern, key):
+                renamed[re.sub(pattern, replacement, key)] = tensor
+                break
+        else:
+            raise ValueError(f"no rule maps checkpoint weight {key!r} onto the RegionMed-CLIP tower")
+    return renamed
+
+
+# transformers' ViT changed its parameter names in v5.2x; each rule accepts the old and the new layout.
+_VIT_LAYER = r"(?:encoder\.layer|layers)\.(\d+)\."
+_VIT_RULES = [
+    (r"embeddings\.cls_token", "embeddings.class_embedding"),
+    (r"embeddings\.position_embeddings", "embeddings.position_embedding.weight"),
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"embeddings.patch_embedding.\1"),
+    (_VIT_LAYER + r"attention\.(?:attention\.query|q_proj)\.(weight|bias)", r"encoder.layers.\1.self_attn.q_proj.\2"),
+    (_VIT_LAYER + r"attention\.(?:attention\.key|k_proj)\.(weight|bias)", r"encoder.layers.\1.self_attn.k_proj.\2"),
+    (_VIT_LAYER + r"attention\.(?:attention\.value|v_proj)\.(weight|bias)", r"encoder.layers.\1.self_attn.v_proj.\2"),
+    (_VIT_LAYER + r"attention\.(?:output\.dense|o_proj)\.(weight|bias)", r"encoder.layers.\1.self_attn.out_proj.\2"),
+    (_VIT_LAYER + r"layernorm_before\.(weight|bias)", r"encoder.layers.\1.layer_norm1.\2"),
+    (_VIT_LAYER + r"layernorm_after\.(weight|bias)", r"encoder.layers.\1.layer_norm2.\2"),
+    (_VIT_LAYER + r"(?:intermediate\.dense|mlp\.fc1)\.(weight|bias)", r"encoder.layers.\1.mlp.fc1.\2"),
+    (_VIT_LAYER + r"(?:output\.dense|mlp\.fc2)\.(weight|bias)", r"encoder.layers.\1.mlp.fc2.\2"),
+    (r"layernorm\.(weight|bias)", r"post_layernorm.\1"),
+]
+
+# Our vision tower uses CLIP's own parameter names; only a `vision_model.` prefix may need to go.
+_CLIP_VISION_RULES = [(r"(?:vision_model\.)?(.*)", r"\1")]
+
+_BERT_RULES = [
+    (r"embeddings\.(word_embeddings|position_embeddings|token_type_embeddings|LayerNorm)\.(weight|bias)", r"embeddings.\1.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.query\.(weight|bias)", r"encoder.layers.\1.self_attn.q_proj.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.key\.(weight|bias)", r"encoder.layers.\1.self_attn.k_proj.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.value\.(weight|bias)", r"encoder.layers.\1.self_attn.v_proj.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"encoder.layers.\1.self_attn.out_proj.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(weight|bias)", r"encoder.layers.\1.layer_norm1.\2"),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"encoder.layers.\1.mlp.fc1.\2"),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"encoder.layers.\1.mlp.fc2.\2"),
+    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.(weight|bias)", r"encoder.layers.\1.layer_norm2.\2"),
+]
+
+
+def _vision_tower_from_transformers(
+    hf_config: PreTrainedConfig, state: dict[str, torch.Tensor]
+) -> tuple[RegionMedCLIPVisionConfig, dict[str, torch.Tensor]]:
+    """Map a transformers ViT or CLIP-vision config and state dict onto our vision tower."""
+    common = {
+        "image_size": hf_config.image_size,
+        "patch_size": hf_config.patch_size,
+        "num_channels": hf_config.num_channels,
+        "hidden_size": hf_config.hidden_size,
+        "num_hidden_layers": hf_config.num_hidden_layers,
+        "num_attention_heads": hf_config.num_attention_heads,
+        "intermediate_size": hf_config.intermediate_size,
+        "hidden_act": hf_config.hidden_act,
+        "layer_norm_eps": hf_config.layer_norm_eps,
+    }
+    if hf_config.model_type == "vit":
+        if not getattr(hf_config, "qkv_bias", True):
+            raise ValueError("ViT checkpoints with qkv_bias=False are not supported: our attention has biases")
+        config = RegionMedCLIPVisionConfig(**common, pre_layernorm=False)
+        mapped = _rename(state, _VIT_RULES, skip=r"^pooler\.|mask_token")
+        mapped["embeddings.position_embedding.weight"] = mapped["embeddings.position_embedding.weight"][0]
+        mapped["embeddings.class_embedding"] = mapped["embeddings.class_embedding"].reshape(-1)
+        return config, mapped
+    if hf_config.model_type == "clip_vision_model":
+        config = RegionMedCLIPVisionConfig(**common, pre_layernorm=True)
+        mapped = _rename(state, _CLIP_VISION_RULES, skip=r"position_ids")
+        # CLIP's patch convolution has no bias; ours does, and zero makes them the same function.
+        mapped["embeddings.patch_embedding.bias"] = torch.zeros(hf_config.hidden_size)
+        return config, mapped
+    raise ValueError(
+        f"vision_path must hold a ViT, CLIP vision or CLIP checkpoint, got model_type {hf_config.model_type!r}"
+    )
+
+
+def _text_tower_from_bert(
+    hf_config: PreTrainedConfig, state: dict[str, torch.Tensor], cls_token_id: int
+) -> tuple[RegionMedCLIPTextConfig, dict[str, torch.Tensor]]:
+    """Map a transformers BERT config and state dict (without pooler) onto our text tower."""
+    if getattr(hf_config, "position_embedding_type", "absolute") != "absolute":
+        raise ValueError("only BERT checkpoints with absolute position embeddings are supported")
+    config = RegionMedCLIPTextConfig(
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        num_hidden_layers=hf_config.num_hidden_layers,
+        num_attention_heads=hf_config.num_attention_heads,
+        intermediate_size=hf_config.intermediate_size,
+        hidden_act=hf_config.hidden_act,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        type_vocab_size=hf_config.type_vocab_size,
+        layer_norm_eps=hf_config.layer_norm_eps,
+        hidden_dropout=hf_config.hidden_dropout_prob,
+        attention_dropout=hf_config.attention_probs_dropout_prob,
+        pad_token_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0,
+        cls_token_id=cls_token_id,
+    )
+    return config, _rename(state, _BERT_RULES, skip=r"^pooler\.|position_ids|token_type_ids")
