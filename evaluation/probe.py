@@ -8,7 +8,7 @@ Three families of numbers, each computed only from the model's forward outputs
   image<->report retrieval Recall@K, and the mean pairwise cosine of image and report embeddings
   (1.0 = the embedding has collapsed). Zero-shot is scored as `regionmed-eval zero-shot` scores it by
   default, from each class's best-matching proposal (`best_region_scores`); beside it, from the
-  pooled image embedding (`zero_shot_pooled`) and from the global view alone (`global_image_embeds`).
+  pooled image embedding (`zero_shot_pooled`) and from the global view alone (`box_free_image_embeds`).
 * **Regions**: for every lesion box, does the region embedding prefer its true caption over a hard
   negative that changes one thing: the side (left<->right), the zone (upper<->lower) or the finding
   type? Measured with the true inputs and three controls on the processor's batch:
@@ -480,7 +480,7 @@ def _embed_split(
         box_free = model(pixel_values=pixel_values, **{key: value.to(device) for key, value in processor.image_processor(
             images, proposals=True, return_tensors="pt").items() if key in PROPOSAL_INPUT_NAMES})
         image_embeds.append(box_free.image_embeds.float().cpu())
-        view_embeds.append(box_free.global_image_embeds.float().cpu())
+        view_embeds.append(box_free.box_free_image_embeds.float().cpu())
         proposal_embeds.append(box_free.proposal_embeds.float().cpu())
         proposal_masks.append(box_free.proposal_mask.bool().cpu())
         text_embeds.append(model(input_ids=inputs["input_ids"].to(device),

@@ -18,7 +18,7 @@ from .modeling_regionmed_clip import (
     RegionMedCLIPTextModelWithProjection,
     RegionMedCLIPVisionModel,
     RegionMedCLIPVisionModelOutput,
-    RegionMedCLIPVisionModelWithProjection,
+    RegionMedCLIPVisionTowerWithProjection,
 )
 from .modeling_regionmed_clip_vqa import RegionMedCLIPForVQA, RegionMedCLIPVQAOutput
 
@@ -45,5 +45,5 @@ __all__ = [
     "RegionMedCLIPVisionConfig",
     "RegionMedCLIPVisionModel",
     "RegionMedCLIPVisionModelOutput",
-    "RegionMedCLIPVisionModelWithProjection",
+    "RegionMedCLIPVisionTowerWithProjection",
 ]

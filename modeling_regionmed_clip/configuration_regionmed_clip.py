@@ -70,8 +70,8 @@ class RegionMedCLIPVisionConfig(PreTrainedConfig):
     """ViT image encoder shared by the global view and the ROI crops.
 
     `pre_layernorm` follows CLIP (a LayerNorm on the embeddings before the encoder); a ViT
-    checkpoint has none, so `from_vision_text_pretrained` turns it off for those. `projection_dim`
-    is that of `RegionMedCLIPVisionModelWithProjection`; the composite config sets it.
+    checkpoint has none, so `model_from_vision_text_pretrained` (training side) turns it off for those. `projection_dim`
+    is that of `RegionMedCLIPVisionTowerWithProjection`; the composite config sets it.
     """
 
     model_type = "regionmed_clip_vision_model"
@@ -108,7 +108,8 @@ class RegionMedCLIPVisionConfig(PreTrainedConfig):
 
 @strict
 class RegionMedCLIPTextConfig(PreTrainedConfig):
-    """BERT-style text encoder (post-LayerNorm, learned absolute positions), pooled at the CLS token.
+    """BERT-style text encoder (post-LayerNorm, learned absolute positions), pooled at the CLS token or by
+    the mean of the valid tokens (`pooling`; the tiny and small presets pool the mean).
 
     Parameter names mirror `BertModel`, so a local PubMedBERT checkpoint loads into it directly.
     `projection_dim` is that of `RegionMedCLIPTextModelWithProjection`; the composite config sets it.
@@ -365,7 +366,7 @@ class RegionMedCLIPConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "RegionMedCLIPConfig":
-        """Build a config from a named preset (`tiny`, `base`); `overrides` replace top-level fields,
+        """Build a config from a named preset (`PRESETS`: `tiny`, `small`, `base`); `overrides` replace top-level fields,
         and `vision_config` / `text_config` dicts are merged into the preset's."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

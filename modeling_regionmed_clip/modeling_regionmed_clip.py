@@ -52,7 +52,7 @@ __all__ = [
     "RegionMedCLIPTextModelOutput",
     "RegionMedCLIPVisionModelOutput",
     "RegionMedCLIPVisionModel",
-    "RegionMedCLIPVisionModelWithProjection",
+    "RegionMedCLIPVisionTowerWithProjection",
     "clamped_logit_scale",
     "clip_loss",
 ]
@@ -91,7 +91,7 @@ class RegionMedCLIPOutput(ModelOutput):
     text_embeds: `(T, D)` report captions.
     region_embeds: `(B, K, D)`, zeros where `roi_mask` is False; None without ROI inputs.
     roi_mask: `(B, K)` int 0/1, which ROIs are real (the given `roi_mask`, all ones by default).
-    global_image_embeds: `(B, D)` box-free: the global view with its proposal windows pooled, before
+    box_free_image_embeds: `(B, D)` box-free: the global view with its proposal windows pooled, before
     any given region is pooled (what a user without boxes gets).
     summary_text_embeds: `(B, D)`; region_text_embeds: `(B, K, D)` (zeros at padding slots);
     negative_text_embeds: `(B, M, D)` with `negative_mask (B, M)` (int 0/1, as every mask here).
@@ -113,7 +113,7 @@ class RegionMedCLIPOutput(ModelOutput):
     text_embeds: torch.Tensor | None = None
     region_embeds: torch.Tensor | None = None
     roi_mask: torch.Tensor | None = None
-    global_image_embeds: torch.Tensor | None = None
+    box_free_image_embeds: torch.Tensor | None = None
     summary_text_embeds: torch.Tensor | None = None
     region_text_embeds: torch.Tensor | None = None
     negative_text_embeds: torch.Tensor | None = None
@@ -395,7 +395,7 @@ class RegionMedCLIPTextModelOutput(ModelOutput):
 
 @dataclass
 class RegionMedCLIPVisionModelOutput(ModelOutput):
-    """Output of `RegionMedCLIPVisionModelWithProjection` (CLIPVisionModelOutput's fields): `image_embeds`
+    """Output of `RegionMedCLIPVisionTowerWithProjection` (CLIPVisionModelOutput's fields): `image_embeds`
     `(N, D)` the projected pooled output (unnormalised), `last_hidden_state` `(N, 1 + P, C)`, and per
     request `hidden_states` / `attentions`."""
 
@@ -437,11 +437,10 @@ class RegionMedCLIPTextModelWithProjection(RegionMedCLIPPreTrainedModel):
                                             hidden_states=output.hidden_states, attentions=output.attentions)
 
 
-class RegionMedCLIPVisionModelWithProjection(RegionMedCLIPPreTrainedModel):
-    """The vision tower and its projection of the pooled (CLS / mean) token. NOT the box-free image
-    embedding of `RegionMedCLIPModel`, which pools proposal windows through the ROI processor and is
-    centred: use `RegionMedCLIPModel.get_image_features` for zero-shot and retrieval. This tower
-    embeds crops (an ROI's crop feature before fusion) and serves as a plain ViT backbone."""
+class RegionMedCLIPVisionTowerWithProjection(RegionMedCLIPPreTrainedModel):
+    """The vision tower alone and its projection of the pooled (CLS / mean) token: what the model's shared
+    tower makes of one image or crop (an ROI's crop feature before fusion), and a plain ViT backbone. The
+    model's own image embedding adds proposals, regions and centring: `RegionMedCLIPModel.get_image_features`."""
 
     config_class = RegionMedCLIPVisionConfig
     config: RegionMedCLIPVisionConfig
@@ -633,7 +632,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             "proposal_embeds": proposal_embeds,
             "proposal_mask": proposal_mask,
             "vision_output": vision_output,
-            "global_embeds": nn.functional.linear(global_features, projection),  # float32
+            "box_free_embeds": nn.functional.linear(global_features, projection),  # float32
             "image_embeds": nn.functional.linear(image_features, projection),  # float32
             "region_embeds": region_embeds,
             "dense_region_embeds": dense_region_embeds,
@@ -795,7 +794,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             fields["vision_model_output"] = vision["vision_output"]
             dtype = vision["vision_output"].last_hidden_state.dtype
             fields["image_embeds"] = nn.functional.normalize(vision["image_embeds"], dim=-1).to(dtype)
-            fields["global_image_embeds"] = nn.functional.normalize(vision["global_embeds"], dim=-1).to(dtype)
+            fields["box_free_image_embeds"] = nn.functional.normalize(vision["box_free_embeds"], dim=-1).to(dtype)
             fields["roi_mask"] = vision["roi_mask"]
             if vision["region_embeds"] is not None:
                 valid = vision["roi_mask"][..., None].to(vision["region_embeds"].dtype)

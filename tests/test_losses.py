@@ -214,7 +214,7 @@ def _reference_terms(out, report_groups, summary_groups, region_groups, config) 
     scale = out.logit_scale
     with_regions = out.region_text_embeds is not None
     # the box-free embedding joins the image-level terms as a second anchor set when regions are pooled
-    image_sets = (out.image_embeds, out.global_image_embeds) if out.region_embeds is not None else (out.image_embeds,)
+    image_sets = (out.image_embeds, out.box_free_image_embeds) if out.region_embeds is not None else (out.image_embeds,)
     terms = {"global_report": sum(_reference_symmetric(images, out.text_embeds, report_groups, scale)
                                   for images in image_sets) / len(image_sets)}
     if out.summary_text_embeds is not None:
@@ -237,7 +237,7 @@ def _reference_terms(out, report_groups, summary_groups, region_groups, config) 
     image_region = []
     for caption, group in zip(region_texts, groups, strict=True):
         owners = {owner for (owner, _), other in zip(rois, groups, strict=True) if other == group}
-        image_region.append(_reference_info_nce([scale * caption @ image for image in out.global_image_embeds],
+        image_region.append(_reference_info_nce([scale * caption @ image for image in out.box_free_image_embeds],
                                                 [index in owners for index in range(batch)]))
     terms["image_region"] = torch.stack(image_region).mean()
     if out.region_negative_text_embeds is None:
@@ -292,7 +292,7 @@ def _planted_step(seed: int = 0):
     region_negative[0, 1, 1] = region_text[0, 1]  # the nearest possible negative, but masked out: ignored
     outputs = SimpleNamespace(
         logit_scale=torch.tensor(7.0, dtype=torch.float64),
-        image_embeds=unit(batch), global_image_embeds=unit(batch), text_embeds=unit(batch),
+        image_embeds=unit(batch), box_free_image_embeds=unit(batch), text_embeds=unit(batch),
         summary_text_embeds=unit(batch),
         region_embeds=unit(batch, slots), dense_region_embeds=unit(batch, slots), region_text_embeds=region_text,
         roi_mask=roi_mask,
@@ -343,7 +343,7 @@ def test_the_planted_step_tells_swapped_inputs_apart():
     config = ContrastiveLossConfig()
     expected = _reference_terms(outputs, report_groups, summary_groups, region_groups, config)
     swaps = {
-        "image_region": {"global_image_embeds": outputs.image_embeds},  # box-free -> region-pooled images
+        "image_region": {"box_free_image_embeds": outputs.image_embeds},  # box-free -> region-pooled images
         "region": {"region_embeds": outputs.dense_region_embeds},  # crop-fused -> dense regions
         "dense_region": {"dense_region_embeds": outputs.region_embeds},
         "global_report": {"text_embeds": outputs.summary_text_embeds},  # report -> summary captions

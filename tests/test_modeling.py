@@ -20,7 +20,7 @@ def test_output_shapes(model, config):
     dim = config.projection_dim
     assert out.logits_per_image.shape == (3, 3)
     assert torch.equal(out.logits_per_text, out.logits_per_image.t())
-    assert out.image_embeds.shape == out.global_image_embeds.shape == (3, dim)
+    assert out.image_embeds.shape == out.box_free_image_embeds.shape == (3, dim)
     assert out.text_embeds.shape == (3, dim)
     assert out.region_embeds.shape == (3, 4, dim)
     # 0/1 like an attention mask: transformers' outputs hold no bool tensors
@@ -36,7 +36,7 @@ def test_without_rois_the_model_is_a_global_clip(model, config):
     inputs = make_inputs(config, [1, 1])
     out = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     assert out.region_embeds is None and out.roi_mask is None
-    assert torch.equal(out.image_embeds, out.global_image_embeds)
+    assert torch.equal(out.image_embeds, out.box_free_image_embeds)
 
 
 def test_padded_rois_change_nothing():
@@ -77,14 +77,14 @@ def test_zero_pool_gate_keeps_the_global_image_embedding(model, config):
     with torch.no_grad():
         out = model(**inputs)
         global_only = model.get_image_features(inputs["pixel_values"]).pooler_output
-    assert torch.equal(out.image_embeds, out.global_image_embeds)
+    assert torch.equal(out.image_embeds, out.box_free_image_embeds)
     torch.testing.assert_close(out.image_embeds, torch.nn.functional.normalize(global_only, dim=-1))
 
 
 def test_open_pool_gate_mixes_regions_into_the_image_embedding():
     model = tiny_model(region_pool_gate_init=1.0)
     out = model(**make_inputs(model.config, [4, 2]))
-    assert not torch.allclose(out.image_embeds, out.global_image_embeds, atol=1e-4)
+    assert not torch.allclose(out.image_embeds, out.box_free_image_embeds, atol=1e-4)
 
 
 def _with_region_captions(inputs):
@@ -212,7 +212,7 @@ def test_a_batch_without_valid_rois_gives_zero_regions(num_slots):
     out = model(**make_inputs(model.config, [0, 0], num_slots=num_slots))
     assert out.region_embeds.shape == (2, num_slots, model.config.projection_dim)
     assert torch.all(out.region_embeds == 0)
-    torch.testing.assert_close(out.image_embeds, out.global_image_embeds)
+    torch.testing.assert_close(out.image_embeds, out.box_free_image_embeds)
 
 
 def test_feature_getters_agree_with_forward(model, config):
@@ -328,8 +328,8 @@ def test_model_type_registered_for_auto_classes():
 def test_an_image_without_valid_rois_gets_nothing_from_the_pool():
     model = tiny_model(region_pool_gate_init=1.0)
     out = model(**make_inputs(model.config, [3, 0]))
-    torch.testing.assert_close(out.image_embeds[1], out.global_image_embeds[1])
-    assert not torch.allclose(out.image_embeds[0], out.global_image_embeds[0])
+    torch.testing.assert_close(out.image_embeds[1], out.box_free_image_embeds[1])
+    assert not torch.allclose(out.image_embeds[0], out.box_free_image_embeds[0])
 
 
 def test_input_embeddings_are_the_text_tokens_and_resize_keeps_them():
@@ -420,13 +420,13 @@ def test_towers_are_models_with_their_own_attention_backend(tmp_path):
 def test_with_projection_towers_load_from_a_full_folder(tmp_path):
     from regionmed_clip.modeling_regionmed_clip import (
         RegionMedCLIPTextModelWithProjection,
-        RegionMedCLIPVisionModelWithProjection,
+        RegionMedCLIPVisionTowerWithProjection,
     )
 
     model = tiny_model()
     model.save_pretrained(tmp_path)
     text = RegionMedCLIPTextModelWithProjection.from_pretrained(tmp_path).eval()
-    vision = RegionMedCLIPVisionModelWithProjection.from_pretrained(tmp_path).eval()
+    vision = RegionMedCLIPVisionTowerWithProjection.from_pretrained(tmp_path).eval()
     assert text.config.projection_dim == vision.config.projection_dim == model.config.projection_dim
     inputs = make_inputs(model.config, [1, 1])
     with torch.no_grad():

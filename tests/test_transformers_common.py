@@ -28,7 +28,7 @@ from regionmed_clip.modeling_regionmed_clip import (
     RegionMedCLIPTextModelWithProjection,
     RegionMedCLIPVisionConfig,
     RegionMedCLIPVisionModel,
-    RegionMedCLIPVisionModelWithProjection,
+    RegionMedCLIPVisionTowerWithProjection,
 )
 
 try:
@@ -177,7 +177,7 @@ class TowerTests(RegionMedCLIPTesterMixin):
 
 
 class RegionMedCLIPVisionModelTest(TowerTests, unittest.TestCase):
-    all_model_classes = (RegionMedCLIPVisionModel, RegionMedCLIPVisionModelWithProjection)
+    all_model_classes = (RegionMedCLIPVisionModel, RegionMedCLIPVisionTowerWithProjection)
 
     def setUp(self):
         self.model_tester = VisionTester(self)
@@ -191,7 +191,7 @@ class RegionMedCLIPVisionModelTest(TowerTests, unittest.TestCase):
         config, pixel_values = self.model_tester.prepare_config_and_inputs()
         with torch.no_grad():
             result = RegionMedCLIPVisionModel(config).eval()(pixel_values)
-            projected = RegionMedCLIPVisionModelWithProjection(config).eval()(pixel_values)
+            projected = RegionMedCLIPVisionTowerWithProjection(config).eval()(pixel_values)
         tester = self.model_tester
         self.assertEqual(result.last_hidden_state.shape, (tester.batch_size, tester.seq_length, tester.hidden_size))
         self.assertEqual(result.pooler_output.shape, (tester.batch_size, tester.hidden_size))

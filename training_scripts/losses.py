@@ -545,7 +545,7 @@ def training_loss(
         negative_text_embeds=outputs.negative_text_embeds, negative_mask=_as_bool(outputs.negative_mask),
         config=config,
         # With regions given, the box-free embedding is trained beside the region-pooled one.
-        box_free_image_embeds=outputs.global_image_embeds if outputs.region_embeds is not None else None,
+        box_free_image_embeds=outputs.box_free_image_embeds if outputs.region_embeds is not None else None,
         dense_region_embeds=outputs.dense_region_embeds,
         region_negative_embeds=outputs.region_negative_text_embeds,
         region_negative_mask=_as_bool(outputs.region_negative_mask),

@@ -212,7 +212,7 @@ class RegionMedCLIPTrainer(Trainer):
             self._record(f"loss_{term}", value.detach())
         # The collapse monitor reads the box-free image embedding (what a user without boxes gets)
         # and the report embeddings: pooled ground-truth regions would hide a collapsed global view.
-        self._record("box_free_image_mean_cosine", mean_pairwise_cosine(outputs.global_image_embeds.detach()))
+        self._record("box_free_image_mean_cosine", mean_pairwise_cosine(outputs.box_free_image_embeds.detach()))
         self._record("text_mean_cosine", mean_pairwise_cosine(outputs.text_embeds.detach()))
         return (loss, outputs) if return_outputs else loss
 
