@@ -118,23 +118,10 @@ def line_figure(
     return figure
 
 
-def plot_lines(
-    series: Mapping[str, Sequence[tuple[float, float]]],
-    path: str | Path,
-    title: str,
-    x_label: str,
-    *,
-    y_label: str = "",
-    x_range: tuple[float, float] | None = None,
-    y_range: tuple[float, float] | None = None,
-    markers: Sequence[tuple[str, float]] = (),
-    diagonal: bool = False,
-    size: tuple[int, int] = (900, 520),
-) -> Path:
-    """Writes `line_figure(...)` to `path` and returns it."""
-    figure = line_figure(series, title, x_label, y_label=y_label, x_range=x_range, y_range=y_range, markers=markers,
-                         diagonal=diagonal, size=size)
-    return save_figure(figure, path)
+def plot_lines(series: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, title: str, x_label: str,
+               **options: Any) -> Path:
+    """Writes `line_figure(series, title, x_label, **options)` to `path` and returns it."""
+    return save_figure(line_figure(series, title, x_label, **options), path)
 
 
 def bar_figure(
@@ -170,17 +157,9 @@ def bar_figure(
     return figure
 
 
-def plot_bars(
-    groups: Mapping[str, Mapping[str, float]],
-    path: str | Path,
-    title: str,
-    *,
-    y_label: str = "",
-    y_range: tuple[float, float] = (0.0, 1.0),
-    size: tuple[int, int] = (900, 420),
-) -> Path:
-    """Writes `bar_figure(...)` to `path` and returns it."""
-    return save_figure(bar_figure(groups, title, y_label=y_label, y_range=y_range, size=size), path)
+def plot_bars(groups: Mapping[str, Mapping[str, float]], path: str | Path, title: str, **options: Any) -> Path:
+    """Writes `bar_figure(groups, title, **options)` to `path` and returns it."""
+    return save_figure(bar_figure(groups, title, **options), path)
 
 
 def roc_curve_points(scores: Any, labels: Any) -> list[tuple[float, float]]:

@@ -1,5 +1,5 @@
 """PEFT LoRA fine-tuning (training_scripts/finetune_lora.py): which modules get adapters, gradients under
-both gradient-checkpointing modes, and the saved adapter reloaded onto the remote-code AutoModel and merged."""
+both activation-checkpointing modes, and the saved adapter reloaded onto the remote-code AutoModel and merged."""
 
 import json
 import os
