@@ -31,7 +31,7 @@ STEPS = 12  # past the default logging step (10); --save-steps 10 puts a checkpo
 EVAL_TASKS = ("zero-shot", "region", "grounding", "retrieval")
 # Every console script in setup.cfg must have its end-to-end test here (test_every_console_script_is_covered).
 COVERED = {"regionmed-data", "regionmed-train", "regionmed-finetune", "regionmed-train-vqa", "regionmed-eval",
-           "regionmed-export", "regionmed-push", "regionmed-demo"}
+           "regionmed-export", "regionmed-push", "regionmed-demo", "regionmed-convert"}
 
 
 def _our_module_names() -> list[str]:
@@ -169,6 +169,27 @@ def test_export_and_push_dry_run(workspace):
     assert checked["model_index_results"] > 0
     out = run("regionmed-push", "hub", "--repo-id", "org/regionmed-tiny", "--dry-run", cwd=workspace)
     assert "model.safetensors" in out and "README.md" in out
+
+
+def test_convert_vit_bert_then_train_from_it(workspace, tmp_path):
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast, ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                       intermediate_size=64)).save_pretrained(tmp_path / "vit")
+    BertModel(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=256)).save_pretrained(tmp_path / "bert")
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] +
+                                                  [f"w{i}" for i in range(55)]))
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "bert")
+    out = run("regionmed-convert", "--from", "vit-bert", str(tmp_path / "vit"), str(tmp_path / "converted"),
+              "--text-source", str(tmp_path / "bert"), cwd=tmp_path)
+    assert json.loads(out[out.index("{"):out.rindex("}") + 1])["source"] == "vit-bert"
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"model": {"pretrained": str(tmp_path / "converted")}}))
+    run("regionmed-train", "--config", "run.yaml", "--data", str(workspace / "data"), "--output-dir", "run",
+        "--max-steps", "2", "--batch-size", "8", cwd=tmp_path)
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
 def test_demo(tmp_path):

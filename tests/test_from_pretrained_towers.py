@@ -1,4 +1,7 @@
-"""`model_from_vision_text_pretrained`: start from local ViT / CLIP-vision and BERT checkpoints."""
+"""`model_from_vision_text_pretrained` and `regionmed-convert --from vit-bert`: start from local ViT / CLIP-vision and
+BERT checkpoints."""
+
+import json
 
 import pytest
 import torch
@@ -12,7 +15,9 @@ from transformers import (
     ViTModel,
 )
 
-from regionmed_clip.training_scripts.tower_conversion import model_from_vision_text_pretrained
+from regionmed_clip.training_scripts.conversion import CONVERSION_REPORT
+from regionmed_clip.training_scripts.convert import main as convert_main
+from regionmed_clip.training_scripts.tower_conversion import convert_vit_bert, model_from_vision_text_pretrained
 
 VISION_SIZES = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "intermediate_size": 64}
@@ -90,3 +95,49 @@ def test_a_text_checkpoint_that_is_not_bert_is_rejected(vision_checkpoint):
     vision_dir = vision_checkpoint[0]
     with pytest.raises(ValueError, match="text_path must hold a BERT"):
         model_from_vision_text_pretrained(vision_dir, vision_dir, roi_image_size=16, roi_fusion_heads=4)
+
+
+def test_vit_bert_conversion_accounts_for_every_weight_and_tokenizes_as_the_source(vision_checkpoint, bert_dir):
+    vision_dir, vision_reference = vision_checkpoint
+    conversion = convert_vit_bert(vision_dir, bert_dir)
+    source_keys = {f"vision/{key}" for key in vision_reference.state_dict()}
+    source_keys |= {f"text/{key}" for key in BertModel.from_pretrained(bert_dir, add_pooling_layer=False).state_dict()}
+    assert set(conversion.used) | set(conversion.dropped) == source_keys
+    assert not set(conversion.used) & set(conversion.dropped)
+    assert all(why for why in conversion.dropped.values())
+    if isinstance(vision_reference, ViTModel):  # its pooler is dropped, named
+        assert any(key.startswith("vision/pooler.") for key in conversion.dropped)
+    source_tokenizer = BertTokenizerFast.from_pretrained(bert_dir)
+    text = ["w1 w2 w3", "w7"]
+    ours = conversion.processor.tokenizer(text, padding="max_length", max_length=8)
+    assert ours["input_ids"] == source_tokenizer(text, padding="max_length", max_length=8)["input_ids"]
+    assert conversion.processor.image_processor.image_size == 32
+
+
+def test_vit_bert_conversion_needs_a_tokenizer(vision_checkpoint, bert_dir):
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bert_dir / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="no tokenizer files .* pass --tokenizer DIR"):
+        convert_vit_bert(vision_checkpoint[0], bert_dir)
+
+
+def test_regionmed_convert_writes_a_folder_automodel_loads(vision_checkpoint, bert_dir, tmp_path, capsys):
+    from transformers import AutoModel, AutoProcessor
+
+    vision_dir, _ = vision_checkpoint
+    output = tmp_path / "converted"
+    assert convert_main(["--from", "vit-bert", str(vision_dir), str(output), "--text-source", str(bert_dir)]) == 0
+    report = json.loads((output / CONVERSION_REPORT).read_text())
+    assert report["source"] == "vit-bert" and report["weights_used"] > 0
+    model = AutoModel.from_pretrained(output, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(output, trust_remote_code=True)
+    inputs = processor(text=["w1 w2 w9"], return_tensors="pt")
+    with torch.no_grad():  # the copied text tower computes the source's function, through the CLI and AutoModel
+        ours = model.text_model(inputs["input_ids"], inputs["attention_mask"]).last_hidden_state
+        theirs = BertModel.from_pretrained(bert_dir, add_pooling_layer=False).eval()(**inputs).last_hidden_state
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    # a second run into the same, now full, folder is refused before anything is written
+    assert convert_main(["--from", "vit-bert", str(vision_dir), str(output), "--text-source", str(bert_dir)]) == 2
+    assert "is not an empty folder" in capsys.readouterr().err
+    assert convert_main(["--from", "vit-bert", str(vision_dir), str(tmp_path / "other")]) == 2
+    assert "--text-source" in capsys.readouterr().err

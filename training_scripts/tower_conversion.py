@@ -5,6 +5,7 @@ Checkpoint conversion is a training-time step, so it lives here and not in the s
 the vision tower uses CLIP-vision parameter names and the text tower BERT's layout, and the rules
 below map the source state dicts onto them (loaded with `strict=True`)."""
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,12 @@ from regionmed_clip.modeling_regionmed_clip import (
     RegionMedCLIPTextConfig,
     RegionMedCLIPVisionConfig,
 )
+from regionmed_clip.processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, load_tokenizer
+from regionmed_clip.processing.tokenization_regionmed_clip import TOKENIZER_FILES
 
-__all__ = ["model_from_vision_text_pretrained"]
+from .conversion import Conversion
+
+__all__ = ["convert_vit_bert", "model_from_vision_text_pretrained"]
 
 
 def model_from_vision_text_pretrained(
@@ -32,36 +37,81 @@ def model_from_vision_text_pretrained(
     `RegionMedCLIPConfig` fields (projection_dim, max_rois, roi_* ...); the ROI processor,
     projections and temperature start fresh.
     """
+    return _towers_from_pretrained(vision_path, text_path, config_fields)[0]
+
+
+def convert_vit_bert(vision_path: str | Path, text_path: str | Path, *, tokenizer: str | Path | None = None,
+                     **config_fields: Any) -> Conversion:
+    """`regionmed-convert --from vit-bert`: `model_from_vision_text_pretrained` with its processor (the vision
+    folder's preprocessing when it has a `preprocessor_config.json`, the BERT folder's tokenizer or `tokenizer`)
+    and the account of every source weight (`vision/...`, `text/...`). The towers are copied; the projections,
+    temperature and region modules start fresh, so this start knows no image-text alignment."""
+    model, used, dropped = _towers_from_pretrained(vision_path, text_path, config_fields)
+    tokenizer_dir = Path(text_path) if _has_tokenizer(Path(text_path)) else tokenizer
+    if tokenizer_dir is None:
+        raise ValueError(f"no tokenizer files in {str(text_path)!r} ({', '.join(TOKENIZER_FILES)}): pass --tokenizer DIR")
+    preprocessing = Path(vision_path) / "preprocessor_config.json"
+    image_settings = {}
+    if preprocessing.is_file():
+        source = json.loads(preprocessing.read_text())
+        image_settings = {key: source[key] for key in ("image_mean", "image_std") if key in source}
+    image_processor = RegionMedCLIPImageProcessor(image_size=model.config.vision_config.image_size,
+                                                  resize_mode="center_crop", max_rois=model.config.max_rois,
+                                                  **image_settings)
+    processor = RegionMedCLIPProcessor(image_processor, load_tokenizer(tokenizer_dir))
+    return Conversion("vit-bert", model, processor, used, dropped)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _towers_from_pretrained(vision_path: str | Path, text_path: str | Path, config_fields: dict[str, Any]
+                            ) -> tuple[RegionMedCLIPModel, list[str], dict[str, str]]:
+    """The model with both towers copied, the source weights used and those dropped (with why)."""
     RegionMedCLIPConfig.check_fields(config_fields, "model_from_vision_text_pretrained",
                                      exclude={"vision_config", "text_config"})
-
+    vision_dropped: dict[str, str] = {}
+    text_dropped: dict[str, str] = {}
     vision_source = AutoModel.from_pretrained(vision_path)
     vision_hf_config = vision_source.config
     if vision_hf_config.model_type == "clip":
         vision_source, vision_hf_config = vision_source.vision_model, vision_hf_config.vision_config
-    vision_config, vision_state = _vision_tower_from_transformers(vision_hf_config, vision_source.state_dict())
+    vision_state = vision_source.state_dict()
+    vision_config, vision_mapped = _vision_tower_from_transformers(vision_hf_config, vision_state, vision_dropped)
 
     text_model_type = AutoConfig.from_pretrained(text_path).model_type
     if text_model_type != "bert":
         raise ValueError(f"text_path must hold a BERT checkpoint, got model_type {text_model_type!r}")
     text_source = AutoModel.from_pretrained(text_path, add_pooling_layer=False)
     cls_token_id = RegionMedCLIPTextConfig().cls_token_id
-    if any((Path(text_path) / name).exists() for name in ("vocab.txt", "tokenizer.json")):
+    if _has_tokenizer(Path(text_path)):
         cls_token_id = AutoTokenizer.from_pretrained(text_path).cls_token_id
-    text_config, text_state = _text_tower_from_bert(text_source.config, text_source.state_dict(), cls_token_id)
+    text_state = text_source.state_dict()
+    text_config, text_mapped = _text_tower_from_bert(text_source.config, text_state, cls_token_id, text_dropped)
 
+    # the fusion attends with the vision tower's width: its head count always divides it
+    config_fields = {"roi_fusion_heads": vision_config.num_attention_heads, **config_fields}
     config = RegionMedCLIPConfig(vision_config=vision_config, text_config=text_config, **config_fields)
     model = RegionMedCLIPModel(config)
-    model.vision_model.load_state_dict(vision_state, strict=True)
-    model.text_model.load_state_dict(text_state, strict=True)
-    return model
+    model.vision_model.load_state_dict(vision_mapped, strict=True)
+    model.text_model.load_state_dict(text_mapped, strict=True)
+    used = [f"vision/{key}" for key in vision_state if key not in vision_dropped]
+    used += [f"text/{key}" for key in text_state if key not in text_dropped]
+    dropped = {**{f"vision/{key}": why for key, why in vision_dropped.items()},
+               **{f"text/{key}": why for key, why in text_dropped.items()}}
+    return model, used, dropped
 
 
-def _rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]], skip: str) -> dict[str, torch.Tensor]:
-    """Apply the first matching regex rule to each key; keys matching `skip` are dropped."""
+def _rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]], skip: str,
+            dropped: dict[str, str] | None = None, why: str = "") -> dict[str, torch.Tensor]:
+    """Apply the first matching regex rule to each key; keys matching `skip` are dropped (and recorded in
+    `dropped` with `why`); a key no rule maps is a ValueError naming it."""
     renamed = {}
     for key, tensor in state.items():
         if re.search(skip, key):
+            if dropped is not None:
+                dropped[key] = why
             continue
         for pattern, replacement in rules:
             if re.fullmatch(pattern, key):
@@ -106,7 +156,7 @@ _BERT_RULES = [
 
 
 def _vision_tower_from_transformers(
-    hf_config: PreTrainedConfig, state: dict[str, torch.Tensor]
+    hf_config: PreTrainedConfig, state: dict[str, torch.Tensor], dropped: dict[str, str] | None = None
 ) -> tuple[RegionMedCLIPVisionConfig, dict[str, torch.Tensor]]:
     """Map a transformers ViT or CLIP-vision config and state dict onto our vision tower."""
     common = {
@@ -124,13 +174,15 @@ def _vision_tower_from_transformers(
         if not getattr(hf_config, "qkv_bias", True):
             raise ValueError("ViT checkpoints with qkv_bias=False are not supported: our attention has biases")
         config = RegionMedCLIPVisionConfig(**common, pre_layernorm=False)
-        mapped = _rename(state, _VIT_RULES, skip=r"^pooler\.|mask_token")
+        mapped = _rename(state, _VIT_RULES, skip=r"^pooler\.|mask_token", dropped=dropped,
+                         why="ViT's pooler / masked-image-modeling token: the model pools its own way")
         mapped["embeddings.position_embedding.weight"] = mapped["embeddings.position_embedding.weight"][0]
         mapped["embeddings.class_embedding"] = mapped["embeddings.class_embedding"].reshape(-1)
         return config, mapped
     if hf_config.model_type == "clip_vision_model":
         config = RegionMedCLIPVisionConfig(**common, pre_layernorm=True)
-        mapped = _rename(state, _CLIP_VISION_RULES, skip=r"position_ids")
+        mapped = _rename(state, _CLIP_VISION_RULES, skip=r"position_ids", dropped=dropped,
+                         why="a constant index buffer, rebuilt by the model")
         # CLIP's patch convolution has no bias; ours does, and zero makes them the same function.
         mapped["embeddings.patch_embedding.bias"] = torch.zeros(hf_config.hidden_size)
         return config, mapped
@@ -140,7 +192,7 @@ def _vision_tower_from_transformers(
 
 
 def _text_tower_from_bert(
-    hf_config: PreTrainedConfig, state: dict[str, torch.Tensor], cls_token_id: int
+    hf_config: PreTrainedConfig, state: dict[str, torch.Tensor], cls_token_id: int, dropped: dict[str, str] | None = None
 ) -> tuple[RegionMedCLIPTextConfig, dict[str, torch.Tensor]]:
     """Map a transformers BERT config and state dict (without pooler) onto our text tower."""
     if getattr(hf_config, "position_embedding_type", "absolute") != "absolute":
@@ -160,4 +212,5 @@ def _text_tower_from_bert(
         pad_token_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0,
         cls_token_id=cls_token_id,
     )
-    return config, _rename(state, _BERT_RULES, skip=r"^pooler\.|position_ids|token_type_ids")
+    return config, _rename(state, _BERT_RULES, skip=r"^pooler\.|position_ids|token_type_ids", dropped=dropped,
+                           why="BERT's pooler (the model pools the last hidden state) or an index buffer")
