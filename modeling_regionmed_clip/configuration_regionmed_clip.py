@@ -14,6 +14,7 @@ from typing import Any, Literal
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 __all__ = [
     "CONFIG_ERRORS",
@@ -63,6 +64,8 @@ def _require_probability(config_name: str, **fields: Any) -> None:
 # at CLS maps every input to almost the same vector (mean pairwise cosine 0.99998 at init, tiny
 # preset), which starves contrastive learning; mean pooling starts spread out (docs/TRAINING.md).
 Pooling = Literal["cls", "mean"]
+# The text tower may also pool CLIP's way: at the end-of-text token (`RegionMedCLIPTextConfig.pooling`).
+TextPooling = Literal["cls", "mean", "eos"]
 
 
 @strict
@@ -113,6 +116,19 @@ class RegionMedCLIPTextConfig(PreTrainedConfig):
 
     Parameter names mirror `BertModel`, so a local PubMedBERT checkpoint loads into it directly.
     `projection_dim` is that of `RegionMedCLIPTextModelWithProjection`; the composite config sets it.
+
+    CLIP's text transformer is the same tower with other options (`regionmed-convert --from clip` sets them):
+        norm_first: pre-LayerNorm layers (CLIP) instead of post-LayerNorm (BERT, the default).
+        causal: each token attends only to itself and the tokens before it (combined with padding).
+        pooling "eos": the hidden state at the first `eos_token_id` of each caption; with `eos_token_id`
+            2 the largest id of each caption instead (transformers' CLIPTextModel keeps this rule for old
+            CLIP configs, whose end-of-text token is the vocabulary's last). Needs `causal`.
+        embedding_layer_norm: BERT's LayerNorm (and dropout) on the embeddings; CLIP has none.
+        type_vocab_size: 0 for no token-type embeddings (CLIP has none).
+        final_layer_norm: a LayerNorm on the last layer's output before pooling (CLIP's, after
+            pre-LayerNorm layers).
+    Under "eos" pooling the padding token's embedding row is not frozen (`padding_idx`): CLIP pads with
+    its end-of-text token, the one it pools.
     """
 
     model_type = "regionmed_clip_text_model"
@@ -131,26 +147,52 @@ class RegionMedCLIPTextConfig(PreTrainedConfig):
     hidden_dropout: float | int = 0.1
     pad_token_id: int = 0
     cls_token_id: int = 2
-    pooling: Pooling = "cls"
+    eos_token_id: int | None = None
+    pooling: TextPooling = "cls"
+    norm_first: bool = False
+    causal: bool = False
+    embedding_layer_norm: bool = True
+    final_layer_norm: bool = False
     initializer_range: float = 0.02
     projection_dim: int = 512
+    # Set by the composite config from its `text_projection_hidden_size` (None: one Linear; an int: an MLP).
+    projection_hidden_size: int | None = None
 
     def validate_architecture(self) -> None:
         name = type(self).__name__
+        if self.projection_hidden_size is not None:
+            _require_positive_int(name, projection_hidden_size=self.projection_hidden_size)
         _require_positive_int(
             name, vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
-            max_position_embeddings=self.max_position_embeddings, type_vocab_size=self.type_vocab_size,
-            projection_dim=self.projection_dim,
+            max_position_embeddings=self.max_position_embeddings, projection_dim=self.projection_dim,
         )
+        if self.type_vocab_size < 0:
+            raise ValueError(f"{name}.type_vocab_size must be 0 (no token types) or positive, got {self.type_vocab_size!r}")
         _require_divisible(name, "hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
         _require_probability(name, attention_dropout=self.attention_dropout, hidden_dropout=self.hidden_dropout)
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"{name}.hidden_act {self.hidden_act!r} is not an activation transformers knows "
+                             f"(e.g. 'gelu', 'quick_gelu')")
+        if self.pooling == "eos" and self.eos_token_id is None:
+            raise ValueError(f"{name}.pooling 'eos' needs eos_token_id (the end-of-text token it pools at)")
+        if self.pooling == "eos" and not self.causal:
+            raise ValueError(f"{name}.pooling 'eos' needs causal=True: it reads the end-of-text token, which sees the "
+                             "whole caption only under CLIP's causal attention (use 'cls' or 'mean' otherwise)")
+        if self.causal and self.pooling == "cls":
+            raise ValueError(f"{name}.causal with pooling 'cls' would pool a first token that sees only itself: "
+                             "use pooling 'eos' (CLIP's) or 'mean'")
+        if self.final_layer_norm and not self.norm_first:
+            raise ValueError(f"{name}.final_layer_norm is for pre-LayerNorm layers (norm_first=True): post-LayerNorm "
+                             "layers already end in a LayerNorm")
 
     def validate_token_ids(self) -> None:
         """Stricter than the base class's warning: the tower indexes its embeddings with these ids."""
         name = type(self).__name__
-        for field in ("pad_token_id", "cls_token_id"):
+        for field in ("pad_token_id", "cls_token_id", "eos_token_id"):
             value = getattr(self, field)
+            if value is None:  # eos_token_id: only "eos" pooling reads it (validate_architecture)
+                continue
             if not 0 <= value < self.vocab_size:
                 raise ValueError(f"{name}.{field} must be a token id in [0, vocab_size={self.vocab_size}), got {value!r}")
 
@@ -280,6 +322,10 @@ class RegionMedCLIPConfig(PreTrainedConfig):
             classes, so that each class is scored by the proposals that look like it and not like background.
 
     Text settings:
+        text_projection_hidden_size: None (the default) projects the pooled caption with one Linear
+            (`text_projection.weight`); an int H makes it open_clip's MLP text projection, Linear (no bias)
+            -> GELU -> Linear (no bias) through H channels (`text_projection.0.weight`, `.2.weight`), as
+            BiomedCLIP's (768 -> 640 -> 512).
         caption_length_buckets: the caption levels of a forward pass (report, summary, region,
             negatives) go through the text tower in this many passes at most: the report captions in
             one of their own, every other caption grouped by length into the rest, each pass trimmed
@@ -297,6 +343,7 @@ class RegionMedCLIPConfig(PreTrainedConfig):
     vision_config: dict | RegionMedCLIPVisionConfig | None = None
     text_config: dict | RegionMedCLIPTextConfig | None = None
     projection_dim: int = 512
+    text_projection_hidden_size: int | None = None
     logit_scale_init_value: float | int = math.log(1 / 0.07)
     max_rois: int = 8
     roi_image_size: int = 112
@@ -319,6 +366,7 @@ class RegionMedCLIPConfig(PreTrainedConfig):
         # The towers' own configs carry the shared embedding size, so that a `*WithProjection` tower
         # loads its projection from a full RegionMed-CLIP folder.
         self.vision_config.projection_dim = self.text_config.projection_dim = self.projection_dim
+        self.text_config.projection_hidden_size = self.text_projection_hidden_size
         self.proposal_window_sizes = [float(size) for size in self.proposal_window_sizes]
 
     def validate_architecture(self) -> None:
@@ -329,6 +377,8 @@ class RegionMedCLIPConfig(PreTrainedConfig):
             roi_fusion_heads=self.roi_fusion_heads, vqa_fusion_layers=self.vqa_fusion_layers,
             vqa_fusion_heads=self.vqa_fusion_heads, caption_length_buckets=self.caption_length_buckets,
         )
+        if self.text_projection_hidden_size is not None:
+            _require_positive_int(name, text_projection_hidden_size=self.text_projection_hidden_size)
         _require_divisible(name, "projection_dim", self.projection_dim, "vqa_fusion_heads", self.vqa_fusion_heads)
         _require_probability(name, roi_box_dropout=self.roi_box_dropout,
                              box_free_center_momentum=self.box_free_center_momentum)

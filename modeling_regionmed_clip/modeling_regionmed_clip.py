@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.masking_utils import create_bidirectional_mask
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.modeling_utils import PreTrainedModel
@@ -53,6 +53,7 @@ __all__ = [
     "RegionMedCLIPVisionModelOutput",
     "RegionMedCLIPVisionModel",
     "RegionMedCLIPVisionTowerWithProjection",
+    "build_text_projection",
     "clamped_logit_scale",
     "clip_loss",
 ]
@@ -75,6 +76,15 @@ def clip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     targets = torch.arange(len(logits_per_text), device=logits_per_text.device)
     return (nn.functional.cross_entropy(logits_per_text, targets)
             + nn.functional.cross_entropy(logits_per_text.t(), targets)) / 2
+
+
+def build_text_projection(hidden_size: int, projection_dim: int, projection_hidden_size: int | None) -> nn.Module:
+    """The caption projection: one Linear without bias (`projection_hidden_size` None, CLIP's), or open_clip's MLP
+    text projection, Linear -> GELU -> Linear without biases through `projection_hidden_size` channels (BiomedCLIP's)."""
+    if projection_hidden_size is None:
+        return nn.Linear(hidden_size, projection_dim, bias=False)
+    return nn.Sequential(nn.Linear(hidden_size, projection_hidden_size, bias=False), nn.GELU(),
+                         nn.Linear(projection_hidden_size, projection_dim, bias=False))
 
 
 _OUTPUT_MASKS = ("roi_mask", "negative_mask", "region_negative_mask", "proposal_mask")
@@ -310,12 +320,19 @@ class RegionMedCLIPVisionModel(RegionMedCLIPPreTrainedModel):
 
 
 class RegionMedCLIPTextEmbeddings(nn.Module):
+    """Token + learned position (+ token type) embeddings, then LayerNorm and dropout (BERT's; CLIP's have
+    no token types, `type_vocab_size` 0, and no LayerNorm, `embedding_layer_norm` False)."""
+
     def __init__(self, config: RegionMedCLIPTextConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        # CLIP pads with its end-of-text token, the one "eos" pooling reads: its row must keep learning.
+        padding_idx = None if config.pooling == "eos" else config.pad_token_id
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=padding_idx)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.token_type_embeddings = (nn.Embedding(config.type_vocab_size, config.hidden_size)
+                                      if config.type_vocab_size else None)
+        self.LayerNorm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+                          if config.embedding_layer_norm else nn.Identity())
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.register_buffer(
             "position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False
@@ -330,7 +347,12 @@ class RegionMedCLIPTextEmbeddings(nn.Module):
                 f"input_ids has {seq_len} tokens but text_config.max_position_embeddings is {max_len}; "
                 "truncate the captions (the processor does by default)"
             )
-        if token_type_ids is None:  # single-segment captions: type 0 everywhere, as BERT sees a lone sentence
+        if self.token_type_embeddings is None:
+            if token_type_ids is not None:
+                raise ValueError("token_type_ids were given but this text tower has no token types "
+                                 "(text_config.type_vocab_size is 0)")
+            token_types = 0.0
+        elif token_type_ids is None:  # single-segment captions: type 0 everywhere, as BERT sees a lone sentence
             token_types = self.token_type_embeddings.weight[0]
         else:
             if token_type_ids.shape != input_ids.shape:
@@ -342,7 +364,8 @@ class RegionMedCLIPTextEmbeddings(nn.Module):
 
 class RegionMedCLIPTextModel(RegionMedCLIPPreTrainedModel):
     """The text tower (BERT-style), a model of its own with its own config and attention backend,
-    pooled at the first ([CLS]) token or by the mean of the valid tokens (`config.pooling`)."""
+    pooled at the first ([CLS]) token or by the mean of the valid tokens (`config.pooling`). With
+    `norm_first`, `causal`, `final_layer_norm` and "eos" pooling it is CLIP's text transformer."""
 
     config_class = RegionMedCLIPTextConfig
     config: RegionMedCLIPTextConfig
@@ -353,7 +376,11 @@ class RegionMedCLIPTextModel(RegionMedCLIPPreTrainedModel):
     def __init__(self, config: RegionMedCLIPTextConfig):
         super().__init__(config)
         self.embeddings = RegionMedCLIPTextEmbeddings(config)
-        self.encoder = RegionMedCLIPEncoder(config, norm_first=False)
+        self.encoder = RegionMedCLIPEncoder(config, norm_first=config.norm_first)
+        for layer in self.encoder.layers:  # read by the SDPA / flash backends when no mask is materialised
+            layer.self_attn.is_causal = config.causal
+        if config.final_layer_norm:
+            self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -369,9 +396,23 @@ class RegionMedCLIPTextModel(RegionMedCLIPPreTrainedModel):
         """input_ids `(T, L)`, attention_mask `(T, L)` 1 = token, 0 = padding; token_type_ids `(T, L)` optional;
         `output_hidden_states` / `output_attentions` default to the config's; a tuple with `return_dict=False`."""
         hidden_states = self.embeddings(input_ids, token_type_ids)
-        mask = create_bidirectional_mask(self.config, hidden_states, attention_mask)  # in the backend's format
+        # In the backend's format; causal (CLIP) combined with the padding mask.
+        if self.config.causal:
+            mask = create_causal_mask(self.config, hidden_states, attention_mask, cache=None)
+        else:
+            mask = create_bidirectional_mask(self.config, hidden_states, attention_mask)
         hidden_states = self.encoder(hidden_states, mask, **kwargs).last_hidden_state
-        if self.config.pooling == "cls":
+        if self.config.final_layer_norm:
+            hidden_states = self.final_layer_norm(hidden_states)
+        if self.config.pooling == "eos":
+            rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+            if self.config.eos_token_id == 2:
+                # transformers' CLIPTextModel rule for old CLIP configs (eos_token_id 2): each row's largest id
+                position = input_ids.to(torch.int).argmax(dim=-1)
+            else:  # the first end-of-text token of each row
+                position = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)
+            pooled = hidden_states[rows, position.to(hidden_states.device)]
+        elif self.config.pooling == "cls":
             pooled = hidden_states[:, 0]
         elif attention_mask is None:
             pooled = hidden_states.mean(dim=1)
@@ -418,7 +459,8 @@ class RegionMedCLIPTextModelWithProjection(RegionMedCLIPPreTrainedModel):
     def __init__(self, config: RegionMedCLIPTextConfig):
         super().__init__(config)
         self.text_model = RegionMedCLIPTextModel._from_config(config)
-        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = build_text_projection(config.hidden_size, config.projection_dim,
+                                                     config.projection_hidden_size)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -476,7 +518,8 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         self.text_model = RegionMedCLIPTextModel._from_config(config.text_config)
         self.roi_processor = RegionMedCLIPROIProcessor(config)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
-        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = build_text_projection(config.text_config.hidden_size, config.projection_dim,
+                                                     config.text_projection_hidden_size)
         # Shape (1,), not (): FSDP refuses 0-d parameters. Read it through `clamped_logit_scale`.
         self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init_value)))
         # Running mean of the box-free feature over training batches, subtracted from it (DINO's

@@ -1,4 +1,5 @@
-"""Caption tokenizer: a BERT WordPiece tokenizer trained locally, or any local BERT-style folder."""
+"""Caption tokenizer: a BERT WordPiece tokenizer trained locally, any local BERT-style folder, or a CLIP BPE
+tokenizer folder (a model converted from CLIP keeps CLIP's tokens)."""
 
 import json
 from collections import Counter
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
-from transformers import BertTokenizer, PreTrainedTokenizerBase
+from transformers import BertTokenizer, CLIPTokenizer, PreTrainedTokenizerBase
 from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
 __all__ = ["DEFAULT_MAX_LENGTH", "SPECIAL_TOKENS", "TEXT_INPUT_NAMES", "TOKENIZER_FILES", "build_tokenizer", "load_tokenizer", "without_token_type_ids"]
@@ -18,9 +19,11 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # What the text tower takes: it has no token types, so the tokenizer never emits token_type_ids
 # (transformers' pipelines call the tokenizer directly and pass everything it returns to forward).
 TEXT_INPUT_NAMES = ("input_ids", "attention_mask")
-# What a BERT-style tokenizer folder holds: the fast tokenizer's serialization (what `save_pretrained` of
-# ours writes) or a WordPiece vocabulary (e.g. a downloaded PubMedBERT).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+# What a tokenizer folder holds: the fast tokenizer's serialization (what `save_pretrained` of ours writes), a
+# WordPiece vocabulary (e.g. a downloaded PubMedBERT) or a CLIP BPE vocabulary (with merges.txt beside it).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
+# A BPE vocabulary and its merges: a CLIP tokenizer when tokenizer_config.json names no class.
+BPE_FILES = ("vocab.json", "merges.txt")
 
 
 def build_tokenizer(
@@ -72,7 +75,9 @@ def build_tokenizer(
 
 
 def load_tokenizer(path: str | Path, model_max_length: int = DEFAULT_MAX_LENGTH) -> PreTrainedTokenizerBase:
-    """Load a local BERT-style tokenizer folder (ours, or e.g. a downloaded PubMedBERT).
+    """Load a local tokenizer folder: BERT-style (ours, or e.g. a downloaded PubMedBERT: needs a pad and a
+    [CLS] token) or CLIP's BPE (no [CLS]: needs a pad, a start- and an end-of-text token; it pads with
+    its end-of-text token, as CLIP does).
 
     Folders that do not state a usable `model_max_length` (transformers then reports a huge
     sentinel) get `model_max_length`, so truncation always applies.
@@ -83,19 +88,26 @@ def load_tokenizer(path: str | Path, model_max_length: int = DEFAULT_MAX_LENGTH)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(
             f"no tokenizer in {str(path)!r} (expected {' or '.join(TOKENIZER_FILES)}: a folder saved by "
-            f"RegionMedCLIPProcessor / the tokenizer holds tokenizer.json, a BERT download vocab.txt); "
+            f"RegionMedCLIPProcessor / the tokenizer holds tokenizer.json, a BERT download vocab.txt, a CLIP "
+            f"download vocab.json and merges.txt); "
             f"it holds {sorted(entry.name for entry in path.iterdir())[:10]}")
     tokenizer = _tokenizer_class(path).from_pretrained(path)
     if tokenizer.model_max_length is None or tokenizer.model_max_length > 100_000:
         tokenizer.model_max_length = model_max_length
-    for token in ("pad_token", "cls_token"):
-        if getattr(tokenizer, token) is None:
-            raise ValueError(f"the tokenizer in {str(path)!r} has no {token}; a BERT-style tokenizer is required")
+    bert_style = ("pad_token", "cls_token")
+    clip_style = ("pad_token", "bos_token", "eos_token")
+    missing = [token for token in bert_style if getattr(tokenizer, token) is None]
+    if missing and tokenizer.cls_token is None:
+        missing = [token for token in clip_style if getattr(tokenizer, token) is None]
+    if missing:
+        raise ValueError(f"the tokenizer in {str(path)!r} has no {' / '.join(missing)}; a BERT-style tokenizer "
+                         f"({' + '.join(bert_style)}) or a CLIP-style one ({' + '.join(clip_style)}) is required")
     return without_token_type_ids(tokenizer)  # a BERT folder would also emit token_type_ids
 
 
 def _tokenizer_class(path: Path) -> type[PreTrainedTokenizerBase]:
-    """The class `tokenizer_config.json` names (BERT's without one). Not `AutoTokenizer`: it first reads
+    """The class `tokenizer_config.json` names (without one: CLIP's for a BPE vocabulary with its merges,
+    else BERT's). Not `AutoTokenizer`: it first reads
     the folder's `config.json`, and for a saved RegionMed-CLIP model folder (remote code) that asks on
     stdin whether to trust the code, blocking a batch job."""
     config_file = path / "tokenizer_config.json"
@@ -103,6 +115,8 @@ def _tokenizer_class(path: Path) -> type[PreTrainedTokenizerBase]:
     found = tokenizer_class_from_name(name) if name else None
     if name and found is None:
         raise ValueError(f"{str(config_file)!r} names tokenizer_class {name!r}, which transformers does not know")
+    if found is None and all((path / name).is_file() for name in BPE_FILES):
+        return CLIPTokenizer
     return found or BertTokenizer
 
 

@@ -16,9 +16,16 @@ from safetensors.torch import load_file
 from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPModel
 from regionmed_clip.processing import RegionMedCLIPProcessor
 
-__all__ = ["CONVERSION_REPORT", "Conversion", "load_state_dict", "save_conversion", "unaccounted_keys"]
+__all__ = ["CONVERSION_REPORT", "EQUAL_AT_CONVERSION", "Conversion", "load_state_dict", "save_conversion", "unaccounted_keys"]
 
 CONVERSION_REPORT = "conversion.json"
+
+# The `RegionMedCLIPConfig` fields that make a converted model equal its source with no boxes (docs/PRETRAINED.md):
+# the box-free whole-image term is the tower's pooled token through the source's projection (no dense window
+# term), minus a centre that starts at zero and does not move (training keeps the source's embedding space), plus
+# the proposal / region pool gated by tanh(0) = 0 until training opens it.
+EQUAL_AT_CONVERSION: dict[str, Any] = {"proposal_window_sizes": [], "box_free_center_momentum": 0.0,
+                                       "region_pool_gate_init": 0.0, "roi_gate_init": 0.0}
 
 
 @dataclasses.dataclass
