@@ -94,15 +94,25 @@ class ViewTransform:
 
     @classmethod
     def for_image(cls, height: int, width: int, view_size: int, resize_mode: str) -> "ViewTransform":
-        fit = max if resize_mode == "pad" else min
-        scale = view_size / fit(height, width)
-        resized_width, resized_height = max(1, round(width * scale)), max(1, round(height * scale))
-        # Padding (positive offset) or cropping (negative offset) split equally between both sides.
+        if resize_mode == "pad":
+            scale = view_size / max(height, width)
+            resized_width, resized_height = max(1, round(width * scale)), max(1, round(height * scale))
+            # Padding split equally between both sides.
+            offset_x, offset_y = (view_size - resized_width) // 2, (view_size - resized_height) // 2
+        else:
+            # transformers' CLIPImageProcessor and torchvision's Resize: the shorter side becomes the view size
+            # exactly and the longer one floors; the crop starts at (resized - view) // 2, as CLIP's centre crop.
+            # The same pixels as the CLIP checkpoints' own preprocessing, whatever the aspect ratio.
+            if width <= height:
+                resized_width, resized_height = view_size, max(1, int(view_size * height / width))
+            else:
+                resized_width, resized_height = max(1, int(view_size * width / height)), view_size
+            offset_x, offset_y = -((resized_width - view_size) // 2), -((resized_height - view_size) // 2)
         return cls(
             scale_x=resized_width / width,
             scale_y=resized_height / height,
-            offset_x=(view_size - resized_width) // 2,
-            offset_y=(view_size - resized_height) // 2,
+            offset_x=offset_x,
+            offset_y=offset_y,
             resized_width=resized_width,
             resized_height=resized_height,
         )

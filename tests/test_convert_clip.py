@@ -120,11 +120,11 @@ def test_box_free_image_embedding_equals_clip_through_both_processors(converted,
     assert _max_diff(output.box_free_image_embeds, normalised) < 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="our centre crop rounds the resized long side and the crop offset "
-                   "differently from CLIPImageProcessor (round vs floor): 50 x 70 lands one pixel off")
-def test_pixels_equal_clip_for_every_aspect_ratio(converted):
+@pytest.mark.parametrize("size", [(50, 70), (70, 50), (64, 64), (71, 45), (33, 100), (101, 64)])
+def test_pixels_equal_clip_for_every_aspect_ratio(converted, size):
+    # odd and even overhangs, both orientations: the long side floors and the crop starts at (resized - view) // 2
     folder, _, conversion = converted
-    image = film(50, 70)
+    image = film(*size)
     ours = conversion.processor(images=[image])["pixel_values"]
     theirs = CLIPImageProcessorPil.from_pretrained(folder)(images=[image.convert("RGB")], return_tensors="pt")
     assert _max_diff(ours, theirs["pixel_values"]) < 1e-5
