@@ -371,3 +371,18 @@ def test_clip_options_change_the_layout(attn_implementation):
 def test_invalid_text_option_combinations_are_named(fields, message):
     with pytest.raises(CONFIG_ERRORS, match=message):
         RegionMedCLIPTextConfig(**{**TINY_TEXT, **fields})
+
+
+def test_a_preset_model_refuses_a_tokenizer_without_cls(tmp_path):
+    """The presets' BERT-style text tower pools at [CLS]: a CLIP tokenizer is named, with the way that works."""
+    from regionmed_clip.data.synthetic import write_synthetic_dataset
+    from regionmed_clip.training_scripts.train import build_trainer, parse_command, resolve_run_config
+
+    (tmp_path / "clip_tokenizer").mkdir()
+    _write_bpe_tokenizer(tmp_path / "clip_tokenizer")
+    write_synthetic_dataset(tmp_path / "data", n=20, seed=0)
+    run = resolve_run_config(*parse_command(["--preset", "tiny", "--data", str(tmp_path / "data"), "--output-dir",
+                                             str(tmp_path / "out"), "--max-steps", "1", "--tokenizer",
+                                             str(tmp_path / "clip_tokenizer")]))
+    with pytest.raises(ValueError, match=r"no \[CLS\] token.*regionmed-convert --from clip"):
+        build_trainer(run)

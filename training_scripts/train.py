@@ -246,6 +246,10 @@ def build_trainer(
         model = model_from_vision_text_pretrained(model_spec["vision_path"], model_spec["text_path"], **overrides)
     else:
         config = RegionMedCLIPConfig.from_preset(model_spec["preset"], **overrides)
+        if tokenizer.cls_token_id is None:  # e.g. CLIP's BPE: the preset's BERT-style tower pools at [CLS]
+            raise UsageError(f"the tokenizer {str(model_spec.get('tokenizer'))!r} has no [CLS] token, which the "
+                             f"{model_spec['preset']!r} preset's BERT-style text tower reads; start a CLIP-tokenized "
+                             "model from a converted checkpoint (regionmed-convert --from clip, then model.pretrained)")
         # The text tower follows the tokenizer: its special ids, and room for every token.
         config.text_config.pad_token_id = tokenizer.pad_token_id
         config.text_config.cls_token_id = tokenizer.cls_token_id
