@@ -5,11 +5,10 @@ and timm do not import here."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conversion_helpers import reload_in_fresh_process
 from PIL import Image
 from safetensors.torch import save_file
 from torch.nn import functional as F
@@ -324,25 +323,6 @@ def test_default_text_projection_is_unchanged():
         RegionMedCLIPConfig.from_preset("tiny", text_projection_hidden_size=0)
 
 
-RELOAD = """
-import sys, torch
-from transformers import AutoModel, AutoProcessor
-from PIL import Image
-folder, inputs_path, outputs_path = sys.argv[1:]
-model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-inputs = torch.load(inputs_path)
-film = Image.fromarray(inputs["film"].numpy())
-with torch.no_grad():
-    image = model.get_image_features(**processor(images=[film], return_tensors="pt")).pooler_output
-    text = model.get_text_features(**processor(text=inputs["captions"], return_tensors="pt")).pooler_output
-    pixels = model.get_image_features(pixel_values=inputs["pixels"]).pooler_output
-torch.save({"image": image, "text": text, "pixels": pixels,
-            "max_length": processor.tokenizer.model_max_length}, outputs_path)
-"""
-
-
 def test_saved_conversion_reloads_in_a_fresh_offline_process(converted, tmp_path):
     source, conversion = converted
     state = torch.load(source / "open_clip_pytorch_model.bin", weights_only=True)
@@ -355,17 +335,7 @@ def test_saved_conversion_reloads_in_a_fresh_offline_process(converted, tmp_path
 
     film = torch.randint(0, 256, (36, 40, 3), dtype=torch.uint8)
     pixels = torch.randn(2, 3, IMAGE, IMAGE)
-    torch.save({"film": film, "captions": CAPTIONS, "pixels": pixels}, tmp_path / "inputs.pt")
-    (tmp_path / "reload.py").write_text(RELOAD)
-    workdir = tmp_path / "elsewhere"
-    workdir.mkdir()
-    env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(tmp_path / "reload.py"), str(output), str(tmp_path / "inputs.pt"),
-                             str(tmp_path / "outputs.pt")], cwd=workdir, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reloaded = torch.load(tmp_path / "outputs.pt")
+    reloaded = reload_in_fresh_process(output, tmp_path, film, CAPTIONS, pixels)
 
     processor = conversion.processor
     with torch.no_grad():

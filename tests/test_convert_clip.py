@@ -5,13 +5,11 @@ equal the source's to 1e-5 through both processors, and the token ids are CLIP's
 the text tower (causal, pre-LN, eos pooling, ...) and that their defaults leave the BERT tower unchanged."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from conversion_helpers import reload_in_fresh_process
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
@@ -259,25 +257,6 @@ def test_load_tokenizer_takes_a_bare_clip_bpe_folder_and_keeps_the_bert_rules(tm
         load_tokenizer(tmp_path / "empty")
 
 
-RELOAD = """
-import sys, torch
-from transformers import AutoModel, AutoProcessor
-from PIL import Image
-folder, inputs_path, outputs_path = sys.argv[1:]
-model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-inputs = torch.load(inputs_path)
-film = Image.fromarray(inputs["film"].numpy())
-with torch.no_grad():
-    image = model.get_image_features(**processor(images=[film])).pooler_output
-    text_inputs = processor(text=inputs["captions"])
-    text = model.get_text_features(**text_inputs).pooler_output
-torch.save({"image": image, "text": text, "ids": text_inputs["input_ids"],
-            "tokenizer": type(processor.tokenizer).__name__}, outputs_path)
-"""
-
-
 def test_saved_conversion_reloads_in_a_fresh_offline_process(converted, tmp_path):
     folder, source, conversion = converted
     output = tmp_path / "converted"
@@ -287,17 +266,7 @@ def test_saved_conversion_reloads_in_a_fresh_offline_process(converted, tmp_path
     assert (saved["pooling"], saved["causal"], saved["norm_first"], saved["type_vocab_size"]) == ("eos", True, True, 0)
 
     image = film(64, 64, seed=5)
-    torch.save({"film": torch.from_numpy(np.array(image)), "captions": CAPTIONS}, tmp_path / "inputs.pt")
-    (tmp_path / "reload.py").write_text(RELOAD)
-    workdir = tmp_path / "elsewhere"
-    workdir.mkdir()
-    env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(tmp_path / "reload.py"), str(output), str(tmp_path / "inputs.pt"),
-                             str(tmp_path / "outputs.pt")], cwd=workdir, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reloaded = torch.load(tmp_path / "outputs.pt")
+    reloaded = reload_in_fresh_process(output, tmp_path, torch.from_numpy(np.array(image)), CAPTIONS)
 
     tokenizer = CLIPTokenizer.from_pretrained(folder)
     theirs = tokenizer(CAPTIONS, padding=True, return_tensors="pt")

@@ -6,7 +6,8 @@ its use or the reason it was dropped, so that nothing is lost silently."""
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from safetensors.torch import load_file
 from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPModel
 from regionmed_clip.processing import RegionMedCLIPProcessor
 
-__all__ = ["CONVERSION_REPORT", "EQUAL_AT_CONVERSION", "Conversion", "load_state_dict", "save_conversion", "unaccounted_keys"]
+__all__ = ["CONVERSION_REPORT", "EQUAL_AT_CONVERSION", "Conversion", "load_state_dict", "rename_weights", "save_conversion",
+           "unaccounted_keys"]
 
 CONVERSION_REPORT = "conversion.json"
 
@@ -62,6 +64,33 @@ def unaccounted_keys(source_keys: Iterable[str], used: Iterable[str], dropped: M
     """Source keys neither used nor dropped with a reason (the converter then refuses the checkpoint)."""
     known = set(used) | set(dropped)
     return sorted(key for key in source_keys if key not in known)
+
+
+def rename_weights(
+    state: Mapping[str, torch.Tensor], rules: Sequence[tuple[str, str]], dropped_rules: Sequence[tuple[str, str]],
+    source: str,
+) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
+    """`(our name -> tensor, source names used, source name -> why dropped)`. A source name that fully matches a
+    `dropped_rules` pattern is dropped with its reason; else the first `rules` pattern that fully matches renames it
+    (`re.sub` replacement); a name neither covers is a ValueError naming every such weight of `source`."""
+    mapped: dict[str, torch.Tensor] = {}
+    used: list[str] = []
+    dropped: dict[str, str] = {}
+    for key, tensor in state.items():
+        why = next((reason for pattern, reason in dropped_rules if re.fullmatch(pattern, key)), None)
+        if why is not None:
+            dropped[key] = why
+            continue
+        for pattern, replacement in rules:
+            if re.fullmatch(pattern, key):
+                mapped[re.sub(pattern, replacement, key)] = tensor
+                used.append(key)
+                break
+    unknown = unaccounted_keys(state, used, dropped)
+    if unknown:
+        shown = f"{unknown[:20]}{' ...' if len(unknown) > 20 else ''}"
+        raise ValueError(f"{source}: the converter cannot map {len(unknown)} checkpoint weight(s): {shown}")
+    return mapped, used, dropped
 
 
 def save_conversion(conversion: Conversion, output_dir: str | Path, source_dir: str | Path) -> dict[str, Any]:

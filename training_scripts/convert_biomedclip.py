@@ -43,8 +43,8 @@ from regionmed_clip.modeling_regionmed_clip import (
 from regionmed_clip.processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, load_tokenizer
 from regionmed_clip.processing.tokenization_regionmed_clip import TOKENIZER_FILES
 
-from .conversion import EQUAL_AT_CONVERSION, Conversion, load_state_dict, unaccounted_keys
-from .tower_conversion import _BERT_RULES
+from .conversion import EQUAL_AT_CONVERSION, Conversion, load_state_dict, rename_weights
+from .tower_conversion import BERT_RULES
 
 __all__ = ["OPEN_CLIP_CONFIG", "WEIGHT_FILES", "convert_biomedclip"]
 
@@ -73,7 +73,7 @@ _VISION_RULES = [
     (r"visual\.trunk\.norm\.(weight|bias)", r"vision_model.post_layernorm.\1"),
     (r"visual\.head\.proj\.weight", "visual_projection.weight"),
 ]
-_TEXT_RULES = [(r"text\.transformer\." + pattern, "text_model." + target) for pattern, target in _BERT_RULES] + [
+_TEXT_RULES = [(r"text\.transformer\." + pattern, "text_model." + target) for pattern, target in BERT_RULES] + [
     (r"text\.proj\.(0|2)\.weight", r"text_projection.\1.weight"),  # hf_proj_type "mlp"
     (r"text\.proj\.weight", "text_projection.weight"),  # hf_proj_type "linear"
     (r"logit_scale", "logit_scale"),
@@ -176,25 +176,13 @@ def _weight_file(source_dir: Path) -> Path:
 def _map_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
     """Our model's keys -> tensors, the source keys used, and those dropped with why; ValueError naming every
     source key no rule places."""
+    renamed, used, dropped = rename_weights(
+        state, _VISION_RULES + _TEXT_RULES, _DROP_RULES,
+        "--from biomedclip (BiomedCLIP's open_clip layout: timm ViT visual.trunk.* / visual.head.proj, HF BERT "
+        "text.transformer.*, text.proj, logit_scale)")
     mapped: dict[str, torch.Tensor] = {}
-    used: list[str] = []
-    dropped: dict[str, str] = {}
-    for key, tensor in state.items():
-        for pattern, why in _DROP_RULES:
-            if re.fullmatch(pattern, key):
-                dropped[key] = why
-                break
-        else:
-            for pattern, target in _VISION_RULES + _TEXT_RULES:
-                if re.fullmatch(pattern, key):
-                    _place(mapped, re.sub(pattern, target, key), tensor)
-                    used.append(key)
-                    break
-    unknown = unaccounted_keys(state, used, dropped)
-    if unknown:
-        raise ValueError(f"--from biomedclip cannot map {len(unknown)} checkpoint weight(s) onto RegionMed-CLIP: "
-                         f"{unknown[:20]}{' ...' if len(unknown) > 20 else ''} (not BiomedCLIP's open_clip layout: "
-                         "timm ViT visual.trunk.* / visual.head.proj, HF BERT text.transformer.*, text.proj, logit_scale)")
+    for target, tensor in renamed.items():
+        _place(mapped, target, tensor)
     return mapped, used, dropped
 
 

@@ -29,7 +29,7 @@ from regionmed_clip.modeling_regionmed_clip import (
 from regionmed_clip.processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, load_tokenizer
 from regionmed_clip.processing.tokenization_regionmed_clip import TOKENIZER_FILES
 
-from .conversion import EQUAL_AT_CONVERSION, Conversion, load_state_dict, unaccounted_keys
+from .conversion import EQUAL_AT_CONVERSION, Conversion, load_state_dict, rename_weights
 
 __all__ = ["clip_state_dict", "convert_clip"]
 
@@ -45,10 +45,10 @@ _RULES: list[tuple[str, str]] = [
     (r"(visual_projection|text_projection)\.weight", r"\1.weight"),
     (r"logit_scale", "logit_scale"),
 ]
-_DROPPED = {
-    r"(?:vision|text)_model\.embeddings\.position_ids": "a constant index buffer (older checkpoints saved it), "
-                                                       "rebuilt by the model",
-}
+_DROPPED: list[tuple[str, str]] = [
+    (r"(?:vision|text)_model\.embeddings\.position_ids", "a constant index buffer (older checkpoints saved it), "
+                                                        "rebuilt by the model"),
+]
 # What the conversion leaves at its initialisation: the region machinery (closed gates) and the box-free centre.
 _FRESH = re.compile(r"roi_processor\..*|box_free_center")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -124,20 +124,7 @@ def _clip_config(source_dir: Path) -> CLIPConfig:
 def _map_weights(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
     """Our state dict, the source keys used and those dropped (with why); ValueError naming every key that
     neither a rule nor a drop reason covers."""
-    mapped, used, dropped = {}, [], {}
-    for key, tensor in state.items():
-        why = next((reason for pattern, reason in _DROPPED.items() if re.fullmatch(pattern, key)), None)
-        if why is not None:
-            dropped[key] = why
-            continue
-        for pattern, replacement in _RULES:
-            if re.fullmatch(pattern, key):
-                mapped[re.sub(pattern, replacement, key)] = tensor
-                used.append(key)
-                break
-    unknown = unaccounted_keys(state, used, dropped)
-    if unknown:
-        raise ValueError(f"the CLIP checkpoint holds {len(unknown)} weight(s) the converter cannot map: {unknown}")
+    mapped, used, dropped = rename_weights(state, _RULES, _DROPPED, "--from clip")
     missing = [name for name in ("logit_scale", "visual_projection.weight", "text_projection.weight") if name not in mapped]
     if missing:
         raise ValueError(f"the CLIP checkpoint lacks {missing}: --from clip needs a full CLIPModel (both towers, "

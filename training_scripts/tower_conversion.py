@@ -6,7 +6,6 @@ the vision tower uses CLIP-vision parameter names and the text tower BERT's layo
 below map the source state dicts onto them (loaded with `strict=True`)."""
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,9 @@ from regionmed_clip.modeling_regionmed_clip import (
 from regionmed_clip.processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, load_tokenizer
 from regionmed_clip.processing.tokenization_regionmed_clip import TOKENIZER_FILES
 
-from .conversion import Conversion
+from .conversion import Conversion, rename_weights
 
-__all__ = ["convert_vit_bert", "model_from_vision_text_pretrained"]
+__all__ = ["BERT_RULES", "convert_vit_bert", "model_from_vision_text_pretrained"]
 
 
 def model_from_vision_text_pretrained(
@@ -71,14 +70,12 @@ def _towers_from_pretrained(vision_path: str | Path, text_path: str | Path, conf
     """The model with both towers copied, the source weights used and those dropped (with why)."""
     RegionMedCLIPConfig.check_fields(config_fields, "model_from_vision_text_pretrained",
                                      exclude={"vision_config", "text_config"})
-    vision_dropped: dict[str, str] = {}
-    text_dropped: dict[str, str] = {}
     vision_source = AutoModel.from_pretrained(vision_path)
     vision_hf_config = vision_source.config
     if vision_hf_config.model_type == "clip":
         vision_source, vision_hf_config = vision_source.vision_model, vision_hf_config.vision_config
     vision_state = vision_source.state_dict()
-    vision_config, vision_mapped = _vision_tower_from_transformers(vision_hf_config, vision_state, vision_dropped)
+    vision_config, vision_mapped, vision_dropped = _vision_tower_from_transformers(vision_hf_config, vision_state)
 
     text_model_type = AutoConfig.from_pretrained(text_path).model_type
     if text_model_type != "bert":
@@ -88,7 +85,7 @@ def _towers_from_pretrained(vision_path: str | Path, text_path: str | Path, conf
     if _has_tokenizer(Path(text_path)):
         cls_token_id = AutoTokenizer.from_pretrained(text_path).cls_token_id
     text_state = text_source.state_dict()
-    text_config, text_mapped = _text_tower_from_bert(text_source.config, text_state, cls_token_id, text_dropped)
+    text_config, text_mapped, text_dropped = _text_tower_from_bert(text_source.config, text_state, cls_token_id)
 
     # the fusion attends with the vision tower's width: its head count always divides it
     config_fields = {"roi_fusion_heads": vision_config.num_attention_heads, **config_fields}
@@ -101,25 +98,6 @@ def _towers_from_pretrained(vision_path: str | Path, text_path: str | Path, conf
     dropped = {**{f"vision/{key}": why for key, why in vision_dropped.items()},
                **{f"text/{key}": why for key, why in text_dropped.items()}}
     return model, used, dropped
-
-
-def _rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]], skip: str,
-            dropped: dict[str, str] | None = None, why: str = "") -> dict[str, torch.Tensor]:
-    """Apply the first matching regex rule to each key; keys matching `skip` are dropped (and recorded in
-    `dropped` with `why`); a key no rule maps is a ValueError naming it."""
-    renamed = {}
-    for key, tensor in state.items():
-        if re.search(skip, key):
-            if dropped is not None:
-                dropped[key] = why
-            continue
-        for pattern, replacement in rules:
-            if re.fullmatch(pattern, key):
-                renamed[re.sub(pattern, replacement, key)] = tensor
-                break
-        else:
-            raise ValueError(f"no rule maps checkpoint weight {key!r} onto the RegionMed-CLIP tower")
-    return renamed
 
 
 # transformers' ViT changed its parameter names in v5.2x; each rule accepts the old and the new layout.
@@ -142,7 +120,7 @@ _VIT_RULES = [
 # Our vision tower uses CLIP's own parameter names; only a `vision_model.` prefix may need to go.
 _CLIP_VISION_RULES = [(r"(?:vision_model\.)?(.*)", r"\1")]
 
-_BERT_RULES = [
+BERT_RULES = [
     (r"embeddings\.(word_embeddings|position_embeddings|token_type_embeddings|LayerNorm)\.(weight|bias)", r"embeddings.\1.\2"),
     (r"encoder\.layer\.(\d+)\.attention\.self\.query\.(weight|bias)", r"encoder.layers.\1.self_attn.q_proj.\2"),
     (r"encoder\.layer\.(\d+)\.attention\.self\.key\.(weight|bias)", r"encoder.layers.\1.self_attn.k_proj.\2"),
@@ -156,9 +134,10 @@ _BERT_RULES = [
 
 
 def _vision_tower_from_transformers(
-    hf_config: PreTrainedConfig, state: dict[str, torch.Tensor], dropped: dict[str, str] | None = None
-) -> tuple[RegionMedCLIPVisionConfig, dict[str, torch.Tensor]]:
-    """Map a transformers ViT or CLIP-vision config and state dict onto our vision tower."""
+    hf_config: PreTrainedConfig, state: dict[str, torch.Tensor]
+) -> tuple[RegionMedCLIPVisionConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """Map a transformers ViT or CLIP-vision config and state dict onto our vision tower: `(config, our state
+    dict, source name -> why dropped)`."""
     common = {
         "image_size": hf_config.image_size,
         "patch_size": hf_config.patch_size,
@@ -174,27 +153,30 @@ def _vision_tower_from_transformers(
         if not getattr(hf_config, "qkv_bias", True):
             raise ValueError("ViT checkpoints with qkv_bias=False are not supported: our attention has biases")
         config = RegionMedCLIPVisionConfig(**common, pre_layernorm=False)
-        mapped = _rename(state, _VIT_RULES, skip=r"^pooler\.|mask_token", dropped=dropped,
-                         why="ViT's pooler / masked-image-modeling token: the model pools its own way")
+        mapped, _, dropped = rename_weights(
+            state, _VIT_RULES, [(r"pooler\..*|embeddings\.mask_token",
+                                 "ViT's pooler / masked-image-modeling token: the model pools its own way")], "vision_path")
         mapped["embeddings.position_embedding.weight"] = mapped["embeddings.position_embedding.weight"][0]
         mapped["embeddings.class_embedding"] = mapped["embeddings.class_embedding"].reshape(-1)
-        return config, mapped
+        return config, mapped, dropped
     if hf_config.model_type == "clip_vision_model":
         config = RegionMedCLIPVisionConfig(**common, pre_layernorm=True)
-        mapped = _rename(state, _CLIP_VISION_RULES, skip=r"position_ids", dropped=dropped,
-                         why="a constant index buffer, rebuilt by the model")
+        mapped, _, dropped = rename_weights(
+            state, _CLIP_VISION_RULES, [(r".*position_ids", "a constant index buffer, rebuilt by the model")],
+            "vision_path")
         # CLIP's patch convolution has no bias; ours does, and zero makes them the same function.
         mapped["embeddings.patch_embedding.bias"] = torch.zeros(hf_config.hidden_size)
-        return config, mapped
+        return config, mapped, dropped
     raise ValueError(
         f"vision_path must hold a ViT, CLIP vision or CLIP checkpoint, got model_type {hf_config.model_type!r}"
     )
 
 
 def _text_tower_from_bert(
-    hf_config: PreTrainedConfig, state: dict[str, torch.Tensor], cls_token_id: int, dropped: dict[str, str] | None = None
-) -> tuple[RegionMedCLIPTextConfig, dict[str, torch.Tensor]]:
-    """Map a transformers BERT config and state dict (without pooler) onto our text tower."""
+    hf_config: PreTrainedConfig, state: dict[str, torch.Tensor], cls_token_id: int
+) -> tuple[RegionMedCLIPTextConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """Map a transformers BERT config and state dict onto our text tower: `(config, our state dict, source name ->
+    why dropped)`."""
     if getattr(hf_config, "position_embedding_type", "absolute") != "absolute":
         raise ValueError("only BERT checkpoints with absolute position embeddings are supported")
     config = RegionMedCLIPTextConfig(
@@ -212,5 +194,7 @@ def _text_tower_from_bert(
         pad_token_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0,
         cls_token_id=cls_token_id,
     )
-    return config, _rename(state, _BERT_RULES, skip=r"^pooler\.|position_ids|token_type_ids", dropped=dropped,
-                           why="BERT's pooler (the model pools the last hidden state) or an index buffer")
+    mapped, _, dropped = rename_weights(
+        state, BERT_RULES, [(r"pooler\..*|.*position_ids|.*token_type_ids",
+                             "BERT's pooler (the model pools the last hidden state) or an index buffer")], "text_path")
+    return config, mapped, dropped
