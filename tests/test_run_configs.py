@@ -157,3 +157,24 @@ def test_window_sampling_is_set_under_data_and_the_ablation_turns_it_off(tmp_pat
         collator_of(None, windows_per_image=-1)
     with pytest.raises(ValueError, match="window_only_fraction must be in"):
         collator_of(None, window_only_fraction="half")
+
+
+def test_pretrained_start_recipe_resolves_with_a_converted_folder_on_top(tmp_path):
+    """training_scripts/configs/pretrained_start.yaml plus `model: {pretrained: DIR}`: one joint stage with every
+    loss term on at its default weight, ROIs fed, what the source knows (towers, projections, temperature) at
+    x0.1 and the new ROI processor at x1.0 from the first step."""
+    from regionmed_clip.training_scripts.losses import DEFAULT_LOSS_WEIGHTS, LOSS_TERMS
+
+    recipe = yaml.safe_load((CONFIGS / "pretrained_start.yaml").read_text())
+    assert set(recipe) == {"schedule"}  # the model folder is given on top, never in the shipped recipe
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump({**recipe, "model": {"pretrained": str(tmp_path / "converted")}}))
+    run = resolve_run_config(*parse_command(["--config", str(run_yaml), "--data", str(tmp_path), "--output-dir",
+                                             str(tmp_path / "out"), "--max-steps", "600"]))
+    assert run["model"]["pretrained"] == str(tmp_path / "converted")
+    (stage,) = StagedSchedule(run["schedule"], 600).stages
+    assert (stage.start, stage.end, stage.use_rois) == (0, 600, True)
+    assert dict(stage.loss_weights) == DEFAULT_LOSS_WEIGHTS and all(stage.uses(term) for term in LOSS_TERMS)
+    assert {group: stage.lr_multiplier(group) for group in ("vision", "text", "projections", "temperature", "roi")} == {
+        "vision": 0.1, "text": 0.1, "projections": 0.1, "temperature": 0.1, "roi": 1.0}
+    assert not stage.frozen_groups()
