@@ -27,7 +27,8 @@ finished step is reused (its marker exists), so the command can be re-run to add
     python benchmarks/bench_retention.py --data data/synth --runs runs/retention --seeds 0 \\
         --foundation-steps 2400 --max-steps 600 --output benchmarks/results/bench_retention.json
 
-(`--seeds 0 1 2` for the issue's three; about 25 minutes a seed on 2 shared cores.)
+(`--seeds 0 1 2` for the issue's three; about 25 minutes a seed on 2 shared cores. `--seeds 1 2 --merge
+benchmarks/results/bench_retention.json` adds seeds to an earlier report, checked to be of the same steps and recipe.)
 """
 
 import argparse
@@ -357,6 +358,18 @@ def _summary(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "std": {name: statistics.pstdev([seed[name] for seed in flat]) for name in names}}
 
 
+def _merged_seeds(path: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The per-seed figures of an earlier report for the seeds this run does not run; an error naming the field when
+    that report was made with other steps, recipe or region modules (its figures would not be comparable)."""
+    earlier = json.loads(path.read_text())
+    expected = {"foundation_steps": args.foundation_steps, "max_steps": args.max_steps,
+                "recipe": str(RECIPE.relative_to(RECIPE.parents[2])), "tiny_region_modules": TINY_REGION}
+    for field, value in expected.items():
+        if earlier.get(field) != value:
+            raise SystemExit(f"--merge {path}: its {field} is {earlier.get(field)!r}, this run's is {value!r}")
+    return {seed: figures for seed, figures in earlier["per_seed"].items() if int(seed) not in args.seeds}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="canonical dataset (regionmed-data synth)")
@@ -366,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=600, help="steps of each region arm")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time (one thread each)")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--merge", type=Path, default=None,
+                        help="an earlier report of this benchmark (same data, steps and recipe): its seeds that this run "
+                             "does not run are kept in the report, so seeds can be added on another day or machine")
     parser.add_argument("--foundation-job", action="store_true", help=argparse.SUPPRESS)  # one foundation (internal)
     args = parser.parse_args(argv)
     if args.foundation_job:
@@ -382,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         job["name"] for job in pending}
     running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
     per_seed: dict[str, dict[str, Any]] = {}
+    kept = _merged_seeds(args.merge, args) if args.merge else {}
     started = time.time()
 
     def report_seeds() -> None:
@@ -393,10 +410,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"seed {seed}: probe failed: {type(error).__name__}: {error}", flush=True)
                     continue
                 print(f"seed {seed}: {json.dumps(per_seed[str(seed)])}", flush=True)
+                reported = {**kept, **per_seed}
                 write_report({"data": str(args.data), "seeds_requested": args.seeds, "seeds_run": sorted(per_seed, key=int),
+                              "seeds_merged": sorted(kept, key=int), "merged_from": str(args.merge) if kept else None,
                               "foundation_steps": args.foundation_steps, "max_steps": args.max_steps,
                               "recipe": str(RECIPE.relative_to(RECIPE.parents[2])), "tiny_region_modules": TINY_REGION,
-                              "per_seed": per_seed, **_summary(per_seed),
+                              "per_seed": dict(sorted(reported.items(), key=lambda item: int(item[0]))),
+                              **_summary(reported),
                               "wall_minutes": round((time.time() - started) / 60, 1)}, args.output)
 
     report_seeds()
