@@ -3,6 +3,7 @@
 import shutil
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,10 @@ from regionmed_clip.data.schema import load_canonical
 from regionmed_clip.data.synthetic import write_synthetic_dataset
 from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel
 from regionmed_clip.processing import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor, build_tokenizer
+from regionmed_clip.training_scripts.schedule import DEFAULT_STAGES
+from regionmed_clip.training_scripts.train import DEFAULT_TRAINING_ARGS, build_trainer
+
+SHORT_TRAINING_STEPS = 120
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -113,3 +118,28 @@ def build_saved_model(tmp_path: Path, n: int = 40) -> tuple[Path, Path, object, 
     )
     processor.save_pretrained(model_dir)
     return model_dir, data_dir, model, processor
+
+
+def default_recipe_run(output_dir: Path, data_dir: Path, steps: int = SHORT_TRAINING_STEPS, **data) -> dict:
+    """The run config of the default recipe (tiny preset, batch 16, seed 0) on `data_dir`'s train split."""
+    return {
+        "model": {"preset": "tiny"},
+        "data": {"path": str(data_dir), "split": "train", **data},
+        "schedule": DEFAULT_STAGES,
+        "training_args": {**DEFAULT_TRAINING_ARGS, "output_dir": str(output_dir), "max_steps": steps,
+                          "per_device_train_batch_size": 16, "save_strategy": "no", "seed": 0,
+                          "disable_tqdm": True, "logging_steps": steps},
+    }
+
+
+@pytest.fixture(scope="session")
+def short_training(tmp_path_factory) -> SimpleNamespace:
+    """The default recipe trained `SHORT_TRAINING_STEPS` steps on 200 synthetic films (seed 0), once per session:
+    `trainer` (trained), `data_dir`, and `model_dir` (the trained model and processor, saved)."""
+    root = tmp_path_factory.mktemp("short_training")
+    write_synthetic_dataset(root / "data", n=200, seed=0)
+    trainer, _ = build_trainer(default_recipe_run(root / "windows", root / "data"))
+    trainer.train()
+    trainer.save_model(str(root / "model"))
+    trainer.processing_class.save_pretrained(root / "model")
+    return SimpleNamespace(trainer=trainer, data_dir=root / "data", model_dir=root / "model")

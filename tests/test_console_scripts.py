@@ -7,6 +7,7 @@ import configparser
 import json
 import math
 import pkgutil
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,13 @@ from cli_helpers import assert_clean_exit, run_console_script
 from PIL import Image
 from safetensors.torch import load_file
 
+from regionmed_clip.apps.app import default_findings
+from regionmed_clip.apps.app_driver import start_app, stop_app
 from regionmed_clip.apps.push import check_hub_folder
 from regionmed_clip.evaluation.results import RESULTS_FIELDS
 from regionmed_clip.training_scripts.checkpoints import CHECKPOINT_COMPLETE
+
+from conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +36,7 @@ STEPS = 12  # past the default logging step (10); --save-steps 10 puts a checkpo
 EVAL_TASKS = ("zero-shot", "region", "grounding", "retrieval")
 # Every console script in setup.cfg must have its end-to-end test here (test_every_console_script_is_covered).
 COVERED = {"regionmed-data", "regionmed-train", "regionmed-finetune", "regionmed-train-vqa", "regionmed-eval",
-           "regionmed-export", "regionmed-push", "regionmed-demo", "regionmed-convert"}
+           "regionmed-export", "regionmed-push", "regionmed-demo", "regionmed-convert", "regionmed-app"}
 
 
 def _our_module_names() -> list[str]:
@@ -164,11 +169,32 @@ def test_export_and_push_dry_run(workspace):
             run("regionmed-eval", task, "--model", "run/final", "--data", "data", "--output", f"eval/{task}",
                 cwd=workspace)
     run("regionmed-export", "--model", "run/final", "--output", "hub", "--eval-results", "eval/zero-shot",
-        "eval/region", "--repo-id", "org/regionmed-tiny", cwd=workspace)
+        "eval/region", "--repo-id", "org/regionmed-tiny", "--space", "space", cwd=workspace)
     checked = check_hub_folder(workspace / "hub")
     assert checked["model_index_results"] > 0
     out = run("regionmed-push", "hub", "--repo-id", "org/regionmed-tiny", "--dry-run", cwd=workspace)
     assert "model.safetensors" in out and "README.md" in out
+    out = run("regionmed-push", "space", "--space", "--repo-id", "org/regionmed-tiny-demo", "--dry-run", cwd=workspace)
+    assert "app.py" in out and "a Gradio Space of the model(s) ['org/regionmed-tiny']" in out
+
+
+def test_app_serves_the_exported_model(workspace):
+    """`regionmed-app --model HUBDIR` with its defaults (the prompt file's findings) serves its page until stopped;
+    tests/test_app_browser.py uses the page."""
+    if not (workspace / "hub").is_dir():
+        run("regionmed-export", "--model", "run/final", "--output", "hub", cwd=workspace)
+    port = free_port()
+    process = start_app(workspace / "hub", port, (), workspace / "app.log")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30) as response:
+            page = json.loads(response.read())
+    finally:
+        stop_app(process)
+    findings = next(component["props"]["value"] for component in page["components"]
+                    if component["props"].get("elem_id") == "findings")
+    assert findings == ", ".join(default_findings())  # the findings box holds the prompt file's classes
+    log = (workspace / "app.log").read_text()
+    assert "Traceback" not in log and "FutureWarning" not in log, log[-3000:]
 
 
 def test_convert_vit_bert_then_train_from_it(workspace, tmp_path):

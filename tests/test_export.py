@@ -64,8 +64,9 @@ def exported(tmp_path_factory):
     benchmarks.write_text(yaml.safe_dump([{"task": "zero-shot", "dataset": "chexpert", "hub_dataset_id": "org/chexpert",
                                            "hub_task_id": "five_findings"}]))
     summary = export_model(run / "final", tmp / "hub", results, repo_id="org/regionmed-tiny",
-                           benchmarks_path=benchmarks)
-    return {"tmp": tmp, "hub": tmp / "hub", "summary": summary, "model": model, "data_dir": data_dir}
+                           benchmarks_path=benchmarks, space_dir=tmp / "space")
+    return {"tmp": tmp, "hub": tmp / "hub", "space": tmp / "space", "summary": summary, "model": model,
+            "data_dir": data_dir}
 
 
 def test_export_writes_safetensors_remote_code_and_auto_map_only(exported):
@@ -136,7 +137,11 @@ def test_push_check_names_what_is_wrong(exported, tmp_path):
         push_folder(exported["hub"], "just-a-name", dry_run=True)
 
 
-def test_push_creates_the_repo_then_uploads_the_folder(exported):
+@pytest.mark.parametrize(("folder", "space", "created_as"), [
+    ("hub", False, {"repo_type": "model", "space_sdk": None}),
+    ("space", True, {"repo_type": "space", "space_sdk": "gradio"}),
+])
+def test_push_creates_the_repo_then_uploads_the_folder(exported, folder, space, created_as):
     calls = []
 
     class FakeApi:
@@ -150,11 +155,12 @@ def test_push_creates_the_repo_then_uploads_the_folder(exported):
             calls.append(("upload_folder", kwargs["repo_id"], kwargs))
             return type("Commit", (), {"commit_url": "https://hub/commit/1"})()
 
-    summary = push_folder(exported["hub"], "org/m", private=True, revision="v1", api=FakeApi())
+    summary = push_folder(exported[folder], "org/m", private=True, revision="v1", api=FakeApi(), space=space)
     assert [call[:2] for call in calls] == [("create_repo", "org/m"), ("create_branch", "org/m"),
                                             ("upload_folder", "org/m")]
-    assert calls[0][2] == {"private": True, "exist_ok": True} and calls[2][2]["revision"] == "v1"
-    assert calls[2][2]["folder_path"] == str(exported["hub"]) and summary["url"] == "https://hub/commit/1"
+    assert calls[0][2] == {"private": True, "exist_ok": True, **created_as} and calls[2][2]["revision"] == "v1"
+    assert calls[1][2]["repo_type"] == calls[2][2]["repo_type"] == created_as["repo_type"]
+    assert calls[2][2]["folder_path"] == str(exported[folder]) and summary["url"] == "https://hub/commit/1"
 
 
 def test_tokenizer_never_emits_token_type_ids(tmp_path):

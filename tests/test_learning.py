@@ -8,16 +8,15 @@ import torch
 from datasets import concatenate_datasets
 
 from regionmed_clip.data.schema import load_canonical
-from regionmed_clip.data.synthetic import write_synthetic_dataset
 from regionmed_clip.evaluation.embeddings import encode_proposals, encode_texts
 from regionmed_clip.scoring import auroc, mean_pairwise_cosine
 from regionmed_clip.training_scripts.collator import AMBIGUOUS, BACKGROUND, label_windows
-from regionmed_clip.training_scripts.schedule import DEFAULT_STAGES
-from regionmed_clip.training_scripts.train import DEFAULT_TRAINING_ARGS, build_trainer
+from regionmed_clip.training_scripts.train import build_trainer
+
+from conftest import default_recipe_run
 
 pytestmark = pytest.mark.slow
 
-STEPS = 120
 COLLAPSED = 0.9  # mean pairwise cosine of box-free embeddings above this counts as collapsed
 RANK_FRACTION = 0.8  # a caption's own film must rank, on average, within 80% of the chance rank
 
@@ -40,17 +39,6 @@ def region_caption_ranks(trainer, rows, image_embeds) -> torch.Tensor:
     return (similarity > own[:, None]).sum(1).float()
 
 
-def _run(folder, steps: int, data: dict) -> dict:
-    return {
-        "model": {"preset": "tiny"},
-        "data": {"path": str(folder.parent / "data"), "split": "train", **data},
-        "schedule": DEFAULT_STAGES,
-        "training_args": {**DEFAULT_TRAINING_ARGS, "output_dir": str(folder), "max_steps": steps,
-                          "per_device_train_batch_size": 16, "save_strategy": "no", "seed": 0,
-                          "disable_tqdm": True, "logging_steps": steps},
-    }
-
-
 @torch.no_grad()
 def background_separation(trainer, rows) -> float:
     """AUROC with which a proposal's cosine with the model's background caption tells the background
@@ -70,21 +58,20 @@ def background_separation(trainer, rows) -> float:
     return auroc(np.array(scores), np.array(is_background, dtype=float))
 
 
-def test_a_short_training_leaves_collapse_and_its_windows_teach_the_proposals_what_is_not_a_finding(tmp_path):
-    write_synthetic_dataset(tmp_path / "data", n=200, seed=0)
-    rows = load_canonical(tmp_path / "data", "train")[:48]
-    held_out = concatenate_datasets([load_canonical(tmp_path / "data", split) for split in ("validation", "test")])
-    separation = {}
-    for name, data in (("windows", {}), ("no_background", {"windows_per_image": 0})):
-        trainer, _ = build_trainer(_run(tmp_path / name, STEPS, data))
-        if name == "windows":  # the default recipe
-            before = box_free_embeds(trainer, rows)
-            ranks_before = region_caption_ranks(trainer, rows, before)
-        trainer.train()
-        separation[name] = background_separation(trainer, held_out)
-        if name == "windows":
-            after = box_free_embeds(trainer, rows)
-            ranks_after = region_caption_ranks(trainer, rows, after)
+def test_a_short_training_leaves_collapse_and_its_windows_teach_the_proposals_what_is_not_a_finding(
+        short_training, tmp_path):
+    data_dir = short_training.data_dir  # the default recipe, trained SHORT_TRAINING_STEPS steps (conftest)
+    rows = load_canonical(data_dir, "train")[:48]
+    held_out = concatenate_datasets([load_canonical(data_dir, split) for split in ("validation", "test")])
+    untrained, _ = build_trainer(default_recipe_run(tmp_path / "untrained", data_dir))  # the same seed, step 0
+    before = box_free_embeds(untrained, rows)
+    ranks_before = region_caption_ranks(untrained, rows, before)
+    after = box_free_embeds(short_training.trainer, rows)
+    ranks_after = region_caption_ranks(short_training.trainer, rows, after)
+    without_background, _ = build_trainer(default_recipe_run(tmp_path / "no_background", data_dir, windows_per_image=0))
+    without_background.train()
+    separation = {"windows": background_separation(short_training.trainer, held_out),
+                  "no_background": background_separation(without_background, held_out)}
     # the box-free embedding is no longer one shared vector ...
     assert mean_pairwise_cosine(before) > 0.95
     assert mean_pairwise_cosine(after) < COLLAPSED
@@ -92,5 +79,5 @@ def test_a_short_training_leaves_collapse_and_its_windows_teach_the_proposals_wh
     chance_rank = (len(rows["image"]) - 1) / 2
     assert ranks_after.mean() < min(RANK_FRACTION * chance_rank, ranks_before.mean())
     # the same short training without background windows never learns what a lesion-free window is
-    # (measured: 0.756 against 0.586 at 120 steps)
+    # (measured: 0.756 against 0.586 at SHORT_TRAINING_STEPS = 120)
     assert separation["windows"] > 0.7 and separation["windows"] > separation["no_background"] + 0.1, separation

@@ -2,6 +2,7 @@
 
     regionmed-export --model RUN/final --output HUBDIR [--eval-results OUT/results.json ...]
                      [--repo-id ORG/NAME] [--model-name NAME] [--license apache-2.0] [--benchmarks MAP.yaml]
+                     [--space SPACEDIR]
 
 HUBDIR holds `config.json` (with `auto_map` for AutoConfig, AutoModel,
 AutoModelForZeroShotImageClassification, AutoModelForVisualQuestionAnswering, AutoProcessor and
@@ -17,6 +18,7 @@ registered benchmark is skipped with a note (no medical benchmark is registered 
 Every input is checked before a file is written (a bad argument exits 2, a bad file 1, each on one
 line naming it), and HUBDIR is written as a hidden folder beside it, renamed only once complete. A
 run config without a `data` section gives a card that says the training data was not recorded.
+`--space SPACEDIR` (with `--repo-id`) also writes a Space folder for the demo app (`apps/space.py`).
 """
 
 import argparse
@@ -33,6 +35,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoProcessor
 
+from regionmed_clip.apps.space import SPACE_FILES, space_files
 from regionmed_clip.cli import UsageError, console_script
 from regionmed_clip.data.schema import dataset_output, read_provenance
 from regionmed_clip.evaluation.results import load_results, markdown_report
@@ -300,11 +303,11 @@ def _train_runtime(log: Path) -> float | None:
     return None
 
 
-def _check_output(output_dir: Path) -> None:
+def _check_output(output_dir: Path, flag: str = "--output") -> None:
     if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"--output {str(output_dir)!r} is an existing file: export into a new folder")
+        raise UsageError(f"{flag} {str(output_dir)!r} is an existing file: export into a new folder")
     if output_dir.is_dir() and any(output_dir.iterdir()):
-        raise UsageError(f"--output {str(output_dir)!r} is not empty: export into a new folder")
+        raise UsageError(f"{flag} {str(output_dir)!r} is not empty: export into a new folder")
 
 
 def _check_model_dir(model_dir: Path) -> None:
@@ -337,8 +340,10 @@ def export_model(
     license: str = "apache-2.0",
     benchmarks_path: str | Path | None = None,
     card_template: str | Path = CARD_TEMPLATE,
+    space_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Write the Hub folder; returns `{"output", "files", "notes", "warnings"}`.
+    """Write the Hub folder, and with `space_dir` a Space folder for the demo app on `repo_id` (`apps.space`);
+    returns `{"output", "files", "notes", "warnings"}` (and `"space"`, `"space_files"`).
 
     Every input is checked before anything is written: a UsageError names a bad argument (an output
     that is a file or a folder that is not empty, a model path that is no model folder, a bad repo id),
@@ -349,6 +354,13 @@ def export_model(
     _check_model_dir(model_dir)
     if repo_id is not None:
         check_repo_id(repo_id)
+    if space_dir is not None:
+        space_dir = Path(space_dir)
+        if repo_id is None:
+            raise UsageError("--space needs --repo-id: the model repo (ORG/NAME) the Space's app loads")
+        _check_output(space_dir, "--space")
+        if space_dir.resolve() == output_dir.resolve():
+            raise UsageError("--space must be another folder than --output (a Space is a repo of its own)")
     records = [_load_record(path) for path in eval_results]
     benchmarks = _load_benchmarks(Path(benchmarks_path) if benchmarks_path else None)
     training_data, training_procedure, warnings = _training_sections(model_dir)
@@ -359,7 +371,13 @@ def export_model(
         notes = _write_hub_folder(staging, model, processor, records, benchmarks, name, repo_id, license,
                                   training_data, training_procedure, Path(card_template))
     files = sorted(path.relative_to(output_dir).as_posix() for path in output_dir.rglob("*") if path.is_file())
-    return {"output": str(output_dir), "files": files, "notes": notes, "warnings": warnings}
+    summary = {"output": str(output_dir), "files": files, "notes": notes, "warnings": warnings}
+    if space_dir is not None:
+        with dataset_output(space_dir) as staging:
+            for file_name, text in space_files(repo_id, license, name).items():
+                (staging / file_name).write_text(text)
+        summary.update(space=str(space_dir), space_files=sorted(SPACE_FILES))
+    return summary
 
 
 def _write_hub_folder(
@@ -414,6 +432,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--license", default="apache-2.0")
     parser.add_argument("--benchmarks", type=Path, default=None,
                         help="YAML list of {task, dataset, hub_dataset_id, hub_task_id}: results for .eval_results/")
+    parser.add_argument("--space", type=Path, default=None,
+                        help="also write a Hugging Face Space folder for the demo app on --repo-id (new folder)")
     return parser
 
 
@@ -421,12 +441,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     summary = export_model(args.model, args.output, args.eval_results, args.repo_id, args.model_name,
-                           args.license, args.benchmarks)
+                           args.license, args.benchmarks, space_dir=args.space)
     for warning in summary["warnings"]:
         print(f"regionmed-export: warning: {warning}", file=sys.stderr)
     for note in summary["notes"]:
         print(f"note: {note}")
     print(f"exported {len(summary['files'])} files to {summary['output']}")
+    if "space" in summary:
+        print(f"wrote the Space ({', '.join(summary['space_files'])}) to {summary['space']}")
     return 0
 
 

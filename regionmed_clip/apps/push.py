@@ -1,6 +1,7 @@
 """`regionmed-push`: check an exported folder and publish it to the Hugging Face Hub.
 
     regionmed-push HUBDIR --repo-id ORG/NAME [--private] [--revision BRANCH] [--dry-run]
+    regionmed-push SPACEDIR --space --repo-id ORG/SPACE [--dry-run]
 
 Before anything is uploaded the folder is checked offline: `config.json` maps every auto class
 of `regionmed_clip.apps.export.AUTO_MAP`, the weights are safetensors and nothing is pickled, the
@@ -10,7 +11,8 @@ parses with `parse_eval_result_entries`. `--dry-run` stops there and lists the f
 `HfApi.create_repo` (existing repos are kept) and `upload_folder` publish it; the token is the
 usual one (`HF_TOKEN` or `hf auth login`'s cache) and is never printed. Offline
 (`HF_HUB_OFFLINE=1`), without a token, or when the Hub cannot be reached or refuses, the command
-ends with one line saying so (`HubUploadError`).
+ends with one line saying so (`HubUploadError`). With `--space` the folder is a Space written by
+`regionmed-export --space`, checked by `apps.space.check_space_folder` and created as a Gradio Space.
 """
 
 import argparse
@@ -23,6 +25,7 @@ from huggingface_hub import HfApi, ModelCard, constants, get_token, parse_eval_r
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
 from regionmed_clip.apps.export import AUTO_MAP, PICKLE_SUFFIXES, check_repo_id
+from regionmed_clip.apps.space import SpaceFolderError, check_space_folder
 from regionmed_clip.cli import UsageError, console_script
 
 try:  # the HTTP library under huggingface_hub: its base error is also a network failure's
@@ -30,7 +33,7 @@ try:  # the HTTP library under huggingface_hub: its base error is also a network
 except ImportError:  # pragma: no cover - huggingface_hub 1.x
     from httpx import HTTPError as _HTTPError
 
-__all__ = ["HubFolderError", "HubUploadError", "check_hub_folder", "main", "push_folder"]
+__all__ = ["HubFolderError", "HubUploadError", "SpaceFolderError", "check_hub_folder", "main", "push_folder"]
 
 _REQUIRED_CARD_FIELDS = ("license", "pipeline_tag", "library_name")
 
@@ -107,22 +110,23 @@ def check_hub_folder(folder: str | Path) -> dict[str, Any]:
 
 def push_folder(
     folder: str | Path, repo_id: str, private: bool = False, revision: str | None = None, dry_run: bool = False,
-    api: HfApi | None = None,
+    api: HfApi | None = None, space: bool = False,
 ) -> dict[str, Any]:
-    """Check `folder`, then (unless `dry_run`) create the repo if needed and upload the folder.
-    Returns the check's summary plus `"url"` (the commit URL) when uploaded. Raises UsageError for a
-    bad repo id or a folder argument that is no folder, HubFolderError for a folder not ready to
-    publish and HubUploadError when the upload cannot be done."""
+    """Check `folder` (a model folder, or with `space` a Space folder), then (unless `dry_run`) create the repo if
+    needed and upload the folder. Returns the check's summary plus `"url"` (the commit URL) when uploaded. Raises
+    UsageError for a bad repo id or a folder argument that is no folder, HubFolderError (SpaceFolderError) for a
+    folder not ready to publish and HubUploadError when the upload cannot be done."""
     check_repo_id(repo_id)
     if not Path(folder).is_dir():
         raise UsageError(f"folder {str(folder)!r} is not a folder (give the folder regionmed-export wrote)")
-    summary = check_hub_folder(folder)
+    summary = check_space_folder(folder) if space else check_hub_folder(folder)
     if dry_run:
         return summary
-    return {**summary, "url": _upload(folder, repo_id, private, revision, api)}
+    return {**summary, "url": _upload(folder, repo_id, private, revision, api, "space" if space else "model")}
 
 
-def _upload(folder: str | Path, repo_id: str, private: bool, revision: str | None, api: HfApi | None) -> str:
+def _upload(folder: str | Path, repo_id: str, private: bool, revision: str | None, api: HfApi | None,
+            repo_type: str = "model") -> str:
     """Create the repo (kept if it exists), the branch, and upload; the Hub's failures become one
     `HubUploadError` line each (offline, no token, refused, unreachable)."""
     if api is None:
@@ -132,10 +136,11 @@ def _upload(folder: str | Path, repo_id: str, private: bool, revision: str | Non
         if api.token is None and get_token() is None:
             raise HubUploadError(NO_TOKEN_MESSAGE)
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type,
+                        space_sdk="gradio" if repo_type == "space" else None)
         if revision is not None:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type=repo_type)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, repo_type=repo_type,
                                    commit_message="Upload RegionMed-CLIP (regionmed-push)")
     except OfflineModeIsEnabled as error:
         raise HubUploadError(OFFLINE_MESSAGE) from error
@@ -165,17 +170,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--revision", default=None, help="branch to upload to (created if missing)")
     parser.add_argument("--dry-run", action="store_true", help="check and list the files; upload nothing")
+    parser.add_argument("--space", action="store_true",
+                        help="the folder is a Space (regionmed-export --space): push it as a Gradio Space")
     return parser
 
 
 @console_script("regionmed-push")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    summary = push_folder(args.folder, args.repo_id, args.private, args.revision, args.dry_run)
+    summary = push_folder(args.folder, args.repo_id, args.private, args.revision, args.dry_run, space=args.space)
     for name in summary["files"]:
         print(f"  {name}")
-    print(f"{len(summary['files'])} files, {summary['bytes'] / 2**20:.1f} MiB; model-index results: "
-          f"{summary['model_index_results']}; .eval_results entries: {summary['eval_result_entries']}")
+    if args.space:
+        print(f"{len(summary['files'])} files, a Gradio Space of the model(s) {summary['models']}")
+    else:
+        print(f"{len(summary['files'])} files, {summary['bytes'] / 2**20:.1f} MiB; model-index results: "
+              f"{summary['model_index_results']}; .eval_results entries: {summary['eval_result_entries']}")
     print("dry run: nothing uploaded" if args.dry_run else f"uploaded: {summary['url']}")
     return 0
 
