@@ -27,9 +27,9 @@ def write_report(figures: dict[str, Any], output: Path | None) -> dict[str, Any]
     return report
 
 
-def proc_status_bytes(field: str) -> int:
-    """A `/proc/self/status` memory field (VmRSS, VmHWM) in bytes."""
-    with open("/proc/self/status") as status:
+def proc_status_bytes(field: str, pid: int | str = "self") -> int:
+    """A `/proc/PID/status` memory field (VmRSS, VmHWM) in bytes, of this process by default."""
+    with open(f"/proc/{pid}/status") as status:
         for line in status:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024  # kB

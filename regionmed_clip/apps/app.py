@@ -20,6 +20,7 @@ findings) is a message in the page; the app keeps serving.
 import argparse
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,13 +209,14 @@ def default_findings(prompts: str | Path = DEFAULT_PROMPTS) -> list[str]:
 # -- the page -------------------------------------------------------------------------------------------------
 
 
-def _summary(analysis: FilmAnalysis) -> str:
+def _summary(analysis: FilmAnalysis, seconds: float) -> str:
     top = analysis.findings[0]
     lines = [f"**Box-free top finding:** {top['label']} (p = {top['score']:.2f})"]
     for number, reading in enumerate(analysis.boxes, start=1):
         finding, score = reading.scores[0]
         lines.append(f"**Box {number}:** {finding} (p = {score:.2f}); nearest region caption: "
                      f"*{reading.caption}* (p = {reading.caption_score:.2f})")
+    lines.append(f"*Analysed in {seconds:.3f} s.*")
     return "\n\n".join(lines)
 
 
@@ -250,21 +252,28 @@ def build_app(reader: FilmReader, findings: Sequence[str], title: str = "RegionM
         return {"image": picture, "boxes": []}, film, message, gr.update()
 
     def analyse(film: Image.Image | None, annotation: dict | None, findings_text: str
-                ) -> tuple[str, str, Any, Any, Any, Any, FilmAnalysis | None]:
-        empty = ("", None, gr.update(choices=[], value=None), None, [], None)
+                ) -> tuple[str, str, Any, Any, Any, Any, FilmAnalysis | None, Any]:
+        empty = ("", None, gr.update(choices=[], value=None), None, [], None, gr.update())
         try:
             if film is None:
                 raise AppInputError("upload a film first (PNG, JPEG, TIFF or DICOM)")
             labels = parse_findings(findings_text)
             boxes = parse_boxes(annotation, film.width, film.height, reader.max_boxes)
+            began = time.perf_counter()
             analysis = reader.analyse(film, labels, boxes)
+            seconds = time.perf_counter() - began
         except Exception as error:  # noqa: BLE001 - shown in the page, the app keeps serving
             return (_problem(error), *empty)
         top = analysis.findings[0]["label"]
         scores = {entry["label"]: entry["score"] for entry in analysis.findings}
-        return ("", _summary(analysis), scores, gr.update(choices=[entry["label"] for entry in analysis.findings],
-                                                          value=top),
-                reader.heatmap_picture(film, analysis, top), _box_table(analysis), analysis)
+        # the boxes go back onto the canvas numbered with their top finding, so the table's rows can be found
+        numbered = [{"xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1, "label": f"{number}: {reading.scores[0][0]}"}
+                    for number, reading in enumerate(analysis.boxes, start=1)
+                    for x0, y0, x1, y1 in [reading.box]]
+        canvas_value = {"image": np.asarray(film.convert("RGB")), "boxes": numbered} if numbered else gr.update()
+        return ("", _summary(analysis, seconds), scores,
+                gr.update(choices=[entry["label"] for entry in analysis.findings], value=top),
+                reader.heatmap_picture(film, analysis, top), _box_table(analysis), analysis, canvas_value)
 
     def select(film: Image.Image | None, analysis: FilmAnalysis | None, label: str | None) -> Any:
         if film is None or analysis is None or not label:
@@ -294,7 +303,7 @@ def build_app(reader: FilmReader, findings: Sequence[str], title: str = "RegionM
                                      interactive=False, elem_id="box-results")
         film_file.change(upload, film_file, [canvas, film_state, message, film_file])
         run.click(analyse, [film_state, canvas, findings_box],
-                  [message, summary, scores, selected, heatmap, table, analysis_state])
+                  [message, summary, scores, selected, heatmap, table, analysis_state, canvas])
         selected.input(select, [film_state, analysis_state, selected], heatmap)
     return app
 

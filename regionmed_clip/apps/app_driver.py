@@ -87,9 +87,12 @@ class AppPage:
         return elements[0].text if elements else ""
 
     def table(self, elem_id: str) -> list[list[str]]:
-        """The body rows of a table as their cells' text (textContent: cells scrolled out of view included)."""
-        return [[cell.get_attribute("textContent").strip() for cell in row.find_elements("css selector", "td")]
-                for row in self.driver.find_elements("css selector", f"#{elem_id} tbody tr")]
+        """The rows of a dataframe as their cells' text, in order (Gradio renders them as a virtual grid of
+        `role=row` / `role=gridcell` elements; textContent includes cells scrolled out of view)."""
+        rows = self.driver.find_elements("css selector", f"#{elem_id} [role=row].virtual-row")
+        rows = sorted(rows, key=lambda row: int(row.get_attribute("data-index")))
+        return [[cell.get_attribute("textContent").strip() for cell in row.find_elements("css selector", "[role=gridcell]")]
+                for row in rows]
 
     def upload(self, path: Path, expect: str) -> str:
         """Upload `path` as the film; waits until the message holds `expect` and returns the message."""
