@@ -73,8 +73,28 @@ def test_each_backend_gets_its_own_mask_format(backend, padded, unpadded):
         assert seen[0][1, 0, 0, 4] == torch.finfo(seen[0].dtype).min and seen[0][1, 0, 0, 3] == 0
 
 
+def torch_flex_attention_error(length: int = 24, valid_keys: int = 21) -> float:
+    """Largest difference between torch's compiled `flex_attention` and SDPA on a padded batch, no model of ours
+    involved. On some CPUs (seen on an AMD EPYC without AVX-512, torch 2.13) it is wrong, 0.7-0.9, for lengths
+    that are not a multiple of 32; our flex path cannot be more right than that kernel."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 4, length, 16, generator=generator) for _ in range(3))
+    valid = torch.ones(2, length, dtype=torch.bool)
+    valid[1, valid_keys:] = False
+    block_mask = create_block_mask(lambda b, h, q, k: valid[b, k], 2, None, length, length, device="cpu")
+    flex = torch.compile(flex_attention)(query, key, value, block_mask=block_mask)
+    reference = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=valid[:, None, None, :])
+    return float((flex - reference).abs().max())
+
+
 @pytest.mark.slow  # flex attention compiles its kernel on first use: about a minute on CPU
 def test_flex_attention_agrees_with_eager_under_padding():
+    upstream_error = torch_flex_attention_error()
+    if not upstream_error <= 1e-5:  # NaN included
+        pytest.xfail(f"torch's own compiled flex_attention differs from SDPA by {upstream_error:.3g} on this CPU "
+                     "(padded length 24): a torch kernel bug, not ours")
     model = tiny_model(roi_gate_init=0.5, region_pool_gate_init=0.5)
     inputs = make_inputs(model.config, [2, 1], num_slots=2)
     expected = _outputs(model, inputs, "eager")

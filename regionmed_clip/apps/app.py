@@ -4,8 +4,8 @@
 
 The film (PNG, JPEG, 16-bit TIFF or DICOM) is decoded by the package's medical image reader and shown in
 a box-drawing canvas (`gradio_image_annotation`). "Analyse" then answers two questions with the model's
-public API only (`AutoModel` / `AutoProcessor` with `trust_remote_code=True`, and the model's zero-shot
-pipeline, as a user would call them):
+public API only (`AutoModelForZeroShotImageClassification` / `AutoProcessor` with `trust_remote_code=True`, and
+the model's zero-shot pipeline, as a user would call them):
 
 * what is in this film: box-free scores per finding (the pipeline without boxes), and for the selected
   finding the heatmap of its probability over the full-resolution proposals with the best one marked;
@@ -133,8 +133,9 @@ def read_film(path: str | os.PathLike) -> Image.Image:
 class FilmReader:
     """The model loaded for the app: `analyse(film, findings, boxes)` -> `FilmAnalysis`.
 
-    `source` is a model folder or Hub repo id, loaded with `AutoModel` / `AutoProcessor` and
-    `trust_remote_code=True`; the scores come from the model's zero-shot pipeline built on them."""
+    `source` is a model folder or Hub repo id, loaded with `AutoModelForZeroShotImageClassification` (the exported
+    folder's `auto_map` gives it the model class `AutoModel` gives) / `AutoProcessor` and `trust_remote_code=True`;
+    the scores come from the zero-shot pipeline class this package ships in every export (`custom_pipelines`)."""
 
     def __init__(self, source: str, template: str = DEFAULT_TEMPLATE,
                  region_template: str = DEFAULT_REGION_TEMPLATE) -> None:
