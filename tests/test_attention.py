@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -6,6 +8,15 @@ from regionmed_clip.modeling_regionmed_clip import XFORMERS_AVAILABLE
 from conftest import make_inputs, tiny_model
 
 BACKENDS = ("eager", "sdpa", "xformers")
+
+
+def registered_xformers_module():
+    """The module whose "xformers" functions are registered now. Loading an exported model with
+    `trust_remote_code` (as test_app.py does) imports that folder's copy of attention_regionmed_clip, which
+    registers its own functions under the same name; patch the one the model will call."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return sys.modules[ALL_ATTENTION_FUNCTIONS["xformers"].__module__]
 
 
 def _outputs(model, inputs, backend):
@@ -112,7 +123,7 @@ def test_unknown_backend_is_rejected():
 @pytest.mark.skipif(not torch.cuda.is_available() or not XFORMERS_AVAILABLE, reason="needs CUDA and xformers")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_xformers_kernel_runs_and_matches_eager_on_gpu(dtype, monkeypatch):
-    from regionmed_clip.modeling_regionmed_clip import attention_regionmed_clip
+    attention_regionmed_clip = registered_xformers_module()
 
     model = tiny_model(roi_gate_init=0.5, region_pool_gate_init=0.5).to("cuda", dtype)
     inputs = {
@@ -143,7 +154,7 @@ def test_xformers_kernel_runs_and_matches_eager_on_gpu(dtype, monkeypatch):
 
 
 def test_xformers_backend_falls_back_to_sdpa_off_cuda(monkeypatch):
-    from regionmed_clip.modeling_regionmed_clip import attention_regionmed_clip
+    attention_regionmed_clip = registered_xformers_module()
 
     class CudaOnlyKernels:  # what xformers 0.0.35 does on CPU tensors
         @staticmethod
@@ -161,7 +172,7 @@ def test_xformers_backend_falls_back_to_sdpa_off_cuda(monkeypatch):
 def test_an_xformers_install_without_kernels_falls_back_to_sdpa_with_one_warning(monkeypatch):
     # A wheel built for another torch / CUDA imports, then finds no operator on the GPU (seen on an
     # H200 with xformers 0.0.35 beside torch 2.11+cu130): the backend must not end the run.
-    from regionmed_clip.modeling_regionmed_clip import attention_regionmed_clip
+    attention_regionmed_clip = registered_xformers_module()
 
     class NoOperator:
         calls = 0
@@ -185,7 +196,7 @@ def test_an_xformers_install_without_kernels_falls_back_to_sdpa_with_one_warning
 
 
 def test_the_xformers_mask_is_one_key_padding_row_per_caption_expanded_without_copies(monkeypatch):
-    from regionmed_clip.modeling_regionmed_clip import attention_regionmed_clip
+    attention_regionmed_clip = registered_xformers_module()
 
     seen = []
 
