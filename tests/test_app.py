@@ -14,7 +14,9 @@ from PIL import Image
 from regionmed_clip.apps.app import (
     AppInputError,
     FilmReader,
+    canvas_picture,
     default_findings,
+    display_scale,
     main,
     parse_boxes,
     parse_findings,
@@ -75,6 +77,18 @@ def test_drawn_boxes_become_film_pixels_and_a_bad_box_is_named():
         parse_boxes({"boxes": [{"xmin": 30, "ymin": 20, "xmax": 30, "ymax": 60}]}, 200, 100, 4)
     with pytest.raises(AppInputError, match="5 boxes drawn; the model reads at most 4"):
         parse_boxes({"boxes": [drawn["boxes"][0]] * 5}, 200, 100, 4)
+
+
+def test_a_large_film_goes_to_the_canvas_as_a_smaller_copy_and_its_boxes_come_back_in_film_pixels():
+    film = Image.new("L", (3000, 2400), 80)
+    assert display_scale(*film.size) == pytest.approx(1024 / 3000)
+    assert canvas_picture(film).shape == (819, 1024, 3)
+    assert canvas_picture(Image.new("L", (256, 200))).shape == (200, 256, 3)  # small films as they are
+    scale = display_scale(3000, 2400)
+    drawn = {"boxes": [{"xmin": 102.4, "ymin": 51.2, "xmax": 204.8, "ymax": 819 * 1.0}]}
+    assert parse_boxes(drawn, 3000, 2400, 4, scale)[0] == pytest.approx([300.0, 150.0, 600.0, 2399.4140625])
+    with pytest.raises(AppInputError, match="lies outside the 3000 x 2400 film"):
+        parse_boxes({"boxes": [{"xmin": 0, "ymin": 0, "xmax": 1030, "ymax": 10}]}, 3000, 2400, 4, scale)
 
 
 def test_a_film_is_read_as_the_processor_reads_it_and_a_bad_file_is_named(tmp_path):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from regionmed_clip.data.synthetic import write_synthetic_dataset
 from regionmed_clip.training_scripts.checkpoints import CHECKPOINT_COMPLETE
+from regionmed_clip.training_scripts.train import main
 
 from conftest import free_port
 
@@ -109,12 +110,17 @@ def test_kill_then_resume_ends_with_the_same_weights(data_dir, tmp_path):
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # the killed run's extra lines were dropped
 
 
-def test_a_run_folder_is_never_silently_reused_or_trained_past_its_end(data_dir, tmp_path):
+def test_a_run_folder_is_never_silently_reused_or_trained_past_its_end(data_dir, tmp_path, capsys):
     config, out = run_config(tmp_path), tmp_path / "run"
 
     def train(max_steps=4, extra=()):
         return subprocess.run(command(data_dir, out, config, max_steps=max_steps, save_steps=2, extra=extra),
                               cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+
+    def refused(max_steps=4, extra=()) -> tuple[int, str]:
+        """The command in process: a refusal comes before any training (a subprocess would only add start-up)."""
+        code = main(command(data_dir, out, config, max_steps=max_steps, save_steps=2, extra=extra)[3:])
+        return code, capsys.readouterr().err
 
     assert train().returncode == 0
     last_state = (out / "checkpoint-4" / "trainer_state.json").read_text()
@@ -135,12 +141,12 @@ def test_a_run_folder_is_never_silently_reused_or_trained_past_its_end(data_dir,
     assert all(torch.equal(final_weights[name], resumed_weights[name]) for name in final_weights)
 
     refusals = {
-        "--overwrite": train(),  # a fresh run into the folder of a run
-        "--resume would ignore ['training_args.learning_rate']": train(extra=["--resume", "--learning-rate", "0.5"]),
-        "training_args.max_steps: 4 -> 6": train(max_steps=6, extra=["--resume"]),
+        "--overwrite": refused(),  # a fresh run into the folder of a run
+        "--resume would ignore ['training_args.learning_rate']": refused(extra=["--resume", "--learning-rate", "0.5"]),
+        "training_args.max_steps: 4 -> 6": refused(max_steps=6, extra=["--resume"]),
     }
-    for message, result in refusals.items():
-        assert result.returncode == 2 and message in result.stderr, (message, result.stderr[-2000:])
+    for message, (code, stderr) in refusals.items():
+        assert code == 2 and message in stderr, (message, stderr[-2000:])
     assert (out / "checkpoint-4" / "trainer_state.json").read_text() == last_state  # nothing was touched
 
     longer = train(max_steps=6, extra=["--resume", "--allow-config-change"])

@@ -44,7 +44,9 @@ __all__ = [
     "FilmAnalysis",
     "FilmReader",
     "build_app",
+    "canvas_picture",
     "default_findings",
+    "display_scale",
     "launch",
     "main",
     "parse_boxes",
@@ -58,6 +60,7 @@ DEFAULT_TEMPLATE = "There is a {}."  # the zero-shot pipeline's hypothesis templ
 DEFAULT_REGION_TEMPLATE = "{finding} in the {side} {zone} zone"
 TASK = "zero-shot-image-classification"
 HEATMAP_SIDE = 768  # longest side of the heatmap picture, in pixels
+DISPLAY_SIDE = 1024  # longest side of the film's copy on the box canvas, in pixels
 BEST_REGION_COLOUR = (255, 215, 0)
 # System fonts only: Gradio's default theme fetches its fonts from Google, which an offline app must not.
 SANS_FONTS = ("system-ui", "Helvetica", "Arial", "sans-serif")
@@ -100,18 +103,27 @@ def parse_findings(text: str) -> list[str]:
     return findings
 
 
-def parse_boxes(annotation: dict[str, Any] | None, width: int, height: int, max_boxes: int) -> list[list[float]]:
-    """The drawn boxes of the canvas' value (`{"boxes": [{"xmin", "ymin", "xmax", "ymax", ...}]}`) as xyxy film
-    pixels; an error naming the box that is empty or outside the `width` x `height` film, or one box too many."""
+def display_scale(width: int, height: int) -> float:
+    """The factor from film pixels to the canvas' copy, whose longer side is at most `DISPLAY_SIDE`: a 3000 px
+    radiograph is not sent to the browser at full size (the model still reads the full film)."""
+    return min(1.0, DISPLAY_SIDE / max(width, height))
+
+
+def parse_boxes(annotation: dict[str, Any] | None, width: int, height: int, max_boxes: int,
+                scale: float = 1.0) -> list[list[float]]:
+    """The drawn boxes of the canvas' value (`{"boxes": [{"xmin", "ymin", "xmax", "ymax", ...}]}`, in the pixels of
+    a copy of the film scaled by `scale`) as xyxy film pixels; an error naming the box that is empty or outside the
+    `width` x `height` film, or one box too many."""
     boxes = []
     for number, drawn in enumerate((annotation or {}).get("boxes") or [], start=1):
-        x0, y0, x1, y1 = (float(drawn[key]) for key in ("xmin", "ymin", "xmax", "ymax"))
+        x0, y0, x1, y1 = (float(drawn[key]) / scale for key in ("xmin", "ymin", "xmax", "ymax"))
         where = f"box {number} (x {x0:g}..{x1:g}, y {y0:g}..{y1:g})"
         if not (x1 > x0 and y1 > y0):
             raise AppInputError(f"{where} is empty: draw it with some width and height")
-        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        slack = 0.5 / scale  # the copy's rounding: its last pixel may map a little past the film's edge
+        if x0 < -slack or y0 < -slack or x1 > width + slack or y1 > height + slack:
             raise AppInputError(f"{where} lies outside the {width} x {height} film: draw it on the image")
-        boxes.append([x0, y0, x1, y1])
+        boxes.append([max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)])
     if len(boxes) > max_boxes:
         raise AppInputError(f"{len(boxes)} boxes drawn; the model reads at most {max_boxes} per film: remove some")
     return boxes
@@ -210,6 +222,16 @@ def default_findings(prompts: str | Path = DEFAULT_PROMPTS) -> list[str]:
 # -- the page -------------------------------------------------------------------------------------------------
 
 
+def canvas_picture(film: Image.Image) -> np.ndarray:
+    """The film's RGB copy for the box canvas, scaled by `display_scale`: `(h, w, 3)` uint8."""
+    scale = display_scale(film.width, film.height)
+    picture = film.convert("RGB")
+    if scale < 1:
+        picture = picture.resize((max(1, round(film.width * scale)), max(1, round(film.height * scale))),
+                                 Image.Resampling.BILINEAR)
+    return np.asarray(picture)
+
+
 def _summary(analysis: FilmAnalysis, seconds: float) -> str:
     top = analysis.findings[0]
     lines = [f"**Box-free top finding:** {top['label']} (p = {top['score']:.2f})"]
@@ -248,9 +270,8 @@ def build_app(reader: FilmReader, findings: Sequence[str], title: str = "RegionM
             film = read_film(file)  # gradio keeps the upload's own file name in its cache path
         except Exception as error:  # noqa: BLE001 - shown in the page, the app keeps serving
             return None, None, _problem(error), None  # the file field is cleared for the next try
-        picture = np.asarray(film.convert("RGB"))
         message = f"Loaded a {film.width} x {film.height} film. Draw boxes on it (optional), then press Analyse."
-        return {"image": picture, "boxes": []}, film, message, gr.update()
+        return {"image": canvas_picture(film), "boxes": []}, film, message, gr.update()
 
     def analyse(film: Image.Image | None, annotation: dict | None, findings_text: str
                 ) -> tuple[str, str, Any, Any, Any, Any, FilmAnalysis | None, Any]:
@@ -259,7 +280,8 @@ def build_app(reader: FilmReader, findings: Sequence[str], title: str = "RegionM
             if film is None:
                 raise AppInputError("upload a film first (PNG, JPEG, TIFF or DICOM)")
             labels = parse_findings(findings_text)
-            boxes = parse_boxes(annotation, film.width, film.height, reader.max_boxes)
+            scale = display_scale(film.width, film.height)
+            boxes = parse_boxes(annotation, film.width, film.height, reader.max_boxes, scale)
             began = time.perf_counter()
             analysis = reader.analyse(film, labels, boxes)
             seconds = time.perf_counter() - began
@@ -268,10 +290,10 @@ def build_app(reader: FilmReader, findings: Sequence[str], title: str = "RegionM
         top = analysis.findings[0]["label"]
         scores = {entry["label"]: entry["score"] for entry in analysis.findings}
         # the boxes go back onto the canvas numbered with their top finding, so the table's rows can be found
-        numbered = [{"xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1, "label": f"{number}: {reading.scores[0][0]}"}
-                    for number, reading in enumerate(analysis.boxes, start=1)
-                    for x0, y0, x1, y1 in [reading.box]]
-        canvas_value = {"image": np.asarray(film.convert("RGB")), "boxes": numbered} if numbered else gr.update()
+        numbered = [{"xmin": x0 * scale, "ymin": y0 * scale, "xmax": x1 * scale, "ymax": y1 * scale,
+                     "label": f"{number}: {reading.scores[0][0]}"}
+                    for number, reading in enumerate(analysis.boxes, start=1) for x0, y0, x1, y1 in [reading.box]]
+        canvas_value = {"image": canvas_picture(film), "boxes": numbered} if numbered else gr.update()
         return ("", _summary(analysis, seconds), scores,
                 gr.update(choices=[entry["label"] for entry in analysis.findings], value=top),
                 reader.heatmap_picture(film, analysis, top), _box_table(analysis), analysis, canvas_value)

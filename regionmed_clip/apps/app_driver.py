@@ -83,8 +83,15 @@ class AppPage:
         self.wait.until(lambda d: d.find_elements("css selector", "#analyse"))
 
     def text(self, elem_id: str) -> str:
-        elements = self.driver.find_elements("css selector", f"#{elem_id}")
+        """The visible text of a component, without its status tracker (the "processing | 1.2 s" timer)."""
+        elements = self.driver.find_elements("css selector", f"#{elem_id} [data-testid=markdown]")
+        elements = elements or self.driver.find_elements("css selector", f"#{elem_id}")
         return elements[0].text if elements else ""
+
+    def idle(self, elem_id: str) -> bool:
+        """Whether no event is pending on the component (its status tracker is hidden)."""
+        trackers = self.driver.find_elements("css selector", f"#{elem_id} [data-testid=status-tracker]")
+        return all("hide" in (tracker.get_attribute("class") or "").split() for tracker in trackers)
 
     def table(self, elem_id: str) -> list[list[str]]:
         """The rows of a dataframe as their cells' text, in order (Gradio renders them as a virtual grid of
@@ -126,12 +133,18 @@ class AppPage:
         chain.release().perform()
 
     def analyse(self, expect: str = "Box-free top finding") -> float:
-        """Press Analyse; waits for the summary (or a message) and returns the seconds from click to result."""
+        """Press Analyse; waits until the summary is new and holds `expect` (its "Analysed in" line changes on
+        every run), or a message, with nothing pending; returns the seconds from the click to that."""
         previous = self.text("summary")
         self.driver.find_element("css selector", "#analyse").click()
         began = time.perf_counter()
-        self.wait.until(lambda d: (expect in self.text("summary") and self.text("summary") != previous)
-                        or "Cannot analyse" in self.text("message") or "went wrong" in self.text("message"))
+
+        def done(_: Any) -> bool:
+            summary, message = self.text("summary"), self.text("message")
+            answered = (expect in summary and summary != previous) or "Cannot analyse" in message or "went wrong" in message
+            return answered and self.idle("summary") and self.idle("heatmap") and self.idle("box-results")
+
+        self.wait.until(done)
         return time.perf_counter() - began
 
     def resources(self) -> list[str]:
