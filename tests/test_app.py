@@ -107,7 +107,8 @@ def test_a_film_is_read_as_the_processor_reads_it_and_a_bad_file_is_named(tmp_pa
         read_film(tmp_path / "notes.txt")
 
 
-def test_a_dicom_without_pixels_is_named(tmp_path):
+def _dicom(path, pixels=None) -> None:
+    """A secondary-capture DICOM file, with 16-bit MONOCHROME2 `pixels` or none."""
     pydicom = pytest.importorskip("pydicom")
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
@@ -117,7 +118,17 @@ def test_a_dicom_without_pixels_is_named(tmp_path):
     dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     dataset.SOPClassUID, dataset.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
     dataset.PatientName = "Anonymous"
-    dataset.save_as(tmp_path / "no_pixels.dcm", enforce_file_format=True)
+    if pixels is not None:
+        dataset.set_pixel_data(pixels, "MONOCHROME2", 16)
+    dataset.save_as(path, enforce_file_format=True)
+
+
+def test_a_dicom_film_is_read_and_one_without_pixels_is_named(tmp_path):
+    _dicom(tmp_path / "film.dcm", np.array([[0, 1000], [2000, 4000]], dtype=np.uint16))
+    film = read_film(tmp_path / "film.dcm")
+    assert film.mode == "L" and film.size == (2, 2)
+    assert np.asarray(film).tolist() == [[0, 64], [128, 255]]  # min-max over 0..4000, as the processor reads it
+    _dicom(tmp_path / "no_pixels.dcm")
     with pytest.raises(AppInputError, match=r"no_pixels\.dcm is not a film the model can read: .*[Pp]ixel"):
         read_film(tmp_path / "no_pixels.dcm")
 
