@@ -120,25 +120,27 @@ def build_saved_model(tmp_path: Path, n: int = 40) -> tuple[Path, Path, object, 
     return model_dir, data_dir, model, processor
 
 
-def default_recipe_run(output_dir: Path, data_dir: Path, steps: int = SHORT_TRAINING_STEPS, **data) -> dict:
-    """The run config of the default recipe (tiny preset, batch 16, seed 0) on `data_dir`'s train split."""
+def default_recipe_run(output_dir: Path, data_dir: Path, steps: int = SHORT_TRAINING_STEPS,
+                       logging_steps: int | None = None, **data) -> dict:
+    """The run config of the default recipe (tiny preset, batch 16, seed 0) on `data_dir`'s train split, logging
+    every `logging_steps` (default: once, at the end)."""
     return {
         "model": {"preset": "tiny"},
         "data": {"path": str(data_dir), "split": "train", **data},
         "schedule": DEFAULT_STAGES,
         "training_args": {**DEFAULT_TRAINING_ARGS, "output_dir": str(output_dir), "max_steps": steps,
                           "per_device_train_batch_size": 16, "save_strategy": "no", "seed": 0,
-                          "disable_tqdm": True, "logging_steps": steps},
+                          "disable_tqdm": True, "logging_steps": logging_steps or steps},
     }
 
 
 @pytest.fixture(scope="session")
 def short_training(tmp_path_factory) -> SimpleNamespace:
-    """The default recipe trained `SHORT_TRAINING_STEPS` steps on 200 synthetic films (seed 0), once per session:
-    `trainer` (trained), `data_dir`, and `model_dir` (the trained model and processor, saved)."""
+    """The default recipe trained `SHORT_TRAINING_STEPS` steps on 200 synthetic films (seed 0), logging every 10
+    steps, once per session: `trainer` (trained), `data_dir`, and `model_dir` (the trained model and processor)."""
     root = tmp_path_factory.mktemp("short_training")
     write_synthetic_dataset(root / "data", n=200, seed=0)
-    trainer, _ = build_trainer(default_recipe_run(root / "windows", root / "data"))
+    trainer, _ = build_trainer(default_recipe_run(root / "windows", root / "data", logging_steps=10))
     trainer.train()
     trainer.save_model(str(root / "model"))
     trainer.processing_class.save_pretrained(root / "model")

@@ -13,10 +13,12 @@ from regionmed_clip.scoring import auroc, mean_pairwise_cosine
 from regionmed_clip.training_scripts.collator import AMBIGUOUS, BACKGROUND, label_windows
 from regionmed_clip.training_scripts.train import build_trainer
 
-from conftest import default_recipe_run
+from conftest import SHORT_TRAINING_STEPS, default_recipe_run
 
 pytestmark = pytest.mark.slow
 
+# measured over steps 10-30 -> 100-120: 2.81 -> 1.99, 1.55 -> 1.02, 0.99 -> 0.85, 1.55 -> 1.05, 3.10 -> 2.67
+LEARNT_TERMS = ("loss_global_report", "loss_region", "loss_image_region", "loss_dense_region", "loss_hard_negative")
 COLLAPSED = 0.9  # mean pairwise cosine of box-free embeddings above this counts as collapsed
 RANK_FRACTION = 0.8  # a caption's own film must rank, on average, within 80% of the chance rank
 
@@ -81,3 +83,16 @@ def test_a_short_training_leaves_collapse_and_its_windows_teach_the_proposals_wh
     # the same short training without background windows never learns what a lesion-free window is
     # (measured: 0.756 against 0.586 at SHORT_TRAINING_STEPS = 120)
     assert separation["windows"] > 0.7 and separation["windows"] > separation["no_background"] + 0.1, separation
+
+
+def test_every_loss_term_of_the_short_training_goes_down(short_training):
+    logged = [entry for entry in short_training.trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == list(range(10, SHORT_TRAINING_STEPS + 1, 10))
+    first, last = logged[:3], logged[-3:]
+
+    def mean(entries, term):
+        return sum(float(entry[term]) for entry in entries) / len(entries)
+
+    assert mean(last, "loss") < 0.9 * mean(first, "loss")
+    for term in LEARNT_TERMS:  # the terms that must move in 120 steps, not only their sum
+        assert mean(last, term) < mean(first, term) - 0.05, (term, mean(first, term), mean(last, term))
