@@ -194,6 +194,7 @@ def test_app_serves_the_exported_model(workspace):
                     if component["props"].get("elem_id") == "findings")
     assert findings == ", ".join(default_findings())  # the findings box holds the prompt file's classes
     log = (workspace / "app.log").read_text()
+    assert f"regionmed-app: serving {workspace / 'hub'} on http://127.0.0.1:{port} (Ctrl+C to stop)" in log, log[-3000:]
     assert "Traceback" not in log and "FutureWarning" not in log, log[-3000:]
 
 

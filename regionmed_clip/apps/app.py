@@ -363,6 +363,7 @@ def launch(model: str, host: str = "127.0.0.1", port: int = 7860, findings: Sequ
     if len(defaults) < 2:
         raise UsageError(f"the default findings need at least two names, got {defaults} (--findings or --prompts)")
     reader = FilmReader(model, template, region_template)
+    print(f"regionmed-app: serving {model} on http://{host}:{port} (Ctrl+C to stop)", flush=True)
     build_app(reader, defaults, title).launch(server_name=host, server_port=port, share=False, show_error=False,
                                               theme=theme(), footer_links=[], quiet=True)
 
