@@ -15,15 +15,12 @@ standard deviation and issue 22's targets met. A run folder that already holds `
         --output benchmarks/results/bench_learning.json
 """
 
-import argparse
-import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmark_report import write_report  # noqa: E402
+from benchmark_report import seed_parser, seed_summary, train_minutes, write_report  # noqa: E402
 
 from regionmed_clip.evaluation.probe import run_probe  # noqa: E402
 from regionmed_clip.evaluation.results import to_json  # noqa: E402
@@ -57,15 +54,6 @@ def _train(runs: Path, data: Path, seeds: list[int], max_steps: int, jobs: int) 
                 pending[run_dir] = ["--preset", "tiny", "--data", str(data), "--max-steps", str(max_steps),
                                     "--seed", str(seed), "--save-steps", str(max_steps), *extra]
     train_in_subprocesses(pending, jobs)
-
-
-def _train_minutes(run_dir: Path) -> float:
-    """Training wall time of a run, from the Trainer's final log line."""
-    for line in reversed((run_dir / "train_log.jsonl").read_text().splitlines()):
-        entry = json.loads(line)
-        if "train_runtime" in entry:
-            return round(entry["train_runtime"] / 60, 2)
-    return float("nan")
 
 
 def _figures(report: dict[str, Any], no_background: dict[str, Any]) -> dict[str, float]:
@@ -111,14 +99,7 @@ def _figures(report: dict[str, Any], no_background: dict[str, Any]) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="canonical dataset (regionmed-data synth)")
-    parser.add_argument("--runs", type=Path, required=True, help="folder for the training runs and probe reports")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--max-steps", type=int, default=1200)
-    parser.add_argument("--jobs", type=int, default=2, help="trainings at a time (one thread each)")
-    parser.add_argument("--output", type=Path, default=None)
-    args = parser.parse_args(argv)
+    args = seed_parser(__doc__, "folder for the training runs and probe reports", 1200).parse_args(argv)
     args.runs.mkdir(parents=True, exist_ok=True)
     _train(args.runs, args.data, args.seeds, args.max_steps, args.jobs)
     per_seed = {}
@@ -130,11 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                                   parts=("zero_shot", "retrieval"))
         (args.runs / f"probe_no_background_s{seed}.json").write_text(to_json(no_background))
         per_seed[seed] = {**_figures(report, no_background),
-                          "train_minutes": _train_minutes(args.runs / f"full_s{seed}"),
-                          "global_only_train_minutes": _train_minutes(args.runs / f"global_only_s{seed}")}
-    names = list(per_seed[args.seeds[0]])
-    mean = {name: statistics.fmean(per_seed[seed][name] for seed in args.seeds) for name in names}
-    spread = {name: statistics.pstdev(per_seed[seed][name] for seed in args.seeds) for name in names}
+                          "train_minutes": train_minutes(args.runs / f"full_s{seed}"),
+                          "global_only_train_minutes": train_minutes(args.runs / f"global_only_s{seed}")}
+    summary = seed_summary(per_seed)
+    mean, spread = summary["mean"], summary["std"]
     met = {name: (mean[name] >= threshold if comparison == ">=" else mean[name] <= threshold)
            for name, (comparison, threshold) in TARGETS.items()}
     for name, (comparison, threshold) in TARGETS.items():

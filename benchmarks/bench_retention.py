@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmark_report import write_report  # noqa: E402
+from benchmark_report import seed_parser, seed_summary, train_minutes, write_report  # noqa: E402
 
 from regionmed_clip.evaluation.probe import run_probe  # noqa: E402
 from regionmed_clip.evaluation.results import to_json  # noqa: E402
@@ -329,33 +328,8 @@ def _figures(seed_dir: Path, data: Path) -> dict[str, Any]:
             "step0": step0,
             "step0_regions": arm(reports["start_step0"]),
             f"train_split_first_{TRAIN_ROWS}": retention,
-            "pretrained": {**arm(reports["pretrained"]), "train_minutes": _train_minutes(seed_dir / "pretrained")},
-            "random": {**arm(reports["random"]), "train_minutes": _train_minutes(seed_dir / "random")}}
-
-
-def _train_minutes(run_dir: Path) -> float:
-    for line in reversed((run_dir / "train_log.jsonl").read_text().splitlines()):
-        entry = json.loads(line)
-        if "train_runtime" in entry:
-            return round(entry["train_runtime"] / 60, 2)
-    return float("nan")
-
-
-def _summary(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Mean and population std over the seeds of every leaf figure."""
-    def leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                out.update(leaves(value, f"{prefix}{key}."))
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[prefix + key] = float(value)
-        return out
-
-    flat = [leaves(figures) for figures in per_seed.values()]
-    names = [name for name in flat[0] if all(name in seed for seed in flat)]
-    return {"mean": {name: statistics.fmean(seed[name] for seed in flat) for name in names},
-            "std": {name: statistics.pstdev([seed[name] for seed in flat]) for name in names}}
+            "pretrained": {**arm(reports["pretrained"]), "train_minutes": train_minutes(seed_dir / "pretrained")},
+            "random": {**arm(reports["random"]), "train_minutes": train_minutes(seed_dir / "random")}}
 
 
 def _merged_seeds(path: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -371,14 +345,8 @@ def _merged_seeds(path: Path, args: argparse.Namespace) -> dict[str, dict[str, A
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="canonical dataset (regionmed-data synth)")
-    parser.add_argument("--runs", type=Path, required=True, help="folder for the foundations, runs and probe reports")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = seed_parser(__doc__, "folder for the foundations, runs and probe reports", 600, "steps of each region arm")
     parser.add_argument("--foundation-steps", type=int, default=2400)
-    parser.add_argument("--max-steps", type=int, default=600, help="steps of each region arm")
-    parser.add_argument("--jobs", type=int, default=2, help="trainings at a time (one thread each)")
-    parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--merge", type=Path, default=None,
                         help="an earlier report of this benchmark (same data, steps and recipe): its seeds that this run "
                              "does not run are kept in the report, so seeds can be added on another day or machine")
@@ -416,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                               "foundation_steps": args.foundation_steps, "max_steps": args.max_steps,
                               "recipe": str(RECIPE.relative_to(RECIPE.parents[2])), "tiny_region_modules": TINY_REGION,
                               "per_seed": dict(sorted(reported.items(), key=lambda item: int(item[0]))),
-                              **_summary(reported),
+                              **seed_summary(reported),
                               "wall_minutes": round((time.time() - started) / 60, 1)}, args.output)
 
     report_seeds()
