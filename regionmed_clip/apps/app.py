@@ -156,7 +156,8 @@ class FilmReader:
         from regionmed_clip.processing.pipeline_regionmed_clip import RegionMedCLIPZeroShotPipeline
 
         _check_template(template, "{}", "--template")
-        _check_template(region_template, "{finding}", "--region-template")
+        for placeholder in ("{finding}", "{side}", "{zone}"):  # also keeps captions apart from the hypotheses
+            _check_template(region_template, placeholder, "--region-template")
         self.template, self.region_template = template, region_template
         # the exported folder maps this auto class to the model (AutoModel's), and registers it for the task
         self.model = AutoModelForZeroShotImageClassification.from_pretrained(source, trust_remote_code=True).eval()
@@ -178,13 +179,17 @@ class FilmReader:
         entries = self.classifier(film, candidate_labels=findings, hypothesis_template=self.template, heatmap=True)
         analysis = FilmAnalysis(findings=entries)
         if boxes:
-            per_box = self.classifier(film, candidate_labels=findings, hypothesis_template=self.template,
-                                      boxes=[list(box) for box in boxes])
-            captions = self.classifier(film, candidate_labels=self.region_captions(findings), hypothesis_template="{}",
-                                       boxes=[list(box) for box in boxes])
-            analysis.boxes = [BoxReading(list(box), [(entry["label"], entry["score"]) for entry in ranked],
-                                         nearest[0]["label"], nearest[0]["score"])
-                              for box, ranked, nearest in zip(boxes, per_box, captions, strict=True)]
+            # One region pass for both questions: a softmax over all the texts, renormalised over each group, is
+            # exactly the softmax over that group.
+            hypotheses = [self.template.format(finding) for finding in findings]
+            captions = self.region_captions(findings)
+            ranked_per_box = self.classifier(film, candidate_labels=hypotheses + captions, hypothesis_template="{}",
+                                             boxes=[list(box) for box in boxes])
+            finding_of = dict(zip(hypotheses, findings, strict=True))
+            for box, ranked in zip(boxes, ranked_per_box, strict=True):
+                scores = _renormalised([(finding_of[e["label"]], e["score"]) for e in ranked if e["label"] in finding_of])
+                nearest = _renormalised([(e["label"], e["score"]) for e in ranked if e["label"] not in finding_of])[0]
+                analysis.boxes.append(BoxReading(list(box), scores, *nearest))
         return analysis
 
     def heatmap_picture(self, film: Image.Image, analysis: FilmAnalysis, label: str) -> Image.Image:
@@ -193,6 +198,12 @@ class FilmReader:
         return overlay_regions(film, [entry["box"]], [f"best region: {label}"], [BEST_REGION_COLOUR],
                                heatmap=entry["heatmap"], title=f"{label}: p = {entry['score']:.2f} (box-free)",
                                side=min(HEATMAP_SIDE, max(film.size)))
+
+
+def _renormalised(ranked: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """`(label, probability)` pairs, ranked, scaled to sum to 1."""
+    total = sum(score for _, score in ranked)
+    return [(label, score / total) for label, score in ranked]
 
 
 def _check_model_source(model: str) -> None:
