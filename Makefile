@@ -4,6 +4,8 @@ VENV ?= .venv
 # GPU users: make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" EXTRAS=dev,gpu
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev
+# pytest-xdist workers for `make test` (tests sharing a costly fixture stay on one worker: tests/conftest.py)
+TEST_WORKERS ?= 2
 comma := ,
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -23,7 +25,7 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs and deterministic model inputs."""
 
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -19,9 +20,50 @@ from regionmed_clip.training_scripts.train import DEFAULT_TRAINING_ARGS, build_t
 SHORT_TRAINING_STEPS = 120
 
 
+# Expensive session or module fixtures and the test files that use them. Under `make test`'s pytest-xdist workers
+# each fixture's files run on one worker, so it is built once rather than once per worker; every other test is
+# scheduled on its own (as `--dist load`).
+SHARED_FIXTURE_FILES = {
+    "short_training": ("test_learning.py", "test_app_browser.py"),  # the session's short training (55 s)
+    "workspace": ("test_console_scripts.py",),  # the console scripts' data and run (30 s)
+}
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # Each worker gets its share of the cores, and so do the processes its tests start (two 2-thread jobs on 2
+    # cores slowed each other several times over); a thread count the user set is kept.
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for marker in COMMON_TEST_MARKERS:
         config.addinivalue_line("markers", f"{marker}: used by transformers' common model tests")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, files in SHARED_FIXTURE_FILES.items():
+            if fixture in item.fixturenames and item.path.name not in files:
+                raise pytest.UsageError(f"{item.nodeid} uses the {fixture!r} fixture: add {item.path.name!r} to its "
+                                        "files in SHARED_FIXTURE_FILES (tests/conftest.py)")
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist load` (xdist's default), except that the files sharing a fixture of `SHARED_FIXTURE_FILES` go to one
+    worker. (xdist's `--dist loadgroup` would do it with marks, but under pytest 9.2 it silently groups nothing.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    group_of_file = {name: fixture for fixture, files in SHARED_FIXTURE_FILES.items() for name in files}
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of_file.get(Path(nodeid.split("::")[0]).name, nodeid)
+
+    return SharedFixtureScheduling(config, log)
 
 
 def tiny_config(**overrides) -> RegionMedCLIPConfig:

@@ -76,6 +76,17 @@ def test_outputs_of_a_run(data_dir, tmp_path):
         assert (final / name).exists(), name
     assert "stage 'joint' from step 2" in result.stderr
     assert str(final) in result.stdout
+    assert f"loss curves: {out / 'loss_curves.png'}" in result.stdout
+
+
+def test_a_run_too_short_to_log_says_why_it_has_no_loss_curves(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    # in process: the command's own output is what is checked, not a training
+    code = main(command(data_dir, out, run_config(tmp_path, logging_steps=10), max_steps=2)[3:])
+    assert code == 0
+    assert ("loss curves: not drawn, no step logged its losses (logging every 10 steps, 2 steps run: lower "
+            "--logging-steps)") in capsys.readouterr().out
+    assert not (out / "loss_curves.png").exists()
 
 
 def test_kill_then_resume_ends_with_the_same_weights(data_dir, tmp_path):

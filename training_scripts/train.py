@@ -491,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         plot = write_loss_plot(log_path, trainer.schedule, output_dir / "loss_curves.png")
         print(f"model (remote code, with processor): {final_dir}")
         print(f"loss log: {log_path}")
-        print(f"loss curves: {plot}")
+        print(f"loss curves: {plot}" if plot else f"loss curves: not drawn, no step logged its losses (logging every "
+              f"{trainer.args.logging_steps} steps, {trainer.args.max_steps} steps run: lower --logging-steps)")
     trainer.accelerator.wait_for_everyone()
     _shut_down_process_group()
     return 0
