@@ -12,7 +12,6 @@ the browser, as on a one-machine Space.
 
 import argparse
 import re
-import socket
 import statistics
 import sys
 import tempfile
@@ -25,7 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark_report import cpu_model, proc_status_bytes, write_report  # noqa: E402
 
-from regionmed_clip.apps.app_driver import AppPage, browser_available, chromium, start_app, stop_app  # noqa: E402
+from regionmed_clip.apps.app_driver import (  # noqa: E402
+    AppPage,
+    browser_available,
+    chromium,
+    free_port,
+    start_app,
+    stop_app,
+)
 from regionmed_clip.apps.export import export_model  # noqa: E402
 from regionmed_clip.data.synthetic import LESION_TYPES, render_phantom  # noqa: E402
 from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel  # noqa: E402
@@ -50,14 +56,8 @@ def saved_model(preset: str, folder: Path) -> Path:
     return folder / "hub"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def measure(hub: Path, films: dict[int, Path], repeats: int, folder: Path) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     process = start_app(hub, port, list(LESION_TYPES), folder / "app.log")
     driver = chromium()
     figures: dict[str, Any] = {"idle_rss_mib": round(proc_status_bytes("VmRSS", process.pid) / 2**20, 1)}

@@ -332,13 +332,17 @@ def _figures(seed_dir: Path, data: Path) -> dict[str, Any]:
             "random": {**arm(reports["random"]), "train_minutes": train_minutes(seed_dir / "random")}}
 
 
+def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What makes two reports' figures comparable: steps, recipe and region modules (written in every report)."""
+    return {"foundation_steps": args.foundation_steps, "max_steps": args.max_steps,
+            "recipe": str(RECIPE.relative_to(RECIPE.parents[2])), "tiny_region_modules": TINY_REGION}
+
+
 def _merged_seeds(path: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """The per-seed figures of an earlier report for the seeds this run does not run; an error naming the field when
     that report was made with other steps, recipe or region modules (its figures would not be comparable)."""
     earlier = json.loads(path.read_text())
-    expected = {"foundation_steps": args.foundation_steps, "max_steps": args.max_steps,
-                "recipe": str(RECIPE.relative_to(RECIPE.parents[2])), "tiny_region_modules": TINY_REGION}
-    for field, value in expected.items():
+    for field, value in _run_settings(args).items():
         if earlier.get(field) != value:
             raise SystemExit(f"--merge {path}: its {field} is {earlier.get(field)!r}, this run's is {value!r}")
     return {seed: figures for seed, figures in earlier["per_seed"].items() if int(seed) not in args.seeds}
@@ -381,8 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 reported = {**kept, **per_seed}
                 write_report({"data": str(args.data), "seeds_requested": args.seeds, "seeds_run": sorted(per_seed, key=int),
                               "seeds_merged": sorted(kept, key=int), "merged_from": str(args.merge) if kept else None,
-                              "foundation_steps": args.foundation_steps, "max_steps": args.max_steps,
-                              "recipe": str(RECIPE.relative_to(RECIPE.parents[2])), "tiny_region_modules": TINY_REGION,
+                              **_run_settings(args),
                               "per_seed": dict(sorted(reported.items(), key=lambda item: int(item[0]))),
                               **seed_summary(reported),
                               "wall_minutes": round((time.time() - started) / 60, 1)}, args.output)

@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 from transformers_suite import COMMON_TEST_MARKERS
 
+from regionmed_clip.apps.app_driver import free_port  # noqa: F401 - the tests' free port, one copy
 from regionmed_clip.data.schema import load_canonical
 from regionmed_clip.data.synthetic import write_synthetic_dataset
 from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel
@@ -128,13 +128,6 @@ def collator_processor(rows) -> RegionMedCLIPProcessor:
     corpus = [row["report_caption"] for row in rows] + [r["caption"] for row in rows for r in row["regions"]]
     return RegionMedCLIPProcessor(RegionMedCLIPImageProcessor(image_size=64, roi_size=32, max_rois=4),
                                   build_tokenizer(corpus, vocab_size=400))
-
-
-def free_port() -> int:
-    """A TCP port free right now, so parallel or repeated multi-process tests do not collide."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def build_saved_model(tmp_path: Path, n: int = 40) -> tuple[Path, Path, object, object]:

@@ -5,6 +5,7 @@ benchmark (benchmarks/bench_app.py) use it; it needs the `dev` extra (selenium) 
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHROMEDRIVER", "CHROMIUM", "AppPage", "browser_available", "chromium", "start_app", "stop_app"]
+__all__ = ["CHROMEDRIVER", "CHROMIUM", "AppPage", "browser_available", "chromium", "free_port", "start_app", "stop_app"]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -22,6 +23,13 @@ WAIT_SECONDS = 120
 
 def browser_available() -> bool:
     return Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now (for the app, or any server a test or benchmark starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def start_app(model_dir: Path, port: int, findings: Sequence[str], log_path: Path) -> subprocess.Popen:

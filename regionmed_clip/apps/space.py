@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub.repocard import metadata_load
 
 __all__ = ["PACKAGE", "SPACE_FILES", "SpaceFolderError", "check_space_folder", "space_files"]
 
@@ -58,15 +59,14 @@ def check_space_folder(folder: str | Path) -> dict[str, Any]:
     missing = [name for name in SPACE_FILES if not (folder / name).is_file()]
     if missing:
         raise SpaceFolderError(f"{folder} lacks {missing} (write it with regionmed-export --space)")
-    text = (folder / "README.md").read_text()
-    if not text.startswith("---\n") or "\n---\n" not in text[4:]:
-        raise SpaceFolderError(f"{folder}/README.md has no YAML header (the Space configuration)")
     try:
-        metadata = yaml.safe_load(text[4:text.index("\n---\n", 4)])
-    except yaml.YAMLError as error:
+        metadata = metadata_load(folder / "README.md")  # the YAML header, None without one
+    except (yaml.YAMLError, ValueError, TypeError) as error:
         raise SpaceFolderError(f"{folder}/README.md: the Space configuration does not parse: "
-                               f"{getattr(error, 'problem', error)}") from None
-    absent = [name for name in _REQUIRED_METADATA if not (isinstance(metadata, dict) and metadata.get(name))]
+                               f"{getattr(error, 'problem', None) or str(error).splitlines()[0]}") from None
+    if not metadata:
+        raise SpaceFolderError(f"{folder}/README.md has no YAML header (the Space configuration)")
+    absent = [name for name in _REQUIRED_METADATA if not metadata.get(name)]
     if absent:
         raise SpaceFolderError(f"{folder}/README.md: the Space configuration lacks {absent}")
     if metadata["sdk"] != "gradio" or not (folder / metadata["app_file"]).is_file():
